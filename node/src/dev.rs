@@ -1,0 +1,221 @@
+//! `rewind dev up` / `down`: a local site of real node processes on
+//! 127.0.0.1, with its own CA, certificates, configs and data, in one folder.
+
+use std::net::{SocketAddr, TcpListener, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use serde::{Deserialize, Serialize};
+
+use crate::client::Client;
+use crate::config::{ClientConfig, NodeAddr, NodeConfig, RaftTuning, TlsFiles};
+use rewind_wire::raft::Member;
+use rewind_wire::rpc::{Request, Response};
+
+const SITE_FILE: &str = "site.json";
+const START_DEADLINE: Duration = Duration::from_secs(30);
+const STOP_DEADLINE: Duration = Duration::from_secs(10);
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DevNode {
+    pub id: u64,
+    pub addr: SocketAddr,
+    pub metrics: SocketAddr,
+    pub pid: u32,
+    pub exe: PathBuf,
+    pub config: PathBuf,
+    pub log: PathBuf,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DevSite {
+    pub nodes: Vec<DevNode>,
+}
+
+impl DevSite {
+    pub fn load(dir: &Path) -> anyhow::Result<DevSite> {
+        let path = dir.join(SITE_FILE);
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("no dev site in {} (read {})", dir.display(), path.display()))?;
+        serde_json::from_str(&text).with_context(|| format!("parse {}", path.display()))
+    }
+
+    fn save(&self, dir: &Path) -> anyhow::Result<()> {
+        let tmp = dir.join("site.json.tmp");
+        std::fs::write(&tmp, serde_json::to_string_pretty(self)?)?;
+        std::fs::rename(&tmp, dir.join(SITE_FILE))?;
+        Ok(())
+    }
+}
+
+pub fn alive(pid: u32) -> bool {
+    // Signal 0 checks existence; a zombie child still "exists", so also read its state.
+    if unsafe { libc::kill(pid as i32, 0) } != 0 {
+        return false;
+    }
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(s) => !s.rsplit(')').next().unwrap_or("").trim_start().starts_with('Z'),
+        Err(_) => false,
+    }
+}
+
+fn free_udp_port() -> anyhow::Result<SocketAddr> {
+    Ok(UdpSocket::bind("127.0.0.1:0")?.local_addr()?)
+}
+
+fn free_tcp_port() -> anyhow::Result<SocketAddr> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?)
+}
+
+/// Starts one node process from its config, detached in its own session, its
+/// output in `log`. Returns its pid.
+pub fn spawn_node(exe: &Path, config: &Path, log: &Path) -> anyhow::Result<u32> {
+    use std::os::unix::process::CommandExt;
+    let out = std::fs::OpenOptions::new().create(true).append(true).open(log)?;
+    let mut cmd = std::process::Command::new(exe);
+    cmd.arg("node").arg("--config").arg(config);
+    cmd.stdin(std::process::Stdio::null()).stdout(out.try_clone()?).stderr(out);
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::setsid();
+            Ok(())
+        });
+    }
+    let child = cmd.spawn().context("start a node process")?;
+    Ok(child.id())
+}
+
+fn log_tail(log: &Path) -> String {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(5)..].join("\n")
+}
+
+pub struct UpOptions {
+    /// The `rewind` binary the nodes run.
+    pub exe: PathBuf,
+    pub nodes: usize,
+    pub dir: PathBuf,
+    pub raft: RaftTuning,
+}
+
+/// Builds and starts a local site. Returns the path of its client config.
+pub async fn up(opts: &UpOptions) -> anyhow::Result<PathBuf> {
+    if !(1..=7).contains(&opts.nodes) {
+        bail!("--nodes must be from 1 to 7, got {}", opts.nodes);
+    }
+    let dir = &opts.dir;
+    if let Ok(site) = DevSite::load(dir) {
+        if site.nodes.iter().any(|n| alive(n.pid)) {
+            bail!("a dev site is already running in {}; stop it with `rewind dev down --dir {}`", dir.display(), dir.display());
+        }
+    }
+    std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+    let dir = dir.canonicalize()?;
+    let certs = dir.join("certs");
+    std::fs::create_dir_all(&certs)?;
+    if !certs.join("ca.pem").exists() {
+        crate::tls::make_ca(&certs, &dir.display().to_string())?;
+    }
+    let mut nodes = Vec::new();
+    for id in 1..=opts.nodes as u64 {
+        let name = format!("node-{id}");
+        if !certs.join(format!("{name}.pem")).exists() {
+            crate::tls::make_leaf(&certs, &name)?;
+        }
+        let node_dir = dir.join(&name);
+        std::fs::create_dir_all(&node_dir)?;
+        let config = NodeConfig {
+            id,
+            listen: free_udp_port()?,
+            data_dir: node_dir.join("data"),
+            metrics_listen: Some(free_tcp_port()?),
+            tls: TlsFiles { ca: certs.join("ca.pem"), cert: certs.join(format!("{name}.pem")), key: certs.join(format!("{name}.key")) },
+            raft: opts.raft.clone(),
+        };
+        let path = node_dir.join("node.toml");
+        std::fs::write(&path, toml::to_string(&config)?)?;
+        let log = node_dir.join("node.log");
+        let pid = spawn_node(&opts.exe, &path, &log)?;
+        nodes.push(DevNode { id, addr: config.listen, metrics: config.metrics_listen.expect("set above"), pid, exe: opts.exe.clone(), config: path, log });
+    }
+    let site = DevSite { nodes };
+    site.save(&dir)?;
+    if !certs.join("client.pem").exists() {
+        crate::tls::make_leaf(&certs, "client")?;
+    }
+    let client_config = ClientConfig {
+        nodes: site.nodes.iter().map(|n| NodeAddr { id: n.id, addr: n.addr }).collect(),
+        tls: TlsFiles { ca: certs.join("ca.pem"), cert: certs.join("client.pem"), key: certs.join("client.key") },
+    };
+    let client_path = dir.join("client.toml");
+    std::fs::write(&client_path, toml::to_string(&client_config)?)?;
+    let client = Client::new(&client_config)?;
+    wait_answering(&client, &site).await?;
+    let members: Vec<Member> = site.nodes.iter().map(|n| Member { id: n.id, addr: n.addr.to_string() }).collect();
+    match client.call_node(site.nodes[0].addr, &Request::ClusterInit { members }).await? {
+        Response::Done => {}
+        Response::Error(e) if e.message.contains("NotAllowed") || e.message.contains("not allowed") => {
+            tracing::info!("site was initialised before; reusing its data");
+        }
+        other => bail!("initialise the site: {other:?}"),
+    }
+    client.wait_for_leader(START_DEADLINE).await?;
+    Ok(client_path)
+}
+
+async fn wait_answering(client: &Client, site: &DevSite) -> anyhow::Result<()> {
+    let started = Instant::now();
+    for n in &site.nodes {
+        loop {
+            if !alive(n.pid) {
+                bail!("node {} exited at start; its log {} ends with:\n{}", n.id, n.log.display(), log_tail(&n.log));
+            }
+            if let Ok(Response::Status(_)) = client.call_node(n.addr, &Request::Status).await {
+                break;
+            }
+            if started.elapsed() > START_DEADLINE {
+                bail!("node {} did not answer within {START_DEADLINE:?}; see {}", n.id, n.log.display());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    Ok(())
+}
+
+/// Restarts one node of a dev site (after a crash or a kill).
+pub fn start_node(dir: &Path, id: u64) -> anyhow::Result<u32> {
+    let mut site = DevSite::load(dir)?;
+    let node = site.nodes.iter_mut().find(|n| n.id == id).with_context(|| format!("the dev site has no node {id}"))?;
+    if alive(node.pid) {
+        bail!("node {id} is already running (pid {})", node.pid);
+    }
+    node.pid = spawn_node(&node.exe, &node.config, &node.log)?;
+    let pid = node.pid;
+    site.save(dir)?;
+    Ok(pid)
+}
+
+/// Stops every node: SIGTERM, then SIGKILL for any still running after the
+/// stop deadline.
+pub fn down(dir: &Path, purge: bool) -> anyhow::Result<usize> {
+    let site = DevSite::load(dir)?;
+    let running: Vec<&DevNode> = site.nodes.iter().filter(|n| alive(n.pid)).collect();
+    for n in &running {
+        unsafe { libc::kill(n.pid as i32, libc::SIGTERM) };
+    }
+    let started = Instant::now();
+    while running.iter().any(|n| alive(n.pid)) && started.elapsed() < STOP_DEADLINE {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    for n in running.iter().filter(|n| alive(n.pid)) {
+        tracing::warn!(id = n.id, pid = n.pid, "node ignored SIGTERM; killing it");
+        unsafe { libc::kill(n.pid as i32, libc::SIGKILL) };
+    }
+    std::fs::remove_file(dir.join(SITE_FILE)).ok();
+    if purge {
+        std::fs::remove_dir_all(dir).with_context(|| format!("remove {}", dir.display()))?;
+    }
+    Ok(running.len())
+}

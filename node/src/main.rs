@@ -1,0 +1,462 @@
+//! `rewind`: one binary for nodes, the dev site and every client command.
+//! Exit status: 0 done, 1 failed (one line on stderr says why), 2 bad usage.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::{Args, Parser, Subcommand};
+use rewind_node::client::Client;
+use rewind_node::config::{NodeConfig, RaftTuning};
+use rewind_node::dev;
+use rewind_wire::raft::Member;
+use rewind_wire::rpc::{DiskSpec, Request, Response};
+
+#[derive(Parser)]
+#[command(name = "rewind", version, about = "Continuous data protection: a replicated, ordered log of every write, replayable to any point.", long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Args, Clone)]
+struct ClientArgs {
+    /// Client config naming the site's nodes and this client's certificate.
+    /// Default: $REWIND_CONFIG, then ./.rewind/client.toml.
+    #[arg(long, global = true)]
+    config: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a node from its config file (see ops/node.example.toml).
+    Node {
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Make the site's CA (if DIR has none) and a certificate signed by it.
+    Certs {
+        /// Folder for ca.pem/ca.key and NAME.pem/NAME.key.
+        #[arg(long)]
+        dir: PathBuf,
+        /// Certificate name, e.g. node-4 or client-backup.
+        #[arg(long)]
+        name: String,
+    },
+    /// Change the site's membership.
+    #[command(subcommand)]
+    Cluster(ClusterCommand),
+    /// Nodes, roles, leader, term, log indexes, and each group's last LSN and digest.
+    Status {
+        #[command(flatten)]
+        client: ClientArgs,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Consistency groups.
+    #[command(subcommand)]
+    Group(GroupCommand),
+    /// Append generated writes to a group (a load generator and smoke test).
+    Load(LoadArgs),
+    /// A local site of real node processes on 127.0.0.1.
+    #[command(subcommand)]
+    Dev(DevCommand),
+}
+
+#[derive(Subcommand)]
+enum ClusterCommand {
+    /// Initialise a new site with the nodes listed in the client config as voters.
+    Init {
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Add a node as a learner (it receives the log but does not vote).
+    AddLearner {
+        #[command(flatten)]
+        client: ClientArgs,
+        #[arg(long)]
+        id: u64,
+        /// The node's QUIC address, e.g. 127.0.0.1:7104.
+        #[arg(long)]
+        addr: String,
+    },
+    /// Make a learner a voter.
+    Promote {
+        #[command(flatten)]
+        client: ClientArgs,
+        #[arg(long)]
+        id: u64,
+    },
+    /// Add a node as a learner, wait for it to catch up, then promote it.
+    Join {
+        #[command(flatten)]
+        client: ClientArgs,
+        #[arg(long)]
+        id: u64,
+        #[arg(long)]
+        addr: String,
+    },
+    /// Remove a node from the site.
+    Remove {
+        #[command(flatten)]
+        client: ClientArgs,
+        #[arg(long)]
+        id: u64,
+    },
+}
+
+#[derive(Subcommand)]
+enum GroupCommand {
+    /// Create a consistency group with its disks.
+    Create {
+        #[command(flatten)]
+        client: ClientArgs,
+        /// Group name: 1-64 of [A-Za-z0-9._-].
+        group: String,
+        /// NAME:SIZE[:SECTOR], e.g. disk0:10G or disk1:64M:4096. Repeat for each disk.
+        #[arg(long = "disk", required = true)]
+        disks: Vec<String>,
+    },
+}
+
+#[derive(Args)]
+struct LoadArgs {
+    #[command(flatten)]
+    client: ClientArgs,
+    #[arg(long)]
+    group: String,
+    #[arg(long)]
+    disk: String,
+    /// Number of write events.
+    #[arg(long, default_value_t = 1000)]
+    events: u64,
+    /// Write sizes, cycled: e.g. 4K or 512,64K,1M.
+    #[arg(long, default_value = "4K", value_delimiter = ',')]
+    sizes: Vec<String>,
+    /// Batches in flight.
+    #[arg(long, default_value_t = 8)]
+    window: usize,
+    /// Bytes per batch at most (one batch is one Raft entry).
+    #[arg(long, default_value = "1M")]
+    batch: String,
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Stop after this many seconds even if not all events were sent.
+    #[arg(long, default_value_t = 600)]
+    seconds_max: u64,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Subcommand)]
+enum DevCommand {
+    /// Start a local site: certificates, configs, N node processes, init.
+    Up {
+        #[arg(long, default_value_t = 3)]
+        nodes: usize,
+        #[arg(long, default_value = ".rewind")]
+        dir: PathBuf,
+        /// Build a snapshot (and purge the log) after this many entries.
+        #[arg(long, default_value_t = 2000)]
+        snapshot_every: u64,
+    },
+    /// Stop the local site (SIGTERM, then SIGKILL after 10 s).
+    Down {
+        #[arg(long, default_value = ".rewind")]
+        dir: PathBuf,
+        /// Also delete the site's folder and data.
+        #[arg(long)]
+        purge: bool,
+    },
+    /// Start one stopped node of the local site again.
+    StartNode {
+        id: u64,
+        #[arg(long, default_value = ".rewind")]
+        dir: PathBuf,
+    },
+}
+
+/// Parses 4096, 4K, 64M, 1G (binary multiples).
+fn parse_size(s: &str) -> anyhow::Result<u64> {
+    let s = s.trim();
+    let (num, mult) = match s.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let m = match c.to_ascii_uppercase() {
+                'K' => 1u64 << 10,
+                'M' => 1 << 20,
+                'G' => 1 << 30,
+                'T' => 1 << 40,
+                _ => bail!("size {s:?}: unknown unit {c:?} (use K, M, G or T)"),
+            };
+            (&s[..i], m)
+        }
+        _ => (s, 1),
+    };
+    let n: u64 = num.parse().with_context(|| format!("size {s:?} is not a number with an optional K/M/G/T"))?;
+    n.checked_mul(mult).with_context(|| format!("size {s:?} is too large"))
+}
+
+fn parse_disk(s: &str) -> anyhow::Result<DiskSpec> {
+    let parts: Vec<&str> = s.split(':').collect();
+    let (name, size, sector) = match parts.as_slice() {
+        [n, sz] => (*n, *sz, "512"),
+        [n, sz, sec] => (*n, *sz, *sec),
+        _ => bail!("--disk {s:?}: expected NAME:SIZE or NAME:SIZE:SECTOR"),
+    };
+    let sector_bytes = parse_size(sector)? as u32;
+    let size_bytes = parse_size(size)?;
+    rewind_wire::event::check_name(name)?;
+    rewind_wire::event::check_disk_geometry(size_bytes, sector_bytes).with_context(|| format!("--disk {s:?}"))?;
+    Ok(DiskSpec { name: name.to_string(), size_bytes, sector_bytes })
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        let default = if matches!(cli.command, Command::Node { .. }) { "info" } else { "warn" };
+        tracing_subscriber::EnvFilter::new(default)
+    });
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("rewind: error: start the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match runtime.block_on(run(cli.command)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("rewind: error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+async fn run(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Node { config } => rewind_node::server::run(NodeConfig::load(&config)?).await,
+        Command::Certs { dir, name } => {
+            std::fs::create_dir_all(&dir)?;
+            if !dir.join("ca.pem").exists() {
+                rewind_node::tls::make_ca(&dir, &name)?;
+                println!("made CA {}", dir.join("ca.pem").display());
+            }
+            rewind_node::tls::make_leaf(&dir, &name)?;
+            println!("made {}", dir.join(format!("{name}.pem")).display());
+            Ok(())
+        }
+        Command::Cluster(c) => cluster(c).await,
+        Command::Status { client, json } => status(client, json).await,
+        Command::Group(GroupCommand::Create { client, group, disks }) => {
+            rewind_wire::event::check_name(&group)?;
+            let disks = disks.iter().map(|d| parse_disk(d)).collect::<anyhow::Result<Vec<_>>>()?;
+            Client::from_file(client.config.as_deref())?.create_group(&group, disks).await?;
+            println!("created consistency group {group}");
+            Ok(())
+        }
+        Command::Load(args) => load(args).await,
+        Command::Dev(DevCommand::Up { nodes, dir, snapshot_every }) => {
+            let raft = RaftTuning { snapshot_every_entries: snapshot_every, ..RaftTuning::default() };
+            let exe = std::env::current_exe().context("find the rewind binary")?;
+            let opts = dev::UpOptions { exe, nodes, dir: dir.clone(), raft };
+            let client_path = dev::up(&opts).await?;
+            let site = dev::DevSite::load(&dir)?;
+            println!("dev site up: {} nodes in {}", site.nodes.len(), dir.display());
+            for n in &site.nodes {
+                println!("  node {} quic {} metrics http://{}/metrics pid {} log {}", n.id, n.addr, n.metrics, n.pid, n.log.display());
+            }
+            println!("use it with:\n  export REWIND_CONFIG={}", client_path.display());
+            println!("stop it with:\n  rewind dev down --dir {}", dir.display());
+            Ok(())
+        }
+        Command::Dev(DevCommand::Down { dir, purge }) => {
+            let n = dev::down(&dir, purge)?;
+            println!("stopped {n} node(s) of the dev site in {}", dir.display());
+            Ok(())
+        }
+        Command::Dev(DevCommand::StartNode { id, dir }) => {
+            let pid = dev::start_node(&dir, id)?;
+            println!("started node {id} (pid {pid})");
+            Ok(())
+        }
+    }
+}
+
+fn expect_done(r: Response) -> anyhow::Result<()> {
+    match r {
+        Response::Done => Ok(()),
+        Response::Error(e) => bail!("{e}"),
+        other => bail!("unexpected reply {other:?}"),
+    }
+}
+
+async fn voters(client: &Client) -> anyhow::Result<Vec<u64>> {
+    for (_, s) in client.status_all().await {
+        if let Ok(s) = s {
+            if let Some(sh) = s.shards.first() {
+                if sh.role == "leader" {
+                    return Ok(sh.voters.clone());
+                }
+            }
+        }
+    }
+    bail!("no leader answered; cannot read the current voters")
+}
+
+async fn cluster(c: ClusterCommand) -> anyhow::Result<()> {
+    match c {
+        ClusterCommand::Init { client } => {
+            let client = Client::from_file(client.config.as_deref())?;
+            let members = client.nodes().iter().map(|n| Member { id: n.id, addr: n.addr.to_string() }).collect();
+            expect_done(client.call_node(client.nodes()[0].addr, &Request::ClusterInit { members }).await?)?;
+            let leader = client.wait_for_leader(Duration::from_secs(30)).await?;
+            println!("site initialised; node {leader} leads");
+        }
+        ClusterCommand::AddLearner { client, id, addr } => {
+            let client = Client::from_file(client.config.as_deref())?;
+            expect_done(client.call_leader(&Request::AddLearner { member: Member { id, addr } }).await?)?;
+            println!("node {id} added as a learner");
+        }
+        ClusterCommand::Join { client, id, addr } => {
+            let client = Client::from_file(client.config.as_deref())?;
+            expect_done(client.call_leader(&Request::AddLearner { member: Member { id, addr } }).await?)?;
+            let mut v = voters(&client).await?;
+            v.push(id);
+            expect_done(client.call_leader(&Request::ChangeVoters { voters: v }).await?)?;
+            println!("node {id} joined as a voter");
+        }
+        ClusterCommand::Promote { client, id } => {
+            let client = Client::from_file(client.config.as_deref())?;
+            let mut v = voters(&client).await?;
+            if !v.contains(&id) {
+                v.push(id);
+            }
+            expect_done(client.call_leader(&Request::ChangeVoters { voters: v }).await?)?;
+            println!("node {id} is a voter");
+        }
+        ClusterCommand::Remove { client, id } => {
+            let client = Client::from_file(client.config.as_deref())?;
+            let v: Vec<u64> = voters(&client).await?.into_iter().filter(|v| *v != id).collect();
+            expect_done(client.call_leader(&Request::ChangeVoters { voters: v }).await?)?;
+            println!("node {id} removed");
+        }
+    }
+    Ok(())
+}
+
+async fn status(args: ClientArgs, json: bool) -> anyhow::Result<()> {
+    let client = Client::from_file(args.config.as_deref())?;
+    let all = client.status_all().await;
+    if json {
+        let nodes: Vec<serde_json::Value> = all
+            .iter()
+            .map(|(n, s)| match s {
+                Ok(s) => {
+                    let sh = s.shards.first();
+                    serde_json::json!({
+                        "id": s.id, "addr": s.addr, "pid": s.pid, "up": true,
+                        "role": sh.map(|x| x.role.clone()), "term": sh.map(|x| x.term),
+                        "leader": sh.and_then(|x| x.leader),
+                        "last_log_index": sh.and_then(|x| x.last_log_index),
+                        "committed_index": sh.and_then(|x| x.committed_index),
+                        "applied_index": sh.and_then(|x| x.applied_index),
+                        "voters": sh.map(|x| x.voters.clone()), "learners": sh.map(|x| x.learners.clone()),
+                        "groups": sh.map(|x| x.groups.iter().map(|g| serde_json::json!({
+                            "name": g.name, "last_lsn": g.last_lsn, "digest": g.digest_hex,
+                            "events": g.events, "payload_bytes": g.payload_bytes,
+                        })).collect::<Vec<_>>()),
+                    })
+                }
+                Err(e) => serde_json::json!({"id": n.id, "addr": n.addr.to_string(), "up": false, "error": format!("{e:#}")}),
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&serde_json::json!({ "nodes": nodes }))?);
+        return Ok(());
+    }
+    println!("{:<5} {:<22} {:<10} {:>5} {:>7} {:>9} {:>10} {:>8} {:>8}", "NODE", "ADDR", "ROLE", "TERM", "LEADER", "LAST-LOG", "COMMITTED", "APPLIED", "PID");
+    let opt = |v: Option<u64>| v.map_or("-".to_string(), |v| v.to_string());
+    let mut groups: std::collections::BTreeMap<String, Vec<(u64, u64, String)>> = Default::default();
+    for (n, s) in &all {
+        match s {
+            Ok(s) => {
+                for sh in &s.shards {
+                    println!("{:<5} {:<22} {:<10} {:>5} {:>7} {:>9} {:>10} {:>8} {:>8}", s.id, s.addr, sh.role, sh.term, opt(sh.leader), opt(sh.last_log_index), opt(sh.committed_index), opt(sh.applied_index), s.pid);
+                    for g in &sh.groups {
+                        groups.entry(g.name.clone()).or_default().push((s.id, g.last_lsn, g.digest_hex.clone()));
+                    }
+                }
+            }
+            Err(e) => println!("{:<5} {:<22} {:<10} ({e:#})", n.id, n.addr.to_string(), "down"),
+        }
+    }
+    if !groups.is_empty() {
+        println!("\n{:<20} {:<6} {:>10}  DIGEST", "GROUP", "NODE", "LAST-LSN");
+        for (name, per_node) in &groups {
+            for (id, lsn, digest) in per_node {
+                println!("{:<20} {:<6} {:>10}  {}", name, id, lsn, &digest[..16]);
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn load(a: LoadArgs) -> anyhow::Result<()> {
+    let client = Client::from_file(a.client.config.as_deref())?;
+    let group = match client.call_leader(&Request::GroupState { group: a.group.clone() }).await? {
+        Response::Group(g) => g,
+        other => bail!("unexpected reply {other:?}"),
+    };
+    let disk = group.disks.iter().find(|d| d.name == a.disk).with_context(|| format!("group {} has no disk {:?}", a.group, a.disk))?;
+    let sizes = a.sizes.iter().map(|s| parse_size(s).map(|v| v as usize)).collect::<anyhow::Result<Vec<_>>>()?;
+    let spec = rewind_node::load::LoadSpec {
+        group: a.group,
+        disk: a.disk,
+        disk_bytes: disk.size_bytes,
+        events: a.events,
+        sizes,
+        window: a.window,
+        batch_bytes: parse_size(&a.batch)? as usize,
+        seed: a.seed,
+        time_max: Duration::from_secs(a.seconds_max),
+    };
+    let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let total = spec.events;
+    let report = rewind_node::load::run(client, &spec, |events, bytes| {
+        if tty {
+            eprint!("\r{events}/{total} events, {:.1} MiB", bytes as f64 / (1 << 20) as f64);
+        }
+    })
+    .await?;
+    if tty {
+        eprintln!();
+    }
+    let secs = report.elapsed.as_secs_f64().max(1e-9);
+    let h = &report.latency_us;
+    let (first, last) = (report.acked.first().map(|a| a.lsn_first), report.acked.last().map(|a| a.lsn_last));
+    if a.json {
+        println!("{}", serde_json::json!({
+            "events": report.events, "bytes": report.bytes, "seconds": secs,
+            "mb_per_s": report.bytes as f64 / 1e6 / secs, "events_per_s": report.events as f64 / secs,
+            "latency_us_p50": h.value_at_quantile(0.5), "latency_us_p99": h.value_at_quantile(0.99),
+            "latency_us_p999": h.value_at_quantile(0.999), "lsn_first": first, "lsn_last": last,
+            "errors": report.errors,
+        }));
+    } else {
+        println!(
+            "appended {} events ({:.1} MiB) in {:.2} s: {:.1} MB/s, {:.0} events/s; commit latency p50 {:.2} ms p99 {:.2} ms p99.9 {:.2} ms; LSNs {}..={}",
+            report.events, report.bytes as f64 / (1 << 20) as f64, secs, report.bytes as f64 / 1e6 / secs, report.events as f64 / secs,
+            h.value_at_quantile(0.5) as f64 / 1e3, h.value_at_quantile(0.99) as f64 / 1e3, h.value_at_quantile(0.999) as f64 / 1e3,
+            first.unwrap_or(0), last.unwrap_or(0)
+        );
+    }
+    if !report.errors.is_empty() {
+        bail!("{} batches failed; first: {}", report.errors.len(), report.errors[0]);
+    }
+    if report.events < total {
+        bail!("stopped after {} s with {} of {total} events appended", a.seconds_max, report.events);
+    }
+    Ok(())
+}

@@ -1,0 +1,47 @@
+//! What `rewind status` reports, built from Raft's metrics and the store.
+
+use rewind_raft_store::apply::GroupRecord;
+use openraft::async_runtime::WatchReceiver;
+use rewind_wire::raft::Member;
+use rewind_wire::rpc::{ErrorKind, GroupState, NodeStatus, Response, RpcError, ShardStatus};
+
+use crate::server::Node;
+
+pub fn group_state(g: &GroupRecord) -> GroupState {
+    GroupState {
+        name: g.name.clone(),
+        last_lsn: g.last_lsn,
+        digest_hex: blake3::Hash::from_bytes(g.digest).to_hex().to_string(),
+        disks: g.disks.clone(),
+        events: g.events,
+        payload_bytes: g.payload_bytes,
+    }
+}
+
+pub async fn node_status(node: &Node) -> Result<NodeStatus, Response> {
+    let mut shards = Vec::new();
+    for (id, shard) in &node.shards {
+        let m = shard.raft.metrics().borrow_watched().clone();
+        let membership = m.membership_config.membership().clone();
+        let voters: Vec<u64> = membership.voter_ids().collect();
+        let learners: Vec<u64> = membership.learner_ids().collect();
+        let members = membership.nodes().map(|(id, n)| Member { id: *id, addr: n.addr.clone() }).collect();
+        let groups = shard.reader.groups().map_err(|e| {
+            Response::Error(RpcError { kind: ErrorKind::Internal, message: format!("read groups: {e}"), leader: None })
+        })?;
+        shards.push(ShardStatus {
+            shard: *id,
+            role: format!("{:?}", m.state).to_lowercase(),
+            term: m.current_term,
+            leader: m.current_leader,
+            last_log_index: m.last_log_index,
+            committed_index: m.cluster_committed.map(|l| l.index),
+            applied_index: m.last_applied.map(|l| l.index),
+            voters,
+            learners,
+            members,
+            groups: groups.iter().map(group_state).collect(),
+        });
+    }
+    Ok(NodeStatus { id: node.id, addr: node.addr.clone(), pid: std::process::id(), shards })
+}

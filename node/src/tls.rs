@@ -1,0 +1,136 @@
+//! The site's certificates (made with rcgen) and the rustls configurations
+//! for QUIC with mutual TLS: every node and client proves itself with a
+//! certificate signed by the site's CA.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::{anyhow, Context};
+use rcgen::{BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::RootCertStore;
+
+/// The name every node's certificate carries and every client checks.
+pub const SERVER_NAME: &str = "localhost";
+const ALPN: &[u8] = b"rewind/1";
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// Writes a new CA (`ca.pem`, `ca.key`) into `dir`.
+pub fn make_ca(dir: &Path, name: &str) -> anyhow::Result<()> {
+    let key = KeyPair::generate().context("generate CA key")?;
+    let mut params = CertificateParams::new(Vec::<String>::new()).context("CA parameters")?;
+    params.distinguished_name.push(DnType::CommonName, format!("rewind site CA {name}"));
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+    let cert = params.self_signed(&key).context("self-sign CA")?;
+    write_private(&dir.join("ca.key"), &key.serialize_pem())?;
+    std::fs::write(dir.join("ca.pem"), cert.pem()).context("write ca.pem")?;
+    Ok(())
+}
+
+/// Writes `<name>.pem` and `<name>.key`, signed by the CA in `dir`, valid as
+/// both server and client on loopback.
+pub fn make_leaf(dir: &Path, name: &str) -> anyhow::Result<()> {
+    let ca_key_pem = std::fs::read_to_string(dir.join("ca.key")).context("read ca.key")?;
+    let ca_pem = std::fs::read_to_string(dir.join("ca.pem")).context("read ca.pem")?;
+    let ca_key = KeyPair::from_pem(&ca_key_pem).context("parse ca.key")?;
+    let issuer = Issuer::from_ca_cert_pem(&ca_pem, ca_key).context("parse ca.pem")?;
+    let key = KeyPair::generate().context("generate key")?;
+    let sans = vec![SERVER_NAME.to_string(), "127.0.0.1".to_string(), "::1".to_string()];
+    let mut params = CertificateParams::new(sans).context("certificate parameters")?;
+    params.distinguished_name.push(DnType::CommonName, name);
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+    let cert = params.signed_by(&key, &issuer).context("sign certificate")?;
+    write_private(&dir.join(format!("{name}.key")), &key.serialize_pem())?;
+    std::fs::write(dir.join(format!("{name}.pem")), cert.pem()).with_context(|| format!("write {name}.pem"))?;
+    Ok(())
+}
+
+fn write_private(path: &Path, pem: &str) -> anyhow::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    use std::io::Write;
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .write(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("create {}", path.display()))?;
+    f.write_all(pem.as_bytes()).with_context(|| format!("write {}", path.display()))
+}
+
+fn load_certs(path: &Path) -> anyhow::Result<Vec<CertificateDer<'static>>> {
+    let pem = std::fs::read(path).with_context(|| format!("read certificate {}", path.display()))?;
+    let certs: Result<Vec<_>, _> = rustls_pemfile_certs(&pem);
+    let certs = certs.with_context(|| format!("parse certificate {}", path.display()))?;
+    if certs.is_empty() {
+        return Err(anyhow!("{} holds no certificate", path.display()));
+    }
+    Ok(certs)
+}
+
+fn rustls_pemfile_certs(pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, rustls::pki_types::pem::Error> {
+    use rustls::pki_types::pem::PemObject;
+    CertificateDer::pem_slice_iter(pem).collect()
+}
+
+fn load_key(path: &Path) -> anyhow::Result<PrivateKeyDer<'static>> {
+    use rustls::pki_types::pem::PemObject;
+    PrivateKeyDer::from_pem_file(path).map_err(|e| anyhow!("read private key {}: {e}", path.display()))
+}
+
+fn roots(ca: &Path) -> anyhow::Result<Arc<RootCertStore>> {
+    let mut roots = RootCertStore::empty();
+    for c in load_certs(ca)? {
+        roots.add(c).with_context(|| format!("add CA {}", ca.display()))?;
+    }
+    Ok(Arc::new(roots))
+}
+
+fn transport() -> Arc<quinn::TransportConfig> {
+    let mut t = quinn::TransportConfig::default();
+    t.max_idle_timeout(Some(std::time::Duration::from_secs(10).try_into().expect("10 s is a valid idle timeout")));
+    t.keep_alive_interval(Some(std::time::Duration::from_secs(2)));
+    t.stream_receive_window((32u32 << 20).into());
+    t.receive_window((64u32 << 20).into());
+    t.send_window(64 << 20);
+    t.max_concurrent_bidi_streams(1024u32.into());
+    Arc::new(t)
+}
+
+/// QUIC server side: requires a client certificate from the site's CA.
+pub fn server_config(files: &crate::config::TlsFiles) -> anyhow::Result<quinn::ServerConfig> {
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(roots(&files.ca)?, provider())
+        .build()
+        .context("client certificate verifier")?;
+    let mut tls = rustls::ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .context("TLS 1.3")?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(load_certs(&files.cert)?, load_key(&files.key)?)
+        .context("server certificate and key")?;
+    tls.alpn_protocols = vec![ALPN.to_vec()];
+    let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls).context("QUIC server TLS")?;
+    let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    config.transport_config(transport());
+    Ok(config)
+}
+
+/// QUIC client side: checks the node against the CA and presents our own
+/// certificate.
+pub fn client_config(files: &crate::config::TlsFiles) -> anyhow::Result<quinn::ClientConfig> {
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .context("TLS 1.3")?
+        .with_root_certificates(roots(&files.ca)?)
+        .with_client_auth_cert(load_certs(&files.cert)?, load_key(&files.key)?)
+        .context("client certificate and key")?;
+    tls.alpn_protocols = vec![ALPN.to_vec()];
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).context("QUIC client TLS")?;
+    let mut config = quinn::ClientConfig::new(Arc::new(crypto));
+    config.transport_config(transport());
+    Ok(config)
+}

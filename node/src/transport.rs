@@ -1,0 +1,97 @@
+//! Frames over QUIC streams, and a cached connection to one peer. One
+//! request and its reply use one bidirectional stream.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use rewind_wire::frame::{decode_body, decode_header, encode_frame, FrameError, FRAME_HEADER_BYTES};
+use rewind_wire::rpc::{Request, Response};
+
+#[derive(Debug, thiserror::Error)]
+pub enum TransportError {
+    #[error("cannot reach {addr}: {why}")]
+    Unreachable { addr: SocketAddr, why: String },
+    #[error("connection to {addr} failed: {why}")]
+    Connection { addr: SocketAddr, why: String },
+    #[error("bad frame: {0}")]
+    Frame(#[from] FrameError),
+    #[error("no answer from {addr} within {after:?}")]
+    Timeout { addr: SocketAddr, after: Duration },
+    #[error("stream ended before a whole frame arrived")]
+    Closed,
+}
+
+pub async fn write_frame<T: rewind_wire::Encode>(send: &mut quinn::SendStream, value: &T) -> Result<(), TransportError> {
+    let bytes = encode_frame(value)?;
+    send.write_all(&bytes).await.map_err(|_| TransportError::Closed)
+}
+
+/// Reads one frame. The header is checked (magic, version, length limit)
+/// before the body is read, so an oversized frame costs nothing.
+pub async fn read_frame<T: rewind_wire::Decode>(recv: &mut quinn::RecvStream) -> Result<T, TransportError> {
+    let mut head = [0u8; FRAME_HEADER_BYTES];
+    recv.read_exact(&mut head).await.map_err(|_| TransportError::Closed)?;
+    let header = decode_header(&head)?;
+    let mut body = vec![0u8; header.body_len];
+    recv.read_exact(&mut body).await.map_err(|_| TransportError::Closed)?;
+    Ok(decode_body(&header, &body)?)
+}
+
+/// A peer's address and a cached connection to it.
+pub struct Peer {
+    endpoint: quinn::Endpoint,
+    pub addr: SocketAddr,
+    conn: tokio::sync::Mutex<Option<quinn::Connection>>,
+}
+
+impl Peer {
+    pub fn new(endpoint: quinn::Endpoint, addr: SocketAddr) -> Peer {
+        Peer { endpoint, addr, conn: tokio::sync::Mutex::new(None) }
+    }
+
+    async fn connection(&self) -> Result<quinn::Connection, TransportError> {
+        let mut guard = self.conn.lock().await;
+        if let Some(c) = guard.as_ref() {
+            if c.close_reason().is_none() {
+                return Ok(c.clone());
+            }
+        }
+        let unreachable = |why: String| TransportError::Unreachable { addr: self.addr, why };
+        let connecting =
+            self.endpoint.connect(self.addr, crate::tls::SERVER_NAME).map_err(|e| unreachable(e.to_string()))?;
+        let conn = tokio::time::timeout(Duration::from_secs(5), connecting)
+            .await
+            .map_err(|_| unreachable("handshake timed out".into()))?
+            .map_err(|e| unreachable(e.to_string()))?;
+        *guard = Some(conn.clone());
+        Ok(conn)
+    }
+
+    /// Opens a stream for a request of several frames (a snapshot).
+    pub async fn open(&self) -> Result<(quinn::SendStream, quinn::RecvStream), TransportError> {
+        let conn = self.connection().await?;
+        conn.open_bi().await.map_err(|e| TransportError::Connection { addr: self.addr, why: e.to_string() })
+    }
+
+    /// Sends one request and waits at most `timeout` for its reply.
+    pub async fn call(&self, request: &Request, timeout: Duration) -> Result<Response, TransportError> {
+        let work = async {
+            let (mut send, mut recv) = self.open().await?;
+            write_frame(&mut send, request).await?;
+            let _ = send.finish();
+            read_frame::<Response>(&mut recv).await
+        };
+        match tokio::time::timeout(timeout, work).await {
+            Ok(r) => r,
+            Err(_) => Err(TransportError::Timeout { addr: self.addr, after: timeout }),
+        }
+    }
+}
+
+/// A client endpoint on loopback for `addr`'s address family.
+pub fn client_endpoint(addr: &SocketAddr, config: quinn::ClientConfig) -> anyhow::Result<quinn::Endpoint> {
+    let bind: SocketAddr = if addr.is_ipv6() { "[::1]:0".parse()? } else { "127.0.0.1:0".parse()? };
+    let mut endpoint = quinn::Endpoint::client(bind)?;
+    endpoint.set_default_client_config(config);
+    Ok(endpoint)
+}

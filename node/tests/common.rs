@@ -1,0 +1,134 @@
+//! Helpers for tests that run a real local site: `rewind dev up` in a
+//! temporary folder, stopped (and its processes killed) when dropped.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use rewind_node::client::Client;
+use rewind_node::config::ClientConfig;
+use rewind_wire::event::LoggedEvent;
+use rewind_wire::rpc::{NodeStatus, Request, Response};
+
+pub const REWIND: &str = env!("CARGO_BIN_EXE_rewind");
+
+pub struct Site {
+    pub dir: tempfile::TempDir,
+    pub client: Client,
+}
+
+pub fn rewind(args: &[&str]) -> std::process::Output {
+    Command::new(REWIND).args(args).output().expect("run rewind")
+}
+
+impl Site {
+    pub fn up(extra: &[&str]) -> Site {
+        let dir = tempfile::Builder::new().prefix("rewind-test-").tempdir().expect("temp dir");
+        let d = dir.path().to_str().unwrap().to_string();
+        let mut args = vec!["dev", "up", "--dir", &d];
+        args.extend_from_slice(extra);
+        let out = rewind(&args);
+        assert!(out.status.success(), "dev up failed: {}", String::from_utf8_lossy(&out.stderr));
+        let config = ClientConfig::load(&dir.path().join("client.toml")).expect("client config");
+        let client = Client::new(&config).expect("client");
+        Site { dir, client }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn config(&self) -> PathBuf {
+        self.dir.path().join("client.toml")
+    }
+
+    pub fn cli(&self, args: &[&str]) -> std::process::Output {
+        let mut full: Vec<&str> = args.to_vec();
+        let c = self.config();
+        full.push("--config");
+        full.push(c.to_str().unwrap());
+        rewind(&full)
+    }
+
+    pub fn site(&self) -> rewind_node::dev::DevSite {
+        rewind_node::dev::DevSite::load(self.path()).expect("site.json")
+    }
+
+    pub async fn statuses(&self) -> Vec<Option<NodeStatus>> {
+        self.client.status_all().await.into_iter().map(|(_, s)| s.ok()).collect()
+    }
+
+    pub async fn leader(&self) -> NodeStatus {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            for s in self.statuses().await.into_iter().flatten() {
+                if s.shards[0].role == "leader" {
+                    return s;
+                }
+            }
+            assert!(Instant::now() < deadline, "no leader within 30 s");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Waits until every node that is up has applied `group` to `last_lsn`;
+    /// returns each node's (id, digest).
+    pub async fn converged(&self, group: &str, last_lsn: u64, nodes: usize) -> Vec<(u64, String)> {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let mut digests = Vec::new();
+            for s in self.statuses().await.into_iter().flatten() {
+                if let Some(g) = s.shards[0].groups.iter().find(|g| g.name == group) {
+                    if g.last_lsn == last_lsn {
+                        digests.push((s.id, g.digest_hex.clone()));
+                    }
+                }
+            }
+            if digests.len() == nodes {
+                return digests;
+            }
+            assert!(Instant::now() < deadline, "nodes did not converge on {group} LSN {last_lsn}: {digests:?}");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// Every event of `group` as node `addr` holds it.
+    pub async fn read_all(&self, addr: std::net::SocketAddr, group: &str, last_lsn: u64) -> Vec<LoggedEvent> {
+        let mut out = Vec::new();
+        while (out.len() as u64) < last_lsn {
+            let req = Request::ReadEvents { group: group.into(), lsn_first: out.len() as u64 + 1, count_max: 4096 };
+            match self.client.call_node(addr, &req).await.expect("read events") {
+                Response::Events(e) if !e.is_empty() => out.extend(e),
+                other => panic!("read events from {addr}: {other:?}"),
+            }
+        }
+        out
+    }
+}
+
+impl Drop for Site {
+    fn drop(&mut self) {
+        let _ = rewind_node::dev::down(self.dir.path(), false);
+    }
+}
+
+pub fn kill9(pid: u32) {
+    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while rewind_node::dev::alive(pid) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Peak resident memory of a process, from /proc.
+pub fn peak_rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}

@@ -1,0 +1,321 @@
+//! The state machine's pure core: what applying one command does to a
+//! consistency group, with no I/O. The RocksDB adapter in `sm.rs` loads the
+//! records this needs, calls it, and writes what it returns.
+
+use rewind_wire::event::{check_disk_geometry, Event, EventBatch};
+use rewind_wire::limits::{PRODUCER_WINDOW_MAX, REASON_BYTES_MAX};
+use rewind_wire::raft::CommandReply;
+use rewind_wire::rpc::DiskSpec;
+use rkyv::{Archive, Deserialize, Serialize};
+
+/// A consistency group's durable state.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct GroupRecord {
+    pub name: String,
+    pub disks: Vec<DiskSpec>,
+    /// LSN of the newest event; 0 when the group has none.
+    pub last_lsn: u64,
+    /// Event time of the newest event; event times never go backwards.
+    pub last_time_ns: u64,
+    /// blake3 chain over every event in LSN order.
+    pub digest: [u8; 32],
+    pub events: u64,
+    pub payload_bytes: u64,
+}
+
+/// What one producer (client id) has had applied in one group: its last
+/// sequence number and the replies to its most recent sequences, so that a
+/// batch resent after a leader change gets its first answer again.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq, Default)]
+pub struct ProducerRecord {
+    pub last_seq: u64,
+    /// (sequence, reply), oldest first, at most `PRODUCER_WINDOW_MAX`.
+    pub recent: Vec<(u64, CommandReply)>,
+}
+
+impl ProducerRecord {
+    fn remember(&mut self, seq: u64, reply: &CommandReply) {
+        self.last_seq = seq;
+        let reply = match reply {
+            CommandReply::Refused { reason } if reason.len() > REASON_BYTES_MAX => {
+                let mut cut = REASON_BYTES_MAX;
+                while !reason.is_char_boundary(cut) {
+                    cut -= 1;
+                }
+                CommandReply::Refused { reason: reason[..cut].to_string() }
+            }
+            other => other.clone(),
+        };
+        self.recent.push((seq, reply));
+        if self.recent.len() > PRODUCER_WINDOW_MAX {
+            self.recent.remove(0);
+        }
+    }
+}
+
+pub use rewind_wire::event::LoggedEvent as StoredEvent;
+
+/// The outcome of applying one batch.
+#[derive(Debug, PartialEq, Eq)]
+pub enum BatchOutcome {
+    /// The batch took the producer's next sequence number: `events` (new, in
+    /// LSN order, each with its encoded record; empty when the batch was
+    /// refused) and the producer record to store.
+    Sequenced { events: Vec<(StoredEvent, Vec<u8>)>, producer: ProducerRecord },
+    /// A resend of a recent batch, or a sequence number out of order:
+    /// nothing changes.
+    Unchanged,
+}
+
+impl GroupRecord {
+    pub fn new(name: &str, disks: &[DiskSpec]) -> GroupRecord {
+        GroupRecord {
+            name: name.to_string(),
+            disks: disks.to_vec(),
+            last_lsn: 0,
+            last_time_ns: 0,
+            digest: [0; 32],
+            events: 0,
+            payload_bytes: 0,
+        }
+    }
+
+    fn disk(&self, name: &str) -> Option<&DiskSpec> {
+        self.disks.iter().find(|d| d.name == name)
+    }
+
+    /// Checks an event against the group's disks. Deterministic: every
+    /// replica refuses the same events.
+    fn check_event(&self, event: &Event) -> Result<(), String> {
+        event.check().map_err(|e| e.to_string())?;
+        let range = |disk: &str, offset: u64, len: u64| -> Result<(), String> {
+            let spec = self.disk(disk).ok_or_else(|| format!("group {} has no disk {disk:?}", self.name))?;
+            let end = offset.checked_add(len).ok_or_else(|| "offset + length overflows".to_string())?;
+            if end > spec.size_bytes {
+                return Err(format!(
+                    "range {offset}..{end} is past the end of disk {disk:?} ({} bytes)",
+                    spec.size_bytes
+                ));
+            }
+            Ok(())
+        };
+        match event {
+            Event::Write { disk, offset, data } => range(disk, *offset, data.len() as u64),
+            Event::WriteZeroes { disk, offset, len } | Event::Trim { disk, offset, len } => range(disk, *offset, *len),
+            Event::DiskCreate { disk, .. } if self.disk(disk).is_some() => {
+                Err(format!("group {} already has disk {disk:?}", self.name))
+            }
+            Event::DiskResize { disk, size_bytes } => {
+                let spec = self.disk(disk).ok_or_else(|| format!("group {} has no disk {disk:?}", self.name))?;
+                check_disk_geometry(*size_bytes, spec.sector_bytes).map_err(|e| e.to_string())
+            }
+            Event::BackupBegin { disk, .. } => {
+                self.disk(disk).map(|_| ()).ok_or_else(|| format!("group {} has no disk {disk:?}", self.name))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    fn absorb(&mut self, event: &Event) {
+        match event {
+            Event::DiskCreate { disk, size_bytes, sector_bytes } => self.disks.push(DiskSpec {
+                name: disk.clone(),
+                size_bytes: *size_bytes,
+                sector_bytes: *sector_bytes,
+            }),
+            Event::DiskResize { disk, size_bytes } => {
+                if let Some(spec) = self.disks.iter_mut().find(|d| &d.name == disk) {
+                    spec.size_bytes = *size_bytes;
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+/// The next link of a group's hash chain.
+pub fn chain(prev: &[u8; 32], record: &[u8]) -> [u8; 32] {
+    let mut hasher = blake3::Hasher::new();
+    hasher.update(prev);
+    hasher.update(record);
+    *hasher.finalize().as_bytes()
+}
+
+/// Applies one batch to a group. `producer` is the producer's record in
+/// this group. Batches of one producer apply in sequence order: the next
+/// sequence is applied (or refused, which still uses up its number); a
+/// recent one gets its first reply again; a gap is answered `OutOfOrder`.
+/// On `Sequenced`, `group` has been advanced if events were appended;
+/// otherwise it is unchanged. Returns the reply the client gets.
+pub fn apply_batch(
+    group: &mut GroupRecord,
+    producer: Option<ProducerRecord>,
+    batch: &EventBatch,
+) -> (BatchOutcome, CommandReply) {
+    let mut producer = producer.unwrap_or_default();
+    if batch.seq <= producer.last_seq {
+        let reply = match producer.recent.iter().find(|(s, _)| *s == batch.seq) {
+            Some((_, reply)) => reply.clone(),
+            None => CommandReply::Refused {
+                reason: format!(
+                    "client {} sequence {} is older than the {} replies kept (last applied {})",
+                    batch.client_id, batch.seq, PRODUCER_WINDOW_MAX, producer.last_seq
+                ),
+            },
+        };
+        return (BatchOutcome::Unchanged, reply);
+    }
+    if batch.seq > producer.last_seq + 1 {
+        return (BatchOutcome::Unchanged, CommandReply::OutOfOrder { expected_seq: producer.last_seq + 1 });
+    }
+    let (events, reply) = match sequence_events(group, batch) {
+        Ok((next, events)) => {
+            let reply = CommandReply::Appended { lsn_first: group.last_lsn + 1, lsn_last: next.last_lsn };
+            *group = next;
+            (events, reply)
+        }
+        Err(reason) => (Vec::new(), CommandReply::Refused { reason }),
+    };
+    producer.remember(batch.seq, &reply);
+    (BatchOutcome::Sequenced { events, producer }, reply)
+}
+
+/// Checks every event of a batch against the group as it will be when that
+/// event applies (a batch may create a disk and then write to it), and gives
+/// them LSNs, times and digests. Returns the advanced group and the records.
+#[allow(clippy::type_complexity)]
+fn sequence_events(group: &GroupRecord, batch: &EventBatch) -> Result<(GroupRecord, Vec<(StoredEvent, Vec<u8>)>), String> {
+    batch.check().map_err(|e| e.to_string())?;
+    let mut next = group.clone();
+    let mut events = Vec::with_capacity(batch.events.len());
+    for timed in &batch.events {
+        next.check_event(&timed.event)?;
+        next.absorb(&timed.event);
+        next.last_lsn += 1;
+        next.last_time_ns = next.last_time_ns.max(timed.time_ns);
+        let stored = StoredEvent { lsn: next.last_lsn, time_ns: next.last_time_ns, event: timed.event.clone() };
+        let record = rewind_wire::frame::encode_record(&stored).expect("an event within limits always encodes");
+        next.digest = chain(&next.digest, &record);
+        next.events += 1;
+        next.payload_bytes += timed.event.payload_bytes() as u64;
+        events.push((stored, record));
+    }
+    Ok((next, events))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use rewind_wire::event::TimedEvent;
+
+    fn group() -> GroupRecord {
+        GroupRecord::new("cg", &[DiskSpec { name: "d0".into(), size_bytes: 1 << 20, sector_bytes: 512 }])
+    }
+
+    fn write(offset: u64, len: usize, time_ns: u64) -> TimedEvent {
+        TimedEvent { time_ns, event: Event::Write { disk: "d0".into(), offset, data: vec![1; len] } }
+    }
+
+    fn batch(seq: u64, events: Vec<TimedEvent>) -> EventBatch {
+        EventBatch { group: "cg".into(), client_id: 9, seq, events }
+    }
+
+    fn check(
+        producer: Option<ProducerRecord>,
+        b: EventBatch,
+        expected_reply: impl Fn(&CommandReply) -> bool,
+        expected_last_lsn: u64,
+    ) {
+        let mut g = group();
+        let (_, reply) = apply_batch(&mut g, producer, &b);
+        assert!(expected_reply(&reply), "{reply:?}");
+        assert_eq!(g.last_lsn, expected_last_lsn);
+    }
+
+    fn last(seq: u64, first: u64, last: u64) -> ProducerRecord {
+        let mut p = ProducerRecord::default();
+        p.remember(seq, &CommandReply::Appended { lsn_first: first, lsn_last: last });
+        p
+    }
+
+    #[test]
+    fn cases() {
+        let appended = |f, l| move |r: &CommandReply| *r == CommandReply::Appended { lsn_first: f, lsn_last: l };
+        let refused = |r: &CommandReply| matches!(r, CommandReply::Refused { .. });
+        check(None, batch(1, vec![write(0, 512, 1), write(512, 512, 2)]), appended(1, 2), 2);
+        // Past the end of the disk, and a disk that does not exist.
+        check(None, batch(1, vec![write(0, 512, 1), write((1 << 20) - 511, 512, 2)]), refused, 0);
+        let other = TimedEvent { time_ns: 1, event: Event::Trim { disk: "nope".into(), offset: 0, len: 1 } };
+        check(None, batch(1, vec![other]), refused, 0);
+        // A resend of a recent batch gets the same answer and changes nothing.
+        check(Some(last(5, 10, 12)), batch(5, vec![write(0, 512, 1)]), appended(10, 12), 0);
+        check(Some(last(5, 10, 12)), batch(4, vec![write(0, 512, 1)]), refused, 0);
+        check(Some(last(5, 10, 12)), batch(6, vec![write(0, 512, 1)]), appended(1, 1), 1);
+        // A gap is out of order: resend from the expected sequence.
+        let gap = |r: &CommandReply| *r == CommandReply::OutOfOrder { expected_seq: 6 };
+        check(Some(last(5, 10, 12)), batch(7, vec![write(0, 512, 1)]), gap, 0);
+        check(None, batch(2, vec![write(0, 512, 1)]), |r| *r == CommandReply::OutOfOrder { expected_seq: 1 }, 0);
+        // A batch may create a disk and write to it.
+        let create = TimedEvent {
+            time_ns: 1,
+            event: Event::DiskCreate { disk: "d1".into(), size_bytes: 4096, sector_bytes: 512 },
+        };
+        let w1 = TimedEvent { time_ns: 2, event: Event::Write { disk: "d1".into(), offset: 0, data: vec![2; 4096] } };
+        check(None, batch(1, vec![create, w1]), appended(1, 2), 2);
+    }
+
+    #[test]
+    fn refused_batch_uses_its_number_and_is_remembered() {
+        let mut g = group();
+        let bad = batch(1, vec![write((1 << 20) - 1, 512, 1)]);
+        let (outcome, reply) = apply_batch(&mut g, None, &bad);
+        let BatchOutcome::Sequenced { events, producer } = outcome else { panic!("not sequenced") };
+        assert!(events.is_empty());
+        assert_eq!(producer.last_seq, 1);
+        let (_, again) = apply_batch(&mut g, Some(producer.clone()), &bad);
+        assert_eq!(again, reply);
+        let (_, next) = apply_batch(&mut g, Some(producer), &batch(2, vec![write(0, 512, 1)]));
+        assert_eq!(next, CommandReply::Appended { lsn_first: 1, lsn_last: 1 });
+    }
+
+    #[test]
+    fn window_is_bounded() {
+        let mut p = ProducerRecord::default();
+        for seq in 1..=(PRODUCER_WINDOW_MAX as u64 + 10) {
+            p.remember(seq, &CommandReply::Refused { reason: "x".repeat(1000) });
+        }
+        assert_eq!(p.recent.len(), PRODUCER_WINDOW_MAX);
+        assert_eq!(p.recent[0].0, 11);
+        assert!(p.recent.iter().all(|(_, r)| matches!(r, CommandReply::Refused { reason } if reason.len() == REASON_BYTES_MAX)));
+    }
+
+    #[test]
+    fn time_never_goes_back() {
+        let mut g = group();
+        let (outcome, _) = apply_batch(&mut g, None, &batch(1, vec![write(0, 1, 100), write(0, 1, 50)]));
+        let BatchOutcome::Sequenced { events, .. } = outcome else { panic!("not sequenced") };
+        let times: Vec<u64> = events.iter().map(|(e, _)| e.time_ns).collect();
+        assert_eq!(times, vec![100, 100]);
+    }
+
+    proptest! {
+        /// Splitting the same events into batches in any way gives the same
+        /// LSNs and the same digest: the chain depends on the events only.
+        #[test]
+        fn digest_independent_of_batching(lens in proptest::collection::vec(1usize..2048, 1..40), cut in 1usize..8) {
+            let events: Vec<TimedEvent> =
+                lens.iter().enumerate().map(|(i, l)| write((i as u64) * 512, *l, i as u64)).collect();
+            let mut whole = group();
+            apply_batch(&mut whole, None, &batch(1, events.clone()));
+            let mut parts = group();
+            let mut producer = None;
+            for (i, chunk) in events.chunks(cut).enumerate() {
+                let (outcome, _) = apply_batch(&mut parts, producer.clone(), &batch(i as u64 + 1, chunk.to_vec()));
+                if let BatchOutcome::Sequenced { producer: p, .. } = outcome { producer = Some(p); }
+            }
+            prop_assert_eq!(whole.last_lsn, events.len() as u64);
+            prop_assert_eq!(whole, parts);
+        }
+    }
+}

@@ -1,0 +1,63 @@
+//! Durable Raft storage for rewind on RocksDB: openraft's log store and state
+//! machine, in one database per shard replica.
+//!
+//! Column families:
+//! * `log`: Raft entries by index (big-endian), each a checksummed record;
+//! * `meta`: the vote and the last purged log id;
+//! * `sm`: the state machine's last applied log id and membership;
+//! * `groups`: one record per consistency group (last LSN, hash chain, disks);
+//! * `events`: every event of every group, keyed by (group, LSN);
+//! * `times`: (group, event time, LSN), to resolve "time T" to an LSN;
+//! * `producers`: each client's last applied batch per group (idempotency).
+//!
+//! Invariants:
+//! * entries are fsync'd before openraft's flush callback fires; the vote is
+//!   fsync'd before `save_vote` returns; an fsync error aborts the process;
+//! * apply assigns each group's LSNs densely from 1 and extends a blake3 hash
+//!   chain over its events, so replicas can be compared by digest;
+//! * every record read back is checked (checksum, then rkyv validation)
+//!   before it is used; a bad record is an error, never data;
+//! * snapshots are streamed to and from files in bounded pieces; the whole
+//!   state is never held in memory.
+
+pub mod apply;
+pub mod codec;
+mod db;
+mod log;
+mod sm;
+mod snapshot;
+
+pub use db::{open, Store, StoreReader};
+pub use log::LogStore;
+pub use sm::StateMachine;
+pub use snapshot::SnapshotFile;
+
+openraft::declare_raft_types!(
+    /// The Raft types of a rewind shard.
+    pub TypeConfig:
+        D = rewind_wire::raft::Command,
+        R = rewind_wire::raft::CommandReply,
+        NodeId = u64,
+        Node = openraft::BasicNode,
+);
+
+/// Turns any storage error into `io::Error`, keeping its text.
+pub(crate) fn io_err(e: impl std::fmt::Display) -> std::io::Error {
+    std::io::Error::other(e.to_string())
+}
+
+/// A record on disk failed its checks.
+pub(crate) fn corrupt(what: &str, e: impl std::fmt::Display) -> std::io::Error {
+    std::io::Error::new(std::io::ErrorKind::InvalidData, format!("{what}: {e}"))
+}
+
+/// The Postgres fsync lesson: after a failed fsync the page cache may have
+/// dropped the data, so retrying proves nothing. Stop the process.
+pub(crate) fn fsync_failed(what: &str, e: impl std::fmt::Display) -> ! {
+    tracing::error!("fsync failed while {what}: {e}; stopping the process");
+    eprintln!("rewind: fatal: fsync failed while {what}: {e}");
+    std::process::abort()
+}
+
+#[cfg(test)]
+mod suite_test;

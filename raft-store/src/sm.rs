@@ -1,0 +1,198 @@
+//! openraft's state machine: the RocksDB adapter around [`crate::apply`].
+
+use std::collections::BTreeMap;
+use std::io;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use futures::{Stream, TryStreamExt};
+use openraft::storage::{EntryResponder, RaftStateMachine};
+use openraft::{EntryPayload, OptionalSend};
+use rewind_wire::frame::{decode_record, encode_record};
+use rewind_wire::raft::{Command, CommandReply};
+use rocksdb::{WriteBatch, DB};
+
+use crate::apply::{apply_batch, BatchOutcome, GroupRecord, ProducerRecord};
+use crate::codec::{self, LogId, SnapshotMeta, StoredMembership};
+use crate::db::{cf, event_key, producer_key, time_key, CF_EVENTS, CF_GROUPS, CF_PRODUCERS, CF_SM, CF_TIMES};
+use crate::snapshot::{SnapshotBuilder, SnapshotFile, Snapshots};
+use crate::{corrupt, io_err, TypeConfig};
+
+pub(crate) const KEY_APPLIED: &[u8] = b"applied";
+pub(crate) const KEY_MEMBERSHIP: &[u8] = b"membership";
+
+/// The last applied log id and membership, as stored in `sm`.
+#[derive(rkyv::Archive, rkyv::Serialize, rkyv::Deserialize, Debug, Clone, PartialEq, Eq)]
+pub(crate) struct MembershipRecord {
+    pub log_id: Option<rewind_wire::raft::LogId>,
+    pub membership: rewind_wire::raft::Membership,
+}
+
+/// A shard replica's state machine.
+pub struct StateMachine {
+    db: Arc<DB>,
+    snapshots: Snapshots,
+}
+
+impl StateMachine {
+    pub(crate) fn open(db: Arc<DB>, snapshot_dir: PathBuf) -> io::Result<StateMachine> {
+        let snapshots = Snapshots::open(db.clone(), snapshot_dir)?;
+        Ok(StateMachine { db, snapshots })
+    }
+
+    fn group(&self, name: &str) -> io::Result<Option<GroupRecord>> {
+        let bytes = self.db.get_cf(cf(&self.db, CF_GROUPS), name.as_bytes()).map_err(io_err)?;
+        bytes.map(|b| decode_record(&b).map_err(|e| corrupt("group record", e))).transpose()
+    }
+
+    fn producer(&self, client_id: u64, group: &str) -> io::Result<Option<ProducerRecord>> {
+        let bytes = self.db.get_cf(cf(&self.db, CF_PRODUCERS), producer_key(client_id, group)).map_err(io_err)?;
+        bytes.map(|b| decode_record(&b).map_err(|e| corrupt("producer record", e))).transpose()
+    }
+}
+
+/// What one call of `apply` changes, gathered before one atomic write.
+#[derive(Default)]
+struct Pending {
+    groups: BTreeMap<String, GroupRecord>,
+    producers: BTreeMap<(u64, String), ProducerRecord>,
+}
+
+impl StateMachine {
+    fn apply_command(&self, pending: &mut Pending, batch: &mut WriteBatch, command: &Command) -> io::Result<CommandReply> {
+        match command {
+            Command::CreateGroup { group, disks, .. } => {
+                if pending.groups.contains_key(group) || self.group(group)?.is_some() {
+                    return Ok(CommandReply::Refused { reason: format!("group {group:?} already exists") });
+                }
+                if let Err(e) = rewind_wire::event::check_name(group) {
+                    return Ok(CommandReply::Refused { reason: e.to_string() });
+                }
+                for d in disks {
+                    if let Err(e) = rewind_wire::event::check_name(&d.name)
+                        .and_then(|_| rewind_wire::event::check_disk_geometry(d.size_bytes, d.sector_bytes))
+                    {
+                        return Ok(CommandReply::Refused { reason: format!("disk {:?}: {e}", d.name) });
+                    }
+                }
+                pending.groups.insert(group.clone(), GroupRecord::new(group, disks));
+                Ok(CommandReply::Created)
+            }
+            Command::Append(b) => {
+                let mut group = match pending.groups.get(&b.group) {
+                    Some(g) => g.clone(),
+                    None => match self.group(&b.group)? {
+                        Some(g) => g,
+                        None => {
+                            return Ok(CommandReply::Refused { reason: format!("no consistency group {:?}", b.group) })
+                        }
+                    },
+                };
+                let pkey = (b.client_id, b.group.clone());
+                let producer = match pending.producers.get(&pkey) {
+                    Some(p) => Some(p.clone()),
+                    None => self.producer(b.client_id, &b.group)?,
+                };
+                let (outcome, reply) = apply_batch(&mut group, producer, b);
+                if let BatchOutcome::Sequenced { events, producer } = outcome {
+                    for (event, record) in events {
+                        batch.put_cf(cf(&self.db, CF_EVENTS), event_key(&b.group, event.lsn), record);
+                        batch.put_cf(cf(&self.db, CF_TIMES), time_key(&b.group, event.time_ns, event.lsn), []);
+                    }
+                    pending.producers.insert(pkey, producer);
+                    pending.groups.insert(b.group.clone(), group);
+                }
+                Ok(reply)
+            }
+        }
+    }
+}
+
+pub(crate) fn read_applied(db: &DB) -> io::Result<(Option<LogId>, StoredMembership)> {
+    let sm = cf(db, CF_SM);
+    let applied = db
+        .get_cf(sm, KEY_APPLIED)
+        .map_err(io_err)?
+        .map(|b| decode_record::<rewind_wire::raft::LogId>(&b).map_err(|e| corrupt("applied record", e)))
+        .transpose()?
+        .map(|l| codec::log_id_from_wire(&l));
+    let membership = match db.get_cf(sm, KEY_MEMBERSHIP).map_err(io_err)? {
+        None => StoredMembership::default(),
+        Some(b) => {
+            let rec: MembershipRecord = decode_record(&b).map_err(|e| corrupt("membership record", e))?;
+            let m = codec::membership_from_wire(&rec.membership).map_err(|e| corrupt("membership record", e))?;
+            StoredMembership::new(codec::opt_log_id_from_wire(&rec.log_id), m)
+        }
+    };
+    Ok((applied, membership))
+}
+
+impl RaftStateMachine<TypeConfig> for StateMachine {
+    type SnapshotData = SnapshotFile;
+    type SnapshotBuilder = SnapshotBuilder;
+
+    async fn applied_state(&mut self) -> io::Result<(Option<LogId>, StoredMembership)> {
+        read_applied(&self.db)
+    }
+
+    async fn apply<Strm>(&mut self, mut entries: Strm) -> io::Result<()>
+    where
+        Strm: Stream<Item = io::Result<EntryResponder<TypeConfig>>> + Unpin + OptionalSend,
+    {
+        let mut batch = WriteBatch::default();
+        let mut pending = Pending::default();
+        let mut last_applied = None;
+        let mut last_membership = None;
+        let mut replies = Vec::new();
+        while let Some((entry, responder)) = entries.try_next().await? {
+            last_applied = Some(entry.log_id);
+            let reply = match &entry.payload {
+                EntryPayload::Blank => None,
+                EntryPayload::Normal(command) => Some(self.apply_command(&mut pending, &mut batch, command)?),
+                EntryPayload::Membership(m) => {
+                    last_membership = Some(MembershipRecord {
+                        log_id: Some(codec::log_id_to_wire(&entry.log_id)),
+                        membership: codec::membership_to_wire(m),
+                    });
+                    None
+                }
+            };
+            if let Some(responder) = responder {
+                replies.push((responder, reply.unwrap_or(CommandReply::Created)));
+            }
+        }
+        let sm = cf(&self.db, CF_SM);
+        for (name, group) in &pending.groups {
+            batch.put_cf(cf(&self.db, CF_GROUPS), name.as_bytes(), encode_record(group).map_err(io_err)?);
+        }
+        for ((client, group), p) in &pending.producers {
+            batch.put_cf(cf(&self.db, CF_PRODUCERS), producer_key(*client, group), encode_record(p).map_err(io_err)?);
+        }
+        if let Some(l) = &last_applied {
+            batch.put_cf(sm, KEY_APPLIED, encode_record(&codec::log_id_to_wire(l)).map_err(io_err)?);
+        }
+        if let Some(m) = &last_membership {
+            batch.put_cf(sm, KEY_MEMBERSHIP, encode_record(m).map_err(io_err)?);
+        }
+        // Not fsync'd here: the entries are durable in the log, and this
+        // write shares the log's WAL, so a crash that loses it also loses
+        // the applied index and openraft applies the entries again.
+        self.db.write(batch).map_err(io_err)?;
+        for (responder, reply) in replies {
+            responder.send(reply);
+        }
+        Ok(())
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        self.snapshots.builder()
+    }
+
+    async fn install_snapshot(&mut self, meta: &SnapshotMeta, snapshot: SnapshotFile) -> io::Result<()> {
+        self.snapshots.install(meta, snapshot).await
+    }
+
+    async fn get_current_snapshot(&mut self) -> io::Result<Option<openraft::alias::SnapshotOf<TypeConfig, SnapshotFile>>> {
+        self.snapshots.current()
+    }
+}

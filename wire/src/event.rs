@@ -1,0 +1,230 @@
+//! Events of a consistency group's log and the batches that carry them.
+
+use rkyv::{Archive, Deserialize, Serialize};
+
+use crate::limits::{
+    BATCH_BYTES_MAX, BATCH_EVENTS_MAX, DISK_BYTES_MAX, GROUP_DISKS_MAX, NAME_BYTES_MAX,
+    WRITE_BYTES_MAX,
+};
+
+/// One entry of a consistency group's log, before it is given an LSN.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// Guest bytes written at `offset` of `disk`.
+    Write { disk: String, offset: u64, data: Vec<u8> },
+    /// `len` bytes of zeroes at `offset` (NBD WRITE_ZEROES), kept compact.
+    WriteZeroes { disk: String, offset: u64, len: u64 },
+    /// `len` bytes at `offset` discarded (NBD TRIM); reads back as zeroes.
+    Trim { disk: String, offset: u64, len: u64 },
+    /// A backup of `disk` starts; `base` names the backup it is incremental to.
+    BackupBegin { backup: String, disk: String, base: Option<String> },
+    /// One extent of a backup's data.
+    BackupExtent { backup: String, offset: u64, data: Vec<u8> },
+    /// The backup is complete and becomes a restore point.
+    BackupCommit { backup: String },
+    /// The backup is abandoned; its extents are never visible.
+    BackupAbort { backup: String },
+    /// A named point in the log.
+    Bookmark { name: String, app_consistent: bool },
+    /// A disk joins the group.
+    DiskCreate { disk: String, size_bytes: u64, sector_bytes: u32 },
+    /// A disk changes size.
+    DiskResize { disk: String, size_bytes: u64 },
+}
+
+/// An event with the time its source gave it (nanoseconds since the Unix epoch).
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct TimedEvent {
+    pub time_ns: u64,
+    pub event: Event,
+}
+
+/// One event as a group's log holds it: with its LSN and its time, which
+/// never goes backwards within a group.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct LoggedEvent {
+    pub lsn: u64,
+    pub time_ns: u64,
+    pub event: Event,
+}
+
+/// What a client appends to one consistency group in one request. It becomes
+/// one Raft entry. `client_id` and `seq` make a retried batch apply once: a
+/// batch whose `seq` is not above the last one applied for that client gets
+/// the earlier answer again.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct EventBatch {
+    pub group: String,
+    pub client_id: u64,
+    pub seq: u64,
+    pub events: Vec<TimedEvent>,
+}
+
+/// Why an event or batch is refused before it reaches the log.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum InvalidInput {
+    #[error("name {name:?} must be 1..={max} bytes of [A-Za-z0-9._-]", max = NAME_BYTES_MAX)]
+    BadName { name: String },
+    #[error("batch holds {count} events; the limit is {max}", max = BATCH_EVENTS_MAX)]
+    TooManyEvents { count: usize },
+    #[error("batch holds {bytes} payload bytes; the limit is {max}", max = BATCH_BYTES_MAX)]
+    BatchTooLarge { bytes: usize },
+    #[error("write of {bytes} bytes exceeds the per-event limit of {max}", max = WRITE_BYTES_MAX)]
+    WriteTooLarge { bytes: usize },
+    #[error("batch is empty")]
+    EmptyBatch,
+    #[error("disk size {size_bytes} is not a positive multiple of the sector size {sector_bytes}, or exceeds {max}", max = DISK_BYTES_MAX)]
+    BadDiskSize { size_bytes: u64, sector_bytes: u32 },
+    #[error("sector size {sector_bytes} must be a power of two from 512 to 4096")]
+    BadSectorSize { sector_bytes: u32 },
+    #[error("a group holds at most {max} disks, {count} given", max = GROUP_DISKS_MAX)]
+    TooManyDisks { count: usize },
+}
+
+/// Checks a consistency-group, disk, bookmark or backup name.
+pub fn check_name(name: &str) -> Result<(), InvalidInput> {
+    let ok = !name.is_empty()
+        && name.len() <= NAME_BYTES_MAX
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-');
+    if ok {
+        Ok(())
+    } else {
+        Err(InvalidInput::BadName { name: name.chars().take(NAME_BYTES_MAX + 8).collect() })
+    }
+}
+
+impl Event {
+    /// Payload bytes this event carries (data, not zero ranges).
+    pub fn payload_bytes(&self) -> usize {
+        match self {
+            Event::Write { data, .. } | Event::BackupExtent { data, .. } => data.len(),
+            _ => 0,
+        }
+    }
+
+    /// The disk the event touches, if it touches one.
+    pub fn disk(&self) -> Option<&str> {
+        match self {
+            Event::Write { disk, .. }
+            | Event::WriteZeroes { disk, .. }
+            | Event::Trim { disk, .. }
+            | Event::BackupBegin { disk, .. }
+            | Event::DiskCreate { disk, .. }
+            | Event::DiskResize { disk, .. } => Some(disk),
+            _ => None,
+        }
+    }
+
+    /// Checks the bounds that do not need the group's state.
+    pub fn check(&self) -> Result<(), InvalidInput> {
+        if let Some(disk) = self.disk() {
+            check_name(disk)?;
+        }
+        match self {
+            Event::Write { data, .. } | Event::BackupExtent { data, .. } if data.len() > WRITE_BYTES_MAX => {
+                Err(InvalidInput::WriteTooLarge { bytes: data.len() })
+            }
+            Event::BackupBegin { backup, base, .. } => {
+                check_name(backup)?;
+                base.as_deref().map(check_name).transpose().map(|_| ())
+            }
+            Event::BackupExtent { backup, .. } | Event::BackupCommit { backup } | Event::BackupAbort { backup } => {
+                check_name(backup)
+            }
+            Event::Bookmark { name, .. } => check_name(name),
+            Event::DiskCreate { size_bytes, sector_bytes, .. } => check_disk_geometry(*size_bytes, *sector_bytes),
+            Event::DiskResize { .. } => Ok(()),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// Checks a disk's size and sector size.
+pub fn check_disk_geometry(size_bytes: u64, sector_bytes: u32) -> Result<(), InvalidInput> {
+    if !(512..=4096).contains(&sector_bytes) || !sector_bytes.is_power_of_two() {
+        return Err(InvalidInput::BadSectorSize { sector_bytes });
+    }
+    if size_bytes == 0 || size_bytes % u64::from(sector_bytes) != 0 || size_bytes > DISK_BYTES_MAX {
+        return Err(InvalidInput::BadDiskSize { size_bytes, sector_bytes });
+    }
+    Ok(())
+}
+
+impl EventBatch {
+    /// Sum of the payload bytes of the batch's events.
+    pub fn payload_bytes(&self) -> usize {
+        self.events.iter().map(|e| e.event.payload_bytes()).sum()
+    }
+
+    /// Checks every bound of the batch; called where a batch enters a node.
+    pub fn check(&self) -> Result<(), InvalidInput> {
+        check_name(&self.group)?;
+        if self.events.is_empty() {
+            return Err(InvalidInput::EmptyBatch);
+        }
+        if self.events.len() > BATCH_EVENTS_MAX {
+            return Err(InvalidInput::TooManyEvents { count: self.events.len() });
+        }
+        let bytes = self.payload_bytes();
+        if bytes > BATCH_BYTES_MAX {
+            return Err(InvalidInput::BatchTooLarge { bytes });
+        }
+        self.events.iter().try_for_each(|e| e.event.check())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check_name_case(name: &str, ok: bool) {
+        assert_eq!(check_name(name).is_ok(), ok, "{name:?}");
+    }
+
+    #[test]
+    fn names() {
+        for (name, ok) in [
+            ("cg1", true),
+            ("a.b_c-D9", true),
+            ("", false),
+            ("has space", false),
+            ("slash/", false),
+            (&"x".repeat(64), true),
+            (&"x".repeat(65), false),
+        ] {
+            check_name_case(name, ok);
+        }
+    }
+
+    #[test]
+    fn batch_bounds() {
+        let write = |len: usize| TimedEvent {
+            time_ns: 1,
+            event: Event::Write { disk: "d".into(), offset: 0, data: vec![0; len] },
+        };
+        let batch = |events: Vec<TimedEvent>| EventBatch { group: "g".into(), client_id: 1, seq: 1, events };
+        assert_eq!(batch(vec![]).check(), Err(InvalidInput::EmptyBatch));
+        assert!(batch(vec![write(WRITE_BYTES_MAX)]).check().is_ok());
+        assert_eq!(
+            batch(vec![write(WRITE_BYTES_MAX + 1)]).check(),
+            Err(InvalidInput::WriteTooLarge { bytes: WRITE_BYTES_MAX + 1 })
+        );
+        let five = (0..5).map(|_| write(WRITE_BYTES_MAX)).collect();
+        assert_eq!(batch(five).check(), Err(InvalidInput::BatchTooLarge { bytes: 5 * WRITE_BYTES_MAX }));
+    }
+
+    #[test]
+    fn disk_geometry() {
+        for (size, sector, ok) in [
+            (1 << 20, 512, true),
+            (1 << 20, 4096, true),
+            (1000, 512, false),
+            (0, 512, false),
+            (1 << 20, 1000, false),
+            (1 << 20, 8192, false),
+            (DISK_BYTES_MAX + 4096, 4096, false),
+        ] {
+            assert_eq!(check_disk_geometry(size, sector).is_ok(), ok, "{size} {sector}");
+        }
+    }
+}

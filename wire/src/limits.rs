@@ -1,0 +1,40 @@
+//! Named upper bounds on everything that can arrive from outside.
+
+/// Largest frame body (after the header) a peer may send. Raft append
+/// requests are cut by bytes to stay under it.
+pub const FRAME_BODY_BYTES_MAX: usize = 16 * 1024 * 1024;
+
+/// Largest payload of one event batch (one Raft entry), summed over its events.
+pub const BATCH_BYTES_MAX: usize = 4 * 1024 * 1024;
+
+/// Most events in one batch.
+pub const BATCH_EVENTS_MAX: usize = 16 * 1024;
+
+/// Largest single write payload. Larger guest writes are split by the client.
+pub const WRITE_BYTES_MAX: usize = 1024 * 1024;
+
+/// Longest consistency-group, disk, bookmark or backup name.
+pub const NAME_BYTES_MAX: usize = 64;
+
+/// Most disks in one consistency group.
+pub const GROUP_DISKS_MAX: usize = 256;
+
+/// Largest snapshot chunk sent in one frame.
+pub const SNAPSHOT_CHUNK_BYTES_MAX: usize = 4 * 1024 * 1024;
+
+/// Largest disk size, 64 TiB.
+pub const DISK_BYTES_MAX: u64 = 64 << 40;
+
+/// Most events one read-events reply carries.
+pub const READ_EVENTS_MAX: usize = 4096;
+
+/// Most payload bytes one read-events reply carries (at least one event is
+/// always returned).
+pub const READ_EVENTS_BYTES_MAX: usize = 8 * 1024 * 1024;
+
+/// Batches one producer may have in flight; the state machine remembers the
+/// replies of this many recent sequence numbers per producer.
+pub const PRODUCER_WINDOW_MAX: usize = 256;
+
+/// Longest refusal reason kept in a producer's reply window.
+pub const REASON_BYTES_MAX: usize = 256;

@@ -1,0 +1,127 @@
+//! Requests and replies between nodes and from clients. One request and one
+//! reply travel on one QUIC stream, each as one frame (a snapshot as a
+//! header frame followed by chunk frames).
+
+use rkyv::{Archive, Deserialize, Serialize};
+
+use crate::event::{EventBatch, LoggedEvent};
+use crate::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, Member, NodeId, ShardId, SnapshotMeta, Vote,
+    VoteRequest, VoteResponse,
+};
+
+/// The protocol version every frame carries. A peer with another version is
+/// refused at the first frame.
+pub const PROTOCOL_VERSION: u16 = 1;
+
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct DiskSpec {
+    pub name: String,
+    pub size_bytes: u64,
+    pub sector_bytes: u32,
+}
+
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub enum Request {
+    // Between nodes: Raft.
+    RaftAppend { shard: ShardId, req: AppendEntriesRequest },
+    RaftVote { shard: ShardId, req: VoteRequest, pre_vote: bool },
+    /// Starts a snapshot transfer; `SnapshotChunk` frames follow on the
+    /// same stream until one has `last` set.
+    RaftSnapshot { shard: ShardId, vote: Vote, meta: SnapshotMeta, total_bytes: u64 },
+    SnapshotChunk { data: Vec<u8>, last: bool },
+
+    // From clients.
+    CreateGroup { group: String, disks: Vec<DiskSpec>, time_ns: u64 },
+    Append { batch: EventBatch },
+    Status,
+    GroupState { group: String },
+    /// Events of a group from `lsn_first` on, as this node has applied them;
+    /// at most `count_max` and the reply's byte limit.
+    ReadEvents { group: String, lsn_first: u64, count_max: u32 },
+
+    // Administration.
+    ClusterInit { members: Vec<Member> },
+    AddLearner { member: Member },
+    ChangeVoters { voters: Vec<NodeId> },
+}
+
+/// One node's view of one shard.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct ShardStatus {
+    pub shard: ShardId,
+    pub role: String,
+    pub term: u64,
+    pub leader: Option<NodeId>,
+    pub last_log_index: Option<u64>,
+    pub committed_index: Option<u64>,
+    pub applied_index: Option<u64>,
+    pub voters: Vec<NodeId>,
+    pub learners: Vec<NodeId>,
+    pub members: Vec<Member>,
+    pub groups: Vec<GroupState>,
+}
+
+/// A consistency group's state on one replica.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct GroupState {
+    pub name: String,
+    pub last_lsn: u64,
+    /// blake3 chain over every event of the group, in LSN order.
+    pub digest_hex: String,
+    pub disks: Vec<DiskSpec>,
+    pub events: u64,
+    pub payload_bytes: u64,
+}
+
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct NodeStatus {
+    pub id: NodeId,
+    pub addr: String,
+    pub pid: u32,
+    pub shards: Vec<ShardStatus>,
+}
+
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// The request was malformed or broke a limit; retrying will not help.
+    BadRequest,
+    /// This node does not lead the shard; `leader` says who does, if known.
+    NotLeader,
+    /// The state machine refused the command (unknown group, out of range).
+    Refused,
+    /// The cluster could not do it now (no quorum, shutting down); retry.
+    Unavailable,
+    /// The node failed internally.
+    Internal,
+}
+
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct RpcError {
+    pub kind: ErrorKind,
+    pub message: String,
+    pub leader: Option<Member>,
+}
+
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub enum Response {
+    Done,
+    RaftAppend(AppendEntriesResponse),
+    RaftVote(VoteResponse),
+    RaftSnapshot { vote: Vote },
+    Appended { lsn_first: u64, lsn_last: u64 },
+    Status(NodeStatus),
+    Group(GroupState),
+    Events(Vec<LoggedEvent>),
+    Error(RpcError),
+}
+
+impl std::fmt::Display for RpcError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:?}: {}", self.kind, self.message)?;
+        if let Some(leader) = &self.leader {
+            write!(f, " (leader is node {} at {})", leader.id, leader.addr)?;
+        }
+        Ok(())
+    }
+}
