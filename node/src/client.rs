@@ -21,6 +21,9 @@ pub const RETRY_DEADLINE: Duration = Duration::from_secs(30);
 /// How long one try waits for a reply.
 const CALL_TIMEOUT: Duration = Duration::from_secs(20);
 const RETRY_PAUSE: Duration = Duration::from_millis(100);
+/// An append stream whose oldest batch has had no answer for this long is
+/// abandoned, and its batches are sent again on a new one.
+const REPLY_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[derive(Clone)]
 pub struct Client {
@@ -169,6 +172,8 @@ struct Stream {
     reader: tokio::task::JoinHandle<()>,
     /// How many of the pending batches were sent on this stream.
     sent: usize,
+    /// When the stream last made progress (opened, or answered a batch).
+    answered_at: Instant,
 }
 
 impl Drop for Stream {
@@ -246,7 +251,7 @@ async fn open_stream(client: &Client, rotate: &mut usize, window: usize) -> anyh
             }
         }
     });
-    Ok(Stream { addr, send, replies, reader, sent: 0 })
+    Ok(Stream { addr, send, replies, reader, sent: 0, answered_at: Instant::now() })
 }
 
 fn fail_all(pending: &mut VecDeque<Submission>, why: &str) {
@@ -306,6 +311,7 @@ async fn pipeline(client: Client, mut input: mpsc::Receiver<Submission>, window:
             }
         }
         let waiting_reply = stream.as_ref().is_some_and(|s| s.sent > 0);
+        let reply_due = REPLY_TIMEOUT.saturating_sub(stream.as_ref().map_or(Duration::ZERO, |s| s.answered_at.elapsed()));
         tokio::select! {
             sub = input.recv(), if input_open && pending.len() < window => match sub {
                 Some(sub) => match &broken {
@@ -320,7 +326,7 @@ async fn pipeline(client: Client, mut input: mpsc::Receiver<Submission>, window:
                     Some(Ok(Response::Appended { lsn_first, lsn_last })) => {
                         let s = pending.pop_front().expect("a reply matches a pending batch");
                         let _ = s.done.send(Ok((lsn_first, lsn_last)));
-                        if let Some(st) = stream.as_mut() { st.sent -= 1; }
+                        if let Some(st) = stream.as_mut() { st.sent -= 1; st.answered_at = Instant::now(); }
                         *client.leader.lock().expect("leader lock") = addr;
                         progress_at = Instant::now();
                     }
@@ -364,6 +370,13 @@ async fn pipeline(client: Client, mut input: mpsc::Receiver<Submission>, window:
                         stream = None;
                     }
                 }
+            }
+            _ = tokio::time::sleep(reply_due), if waiting_reply => {
+                let addr = stream.as_ref().map(|s| s.addr.to_string()).unwrap_or_default();
+                last_error = format!("node at {addr} gave no answer for {REPLY_TIMEOUT:?}");
+                tracing::warn!("{last_error}; sending the pending batches again");
+                *client.leader.lock().expect("leader lock") = None;
+                stream = None;
             }
         }
     }

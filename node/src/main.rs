@@ -161,6 +161,9 @@ enum DevCommand {
         /// Build a snapshot (and purge the log) after this many entries.
         #[arg(long, default_value_t = 2000)]
         snapshot_every: u64,
+        /// Entries kept in the log behind a snapshot for lagging followers.
+        #[arg(long, default_value_t = 500)]
+        logs_kept: u64,
     },
     /// Stop the local site (SIGTERM, then SIGKILL after 10 s).
     Down {
@@ -258,8 +261,8 @@ async fn run(command: Command) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Load(args) => load(args).await,
-        Command::Dev(DevCommand::Up { nodes, dir, snapshot_every }) => {
-            let raft = RaftTuning { snapshot_every_entries: snapshot_every, ..RaftTuning::default() };
+        Command::Dev(DevCommand::Up { nodes, dir, snapshot_every, logs_kept }) => {
+            let raft = RaftTuning { snapshot_every_entries: snapshot_every, logs_kept_after_snapshot: logs_kept, ..RaftTuning::default() };
             let exe = std::env::current_exe().context("find the rewind binary")?;
             let opts = dev::UpOptions { exe, nodes, dir: dir.clone(), raft };
             let client_path = dev::up(&opts).await?;

@@ -92,8 +92,10 @@ fn roots(ca: &Path) -> anyhow::Result<Arc<RootCertStore>> {
 
 fn transport() -> Arc<quinn::TransportConfig> {
     let mut t = quinn::TransportConfig::default();
-    t.max_idle_timeout(Some(std::time::Duration::from_secs(10).try_into().expect("10 s is a valid idle timeout")));
-    t.keep_alive_interval(Some(std::time::Duration::from_secs(2)));
+    // A peer that stops answering (a killed process) is given up on after
+    // 3 s, so clients and Raft move to the new leader quickly.
+    t.max_idle_timeout(Some(std::time::Duration::from_secs(3).try_into().expect("3 s is a valid idle timeout")));
+    t.keep_alive_interval(Some(std::time::Duration::from_millis(500)));
     t.stream_receive_window((32u32 << 20).into());
     t.receive_window((64u32 << 20).into());
     t.send_window(64 << 20);
