@@ -35,16 +35,24 @@ pub fn open(dir: &Path) -> std::io::Result<Store> {
     opts.create_missing_column_families(true);
     opts.set_max_background_jobs(2);
     opts.set_max_total_wal_size(512 << 20);
-    let mut big = Options::default();
-    big.set_write_buffer_size(64 << 20);
-    let mut events = big.clone();
-    // Payloads go to blob files, so compaction does not rewrite them.
-    events.set_enable_blob_files(true);
-    events.set_min_blob_size(4096);
+    // The state machine writes without the WAL (the Raft log already holds
+    // every payload); flushing all column families together keeps what a
+    // crash leaves on disk consistent across them.
+    opts.set_atomic_flush(true);
+    // Flushes and compactions bypass the page cache: it saves a copy of
+    // every byte written, and nothing reads those files back soon.
+    opts.set_use_direct_io_for_flush_and_compaction(true);
+    // Payloads (log entries and events) go to blob files when a memtable is
+    // flushed, so compaction moves only keys, never payload bytes; blobs of
+    // purged entries are dropped as compaction meets them.
+    let mut payload = Options::default();
+    payload.set_write_buffer_size(64 << 20);
+    payload.set_enable_blob_files(true);
+    payload.set_min_blob_size(4096);
+    payload.set_enable_blob_gc(true);
     let cfs = [CF_LOG, CF_META, CF_SM, CF_GROUPS, CF_EVENTS, CF_TIMES, CF_PRODUCERS].map(|name| {
         let o = match name {
-            CF_LOG => big.clone(),
-            CF_EVENTS => events.clone(),
+            CF_LOG | CF_EVENTS => payload.clone(),
             _ => Options::default(),
         };
         ColumnFamilyDescriptor::new(name, o)
@@ -55,6 +63,16 @@ pub fn open(dir: &Path) -> std::io::Result<Store> {
     std::fs::create_dir_all(&snapshot_dir)?;
     let state_machine = StateMachine::open(db.clone(), snapshot_dir.clone())?;
     Ok(Store { log: LogStore::new(db.clone()), state_machine, reader: StoreReader { db, snapshot_dir } })
+}
+
+/// Makes the state machine's tables durable: flushes their memtables (all
+/// column families at once) and waits. Called before a snapshot is reported,
+/// so the log behind it may be purged.
+pub(crate) fn flush_state_machine(db: &DB) -> std::io::Result<()> {
+    let cfs: Vec<&rocksdb::ColumnFamily> = SM_CFS.iter().map(|n| cf(db, n)).collect();
+    let mut opts = rocksdb::FlushOptions::default();
+    opts.set_wait(true);
+    db.flush_cfs_opt(&cfs, &opts).map_err(io_err)
 }
 
 pub(crate) fn cf<'a>(db: &'a DB, name: &str) -> &'a rocksdb::ColumnFamily {

@@ -60,4 +60,6 @@ pub(crate) fn fsync_failed(what: &str, e: impl std::fmt::Display) -> ! {
 }
 
 #[cfg(test)]
+mod store_test;
+#[cfg(test)]
 mod suite_test;

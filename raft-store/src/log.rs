@@ -32,7 +32,9 @@ pub struct LogStore {
 impl LogStore {
     pub(crate) fn new(db: Arc<DB>) -> LogStore {
         let (tx, rx) = mpsc::channel::<IOFlushed<TypeConfig>>();
-        let sync_db = db.clone();
+        // A weak handle: the syncer must not keep the database open after
+        // every store handle is gone (RocksDB must close before exit).
+        let sync_db = Arc::downgrade(&db);
         std::thread::Builder::new()
             .name("log-sync".into())
             .spawn(move || sync_loop(&sync_db, &rx))
@@ -49,7 +51,7 @@ impl LogStore {
 /// Group commit: wait for one append, take every other one already queued,
 /// fsync the WAL once, and answer them all. Every callback taken was queued
 /// after its entries were written, so the one fsync covers them.
-fn sync_loop(db: &DB, rx: &mpsc::Receiver<IOFlushed<TypeConfig>>) {
+fn sync_loop(db: &std::sync::Weak<DB>, rx: &mpsc::Receiver<IOFlushed<TypeConfig>>) {
     let mut pending = Vec::with_capacity(64);
     while let Ok(first) = rx.recv() {
         pending.push(first);
@@ -59,9 +61,18 @@ fn sync_loop(db: &DB, rx: &mpsc::Receiver<IOFlushed<TypeConfig>>) {
                 Err(_) => break,
             }
         }
+        // Appends are queued only by live store handles, so the database is
+        // still open here unless every handle was dropped mid-append.
+        let Some(db) = db.upgrade() else {
+            for cb in pending.drain(..) {
+                cb.io_completed(Err(io_err("the log store was closed before the append was synced")));
+            }
+            return;
+        };
         if let Err(e) = db.flush_wal(true) {
             fsync_failed("syncing appended log entries", e);
         }
+        drop(db);
         metrics_fsyncs(pending.len());
         for cb in pending.drain(..) {
             cb.io_completed(Ok(()));

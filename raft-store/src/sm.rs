@@ -174,10 +174,14 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         if let Some(m) = &last_membership {
             batch.put_cf(sm, KEY_MEMBERSHIP, encode_record(m).map_err(io_err)?);
         }
-        // Not fsync'd here: the entries are durable in the log, and this
-        // write shares the log's WAL, so a crash that loses it also loses
-        // the applied index and openraft applies the entries again.
-        self.db.write(batch).map_err(io_err)?;
+        // No WAL and no fsync: the entries are durable in the Raft log. A
+        // crash loses this write and the applied index with it (flushes are
+        // atomic across column families), and openraft applies the entries
+        // again from the log, which is purged only behind a snapshot that
+        // flushed these tables first (`flush_state_machine`).
+        let mut opts = rocksdb::WriteOptions::default();
+        opts.disable_wal(true);
+        self.db.write_opt(batch, &opts).map_err(io_err)?;
         for (responder, reply) in replies {
             responder.send(reply);
         }

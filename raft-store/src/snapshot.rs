@@ -134,6 +134,8 @@ impl<W: Write> Write for HashingWriter<W> {
 }
 
 fn build_blocking(db: &DB, dir: &Path) -> io::Result<SnapshotOf<TypeConfig, SnapshotFile>> {
+    // Durable state first: openraft purges the log behind this snapshot.
+    crate::db::flush_state_machine(db)?;
     let view = db.snapshot();
     // Applied index and membership from the same view as the data.
     let sm = cf(db, crate::db::CF_SM);

@@ -139,6 +139,22 @@ impl Event {
     }
 }
 
+/// Splits a write larger than the per-event limit into consecutive writes of
+/// at most `WRITE_BYTES_MAX` bytes each.
+pub fn split_write(disk: &str, offset: u64, data: &[u8]) -> Vec<Event> {
+    if data.is_empty() {
+        return vec![Event::Write { disk: disk.to_string(), offset, data: Vec::new() }];
+    }
+    data.chunks(WRITE_BYTES_MAX)
+        .enumerate()
+        .map(|(i, chunk)| Event::Write {
+            disk: disk.to_string(),
+            offset: offset + (i * WRITE_BYTES_MAX) as u64,
+            data: chunk.to_vec(),
+        })
+        .collect()
+}
+
 /// Checks a disk's size and sector size.
 pub fn check_disk_geometry(size_bytes: u64, sector_bytes: u32) -> Result<(), InvalidInput> {
     if !(512..=4096).contains(&sector_bytes) || !sector_bytes.is_power_of_two() {
@@ -211,6 +227,25 @@ mod tests {
         );
         let five = (0..5).map(|_| write(WRITE_BYTES_MAX)).collect();
         assert_eq!(batch(five).check(), Err(InvalidInput::BatchTooLarge { bytes: 5 * WRITE_BYTES_MAX }));
+    }
+
+    #[test]
+    fn large_writes_are_split() {
+        for (len, pieces) in [(0usize, 1usize), (1, 1), (WRITE_BYTES_MAX, 1), (WRITE_BYTES_MAX + 1, 2), (5 * WRITE_BYTES_MAX / 2, 3)] {
+            let data: Vec<u8> = (0..len).map(|i| i as u8).collect();
+            let events = split_write("d", 4096, &data);
+            assert_eq!(events.len(), pieces, "{len}");
+            let mut joined = Vec::new();
+            let mut next = 4096;
+            for e in &events {
+                let Event::Write { offset, data, .. } = e else { panic!("not a write") };
+                assert_eq!(*offset, next);
+                assert!(data.len() <= WRITE_BYTES_MAX);
+                next += data.len() as u64;
+                joined.extend_from_slice(data);
+            }
+            assert_eq!(joined, data);
+        }
     }
 
     #[test]

@@ -14,6 +14,8 @@ use crate::rpc::PROTOCOL_VERSION;
 pub const FRAME_MAGIC: [u8; 4] = *b"RWND";
 pub const FRAME_HEADER_BYTES: usize = 28;
 const CHECKSUM_BYTES: usize = 16;
+/// A record begins with this many bytes of blake3 checksum over the rest.
+pub const RECORD_CHECKSUM_BYTES: usize = CHECKSUM_BYTES;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum FrameError {
