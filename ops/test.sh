@@ -7,3 +7,5 @@ cd "$(dirname "$0")/.."
 bash ops/setup-debian.sh
 # Integration tests each run a 3-node site; one at a time on a 2-core machine.
 cargo test --workspace --no-fail-fast -- --test-threads=1
+# Every decoder of bytes from outside, fuzzed for a bounded time.
+bash ops/fuzz.sh

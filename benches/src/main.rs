@@ -1,1 +1,268 @@
-fn main() {}
+//! Reproducible benchmarks that print tables and never fail on a timing.
+//!
+//! `rewind-benches append`: append throughput and commit latency on a local
+//! 3-node site for 4 KiB, 64 KiB and 1 MiB writes, with disk bytes written
+//! per payload byte and CPU seconds per GB (both from /proc), beside the
+//! machine's own durable-write limit measured in the same run.
+//! `rewind-benches all` runs every benchmark. Results are printed and
+//! written to `benches/results/<date>/`.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use clap::{Parser, Subcommand};
+use rewind_node::client::Client;
+use rewind_node::config::{ClientConfig, RaftTuning};
+use rewind_node::load::{self, LoadSpec};
+use rewind_wire::rpc::DiskSpec;
+
+#[derive(Parser)]
+#[command(name = "rewind-benches", about = "rewind's benchmarks: tables of measured figures, never a pass/fail on time.")]
+struct Cli {
+    #[command(subcommand)]
+    bench: Bench,
+    /// Small sizes: a smoke run of the harness (seconds, not minutes).
+    #[arg(long, global = true)]
+    smoke: bool,
+    /// Payload bytes per row, in MiB (default 512; 8 with --smoke).
+    #[arg(long, global = true)]
+    mib: Option<u64>,
+    /// Repeat each row this many times and report the median (and min-max).
+    #[arg(long, global = true, default_value_t = 3)]
+    runs: usize,
+    /// Where results go (default benches/results/<date>).
+    #[arg(long, global = true)]
+    out: Option<PathBuf>,
+}
+
+#[derive(Subcommand, Clone, Copy, PartialEq, Eq)]
+enum Bench {
+    /// Append throughput and latency on a local 3-node site.
+    Append,
+    /// Every benchmark.
+    All,
+}
+
+/// CPU time and bytes written of one process, from /proc.
+#[derive(Debug, Clone, Copy, Default)]
+struct ProcSample {
+    cpu_s: f64,
+    write_bytes: u64,
+}
+
+fn sample(pid: u32) -> ProcSample {
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let fields: Vec<&str> = stat.rsplit(')').next().unwrap_or("").split_whitespace().collect();
+    let cpu = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    let io = std::fs::read_to_string(format!("/proc/{pid}/io")).unwrap_or_default();
+    let write_bytes = io
+        .lines()
+        .find_map(|l| l.strip_prefix("write_bytes:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0);
+    // Fields after the command: utime is the 12th, stime the 13th (0-based 11, 12).
+    ProcSample { cpu_s: (cpu(11) + cpu(12)) / ticks, write_bytes }
+}
+
+struct Row {
+    mb_s: f64,
+    events_s: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+    p999_ms: f64,
+    written_per_byte: Vec<f64>,
+    cpu_s_per_gb: f64,
+}
+
+fn median(mut v: Vec<f64>) -> (f64, f64, f64) {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
+    (v[v.len() / 2], v[0], v[v.len() - 1])
+}
+
+fn rewind_binary() -> anyhow::Result<PathBuf> {
+    if let Some(p) = std::env::var_os("REWIND_BIN") {
+        return Ok(PathBuf::from(p));
+    }
+    let exe = std::env::current_exe()?;
+    let sibling = exe.parent().context("benchmark binary has no folder")?.join("rewind");
+    if !sibling.exists() {
+        bail!("{} not found: build it first with `cargo build -p rewind-node` (or set REWIND_BIN)", sibling.display());
+    }
+    Ok(sibling)
+}
+
+async fn append_row(dir: &Path, size: usize, mib: u64, window: usize) -> anyhow::Result<Row> {
+    let opts = rewind_node::dev::UpOptions { exe: rewind_binary()?, nodes: 3, dir: dir.to_path_buf(), raft: RaftTuning::default() };
+    let client_path = rewind_node::dev::up(&opts).await?;
+    let site = rewind_node::dev::DevSite::load(dir)?;
+    let result = async {
+        let client = Client::new(&ClientConfig::load(&client_path)?)?;
+        let disk_bytes = 64u64 << 30;
+        client.create_group("bench", vec![DiskSpec { name: "d0".into(), size_bytes: disk_bytes, sector_bytes: 512 }]).await?;
+        let events = (mib << 20) / size as u64;
+        let spec = LoadSpec {
+            group: "bench".into(),
+            disk: "d0".into(),
+            disk_bytes,
+            events,
+            sizes: vec![size],
+            window,
+            batch_bytes: 1 << 20,
+            seed: 7,
+            time_max: Duration::from_secs(600),
+        };
+        let before: Vec<ProcSample> = site.nodes.iter().map(|n| sample(n.pid)).collect();
+        let report = load::run(client, &spec, |_, _| {}).await?;
+        // Let followers finish applying before reading their counters.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let after: Vec<ProcSample> = site.nodes.iter().map(|n| sample(n.pid)).collect();
+        if !report.errors.is_empty() {
+            bail!("{} batches failed: {}", report.errors.len(), report.errors[0]);
+        }
+        let secs = report.elapsed.as_secs_f64();
+        let bytes = report.bytes as f64;
+        let cpu: f64 = before.iter().zip(&after).map(|(b, a)| a.cpu_s - b.cpu_s).sum();
+        let h = &report.latency_us;
+        Ok(Row {
+            mb_s: bytes / 1e6 / secs,
+            events_s: report.events as f64 / secs,
+            p50_ms: h.value_at_quantile(0.5) as f64 / 1e3,
+            p99_ms: h.value_at_quantile(0.99) as f64 / 1e3,
+            p999_ms: h.value_at_quantile(0.999) as f64 / 1e3,
+            written_per_byte: before.iter().zip(&after).map(|(b, a)| (a.write_bytes - b.write_bytes) as f64 / bytes).collect(),
+            cpu_s_per_gb: cpu / (bytes / 1e9),
+        })
+    }
+    .await;
+    rewind_node::dev::down(dir, true)?;
+    result
+}
+
+/// The machine's durable-write limit: sequential writes of `size` bytes to a
+/// file on the same disk, with an fdatasync after each write (`per_write`) or
+/// after each MiB (group commit, as the log does).
+fn fdatasync_limit(dir: &Path, size: usize, mib: u64, per_write: bool) -> anyhow::Result<f64> {
+    let path = dir.join("fdatasync-probe");
+    let mut f = std::fs::OpenOptions::new().create(true).write(true).truncate(true).open(&path)?;
+    let block = vec![0x5au8; size];
+    let total = (mib << 20) as usize;
+    let started = Instant::now();
+    let mut since_sync = 0usize;
+    let mut written = 0usize;
+    while written < total && started.elapsed() < Duration::from_secs(60) {
+        f.write_all(&block)?;
+        written += size;
+        since_sync += size;
+        if per_write || since_sync >= 1 << 20 {
+            f.sync_data()?;
+            since_sync = 0;
+        }
+    }
+    f.sync_data()?;
+    let secs = started.elapsed().as_secs_f64();
+    std::fs::remove_file(&path).ok();
+    Ok(written as f64 / 1e6 / secs)
+}
+
+fn fmt_size(size: usize) -> String {
+    match size {
+        s if s >= 1 << 20 => format!("{} MiB", s >> 20),
+        s if s >= 1 << 10 => format!("{} KiB", s >> 10),
+        s => format!("{s} B"),
+    }
+}
+
+async fn bench_append(cli: &Cli, out: &mut String) -> anyhow::Result<()> {
+    let mib = cli.mib.unwrap_or(if cli.smoke { 8 } else { 512 });
+    let runs = if cli.smoke { 1 } else { cli.runs.max(1) };
+    let window = 16;
+    let sizes = [4usize << 10, 64 << 10, 1 << 20];
+    let work = tempfile::Builder::new().prefix("rewind-bench-").tempdir_in(std::env::var("REWIND_BENCH_DIR").unwrap_or("/var/tmp".into()))?;
+    let mut lines = Vec::new();
+    lines.push(format!("## append: one client, {window} batches of <= 1 MiB in flight, 3 nodes on one disk, {mib} MiB per run, median of {runs} (min-max)\n"));
+    lines.push("| write size | MB/s | events/s | commit p50 ms | p99 ms | p99.9 ms | disk bytes written per payload byte (node 1/2/3) | CPU s per GB (3 nodes) | fdatasync limit MB/s, sync per write / per MiB | MB/s as share of per-MiB limit |".into());
+    lines.push("|---|---|---|---|---|---|---|---|---|---|".into());
+    for size in sizes {
+        let mut rows = Vec::new();
+        for run in 0..runs {
+            eprintln!("append {}: run {}/{runs}", fmt_size(size), run + 1);
+            rows.push(append_row(&work.path().join(format!("site-{size}-{run}")), size, mib, window).await?);
+        }
+        let per_write = fdatasync_limit(work.path(), size, mib.min(64), true)?;
+        let per_mib = fdatasync_limit(work.path(), size, mib.min(256), false)?;
+        let (mb, mb_lo, mb_hi) = median(rows.iter().map(|r| r.mb_s).collect());
+        let (ev, _, _) = median(rows.iter().map(|r| r.events_s).collect());
+        let (p50, _, _) = median(rows.iter().map(|r| r.p50_ms).collect());
+        let (p99, _, _) = median(rows.iter().map(|r| r.p99_ms).collect());
+        let (p999, _, _) = median(rows.iter().map(|r| r.p999_ms).collect());
+        let (cpu, _, _) = median(rows.iter().map(|r| r.cpu_s_per_gb).collect());
+        let written: Vec<String> =
+            (0..3).map(|i| format!("{:.2}", median(rows.iter().map(|r| r.written_per_byte[i]).collect()).0)).collect();
+        lines.push(format!(
+            "| {} | {mb:.1} ({mb_lo:.1}-{mb_hi:.1}) | {ev:.0} | {p50:.1} | {p99:.1} | {p999:.1} | {} | {cpu:.1} | {per_write:.1} / {per_mib:.1} | {:.0}% |",
+            fmt_size(size),
+            written.join(" / "),
+            100.0 * mb / per_mib
+        ));
+    }
+    let table = lines.join("\n");
+    println!("{table}\n");
+    out.push_str(&table);
+    out.push_str("\n\n");
+    Ok(())
+}
+
+fn results_dir(cli: &Cli) -> PathBuf {
+    cli.out.clone().unwrap_or_else(|| {
+        let days = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() / 86400).unwrap_or(0);
+        let (y, m, d) = civil_from_days(days as i64);
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("results").join(format!("{y:04}-{m:02}-{d:02}"))
+    })
+}
+
+/// Days since 1970-01-01 to (year, month, day), proleptic Gregorian.
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    (yoe + era * 400 + i64::from(m <= 2), m, d)
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let mut out = String::new();
+    let benches = match cli.bench {
+        Bench::All => vec![Bench::Append],
+        b => vec![b],
+    };
+    for b in benches {
+        match b {
+            Bench::Append | Bench::All => runtime.block_on(bench_append(&cli, &mut out))?,
+        }
+    }
+    let dir = results_dir(&cli);
+    std::fs::create_dir_all(&dir)?;
+    let name = if cli.smoke { "smoke.md" } else { "append.md" };
+    std::fs::write(dir.join(name), &out)?;
+    eprintln!("results written to {}", dir.join(name).display());
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn civil_dates() {
+        for (days, want) in [(0, (1970, 1, 1)), (20_779, (2026, 11, 22)), (11_016, (2000, 2, 29))] {
+            assert_eq!(super::civil_from_days(days), want);
+        }
+    }
+}

@@ -19,8 +19,10 @@ pub mod config;
 pub mod dev;
 pub mod load;
 pub mod raft_net;
+pub mod replay;
 pub mod server;
 pub mod status;
+pub mod tap;
 pub mod tls;
 pub mod transport;
 

@@ -58,6 +58,12 @@ enum Command {
     /// Consistency groups.
     #[command(subcommand)]
     Group(GroupCommand),
+    /// Serve a disk over NBD and journal every write into its group (sync mode:
+    /// a write is answered once it is committed on the site).
+    Tap(TapArgs),
+    /// Write a disk as it was at an LSN to a raw image file. Today this
+    /// applies every event up to the LSN (cost grows with history).
+    Replay(ReplayArgs),
     /// Append generated writes to a group (a load generator and smoke test).
     Load(LoadArgs),
     /// A local site of real node processes on 127.0.0.1.
@@ -119,6 +125,69 @@ enum GroupCommand {
         #[arg(long = "disk", required = true)]
         disks: Vec<String>,
     },
+    /// Add a disk to an existing group (an event in its log).
+    AddDisk {
+        #[command(flatten)]
+        client: ClientArgs,
+        group: String,
+        /// NAME:SIZE[:SECTOR], e.g. disk1:20G.
+        #[arg(long = "disk", required = true)]
+        disk: String,
+    },
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, PartialEq, Eq)]
+enum TapMode {
+    /// Answer a write once its event is committed on a majority (RPO 0).
+    Sync,
+    /// Answer once the write is in a local journal; NOT BUILT YET.
+    Async,
+}
+
+#[derive(Args)]
+struct TapArgs {
+    #[command(flatten)]
+    client: ClientArgs,
+    #[arg(long)]
+    group: String,
+    /// The disk to serve; also the NBD export name.
+    #[arg(long)]
+    disk: String,
+    /// The disk's backing file (created sparse at the disk's size if missing).
+    #[arg(long)]
+    backing: PathBuf,
+    /// TCP address on loopback, e.g. 127.0.0.1:10809 (port 0 picks a free one).
+    #[arg(long, conflicts_with = "socket", required_unless_present = "socket")]
+    listen: Option<std::net::SocketAddr>,
+    /// Unix socket path to listen on instead of TCP.
+    #[arg(long)]
+    socket: Option<PathBuf>,
+    #[arg(long, value_enum, default_value_t = TapMode::Sync)]
+    mode: TapMode,
+    /// Batches in flight to the site at once (back-pressure beyond this).
+    #[arg(long, default_value_t = 64)]
+    window: usize,
+}
+
+#[derive(Args)]
+struct ReplayArgs {
+    #[command(flatten)]
+    client: ClientArgs,
+    group: String,
+    #[arg(long)]
+    disk: String,
+    /// The LSN to replay to (see `rewind status` for a group's last LSN).
+    #[arg(long, conflicts_with = "latest", required_unless_present = "latest")]
+    at: Option<u64>,
+    /// Replay to the newest LSN the serving node has applied.
+    #[arg(long)]
+    latest: bool,
+    /// The raw image to write (sparse where the disk was never written).
+    #[arg(long)]
+    out: PathBuf,
+    /// The node to replay from (default: the first that answers).
+    #[arg(long)]
+    node: Option<u64>,
 }
 
 #[derive(Args)]
@@ -258,6 +327,57 @@ async fn run(command: Command) -> anyhow::Result<()> {
             let disks = disks.iter().map(|d| parse_disk(d)).collect::<anyhow::Result<Vec<_>>>()?;
             Client::from_file(client.config.as_deref())?.create_group(&group, disks).await?;
             println!("created consistency group {group}");
+            Ok(())
+        }
+        Command::Group(GroupCommand::AddDisk { client, group, disk }) => {
+            rewind_wire::event::check_name(&group)?;
+            let d = parse_disk(&disk)?;
+            let client = Client::from_file(client.config.as_deref())?;
+            let mut producer = rewind_node::client::Producer::new(client, 1);
+            let event = rewind_wire::event::Event::DiskCreate { disk: d.name.clone(), size_bytes: d.size_bytes, sector_bytes: d.sector_bytes };
+            let (lsn, _) = producer.append(&group, vec![rewind_wire::event::TimedEvent { time_ns: rewind_node::now_ns(), event }]).await?;
+            println!("added disk {} to {group} at LSN {lsn}", d.name);
+            Ok(())
+        }
+        Command::Tap(a) => {
+            if a.mode == TapMode::Async {
+                bail!("--mode async is not built yet; use --mode sync");
+            }
+            let client = Client::from_file(a.client.config.as_deref())?;
+            let listen = match (a.listen, a.socket) {
+                (Some(addr), _) => rewind_node::tap::Listen::Tcp(addr),
+                (None, Some(path)) => rewind_node::tap::Listen::Unix(path),
+                (None, None) => bail!("give --listen ADDR or --socket PATH"),
+            };
+            let opts = rewind_node::tap::TapOptions { group: a.group.clone(), disk: a.disk.clone(), backing: a.backing, listen, window: a.window };
+            rewind_node::tap::run(client, opts, |uri| {
+                use std::io::Write;
+                println!("tap: serving disk {} of group {} at {uri} (sync mode)", a.disk, a.group);
+                let _ = std::io::stdout().flush();
+            })
+            .await
+        }
+        Command::Replay(a) => {
+            let client = Client::from_file(a.client.config.as_deref())?;
+            let target = match a.at {
+                Some(n) => rewind_node::replay::Target::Lsn(n),
+                None => rewind_node::replay::Target::Latest,
+            };
+            let opts = rewind_node::replay::ReplayOptions { group: a.group.clone(), disk: a.disk.clone(), target, out: a.out.clone(), node: a.node };
+            let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
+            let r = rewind_node::replay::run(&client, &opts, |done, target| {
+                if tty {
+                    eprint!("\rapplied LSN {done}/{target}");
+                }
+            })
+            .await?;
+            if tty {
+                eprintln!();
+            }
+            println!(
+                "replayed disk {} of group {} at LSN {} from node {} to {}: {} events read, {} applied, {} bytes, {:.2} s, blake3 {}",
+                a.disk, a.group, r.lsn, r.node, a.out.display(), r.events_read, r.events_applied, r.image_bytes, r.elapsed.as_secs_f64(), r.blake3_hex
+            );
             Ok(())
         }
         Command::Load(args) => load(args).await,

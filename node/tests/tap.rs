@@ -1,0 +1,252 @@
+//! The tap with real NBD clients from Debian's packages: qemu-io, qemu-img,
+//! nbdcopy, fio (nbd engine) and nbdinfo. After each client the backing file
+//! equals a reference, and replaying the log onto a zeroed image gives the
+//! same bytes.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+
+use common::*;
+use rewind_wire::event::{Event, LoggedEvent};
+use rewind_wire::rpc::DiskSpec;
+
+const DISK_BYTES: u64 = 64 << 20;
+
+struct TapProcess {
+    child: Child,
+    uri: String,
+}
+
+impl Drop for TapProcess {
+    fn drop(&mut self) {
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let _ = self.child.wait();
+    }
+}
+
+fn start_tap(site: &Site, group: &str, disk: &str, backing: &Path) -> TapProcess {
+    let config = site.config();
+    let mut child = Command::new(REWIND)
+        .args(["tap", "--group", group, "--disk", disk, "--backing", backing.to_str().unwrap(), "--listen", "127.0.0.1:0", "--config", config.to_str().unwrap()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("start the tap");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).expect("tap's first line");
+    let uri = line.split_whitespace().find(|w| w.starts_with("nbd://")).unwrap_or_else(|| panic!("no URI in {line:?}")).to_string();
+    TapProcess { child, uri }
+}
+
+fn run(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap_or_else(|e| panic!("run {cmd:?}: {e}"));
+    assert!(out.status.success(), "{cmd:?} failed:\n{}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn zeroed(path: &Path) {
+    let f = std::fs::File::create(path).unwrap();
+    f.set_len(DISK_BYTES).unwrap();
+}
+
+/// Applies logged events for `disk` to a zeroed image: what replay will do.
+fn replay_onto(events: &[LoggedEvent], disk: &str, path: &Path) {
+    use std::os::unix::fs::FileExt;
+    zeroed(path);
+    let f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+    for e in events {
+        match &e.event {
+            Event::Write { disk: d, offset, data } if d == disk => f.write_all_at(data, *offset).unwrap(),
+            Event::WriteZeroes { disk: d, offset, len } | Event::Trim { disk: d, offset, len } if d == disk => {
+                f.write_all_at(&vec![0u8; *len as usize], *offset).unwrap()
+            }
+            _ => {}
+        }
+    }
+}
+
+fn compare(a: &Path, b: &Path) {
+    run(Command::new("qemu-img").args(["compare", "-f", "raw", "-F", "raw", a.to_str().unwrap(), b.to_str().unwrap()]));
+}
+
+async fn log_of(site: &Site, group: &str) -> Vec<LoggedEvent> {
+    let state = site.client.call_leader(&rewind_wire::rpc::Request::GroupState { group: group.into() }).await.unwrap();
+    let rewind_wire::rpc::Response::Group(g) = state else { panic!("{state:?}") };
+    let digests = site.converged(group, g.last_lsn, 3).await;
+    assert!(digests.iter().all(|d| d.1 == digests[0].1), "replicas disagree: {digests:?}");
+    let mut all = Vec::new();
+    for n in site.site().nodes {
+        let events = site.read_all(n.addr, group, g.last_lsn).await;
+        assert_eq!(events.len() as u64, g.last_lsn);
+        if !all.is_empty() {
+            assert!(events == all, "node {} holds a different log", n.id);
+        }
+        all = events;
+    }
+    all
+}
+
+/// Runs one client against a fresh disk through the tap and checks the
+/// backing file against `reference` and against the replayed log.
+async fn check_client(site: &Site, dir: &Path, name: &str, client: impl FnOnce(&str), reference: impl FnOnce(&Path)) {
+    let group = format!("g-{name}");
+    site.client.create_group(&group, vec![DiskSpec { name: "d0".into(), size_bytes: DISK_BYTES, sector_bytes: 512 }]).await.unwrap();
+    let backing = dir.join(format!("{name}.raw"));
+    {
+        let tap = start_tap(site, &group, "d0", &backing);
+        client(&tap.uri);
+    }
+    let reference_path = dir.join(format!("{name}.ref"));
+    zeroed(&reference_path);
+    reference(&reference_path);
+    compare(&backing, &reference_path);
+    let events = log_of(site, &group).await;
+    assert!(!events.is_empty(), "{name}: nothing was journaled");
+    let replayed = dir.join(format!("{name}.replayed"));
+    replay_onto(&events, "d0", &replayed);
+    compare(&replayed, &backing);
+    // The same through `rewind replay`, from the last node.
+    let cli = dir.join(format!("{name}.cli-replay"));
+    let out = site.cli(&["replay", &group, "--disk", "d0", "--latest", "--node", "3", "--out", cli.to_str().unwrap()]);
+    assert!(out.status.success(), "replay: {}", String::from_utf8_lossy(&out.stderr));
+    compare(&cli, &backing);
+    eprintln!("{name}: {} events journaled; backing file = reference = replayed log", events.len());
+}
+
+fn qemu_io_script() -> Vec<&'static str> {
+    vec![
+        "write -P 0x11 0 1M",
+        "write -P 0x22 4096 8192",
+        "write -P 0x33 1000 3000",
+        "write -z 65536 131072",
+        "discard 2M 1M",
+        "write -P 0x44 2560k 4096",
+        "aio_write -P 0x55 8M 64k",
+        "aio_write -P 0x66 8M 4k",
+        "aio_flush",
+        "write -P 0x77 -f 63M 1M",
+        "flush",
+    ]
+}
+
+fn qemu_io(target: &str, image_opts: bool) {
+    let mut cmd = Command::new("qemu-io");
+    if image_opts {
+        cmd.args(["-f", "raw", target]);
+    } else {
+        cmd.args(["-f", "raw", target]);
+    }
+    for c in qemu_io_script() {
+        cmd.args(["-c", c]);
+    }
+    run(&mut cmd);
+}
+
+fn source_image(dir: &Path) -> PathBuf {
+    let src = dir.join("source.raw");
+    if !src.exists() {
+        zeroed(&src);
+        run(Command::new("qemu-io").args(["-f", "raw", src.to_str().unwrap(), "-c", "write -P 0xa5 0 5M", "-c", "write -P 0x5a 20M 3M", "-c", "write -P 0x01 63M 512k"]));
+    }
+    src
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_nbd_clients_write_through_the_tap() {
+    let site = Site::up(&[]);
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_path_buf();
+
+    check_client(&site, &d, "qemu-io", |uri| qemu_io(uri, false), |r| qemu_io(r.to_str().unwrap(), true)).await;
+
+    let src = source_image(&d);
+    let s = src.clone();
+    check_client(
+        &site,
+        &d,
+        "qemu-img",
+        |uri| {
+            run(Command::new("qemu-img").args(["convert", "-n", "-f", "raw", "-O", "raw", s.to_str().unwrap(), uri]));
+        },
+        |r| std::fs::copy(&src, r).map(|_| ()).unwrap(),
+    )
+    .await;
+
+    let src = source_image(&d);
+    let s = src.clone();
+    check_client(
+        &site,
+        &d,
+        "nbdcopy",
+        |uri| {
+            run(Command::new("nbdcopy").args(["--request-size=1048576", "--requests=16", s.to_str().unwrap(), uri]));
+        },
+        |r| std::fs::copy(&src, r).map(|_| ()).unwrap(),
+    )
+    .await;
+
+    // fio: random writes with a fixed seed, then the same job on a plain file.
+    let fio = |target: &[&str]| {
+        let mut cmd = Command::new("fio");
+        cmd.args(["--name=w", "--rw=randwrite", "--bs=4k", "--size=16M", "--iodepth=16", "--randseed=42", "--refill_buffers=1", "--norandommap", "--io_size=8M", "--output-format=terse"]);
+        cmd.args(target);
+        run(&mut cmd);
+    };
+    check_client(
+        &site,
+        &d,
+        "fio",
+        |uri| fio(&["--ioengine=nbd", &format!("--uri={uri}")]),
+        |r| fio(&["--ioengine=psync", &format!("--filename={}", r.display())]),
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nbdinfo_and_bad_requests() {
+    let site = Site::up(&[]);
+    let dir = tempfile::tempdir().unwrap();
+    site.client.create_group("g", vec![DiskSpec { name: "d0".into(), size_bytes: DISK_BYTES, sector_bytes: 512 }]).await.unwrap();
+    let backing = dir.path().join("d0.raw");
+    let tap = start_tap(&site, "g", "d0", &backing);
+    let info = run(Command::new("nbdinfo").args(["--json", &tap.uri]));
+    let json: serde_json::Value = serde_json::from_str(&info).unwrap();
+    let export = &json["exports"][0];
+    assert_eq!(export["export-size"], DISK_BYTES);
+    for cap in ["can_flush", "can_fua", "can_trim", "can_zero", "can_multi_conn"] {
+        assert_eq!(export[cap], true, "{cap} in {info}");
+    }
+    assert_eq!(export["is_read_only"], false);
+    // Out of range: an error from the server, nothing journaled.
+    let bad = Command::new("qemu-io").args(["-f", "raw", &tap.uri, "-c", "write -P 1 64M 4096"]).output().unwrap();
+    let text = String::from_utf8_lossy(&bad.stdout).to_string() + &String::from_utf8_lossy(&bad.stderr);
+    assert!(text.contains("error") || !bad.status.success(), "out-of-range write was not refused: {text}");
+    // An unknown export name is refused by name.
+    let wrong = tap.uri.replace("/d0", "/nope");
+    let out = Command::new("nbdinfo").arg(&wrong).output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("nope"), "{}", String::from_utf8_lossy(&out.stderr));
+    // A good write after the bad ones still works and is the only event.
+    run(Command::new("qemu-io").args(["-f", "raw", &tap.uri, "-c", "write -P 9 0 4096"]));
+    let events = log_of(&site, "g").await;
+    assert_eq!(events.len(), 1, "{events:?}");
+
+    // Bad replay targets: a clear error and exit status 1.
+    let out_path = dir.path().join("r.raw");
+    let out = out_path.to_str().unwrap();
+    for (args, says) in [
+        (vec!["replay", "g", "--disk", "d0", "--at", "2", "--out", out], "beyond what node"),
+        (vec!["replay", "g", "--disk", "d0", "--at", "0", "--out", out], "LSNs start at 1"),
+        (vec!["replay", "g", "--disk", "nope", "--latest", "--out", out], "has no disk"),
+        (vec!["replay", "nope", "--disk", "d0", "--latest", "--out", out], "no consistency group"),
+    ] {
+        let r = site.cli(&args);
+        assert_eq!(r.status.code(), Some(1), "{args:?}");
+        let err = String::from_utf8_lossy(&r.stderr);
+        assert!(err.contains(says), "{args:?}: {err}");
+    }
+    assert_eq!(site.cli(&["replay", "g", "--disk", "d0", "--out", out]).status.code(), Some(2));
+}

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Fuzzes every wire decoder for a bounded time (REWIND_FUZZ_SECONDS each,
+# default 20) with cargo fuzz (libFuzzer + AddressSanitizer). The toolchain
+# here is stable; RUSTC_BOOTSTRAP lets cargo fuzz pass its -Z sanitizer flag.
+# A crash fails the run and leaves its input under wire/fuzz/artifacts/.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+. ops/env.sh
+secs="${REWIND_FUZZ_SECONDS:-20}"
+if ! cargo fuzz --version >/dev/null 2>&1; then
+  echo "ops/fuzz.sh: installing cargo-fuzz"
+  cargo install cargo-fuzz --locked --version 0.13.2 --quiet
+fi
+cd wire/fuzz
+export RUSTC_BOOTSTRAP=1
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR}-fuzz"
+log=$(mktemp)
+for target in decode_request decode_response decode_record; do
+  mkdir -p "corpus/$target"
+  echo "ops/fuzz.sh: $target for ${secs}s"
+  rc=0
+  cargo fuzz run "$target" -- -max_total_time="$secs" -max_len=65536 -rss_limit_mb=4096 -print_final_stats=1 >"$log" 2>&1 || rc=$?
+  grep -E "^stat::(number_of_executed_units|peak_rss_mb)" "$log" || true
+  if [ "$rc" -ne 0 ]; then
+    tail -60 "$log"
+    echo "ops/fuzz.sh: $target failed (exit $rc)" >&2
+    exit 1
+  fi
+done
+rm -f "$log"
