@@ -51,11 +51,11 @@ took
 
 leader_pid=$(json 'print(next(n["pid"] for n in d["nodes"] if n.get("role")=="leader"))')
 leader_id=$(json 'print(next(n["id"] for n in d["nodes"] if n.get("role")=="leader"))')
-say "phase 2: fio random 4 KiB writes through the tap; the leader (node $leader_id) is killed with SIGKILL after 2 s"
-fio --name=phase2 --ioengine=nbd --uri="$URI" --rw=randwrite --bs=4k --size=256M --io_size=24M \
+say "phase 2: fio random 4 KiB writes through the tap; the leader (node $leader_id) is killed with SIGKILL after 1 s"
+fio --name=phase2 --ioengine=nbd --uri="$URI" --rw=randwrite --bs=4k --size=256M --io_size=96M \
   --iodepth=16 --randseed=7 --refill_buffers=1 --output-format=normal > "$DIR/fio.out" 2>&1 &
 FIO_PID=$!
-sleep 2
+sleep 1
 kill -9 "$leader_pid"
 echo "   killed node $leader_id"
 if ! wait "$FIO_PID"; then
@@ -70,7 +70,7 @@ LSN2=0
 for _ in $(seq 1 600); do
   state=$(json '
 g=[(x["last_lsn"],x["digest"]) for n in d["nodes"] if n.get("up") for x in (n.get("groups") or []) if x["name"]=="vm1"]
-print("%d %s" % (g[0][0], "yes" if len(g)==3 and len(set(g))==1 else "no"))')
+print("%d %s" % (g[0][0] if g else 0, "yes" if len(g)==3 and len(set(g))==1 else "no"))')
   LSN2=${state% *}
   [ "${state#* }" = yes ] && break
   sleep 0.2

@@ -60,12 +60,35 @@ pub fn alive(pid: u32) -> bool {
     }
 }
 
-fn free_udp_port() -> anyhow::Result<SocketAddr> {
-    Ok(UdpSocket::bind("127.0.0.1:0")?.local_addr()?)
+/// The kernel's ephemeral port range, from which clients get their ports.
+fn ephemeral_range() -> (u16, u16) {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| {
+            let mut it = s.split_whitespace().map(|v| v.parse::<u16>().ok());
+            Some((it.next()??, it.next()??))
+        })
+        .unwrap_or((32768, 60999))
 }
 
-fn free_tcp_port() -> anyhow::Result<SocketAddr> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?)
+/// A free loopback port below the ephemeral range, so that no client's
+/// ephemeral port can take it while its node is down and restarting.
+/// Free for both UDP (QUIC) and TCP (metrics) when it is returned.
+fn free_port() -> anyhow::Result<SocketAddr> {
+    let (ephemeral_low, _) = ephemeral_range();
+    let low = 10_000u16;
+    let high = ephemeral_low.saturating_sub(1).max(low + 1);
+    let span = u64::from(high - low);
+    let mut pick = crate::now_ns() ^ u64::from(std::process::id()).rotate_left(17);
+    for _ in 0..512 {
+        pick = pick.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        let port = low + ((pick >> 33) % span) as u16;
+        let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+        if UdpSocket::bind(addr).is_ok() && TcpListener::bind(addr).is_ok() {
+            return Ok(addr);
+        }
+    }
+    bail!("no free loopback port found between {low} and {high}")
 }
 
 /// Starts one node process from its config, detached in its own session, its
@@ -128,9 +151,9 @@ pub async fn up(opts: &UpOptions) -> anyhow::Result<PathBuf> {
         std::fs::create_dir_all(&node_dir)?;
         let config = NodeConfig {
             id,
-            listen: free_udp_port()?,
+            listen: free_port()?,
             data_dir: node_dir.join("data"),
-            metrics_listen: Some(free_tcp_port()?),
+            metrics_listen: Some(free_port()?),
             tls: TlsFiles { ca: certs.join("ca.pem"), cert: certs.join(format!("{name}.pem")), key: certs.join(format!("{name}.key")) },
             raft: opts.raft.clone(),
         };
@@ -184,17 +207,20 @@ async fn wait_answering(client: &Client, site: &DevSite) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Restarts one node of a dev site (after a crash or a kill).
-pub fn start_node(dir: &Path, id: u64) -> anyhow::Result<u32> {
+/// Restarts one node of a dev site (after a crash or a kill) and waits
+/// until it answers.
+pub async fn start_node(dir: &Path, id: u64) -> anyhow::Result<u32> {
     let mut site = DevSite::load(dir)?;
     let node = site.nodes.iter_mut().find(|n| n.id == id).with_context(|| format!("the dev site has no node {id}"))?;
     if alive(node.pid) {
         bail!("node {id} is already running (pid {})", node.pid);
     }
     node.pid = spawn_node(&node.exe, &node.config, &node.log)?;
-    let pid = node.pid;
+    let started = node.clone();
     site.save(dir)?;
-    Ok(pid)
+    let client = Client::new(&ClientConfig::load(&dir.join("client.toml"))?)?;
+    wait_answering(&client, &DevSite { nodes: vec![started.clone()] }).await?;
+    Ok(started.pid)
 }
 
 /// Stops every node: SIGTERM, then SIGKILL for any still running after the

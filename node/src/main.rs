@@ -401,7 +401,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Dev(DevCommand::StartNode { id, dir }) => {
-            let pid = dev::start_node(&dir, id)?;
+            let pid = dev::start_node(&dir, id).await?;
             println!("started node {id} (pid {pid})");
             Ok(())
         }

@@ -141,7 +141,7 @@ async fn leader_killed_mid_stream_loses_and_duplicates_nothing() {
     assert!(gap < Duration::from_secs(10), "appends stalled for {gap:?} after the leader died");
     // Bring the dead node back: it rejoins with everything.
     let dead = site.site().nodes.into_iter().find(|n| !rewind_node::dev::alive(n.pid)).expect("one node is down");
-    rewind_node::dev::start_node(site.path(), dead.id).unwrap();
+    rewind_node::dev::start_node(site.path(), dead.id).await.unwrap();
     let digests = site.converged(GROUP, 3000, 3).await;
     assert!(digests.iter().all(|d| d.1 == digests[0].1), "replicas disagree: {digests:?}");
     let events = site.read_all(dead.addr, GROUP, 3000).await;
@@ -163,7 +163,7 @@ async fn node_down_during_writes_catches_up_by_snapshot() {
     check_dense(&report.acked, events);
     // The log behind the snapshot is purged on the leader by now.
     let s = site.leader().await;
-    let pid = rewind_node::dev::start_node(site.path(), victim.id).unwrap();
+    let pid = rewind_node::dev::start_node(site.path(), victim.id).await.unwrap();
     let started = Instant::now();
     let digests = site.converged(GROUP, events, 3).await;
     let took = started.elapsed();
