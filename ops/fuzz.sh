@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# Fuzzes every wire decoder for a bounded time (REWIND_FUZZ_SECONDS each,
-# default 20) with cargo fuzz (libFuzzer + AddressSanitizer). The toolchain
+# Fuzzes every wire decoder for a bounded time (REWIND_FUZZ_SECONDS each, four targets,
+# default 15) with cargo fuzz (libFuzzer + AddressSanitizer). The toolchain
 # here is stable; RUSTC_BOOTSTRAP lets cargo fuzz pass its -Z sanitizer flag.
 # A crash fails the run and leaves its input under wire/fuzz/artifacts/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . ops/env.sh
-secs="${REWIND_FUZZ_SECONDS:-20}"
+secs="${REWIND_FUZZ_SECONDS:-15}"
 if ! cargo fuzz --version >/dev/null 2>&1; then
   echo "ops/fuzz.sh: installing cargo-fuzz"
   cargo install cargo-fuzz --locked --version 0.13.2 --quiet
@@ -15,7 +15,7 @@ cd wire/fuzz
 export RUSTC_BOOTSTRAP=1
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR}-fuzz"
 log=$(mktemp)
-for target in decode_request decode_response decode_record; do
+for target in decode_request decode_response decode_record decode_archive; do
   mkdir -p "corpus/$target"
   echo "ops/fuzz.sh: $target for ${secs}s"
   rc=0
