@@ -41,6 +41,15 @@ fn start_tap(site: &Site, group: &str, disk: &str, backing: &Path) -> TapProcess
     TapProcess { child, uri }
 }
 
+/// A site with group "g" holding disk "d0", and a folder for its backing file.
+async fn site_with_disk() -> (Site, tempfile::TempDir, PathBuf) {
+    let site = Site::up(&[]);
+    let dir = tempfile::tempdir().unwrap();
+    site.client.create_group("g", vec![DiskSpec { name: "d0".into(), size_bytes: DISK_BYTES, sector_bytes: 512 }]).await.unwrap();
+    let backing = dir.path().join("d0.raw");
+    (site, dir, backing)
+}
+
 fn run(cmd: &mut Command) -> String {
     let out = cmd.output().unwrap_or_else(|e| panic!("run {cmd:?}: {e}"));
     assert!(out.status.success(), "{cmd:?} failed:\n{}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
@@ -207,10 +216,7 @@ async fn real_nbd_clients_write_through_the_tap() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nbdinfo_and_bad_requests() {
-    let site = Site::up(&[]);
-    let dir = tempfile::tempdir().unwrap();
-    site.client.create_group("g", vec![DiskSpec { name: "d0".into(), size_bytes: DISK_BYTES, sector_bytes: 512 }]).await.unwrap();
-    let backing = dir.path().join("d0.raw");
+    let (site, dir, backing) = site_with_disk().await;
     let tap = start_tap(&site, "g", "d0", &backing);
     let info = run(Command::new("nbdinfo").args(["--json", &tap.uri]));
     let json: serde_json::Value = serde_json::from_str(&info).unwrap();
@@ -253,10 +259,7 @@ async fn nbdinfo_and_bad_requests() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fio_survives_the_leader_dying_and_nothing_acknowledged_is_lost() {
-    let site = Site::up(&[]);
-    let dir = tempfile::tempdir().unwrap();
-    site.client.create_group("g", vec![DiskSpec { name: "d0".into(), size_bytes: DISK_BYTES, sector_bytes: 512 }]).await.unwrap();
-    let backing = dir.path().join("d0.raw");
+    let (site, dir, backing) = site_with_disk().await;
     let tap = start_tap(&site, "g", "d0", &backing);
     let mut fio = Command::new("fio")
         .args(["--name=w", "--ioengine=nbd", &format!("--uri={}", tap.uri), "--rw=randwrite", "--bs=4k", "--size=64M", "--io_size=48M", "--iodepth=16", "--randseed=5", "--refill_buffers=1"])
@@ -292,10 +295,7 @@ async fn fio_survives_the_leader_dying_and_nothing_acknowledged_is_lost() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_tap_listens_on_a_unix_socket() {
-    let site = Site::up(&[]);
-    let dir = tempfile::tempdir().unwrap();
-    site.client.create_group("g", vec![DiskSpec { name: "d0".into(), size_bytes: DISK_BYTES, sector_bytes: 512 }]).await.unwrap();
-    let backing = dir.path().join("d0.raw");
+    let (site, dir, backing) = site_with_disk().await;
     let socket = dir.path().join("tap.sock");
     let config = site.config();
     let mut child = Command::new(REWIND)

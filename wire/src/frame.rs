@@ -223,16 +223,21 @@ mod tests {
         check(|f| *f.last_mut().unwrap() ^= 1, |e| matches!(e, FrameError::BadChecksum));
     }
 
-    #[test]
-    fn valid_checksum_over_garbage_is_a_bad_archive() {
-        let body = vec![0xffu8; 64];
+    /// A frame with a correct header and checksum around any body.
+    fn frame_around(body: &[u8]) -> Vec<u8> {
         let mut frame = Vec::new();
         frame.extend_from_slice(&FRAME_MAGIC);
         frame.extend_from_slice(&PROTOCOL_VERSION.to_le_bytes());
         frame.extend_from_slice(&0u16.to_le_bytes());
         frame.extend_from_slice(&(body.len() as u32).to_le_bytes());
-        frame.extend_from_slice(&checksum(&body));
-        frame.extend_from_slice(&body);
+        frame.extend_from_slice(&checksum(body));
+        frame.extend_from_slice(body);
+        frame
+    }
+
+    #[test]
+    fn valid_checksum_over_garbage_is_a_bad_archive() {
+        let frame = frame_around(&[0xffu8; 64]);
         assert!(matches!(decode_frame::<Response>(&frame), Err(FrameError::BadArchive(_))));
     }
 
@@ -245,14 +250,7 @@ mod tests {
 
         #[test]
         fn garbage_with_valid_header_never_panics(body in proptest::collection::vec(any::<u8>(), 0..512)) {
-            let mut frame = Vec::new();
-            frame.extend_from_slice(&FRAME_MAGIC);
-            frame.extend_from_slice(&PROTOCOL_VERSION.to_le_bytes());
-            frame.extend_from_slice(&0u16.to_le_bytes());
-            frame.extend_from_slice(&(body.len() as u32).to_le_bytes());
-            frame.extend_from_slice(&checksum(&body));
-            frame.extend_from_slice(&body);
-            let _ = decode_frame::<Request>(&frame);
+            let _ = decode_frame::<Request>(&frame_around(&body));
         }
     }
 }
