@@ -41,6 +41,8 @@ struct Cli {
 enum Bench {
     /// Append throughput and latency on a local 3-node site.
     Append,
+    /// fio through the tap (sync mode) vs fio against qemu-nbd with no journaling.
+    Tap,
     /// Every benchmark.
     All,
 }
@@ -215,6 +217,104 @@ async fn bench_append(cli: &Cli, out: &mut String) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// One fio job's figures, from its JSON output.
+struct FioResult {
+    iops: f64,
+    mb_s: f64,
+    clat_p50_ms: f64,
+    clat_p99_ms: f64,
+}
+
+fn fio(target: &[String], rw: &str, bs: &str, iodepth: u32, seconds: u32) -> anyhow::Result<FioResult> {
+    let out = std::process::Command::new("fio")
+        .args(["--name=bench", &format!("--rw={rw}"), &format!("--bs={bs}"), &format!("--iodepth={iodepth}"), "--size=1G", "--time_based", &format!("--runtime={seconds}"), "--randseed=1", "--output-format=json"])
+        .args(target)
+        .output()
+        .context("run fio (install it with ops/setup-debian.sh)")?;
+    if !out.status.success() {
+        bail!("fio failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    let json: serde_json::Value = serde_json::from_str(&text[text.find('{').unwrap_or(0)..]).context("parse fio's JSON")?;
+    let w = &json["jobs"][0]["write"];
+    let pct = |p: &str| w["clat_ns"]["percentile"][p].as_f64().unwrap_or(0.0) / 1e6;
+    Ok(FioResult { iops: w["iops"].as_f64().unwrap_or(0.0), mb_s: w["bw_bytes"].as_f64().unwrap_or(0.0) / 1e6, clat_p50_ms: pct("50.000000"), clat_p99_ms: pct("99.000000") })
+}
+
+/// A child process killed when dropped.
+struct Killed(std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+async fn bench_tap(cli: &Cli, out: &mut String) -> anyhow::Result<()> {
+    use std::io::BufRead;
+    let seconds = if cli.smoke { 1 } else { 10 };
+    let work = tempfile::Builder::new().prefix("rewind-bench-").tempdir_in(std::env::var("REWIND_BENCH_DIR").unwrap_or("/var/tmp".into()))?;
+    let dir = work.path().join("site");
+    let exe = rewind_binary()?;
+    let opts = rewind_node::dev::UpOptions { exe: exe.clone(), nodes: 3, dir: dir.clone(), raft: RaftTuning::default() };
+    let client_path = rewind_node::dev::up(&opts).await?;
+    let result = async {
+        let client = Client::new(&ClientConfig::load(&client_path)?)?;
+        client.create_group("bench", vec![DiskSpec { name: "d0".into(), size_bytes: 1 << 30, sector_bytes: 512 }]).await?;
+        let backing = work.path().join("d0.raw");
+        let mut child = std::process::Command::new(&exe)
+            .args(["tap", "--group", "bench", "--disk", "d0", "--backing", backing.to_str().unwrap(), "--listen", "127.0.0.1:0", "--config", client_path.to_str().unwrap()])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .context("start the tap")?;
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().context("tap stdout")?).read_line(&mut line)?;
+        let _tap = Killed(child);
+        let uri = line.split_whitespace().find(|w| w.starts_with("nbd://")).context("the tap printed no URI")?.to_string();
+        let plain = work.path().join("plain.raw");
+        std::fs::File::create(&plain)?.set_len(1 << 30)?;
+        let port = free_port()?;
+        let _qemu_nbd = Killed(
+            std::process::Command::new("qemu-nbd")
+                .args(["--format=raw", "--export-name=d0", "--bind=127.0.0.1", &format!("--port={port}"), "--persistent", "--shared=8", plain.to_str().unwrap()])
+                .spawn()
+                .context("start qemu-nbd (install qemu-utils with ops/setup-debian.sh)")?,
+        );
+        std::thread::sleep(Duration::from_millis(500));
+        let peer_uri = format!("nbd://127.0.0.1:{port}/d0");
+        let mut lines = vec![
+            format!("## tap: fio (nbd engine) for {seconds} s per row, through `rewind tap` (sync: answered after commit on 2 of 3 nodes) vs qemu-nbd on a plain file (no journaling, no fsync per write)
+"),
+            "| job | iodepth | tap IOPS | tap MB/s | tap clat p50 / p99 ms | qemu-nbd IOPS | qemu-nbd MB/s | qemu-nbd clat p50 / p99 ms | tap / qemu-nbd throughput |".into(),
+            "|---|---|---|---|---|---|---|---|---|".into(),
+        ];
+        for (rw, bs) in [("randwrite", "4k"), ("write", "64k"), ("write", "1m")] {
+            for iodepth in [1u32, 32] {
+                eprintln!("tap: {rw} {bs} iodepth {iodepth}");
+                let t = fio(&["--ioengine=nbd".into(), format!("--uri={uri}")], rw, bs, iodepth, seconds)?;
+                let q = fio(&["--ioengine=nbd".into(), format!("--uri={peer_uri}")], rw, bs, iodepth, seconds)?;
+                lines.push(format!(
+                    "| {rw} {bs} | {iodepth} | {:.0} | {:.1} | {:.2} / {:.2} | {:.0} | {:.1} | {:.2} / {:.2} | {:.2} |",
+                    t.iops, t.mb_s, t.clat_p50_ms, t.clat_p99_ms, q.iops, q.mb_s, q.clat_p50_ms, q.clat_p99_ms, t.mb_s / q.mb_s.max(1e-9)
+                ));
+            }
+        }
+        Ok::<_, anyhow::Error>(lines.join("\n"))
+    }
+    .await;
+    rewind_node::dev::down(&dir, true)?;
+    let table = result?;
+    println!("{table}\n");
+    out.push_str(&table);
+    out.push_str("\n\n");
+    Ok(())
+}
+
 fn results_dir(cli: &Cli) -> PathBuf {
     cli.out.clone().unwrap_or_else(|| {
         let days = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() / 86400).unwrap_or(0);
@@ -241,17 +341,23 @@ fn main() -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     let mut out = String::new();
     let benches = match cli.bench {
-        Bench::All => vec![Bench::Append],
+        Bench::All => vec![Bench::Append, Bench::Tap],
         b => vec![b],
     };
     for b in benches {
         match b {
             Bench::Append | Bench::All => runtime.block_on(bench_append(&cli, &mut out))?,
+            Bench::Tap => runtime.block_on(bench_tap(&cli, &mut out))?,
         }
     }
     let dir = results_dir(&cli);
     std::fs::create_dir_all(&dir)?;
-    let name = if cli.smoke { "smoke.md" } else { "append.md" };
+    let name = match (cli.smoke, cli.bench) {
+        (true, _) => "smoke.md",
+        (false, Bench::Append) => "append.md",
+        (false, Bench::Tap) => "tap.md",
+        (false, Bench::All) => "all.md",
+    };
     std::fs::write(dir.join(name), &out)?;
     eprintln!("results written to {}", dir.join(name).display());
     Ok(())

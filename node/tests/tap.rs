@@ -315,3 +315,41 @@ async fn the_tap_listens_on_a_unix_socket() {
     run(Command::new("qemu-io").args(["-f", "raw", reference.to_str().unwrap(), "-c", "write -P 0x42 4096 65536"]));
     compare(&backing, &reference);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_taps_into_one_group_make_one_order() {
+    let site = Site::up(&[]);
+    let dir = tempfile::tempdir().unwrap();
+    let disks = ["d0", "d1"].map(|name| DiskSpec { name: name.into(), size_bytes: DISK_BYTES, sector_bytes: 512 });
+    site.client.create_group("cg", disks.to_vec()).await.unwrap();
+    let backing: Vec<PathBuf> = ["d0", "d1"].iter().map(|d| dir.path().join(format!("{d}.raw"))).collect();
+    let taps: Vec<TapProcess> = ["d0", "d1"].iter().zip(&backing).map(|(d, b)| start_tap(&site, "cg", d, b)).collect();
+    let fios: Vec<Child> = taps
+        .iter()
+        .enumerate()
+        .map(|(i, t)| {
+            Command::new("fio")
+                .args(["--name=w", "--ioengine=nbd", &format!("--uri={}", t.uri), "--rw=randwrite", "--bs=4k", "--size=32M", "--io_size=8M", "--iodepth=8", &format!("--randseed={}", i + 1)])
+                .stdout(Stdio::null())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for mut f in fios {
+        assert!(f.wait().unwrap().success());
+    }
+    drop(taps);
+    let events = log_of(&site, "cg").await;
+    let on = |d: &str| events.iter().filter(|e| e.event.disk() == Some(d)).count();
+    assert_eq!(on("d0") + on("d1"), events.len());
+    assert!(on("d0") > 0 && on("d1") > 0);
+    // Both disks' writes share one order: they interleave in LSN order.
+    let switches = events.windows(2).filter(|w| w[0].event.disk() != w[1].event.disk()).count();
+    assert!(switches > 1, "the two disks' writes did not interleave");
+    for (disk, b) in ["d0", "d1"].iter().zip(&backing) {
+        let replayed = dir.path().join(format!("{disk}.replayed"));
+        replay_onto(&events, disk, &replayed);
+        compare(&replayed, b);
+    }
+    eprintln!("{} events of two disks in one order ({switches} switches between disks)", events.len());
+}
