@@ -91,20 +91,42 @@ impl RaftClient {
     }
 
     async fn send_snapshot(&self, vote: Vote, snapshot: Snapshot) -> Result<SnapshotResponse<TypeConfig>, TransportError> {
-        let total_bytes = snapshot.snapshot.verify().map_err(|e| TransportError::Connection {
-            addr: self.peer.as_ref().map(|p| p.addr).unwrap_or(([0, 0, 0, 0], 0).into()),
-            why: format!("local snapshot unusable: {e}"),
-        })?;
         let peer = self.peer.as_ref().map_err(|_| TransportError::Closed)?;
+        // A checkpoint is written out as a stream file next to it, sent, and removed.
+        let scratch = snapshot
+            .snapshot
+            .path
+            .with_file_name(format!("send-{}-{}.sending", self.target, crate::now_ns()));
+        let source = snapshot.snapshot.clone();
+        let scratch2 = scratch.clone();
+        let (path, temporary) = tokio::task::spawn_blocking(move || source.stream_for_send(&scratch2))
+            .await
+            .map_err(|e| TransportError::Connection { addr: peer.addr, why: e.to_string() })?
+            .map_err(|e| TransportError::Connection { addr: peer.addr, why: format!("local snapshot unusable: {e}") })?;
+        let result = self.send_stream(peer, vote, &snapshot.meta, &path).await;
+        if temporary {
+            let _ = std::fs::remove_file(&path);
+        }
+        result
+    }
+
+    async fn send_stream(
+        &self,
+        peer: &Arc<Peer>,
+        vote: Vote,
+        meta: &rewind_raft_store::codec::SnapshotMeta,
+        path: &std::path::Path,
+    ) -> Result<SnapshotResponse<TypeConfig>, TransportError> {
+        let total_bytes = std::fs::metadata(path).map_err(|_| TransportError::Closed)?.len();
         let (mut send, mut recv) = peer.open().await?;
         let header = Request::RaftSnapshot {
             shard: DATA_SHARD,
             vote: codec::vote_to_wire(&vote),
-            meta: codec::snapshot_meta_to_wire(&snapshot.meta),
+            meta: codec::snapshot_meta_to_wire(meta),
             total_bytes,
         };
         write_frame(&mut send, &header).await?;
-        let mut file = std::fs::File::open(&snapshot.snapshot.path).map_err(|_| TransportError::Closed)?;
+        let mut file = std::fs::File::open(path).map_err(|_| TransportError::Closed)?;
         let mut left = total_bytes;
         let mut buf = vec![0u8; SNAPSHOT_CHUNK_BYTES_MAX];
         while left > 0 {

@@ -94,6 +94,26 @@ impl Site {
         }
     }
 
+    /// Waits until `nodes` nodes report the same last LSN and digest for
+    /// `group`, and returns them.
+    pub async fn settled(&self, group: &str, nodes: usize) -> (u64, String) {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let seen: Vec<(u64, String)> = self
+                .statuses()
+                .await
+                .into_iter()
+                .flatten()
+                .filter_map(|s| s.shards[0].groups.iter().find(|g| g.name == group).map(|g| (g.last_lsn, g.digest_hex.clone())))
+                .collect();
+            if seen.len() == nodes && seen.iter().all(|x| *x == seen[0]) {
+                return seen[0].clone();
+            }
+            assert!(Instant::now() < deadline, "nodes did not settle on one state of {group}: {seen:?}");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
     /// Every event of `group` as node `addr` holds it.
     pub async fn read_all(&self, addr: std::net::SocketAddr, group: &str, last_lsn: u64) -> Vec<LoggedEvent> {
         let mut out = Vec::new();

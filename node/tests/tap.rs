@@ -82,14 +82,11 @@ fn compare(a: &Path, b: &Path) {
 }
 
 async fn log_of(site: &Site, group: &str) -> Vec<LoggedEvent> {
-    let state = site.client.call_leader(&rewind_wire::rpc::Request::GroupState { group: group.into() }).await.unwrap();
-    let rewind_wire::rpc::Response::Group(g) = state else { panic!("{state:?}") };
-    let digests = site.converged(group, g.last_lsn, 3).await;
-    assert!(digests.iter().all(|d| d.1 == digests[0].1), "replicas disagree: {digests:?}");
+    let (last_lsn, _) = site.settled(group, 3).await;
     let mut all = Vec::new();
     for n in site.site().nodes {
-        let events = site.read_all(n.addr, group, g.last_lsn).await;
-        assert_eq!(events.len() as u64, g.last_lsn);
+        let events = site.read_all(n.addr, group, last_lsn).await;
+        assert_eq!(events.len() as u64, last_lsn);
         if !all.is_empty() {
             assert!(events == all, "node {} holds a different log", n.id);
         }
@@ -261,7 +258,7 @@ async fn nbdinfo_and_bad_requests() {
 async fn fio_survives_the_leader_dying_and_nothing_acknowledged_is_lost() {
     let (site, dir, backing) = site_with_disk().await;
     let tap = start_tap(&site, "g", "d0", &backing);
-    let mut fio = Command::new("fio")
+    let fio = Command::new("fio")
         .args(["--name=w", "--ioengine=nbd", &format!("--uri={}", tap.uri), "--rw=randwrite", "--bs=4k", "--size=64M", "--io_size=48M", "--iodepth=16", "--randseed=5", "--refill_buffers=1"])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

@@ -1,11 +1,16 @@
-//! Snapshots as files, written and read in bounded pieces.
+//! Snapshots: built cheaply as RocksDB checkpoints, streamed as files only
+//! when a follower needs one, in bounded pieces.
 //!
-//! A `.snap` file is `RWSNAP01`, then records `cf(1) klen(4) vlen(4) key
-//! value` for every key of the state machine's column families, then `0xFF`
-//! and the blake3 hash of everything before it. A `.meta` file beside it holds
-//! the snapshot's metadata as a checksummed record. Both are fsync'd before
-//! the snapshot is reported built; the hash is checked before an install
-//! changes anything.
+//! Building a snapshot flushes the state machine and takes a checkpoint of
+//! the database (`<name>.ckpt/`: hard links to the immutable table and blob
+//! files, so its cost does not grow with the state's size). A `.meta` file
+//! beside it holds the snapshot's metadata as a checksummed record.
+//!
+//! To send one, the checkpoint is opened read-only and written as a stream
+//! file: `RWSNAP01`, then records `cf(1) klen(4) vlen(4) key value` for every
+//! key of the state machine's column families, then `0xFF` and the blake3
+//! hash of everything before it. A follower receives that file (`.snap`),
+//! checks the hash before changing anything, and installs it.
 
 use std::fs::{self, File};
 use std::io::{self, BufReader, BufWriter, Read, Write};
@@ -32,18 +37,36 @@ const VALUE_BYTES_MAX: usize = 8 << 20;
 const INSTALL_BATCH_BYTES_MAX: usize = 4 << 20;
 const IO_BUFFER_BYTES: usize = 1 << 20;
 
-/// A complete snapshot file on disk. Cheap to move around: the data stays on
-/// disk until it is streamed.
+/// A complete snapshot on disk: a checkpoint directory (built here) or a
+/// stream file (received from a leader). Cheap to move around: the data
+/// stays on disk.
 #[derive(Debug, Clone)]
 pub struct SnapshotFile {
     pub path: PathBuf,
 }
 
 impl SnapshotFile {
-    /// Checks the file's trailer hash, reading it in bounded pieces.
+    /// Checks a stream file's trailer hash, reading it in bounded pieces.
     /// Returns its size in bytes.
     pub fn verify(&self) -> io::Result<u64> {
         verify(&self.path)
+    }
+
+    /// A stream file of this snapshot, ready to send. For a checkpoint it is
+    /// written to `<scratch>` (the caller removes it after sending); a stream
+    /// file is returned as it is. Either way it has been verified.
+    pub fn stream_for_send(&self, scratch: &Path) -> io::Result<(PathBuf, bool)> {
+        if !self.path.is_dir() {
+            verify(&self.path)?;
+            return Ok((self.path.clone(), false));
+        }
+        let opts = rocksdb::Options::default();
+        let names = DB::list_cf(&opts, &self.path).map_err(io_err)?;
+        let db = DB::open_cf_for_read_only(&opts, &self.path, names, false).map_err(io_err)?;
+        write_stream(&db, scratch)?;
+        drop(db);
+        verify(scratch)?;
+        Ok((scratch.to_path_buf(), true))
     }
 }
 
@@ -76,14 +99,16 @@ fn sync_file(file: &File, what: &str) {
     }
 }
 
-/// Removes every snapshot in `dir` older than `keep`, and stray temp files.
+/// Removes every snapshot in `dir` older than `keep`, and stray temp files
+/// (a stream being sent is named `.sending` and left alone).
 fn remove_older(dir: &Path, keep: &str) -> io::Result<()> {
     for entry in fs::read_dir(dir)? {
         let name = entry?.file_name().to_string_lossy().into_owned();
         let stem = name.split('.').next().unwrap_or_default().to_string();
-        let is_snapshot = name.ends_with(".snap") || name.ends_with(".meta");
+        let is_snapshot = name.ends_with(".snap") || name.ends_with(".meta") || name.ends_with(".ckpt");
         if (is_snapshot && stem.as_str() < keep) || name.ends_with(".tmp") {
-            let _ = fs::remove_file(dir.join(&name));
+            let path = dir.join(&name);
+            let _ = if path.is_dir() { fs::remove_dir_all(&path) } else { fs::remove_file(&path) };
         }
     }
     Ok(())
@@ -133,36 +158,62 @@ impl<W: Write> Write for HashingWriter<W> {
     }
 }
 
-fn build_blocking(db: &DB, dir: &Path) -> io::Result<SnapshotOf<TypeConfig, SnapshotFile>> {
-    // Durable state first: openraft purges the log behind this snapshot.
-    crate::db::flush_state_machine(db)?;
-    let view = db.snapshot();
-    // Applied index and membership from the same view as the data.
+fn read_membership(db: &DB) -> io::Result<rewind_wire::raft::SnapshotMeta> {
     let sm = cf(db, crate::db::CF_SM);
-    let applied = view
+    let applied = db
         .get_cf(sm, KEY_APPLIED)
         .map_err(io_err)?
         .map(|b| decode_record::<rewind_wire::raft::LogId>(&b).map_err(|e| corrupt("applied record", e)))
         .transpose()?;
-    let membership = view
+    let membership = db
         .get_cf(sm, KEY_MEMBERSHIP)
         .map_err(io_err)?
         .map(|b| decode_record::<MembershipRecord>(&b).map_err(|e| corrupt("membership record", e)))
         .transpose()?
         .unwrap_or(MembershipRecord { log_id: None, membership: Default::default() });
-    let wire_meta = rewind_wire::raft::SnapshotMeta {
+    Ok(rewind_wire::raft::SnapshotMeta {
         last_log_id: applied,
         last_membership_log_id: membership.log_id,
         last_membership: membership.membership,
+    })
+}
+
+/// Builds a snapshot: a checkpoint of the database, whose applied index and
+/// membership are read from the checkpoint itself so they match its data.
+fn build_blocking(db: &DB, dir: &Path) -> io::Result<SnapshotOf<TypeConfig, SnapshotFile>> {
+    // Durable state first: openraft purges the log behind this snapshot.
+    crate::db::flush_state_machine(db)?;
+    let tmp = dir.join(format!("build-{:x}.tmp", std::process::id() as u64 ^ std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0)));
+    rocksdb::checkpoint::Checkpoint::new(db).and_then(|c| c.create_checkpoint(&tmp)).map_err(io_err)?;
+    let wire_meta = {
+        let opts = rocksdb::Options::default();
+        let names = DB::list_cf(&opts, &tmp).map_err(io_err)?;
+        let view = DB::open_cf_for_read_only(&opts, &tmp, names, false).map_err(io_err)?;
+        read_membership(&view)?
     };
     let meta = codec::snapshot_meta_from_wire(&wire_meta).map_err(|e| corrupt("snapshot meta", e))?;
     let name = snapshot_name(&meta);
-    let tmp = dir.join(format!("{name}.snap.tmp"));
-    let file = File::create(&tmp)?;
+    let path = dir.join(format!("{name}.ckpt"));
+    if path.exists() {
+        fs::remove_dir_all(&tmp)?;
+    } else {
+        fs::rename(&tmp, &path)?;
+    }
+    write_meta(dir, &name, &wire_meta)?;
+    sync_dir(dir);
+    remove_older(dir, &name)?;
+    tracing::info!(snapshot = %name, "built snapshot (checkpoint)");
+    Ok(SnapshotOf::<TypeConfig, SnapshotFile> { meta, snapshot: SnapshotFile { path } })
+}
+
+/// Writes the state machine's column families of `db` as a stream file.
+fn write_stream(db: &DB, out_path: &Path) -> io::Result<()> {
+    let file = File::create(out_path)?;
     let mut out = HashingWriter { inner: BufWriter::with_capacity(IO_BUFFER_BYTES, file), hasher: blake3::Hasher::new() };
     out.write_all(MAGIC)?;
     for (i, name) in SM_CFS.iter().enumerate() {
-        for item in view.iterator_cf(cf(db, name), IteratorMode::Start) {
+        let handle = db.cf_handle(name).ok_or_else(|| corrupt("snapshot source", format!("no column family {name}")))?;
+        for item in db.iterator_cf(handle, IteratorMode::Start) {
             let (k, v) = item.map_err(io_err)?;
             out.write_all(&[i as u8])?;
             out.write_all(&(k.len() as u32).to_le_bytes())?;
@@ -176,14 +227,8 @@ fn build_blocking(db: &DB, dir: &Path) -> io::Result<SnapshotOf<TypeConfig, Snap
     let mut writer = out.inner;
     writer.write_all(&sum)?;
     let file = writer.into_inner().map_err(|e| e.into_error())?;
-    sync_file(&file, "writing a snapshot");
-    let path = dir.join(format!("{name}.snap"));
-    fs::rename(&tmp, &path)?;
-    write_meta(dir, &name, &wire_meta)?;
-    sync_dir(dir);
-    remove_older(dir, &name)?;
-    tracing::info!(snapshot = %name, bytes = file.metadata().map(|m| m.len()).unwrap_or(0), "built snapshot");
-    Ok(SnapshotOf::<TypeConfig, SnapshotFile> { meta, snapshot: SnapshotFile { path } })
+    sync_file(&file, "writing a snapshot stream");
+    Ok(())
 }
 
 fn write_meta(dir: &Path, name: &str, meta: &rewind_wire::raft::SnapshotMeta) -> io::Result<()> {
@@ -269,6 +314,13 @@ fn install_blocking(db: &DB, path: &Path, meta: &rewind_wire::raft::SnapshotMeta
 
 impl Snapshots {
     pub(crate) fn open(db: Arc<DB>, dir: PathBuf) -> io::Result<Snapshots> {
+        // Streams left by sends that a crash interrupted.
+        for entry in fs::read_dir(&dir)? {
+            let path = entry?.path();
+            if path.extension().is_some_and(|e| e == "sending") {
+                let _ = fs::remove_file(&path);
+            }
+        }
         let snapshots = Snapshots { db, dir };
         if let Some(name) = snapshots.db.get_cf(cf(&snapshots.db, CF_META), KEY_INSTALLING).map_err(io_err)? {
             let name = String::from_utf8_lossy(&name).into_owned();
@@ -294,6 +346,15 @@ impl Snapshots {
         let wire_meta = codec::snapshot_meta_to_wire(meta);
         let name = snapshot_name(meta);
         tokio::task::spawn_blocking(move || -> io::Result<()> {
+            // A checkpoint (ours, or one handed over in-process) is first
+            // written out as a stream, so every install reads the same format.
+            let file = if file.path.is_dir() {
+                let scratch = dir.join(format!("{name}.from-checkpoint.tmp"));
+                let (path, _) = file.stream_for_send(&scratch)?;
+                SnapshotFile { path }
+            } else {
+                file
+            };
             verify(&file.path)?;
             let path = dir.join(format!("{name}.snap"));
             if file.path != path {
@@ -327,10 +388,9 @@ impl Snapshots {
         }
         let Some(name) = newest else { return Ok(None) };
         let meta = codec::snapshot_meta_from_wire(&self.read_meta(&name)?).map_err(|e| corrupt("snapshot meta", e))?;
-        Ok(Some(SnapshotOf::<TypeConfig, SnapshotFile> {
-            meta,
-            snapshot: SnapshotFile { path: self.dir.join(format!("{name}.snap")) },
-        }))
+        let checkpoint = self.dir.join(format!("{name}.ckpt"));
+        let path = if checkpoint.is_dir() { checkpoint } else { self.dir.join(format!("{name}.snap")) };
+        Ok(Some(SnapshotOf::<TypeConfig, SnapshotFile> { meta, snapshot: SnapshotFile { path } }))
     }
 }
 

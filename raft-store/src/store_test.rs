@@ -30,10 +30,14 @@ fn commands() -> Vec<Command> {
 }
 
 async fn apply_all(sm: &mut crate::StateMachine, commands: Vec<Command>) {
+    apply_all_from(sm, 1, commands).await
+}
+
+async fn apply_all_from(sm: &mut crate::StateMachine, first_index: u64, commands: Vec<Command>) {
     let entries: Vec<std::io::Result<openraft::storage::EntryResponder<crate::TypeConfig>>> = commands
         .into_iter()
         .enumerate()
-        .map(|(i, c)| Ok((Entry::new_normal(log_id(i as u64 + 1), c), None)))
+        .map(|(i, c)| Ok((Entry::new_normal(log_id(i as u64 + first_index), c), None)))
         .collect();
     sm.apply(stream::iter(entries)).await.expect("apply");
 }
@@ -73,11 +77,16 @@ async fn snapshot_moves_state_to_another_replica() {
     let snapshot = a.state_machine.get_snapshot_builder().await.build_snapshot().await.unwrap();
     assert_eq!(snapshot.meta.last_log_id, Some(log_id(4)));
 
+    // Built as a checkpoint; sent as a stream file made from it.
+    assert!(snapshot.snapshot.path.is_dir());
+    let stream = a_dir.path().join("out.sending");
+    let (sent, temporary) = snapshot.snapshot.stream_for_send(&stream).unwrap();
+    assert!(temporary);
     let b_dir = tempfile::tempdir().unwrap();
     let mut b = crate::open(b_dir.path()).unwrap();
     // A corrupt copy is refused and changes nothing.
     let bad = b_dir.path().join("bad.snap");
-    let mut bytes = std::fs::read(&snapshot.snapshot.path).unwrap();
+    let mut bytes = std::fs::read(&sent).unwrap();
     bytes[20] ^= 0xff;
     std::fs::write(&bad, bytes).unwrap();
     let err = b.state_machine.install_snapshot(&snapshot.meta, crate::SnapshotFile { path: bad }).await.unwrap_err();
@@ -85,16 +94,26 @@ async fn snapshot_moves_state_to_another_replica() {
     assert!(b.reader.group("g").unwrap().is_none());
 
     let copy = b_dir.path().join("incoming.snap");
-    std::fs::copy(&snapshot.snapshot.path, &copy).unwrap();
+    std::fs::copy(&sent, &copy).unwrap();
     b.state_machine.install_snapshot(&snapshot.meta, crate::SnapshotFile { path: copy }).await.unwrap();
     assert_eq!(a.reader.group("g").unwrap(), b.reader.group("g").unwrap());
     assert_eq!(a.reader.events("g", 1, 100, usize::MAX).unwrap(), b.reader.events("g", 1, 100, usize::MAX).unwrap());
     let (applied, _) = b.state_machine.applied_state().await.unwrap();
     assert_eq!(applied, Some(log_id(4)));
+    // The state keeps changing on `a` after the checkpoint; the snapshot does not.
+    apply_all_from(&mut a.state_machine, 5, vec![Command::Append(EventBatch { group: "g".into(), client_id: 5, seq: 4, events: vec![write(0, 40)] })]).await;
+    assert_eq!(a.reader.group("g").unwrap().unwrap().last_lsn, 5);
+    assert_eq!(b.reader.group("g").unwrap().unwrap().last_lsn, 4);
     // The installed snapshot is the current one, and survives a reopen.
     drop(b);
     let mut b = crate::open(b_dir.path()).unwrap();
     let current = b.state_machine.get_current_snapshot().await.unwrap().unwrap();
     assert_eq!(current.meta, snapshot.meta);
-    assert_eq!(b.reader.group("g").unwrap(), a.reader.group("g").unwrap());
+    assert_eq!(b.reader.group("g").unwrap().unwrap().last_lsn, 4);
+    // And a's new snapshot covers the later entry.
+    let again = a.state_machine.get_snapshot_builder().await.build_snapshot().await.unwrap();
+    assert_eq!(again.meta.last_log_id, Some(log_id(5)));
+    let current = a.state_machine.get_current_snapshot().await.unwrap().unwrap();
+    assert_eq!(current.meta.last_log_id, Some(log_id(5)));
+    assert!(!snapshot.snapshot.path.exists(), "the older checkpoint is removed");
 }
