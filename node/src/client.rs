@@ -62,6 +62,17 @@ impl Client {
         &self.nodes
     }
 
+    /// The known leader, or else the next node in turn.
+    fn pick_node(&self, rotate: &mut usize) -> SocketAddr {
+        match *self.leader.lock().expect("leader lock") {
+            Some(a) => a,
+            None => {
+                *rotate += 1;
+                self.nodes[*rotate % self.nodes.len()].addr
+            }
+        }
+    }
+
     /// Sends to one node, no retry.
     pub async fn call_node(&self, addr: SocketAddr, request: &Request) -> anyhow::Result<Response> {
         Ok(self.network.peer(addr).call(request, CALL_TIMEOUT).await?)
@@ -74,13 +85,7 @@ impl Client {
         let mut next = 0usize;
         let mut last_error = anyhow!("no node tried");
         while started.elapsed() < self.deadline {
-            let addr = match *self.leader.lock().expect("leader lock") {
-                Some(a) => a,
-                None => {
-                    next += 1;
-                    self.nodes[next % self.nodes.len()].addr
-                }
-            };
+            let addr = self.pick_node(&mut next);
             match self.call_node(addr, request).await {
                 Ok(Response::Error(e)) => match e.kind {
                     ErrorKind::NotLeader => {
@@ -233,13 +238,7 @@ impl Producer {
 }
 
 async fn open_stream(client: &Client, rotate: &mut usize, window: usize) -> anyhow::Result<Stream> {
-    let addr = match *client.leader.lock().expect("leader lock") {
-        Some(a) => a,
-        None => {
-            *rotate += 1;
-            client.nodes[*rotate % client.nodes.len()].addr
-        }
-    };
+    let addr = client.pick_node(rotate);
     let (send, mut recv) = client.network.peer(addr).open().await?;
     let (tx, replies) = mpsc::channel(window + 1);
     let reader = tokio::spawn(async move {

@@ -486,6 +486,8 @@ async fn status(args: ClientArgs, json: bool) -> anyhow::Result<()> {
                         "last_log_index": sh.and_then(|x| x.last_log_index),
                         "committed_index": sh.and_then(|x| x.committed_index),
                         "applied_index": sh.and_then(|x| x.applied_index),
+                        "snapshot_index": sh.and_then(|x| x.snapshot_index),
+                        "purged_index": sh.and_then(|x| x.purged_index),
                         "voters": sh.map(|x| x.voters.clone()), "learners": sh.map(|x| x.learners.clone()),
                         "groups": sh.map(|x| x.groups.iter().map(|g| serde_json::json!({
                             "name": g.name, "last_lsn": g.last_lsn, "digest": g.digest_hex,

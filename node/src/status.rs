@@ -37,6 +37,8 @@ pub async fn node_status(node: &Node) -> Result<NodeStatus, Response> {
             last_log_index: m.last_log_index,
             committed_index: m.cluster_committed.map(|l| l.index),
             applied_index: m.last_applied.map(|l| l.index),
+            snapshot_index: m.snapshot.map(|l| l.index),
+            purged_index: m.purged.map(|l| l.index),
             voters,
             learners,
             members,

@@ -161,8 +161,17 @@ async fn node_down_during_writes_catches_up_by_snapshot() {
     let report = load::run(site.client.clone(), &spec, |_, _| {}).await.unwrap();
     assert!(report.errors.is_empty(), "{:?}", report.errors);
     check_dense(&report.acked, events);
-    // The log behind the snapshot is purged on the leader by now.
-    let s = site.leader().await;
+    // Wait until the leader has purged its log past where the victim
+    // stopped, so the victim can only catch up by snapshot.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let s = loop {
+        let s = site.leader().await;
+        if s.shards[0].purged_index.unwrap_or(0) > 16 {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "the leader never purged its log: {:?}", s.shards[0]);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
     let pid = rewind_node::dev::start_node(site.path(), victim.id).await.unwrap();
     let started = Instant::now();
     let digests = site.converged(GROUP, events, 3).await;

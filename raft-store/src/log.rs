@@ -73,15 +73,11 @@ fn sync_loop(db: &std::sync::Weak<DB>, rx: &mpsc::Receiver<IOFlushed<TypeConfig>
             fsync_failed("syncing appended log entries", e);
         }
         drop(db);
-        metrics_fsyncs(pending.len());
+        tracing::trace!(callbacks = pending.len(), "log fsync");
         for cb in pending.drain(..) {
             cb.io_completed(Ok(()));
         }
     }
-}
-
-fn metrics_fsyncs(_callbacks: usize) {
-    tracing::trace!(callbacks = _callbacks, "log fsync");
 }
 
 fn index_key(index: u64) -> [u8; 8] {

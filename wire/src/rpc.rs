@@ -56,6 +56,10 @@ pub struct ShardStatus {
     pub last_log_index: Option<u64>,
     pub committed_index: Option<u64>,
     pub applied_index: Option<u64>,
+    /// The log index the newest snapshot covers.
+    pub snapshot_index: Option<u64>,
+    /// Entries up to this index have been removed from the log.
+    pub purged_index: Option<u64>,
     pub voters: Vec<NodeId>,
     pub learners: Vec<NodeId>,
     pub members: Vec<Member>,
