@@ -142,6 +142,7 @@ pub async fn up(opts: &UpOptions) -> anyhow::Result<PathBuf> {
         crate::tls::make_ca(&certs, &dir.display().to_string())?;
     }
     let mut nodes = Vec::new();
+    let mut reused = 0usize;
     for id in 1..=opts.nodes as u64 {
         let name = format!("node-{id}");
         if !certs.join(format!("{name}.pem")).exists() {
@@ -149,16 +150,24 @@ pub async fn up(opts: &UpOptions) -> anyhow::Result<PathBuf> {
         }
         let node_dir = dir.join(&name);
         std::fs::create_dir_all(&node_dir)?;
-        let config = NodeConfig {
-            id,
-            listen: free_port()?,
-            data_dir: node_dir.join("data"),
-            metrics_listen: Some(free_port()?),
-            tls: TlsFiles { ca: certs.join("ca.pem"), cert: certs.join(format!("{name}.pem")), key: certs.join(format!("{name}.key")) },
-            raft: opts.raft.clone(),
-        };
         let path = node_dir.join("node.toml");
-        std::fs::write(&path, toml::to_string(&config)?)?;
+        // A site that was stopped keeps its configs: the addresses are in its
+        // Raft membership, so a restart must listen where it did before.
+        let config = if path.exists() {
+            reused += 1;
+            NodeConfig::load(&path).with_context(|| format!("reuse the existing site in {}", dir.display()))?
+        } else {
+            let config = NodeConfig {
+                id,
+                listen: free_port()?,
+                data_dir: node_dir.join("data"),
+                metrics_listen: Some(free_port()?),
+                tls: TlsFiles { ca: certs.join("ca.pem"), cert: certs.join(format!("{name}.pem")), key: certs.join(format!("{name}.key")) },
+                raft: opts.raft.clone(),
+            };
+            std::fs::write(&path, toml::to_string(&config)?)?;
+            config
+        };
         let log = node_dir.join("node.log");
         let pid = spawn_node(&opts.exe, &path, &log)?;
         nodes.push(DevNode { id, addr: config.listen, metrics: config.metrics_listen.expect("set above"), pid, exe: opts.exe.clone(), config: path, log });
@@ -176,13 +185,14 @@ pub async fn up(opts: &UpOptions) -> anyhow::Result<PathBuf> {
     std::fs::write(&client_path, toml::to_string(&client_config)?)?;
     let client = Client::new(&client_config)?;
     wait_answering(&client, &site).await?;
-    let members: Vec<Member> = site.nodes.iter().map(|n| Member { id: n.id, addr: n.addr.to_string() }).collect();
-    match client.call_node(site.nodes[0].addr, &Request::ClusterInit { members }).await? {
-        Response::Done => {}
-        Response::Error(e) if e.message.contains("NotAllowed") || e.message.contains("not allowed") => {
-            tracing::info!("site was initialised before; reusing its data");
+    if reused == 0 {
+        let members: Vec<Member> = site.nodes.iter().map(|n| Member { id: n.id, addr: n.addr.to_string() }).collect();
+        match client.call_node(site.nodes[0].addr, &Request::ClusterInit { members }).await? {
+            Response::Done => {}
+            other => bail!("initialise the site: {other:?}"),
         }
-        other => bail!("initialise the site: {other:?}"),
+    } else if reused != site.nodes.len() {
+        bail!("{} holds configs for {reused} of the {} nodes asked for; use the same --nodes, or a new --dir", dir.display(), site.nodes.len());
     }
     client.wait_for_leader(START_DEADLINE).await?;
     Ok(client_path)

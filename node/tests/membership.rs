@@ -108,3 +108,23 @@ async fn metrics_endpoint_serves_prometheus_text() {
         assert!(body.contains(name), "metrics lack {name}:\n{body}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_dev_site_comes_back_with_its_data() {
+    let site = Site::up(&[]);
+    site.client.create_group("g", vec![DiskSpec { name: "d0".into(), size_bytes: 1 << 24, sector_bytes: 512 }]).await.unwrap();
+    let mut producer = Producer::new(site.client.clone(), 4);
+    for i in 0..20 {
+        producer.append("g", vec![write(i * 8192)]).await.unwrap();
+    }
+    let before = site.settled("g", 3).await;
+    let dir = site.path().to_str().unwrap().to_string();
+    let out = rewind(&["dev", "down", "--dir", &dir]);
+    assert!(out.status.success());
+    let out = rewind(&["dev", "up", "--dir", &dir]);
+    assert!(out.status.success(), "dev up again: {}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(site.settled("g", 3).await, before);
+    let mut producer = Producer::new(site.client.clone(), 4);
+    producer.append("g", vec![write(0)]).await.unwrap();
+    assert_eq!(site.settled("g", 3).await.0, before.0 + 1);
+}
