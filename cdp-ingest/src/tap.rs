@@ -118,13 +118,23 @@ impl Tap {
     /// The ordered step of a mutation: apply it to the backing file and queue
     /// its events, under one lock. Returns a receiver that fires once the
     /// events are committed.
-    async fn order_mutation(&self, apply: impl FnOnce(&std::fs::File) -> std::io::Result<()>, events: Vec<Event>) -> Result<oneshot::Receiver<Result<(), String>>, u32> {
+    async fn order_mutation(
+        &self,
+        apply: impl FnOnce(&std::fs::File) -> std::io::Result<()> + Send + 'static,
+        events: Vec<Event>,
+    ) -> Result<oneshot::Receiver<Result<(), String>>, u32> {
         let mut ticket = self.order.lock().await;
         if let Some(why) = &self.inflight.lock().expect("inflight lock").failed {
             tracing::error!("refusing a write: the log failed earlier: {why}");
             return Err(nbd::EIO);
         }
-        if let Err(e) = apply(&self.backing) {
+        // The file write runs off the async workers (a 32 MiB write would
+        // stall them), still inside the ordered section.
+        let backing = self.backing.clone();
+        let applied = tokio::task::spawn_blocking(move || apply(&backing))
+            .await
+            .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())));
+        if let Err(e) = applied {
             tracing::error!("backing file write failed: {e}");
             return Err(if e.raw_os_error() == Some(libc::ENOSPC) { nbd::ENOSPC } else { nbd::EIO });
         }
