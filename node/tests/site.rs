@@ -180,8 +180,16 @@ async fn node_down_during_writes_catches_up_by_snapshot() {
     let rss = peak_rss_kib(pid);
     eprintln!("node {} caught up on {mib} MiB in {took:?}; peak RSS {} MiB (leader term {})", victim.id, rss / 1024, s.shards[0].term);
     assert!(rss < 1024 * 1024, "catch-up used {} MiB of memory: not bounded", rss / 1024);
-    let log = std::fs::read_to_string(&victim.log).unwrap();
-    assert!(log.contains("installed snapshot"), "the node caught up without a snapshot; log:\n{log}");
+    // The node logs the install just after its data is visible: wait for it.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let log = std::fs::read_to_string(&victim.log).unwrap();
+        if log.contains("installed snapshot") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the node caught up without a snapshot; log:\n{log}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let got = site.read_all(victim.addr, GROUP, events).await;
     check_contents(&spec, &report.acked, &got);
 }
