@@ -14,14 +14,20 @@ fn write(offset: u64) -> TimedEvent {
     TimedEvent { time_ns: rewind_node::now_ns(), event: Event::Write { disk: "d0".into(), offset, data: vec![3; 8192] } }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_node_joins_catches_up_and_leaves() {
+/// A site with group "g" (disk "d0") holding `writes` writes, and its producer.
+async fn site_with_writes(writes: u64) -> (Site, Producer) {
     let site = Site::up(&[]);
     site.client.create_group("g", vec![DiskSpec { name: "d0".into(), size_bytes: 1 << 24, sector_bytes: 512 }]).await.unwrap();
     let mut producer = Producer::new(site.client.clone(), 4);
-    for i in 0..50 {
+    for i in 0..writes {
         producer.append("g", vec![write(i * 8192)]).await.unwrap();
     }
+    (site, producer)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_joins_catches_up_and_leaves() {
+    let (site, mut producer) = site_with_writes(50).await;
 
     // A fourth node: its own certificate from the site's CA, its own config.
     let certs = site.path().join("certs");
@@ -93,10 +99,7 @@ async fn a_node_joins_catches_up_and_leaves() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_endpoint_serves_prometheus_text() {
     use std::io::{Read, Write};
-    let site = Site::up(&[]);
-    site.client.create_group("g", vec![DiskSpec { name: "d0".into(), size_bytes: 1 << 24, sector_bytes: 512 }]).await.unwrap();
-    let mut producer = Producer::new(site.client.clone(), 4);
-    producer.append("g", vec![write(0)]).await.unwrap();
+    let (site, _) = site_with_writes(1).await;
     let leader = site.leader().await;
     let node = site.site().nodes.into_iter().find(|n| n.id == leader.id).unwrap();
     let mut conn = std::net::TcpStream::connect(node.metrics).unwrap();
@@ -111,12 +114,7 @@ async fn metrics_endpoint_serves_prometheus_text() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stopped_dev_site_comes_back_with_its_data() {
-    let site = Site::up(&[]);
-    site.client.create_group("g", vec![DiskSpec { name: "d0".into(), size_bytes: 1 << 24, sector_bytes: 512 }]).await.unwrap();
-    let mut producer = Producer::new(site.client.clone(), 4);
-    for i in 0..20 {
-        producer.append("g", vec![write(i * 8192)]).await.unwrap();
-    }
+    let (site, _) = site_with_writes(20).await;
     let before = site.settled("g", 3).await;
     let dir = site.path().to_str().unwrap().to_string();
     let out = rewind(&["dev", "down", "--dir", &dir]);

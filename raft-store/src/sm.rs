@@ -108,23 +108,33 @@ impl StateMachine {
     }
 }
 
-pub(crate) fn read_applied(db: &DB) -> io::Result<(Option<LogId>, StoredMembership)> {
+/// The applied log id and membership records as stored in `sm` (or in a
+/// checkpoint of it), checked but not converted.
+pub(crate) fn read_applied_records(db: &DB) -> io::Result<(Option<rewind_wire::raft::LogId>, Option<MembershipRecord>)> {
     let sm = cf(db, CF_SM);
     let applied = db
         .get_cf(sm, KEY_APPLIED)
         .map_err(io_err)?
         .map(|b| decode_record::<rewind_wire::raft::LogId>(&b).map_err(|e| corrupt("applied record", e)))
-        .transpose()?
-        .map(|l| codec::log_id_from_wire(&l));
-    let membership = match db.get_cf(sm, KEY_MEMBERSHIP).map_err(io_err)? {
+        .transpose()?;
+    let membership = db
+        .get_cf(sm, KEY_MEMBERSHIP)
+        .map_err(io_err)?
+        .map(|b| decode_record::<MembershipRecord>(&b).map_err(|e| corrupt("membership record", e)))
+        .transpose()?;
+    Ok((applied, membership))
+}
+
+pub(crate) fn read_applied(db: &DB) -> io::Result<(Option<LogId>, StoredMembership)> {
+    let (applied, membership) = read_applied_records(db)?;
+    let membership = match membership {
         None => StoredMembership::default(),
-        Some(b) => {
-            let rec: MembershipRecord = decode_record(&b).map_err(|e| corrupt("membership record", e))?;
+        Some(rec) => {
             let m = codec::membership_from_wire(&rec.membership).map_err(|e| corrupt("membership record", e))?;
             StoredMembership::new(codec::opt_log_id_from_wire(&rec.log_id), m)
         }
     };
-    Ok((applied, membership))
+    Ok((applied.map(|l| codec::log_id_from_wire(&l)), membership))
 }
 
 impl RaftStateMachine<TypeConfig> for StateMachine {

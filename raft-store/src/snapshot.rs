@@ -159,18 +159,8 @@ impl<W: Write> Write for HashingWriter<W> {
 }
 
 fn read_membership(db: &DB) -> io::Result<rewind_wire::raft::SnapshotMeta> {
-    let sm = cf(db, crate::db::CF_SM);
-    let applied = db
-        .get_cf(sm, KEY_APPLIED)
-        .map_err(io_err)?
-        .map(|b| decode_record::<rewind_wire::raft::LogId>(&b).map_err(|e| corrupt("applied record", e)))
-        .transpose()?;
-    let membership = db
-        .get_cf(sm, KEY_MEMBERSHIP)
-        .map_err(io_err)?
-        .map(|b| decode_record::<MembershipRecord>(&b).map_err(|e| corrupt("membership record", e)))
-        .transpose()?
-        .unwrap_or(MembershipRecord { log_id: None, membership: Default::default() });
+    let (applied, membership) = crate::sm::read_applied_records(db)?;
+    let membership = membership.unwrap_or(MembershipRecord { log_id: None, membership: Default::default() });
     Ok(rewind_wire::raft::SnapshotMeta {
         last_log_id: applied,
         last_membership_log_id: membership.log_id,

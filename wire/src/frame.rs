@@ -88,10 +88,19 @@ pub fn to_archive<T: Encode>(value: &T) -> Result<AlignedVec, FrameError> {
 
 /// Validate and deserialise an archive. The bytes need not be aligned.
 pub fn from_archive<T: Decode>(bytes: &[u8]) -> Result<T, FrameError> {
-    let mut aligned = AlignedVec::<16>::with_capacity(bytes.len());
+    // Heap buffers (frame bodies, RocksDB values) are usually aligned
+    // already; copy only when they are not.
+    let decode = |b: &[u8]| rkyv::from_bytes::<T, rancor::Error>(b).map_err(|e| FrameError::BadArchive(e.to_string()));
+    if (bytes.as_ptr() as usize) % ARCHIVE_ALIGN == 0 {
+        return decode(bytes);
+    }
+    let mut aligned = AlignedVec::<ARCHIVE_ALIGN>::with_capacity(bytes.len());
     aligned.extend_from_slice(bytes);
-    rkyv::from_bytes::<T, rancor::Error>(&aligned).map_err(|e| FrameError::BadArchive(e.to_string()))
+    decode(&aligned)
 }
+
+/// The alignment archives are decoded at.
+const ARCHIVE_ALIGN: usize = 16;
 
 /// Encode a value as one frame.
 pub fn encode_frame<T: Encode>(value: &T) -> Result<Vec<u8>, FrameError> {
@@ -239,6 +248,15 @@ mod tests {
     fn valid_checksum_over_garbage_is_a_bad_archive() {
         let frame = frame_around(&[0xffu8; 64]);
         assert!(matches!(decode_frame::<Response>(&frame), Err(FrameError::BadArchive(_))));
+    }
+
+    #[test]
+    fn decodes_aligned_and_unaligned_bytes_alike() {
+        let body = to_archive(&sample()).unwrap();
+        let mut shifted = vec![0u8; body.len() + 1];
+        shifted[1..].copy_from_slice(&body);
+        assert_eq!(from_archive::<Request>(&body).unwrap(), sample());
+        assert_eq!(from_archive::<Request>(&shifted[1..]).unwrap(), sample());
     }
 
     proptest! {
