@@ -6,6 +6,8 @@
 //! * [`tap`]: the server: handshake, transmission, the ordered section that
 //!   writes the backing file and queues the event in one order, and the
 //!   batcher that hands batches to a [`tap::LogSink`].
+//! * [`journal`]: async mode's local journal, bounded in bytes, fsync'd
+//!   before a write is answered, trimmed as the site commits.
 //!
 //! The tap appends through the [`tap::LogSink`] trait, which `node`
 //! implements over QUIC; this crate never sees Raft or the network.
@@ -19,8 +21,11 @@
 //! * every request is bounds-checked before it touches the backing file;
 //!   a bad one gets the NBD error the protocol defines.
 //!
-//! Not built yet: async mode (the local journal and its shipper), the CBT
-//! importer.
+//! * in async mode a write is answered only once its batch is fsync'd in
+//!   the journal; the journal never holds more than its bound.
+//!
+//! Not built yet: the CBT importer.
 
 pub mod nbd;
 pub mod tap;
+pub mod journal;

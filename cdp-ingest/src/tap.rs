@@ -50,6 +50,9 @@ impl Clock for SystemClock {
 pub enum Mode {
     /// A write is answered after its event is committed on the site (RPO 0).
     Sync,
+    /// A write is answered once it is durable in the tap's local journal; a
+    /// shipper sends the journal to the site behind the guest's back.
+    Async,
 }
 
 pub struct TapConfig {
@@ -334,7 +337,10 @@ where
                 for item in go.info {
                     let d = match item {
                         nbd::INFO_NAME => nbd::info_name(tap.export()),
-                        nbd::INFO_DESCRIPTION => nbd::info_description("rewind CDP tap: every write is journaled"),
+                        nbd::INFO_DESCRIPTION => nbd::info_description(match tap.config.mode {
+                            Mode::Sync => "rewind CDP tap (sync): a write is answered once the site has committed it",
+                            Mode::Async => "rewind CDP tap (async): a write is answered once the tap's journal holds it",
+                        }),
                         nbd::INFO_BLOCK_SIZE => nbd::info_block_size(nbd::REQUEST_BYTES_MAX),
                         _ => continue,
                     };

@@ -160,6 +160,20 @@ impl Client {
     }
 }
 
+/// A producer identity no other producer has: a hash of the host, the
+/// process, the time and a counter.
+pub fn fresh_client_id() -> u64 {
+    static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let mut h = blake3::Hasher::new();
+    h.update(&std::process::id().to_le_bytes());
+    h.update(&crate::now_ns().to_le_bytes());
+    h.update(&COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed).to_le_bytes());
+    if let Ok(host) = std::fs::read("/etc/machine-id") {
+        h.update(&host);
+    }
+    u64::from_le_bytes(h.finalize().as_bytes()[..8].try_into().expect("8 bytes"))
+}
+
 /// One batch waiting for its answer.
 struct Submission {
     batch: EventBatch,
@@ -202,17 +216,25 @@ pub struct Producer {
 impl Producer {
     /// `window`: batches in flight at most (1 to `PRODUCER_WINDOW_MAX`).
     pub fn new(client: Client, window: usize) -> Producer {
-        let seed = format!("{}-{}", std::process::id(), crate::now_ns());
-        let hash = blake3::hash(seed.as_bytes());
-        let client_id = u64::from_le_bytes(hash.as_bytes()[..8].try_into().expect("8 bytes"));
+        Producer::resume(client, window, fresh_client_id(), 1)
+    }
+
+    /// A producer that goes on with a known identity from `next_seq`: an
+    /// async tap's shipper, whose numbers are kept in its journal.
+    pub fn resume(client: Client, window: usize, client_id: u64, next_seq: u64) -> Producer {
         let window = window.clamp(1, PRODUCER_WINDOW_MAX);
         let (tx, rx) = mpsc::channel(1);
         tokio::spawn(pipeline(client, rx, window));
-        Producer { client_id, next_seq: 1, tx }
+        Producer { client_id, next_seq, tx }
     }
 
     pub fn client_id(&self) -> u64 {
         self.client_id
+    }
+
+    /// The sequence number the next batch will get.
+    pub fn next_seq(&self) -> u64 {
+        self.next_seq
     }
 
     /// Checks and numbers a batch and queues it; waits while the window is

@@ -140,7 +140,9 @@ enum GroupCommand {
 enum TapMode {
     /// Answer a write once its event is committed on a majority (RPO 0).
     Sync,
-    /// Answer once the write is in a local journal; NOT BUILT YET.
+    /// Answer once the write is in the tap's local journal (fsync'd); a
+    /// shipper streams the journal to the site behind. RPO is the age of the
+    /// oldest unshipped write (`rewind status` shows it).
     Async,
 }
 
@@ -167,6 +169,17 @@ struct TapArgs {
     /// Batches in flight to the site at once (back-pressure beyond this).
     #[arg(long, default_value_t = 64)]
     window: usize,
+    /// Async mode: the journal folder (default: the backing file's path
+    /// with `.journal` added). A restarted tap ships what it holds first.
+    #[arg(long)]
+    journal: Option<PathBuf>,
+    /// Async mode: bytes of unshipped writes the journal holds at most,
+    /// e.g. 256MiB or 4GiB (at least 16MiB). When full, the guest waits.
+    #[arg(long, default_value = "256MiB")]
+    journal_max: String,
+    /// Serve Prometheus metrics here (loopback), e.g. 127.0.0.1:9464.
+    #[arg(long)]
+    metrics_listen: Option<std::net::SocketAddr>,
 }
 
 #[derive(Args)]
@@ -250,23 +263,20 @@ enum DevCommand {
     },
 }
 
-/// Parses 4096, 4K, 64M, 1G (binary multiples).
+/// Parses 4096, 4K, 64M, 1G, 256MiB, 4GiB (binary multiples).
 fn parse_size(s: &str) -> anyhow::Result<u64> {
     let s = s.trim();
-    let (num, mult) = match s.char_indices().last() {
-        Some((i, c)) if c.is_ascii_alphabetic() => {
-            let m = match c.to_ascii_uppercase() {
-                'K' => 1u64 << 10,
-                'M' => 1 << 20,
-                'G' => 1 << 30,
-                'T' => 1 << 40,
-                _ => bail!("size {s:?}: unknown unit {c:?} (use K, M, G or T)"),
-            };
-            (&s[..i], m)
-        }
-        _ => (s, 1),
+    let digits = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(digits);
+    let mult = match unit.to_ascii_uppercase().as_str() {
+        "" | "B" => 1u64,
+        "K" | "KIB" => 1 << 10,
+        "M" | "MIB" => 1 << 20,
+        "G" | "GIB" => 1 << 30,
+        "T" | "TIB" => 1 << 40,
+        _ => bail!("size {s:?}: unknown unit {unit:?} (use K, M, G, T or KiB, MiB, GiB, TiB)"),
     };
-    let n: u64 = num.parse().with_context(|| format!("size {s:?} is not a number with an optional K/M/G/T"))?;
+    let n: u64 = num.parse().with_context(|| format!("size {s:?} is not a number with an optional unit such as M or MiB"))?;
     n.checked_mul(mult).with_context(|| format!("size {s:?} is too large"))
 }
 
@@ -340,19 +350,47 @@ async fn run(command: Command) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Tap(a) => {
-            if a.mode == TapMode::Async {
-                bail!("--mode async is not built yet; use --mode sync");
-            }
+            let mode = match a.mode {
+                TapMode::Sync => {
+                    if a.journal.is_some() {
+                        bail!("--journal is for --mode async; a sync tap keeps no journal");
+                    }
+                    rewind_node::tap::TapMode::Sync
+                }
+                TapMode::Async => {
+                    let journal = a.journal.clone().unwrap_or_else(|| {
+                        let mut p = a.backing.clone().into_os_string();
+                        p.push(".journal");
+                        PathBuf::from(p)
+                    });
+                    let journal_bytes_max = parse_size(&a.journal_max).context("--journal-max")?;
+                    rewind_node::tap::TapMode::Async { journal, journal_bytes_max }
+                }
+            };
+            let mode_text = match &mode {
+                rewind_node::tap::TapMode::Sync => "sync mode".to_string(),
+                rewind_node::tap::TapMode::Async { journal, journal_bytes_max } => {
+                    format!("async mode, journal {} of at most {} MiB", journal.display(), journal_bytes_max >> 20)
+                }
+            };
             let client = Client::from_file(a.client.config.as_deref())?;
             let listen = match (a.listen, a.socket) {
                 (Some(addr), _) => rewind_node::tap::Listen::Tcp(addr),
                 (None, Some(path)) => rewind_node::tap::Listen::Unix(path),
                 (None, None) => bail!("give --listen ADDR or --socket PATH"),
             };
-            let opts = rewind_node::tap::TapOptions { group: a.group.clone(), disk: a.disk.clone(), backing: a.backing, listen, window: a.window };
+            let opts = rewind_node::tap::TapOptions {
+                group: a.group.clone(),
+                disk: a.disk.clone(),
+                backing: a.backing,
+                listen,
+                window: a.window,
+                mode,
+                metrics_listen: a.metrics_listen,
+            };
             rewind_node::tap::run(client, opts, |uri| {
                 use std::io::Write;
-                println!("tap: serving disk {} of group {} at {uri} (sync mode)", a.disk, a.group);
+                println!("tap: serving disk {} of group {} at {uri} ({mode_text})", a.disk, a.group);
                 let _ = std::io::stdout().flush();
             })
             .await
@@ -473,6 +511,15 @@ async fn cluster(c: ClusterCommand) -> anyhow::Result<()> {
 async fn status(args: ClientArgs, json: bool) -> anyhow::Result<()> {
     let client = Client::from_file(args.config.as_deref())?;
     let all = client.status_all().await;
+    // Each tap reports to the leader of the moment; keep its freshest report.
+    let mut taps: std::collections::BTreeMap<(String, String), rewind_wire::rpc::TapStatus> = Default::default();
+    for t in all.iter().filter_map(|(_, s)| s.as_ref().ok()).flat_map(|s| s.taps.iter()) {
+        let key = (t.report.group.clone(), t.report.disk.clone());
+        if taps.get(&key).is_none_or(|old| old.age_ms > t.age_ms) {
+            taps.insert(key, t.clone());
+        }
+    }
+    let taps: Vec<rewind_wire::rpc::TapStatus> = taps.into_values().collect();
     if json {
         let nodes: Vec<serde_json::Value> = all
             .iter()
@@ -498,7 +545,19 @@ async fn status(args: ClientArgs, json: bool) -> anyhow::Result<()> {
                 Err(e) => serde_json::json!({"id": n.id, "addr": n.addr.to_string(), "up": false, "error": format!("{e:#}")}),
             })
             .collect();
-        println!("{}", serde_json::to_string_pretty(&serde_json::json!({ "nodes": nodes }))?);
+        let taps: Vec<serde_json::Value> = taps
+            .iter()
+            .map(|t| {
+                let r = &t.report;
+                serde_json::json!({
+                    "group": r.group, "disk": r.disk, "pid": r.pid, "uri": r.uri, "mode": "async",
+                    "rpo_ms": r.rpo_ms, "journal_bytes": r.journal_bytes, "journal_bytes_max": r.journal_bytes_max,
+                    "unshipped_batches": r.unshipped_batches, "stalls": r.stalls, "shipped_lsn": r.shipped_lsn,
+                    "report_age_ms": t.age_ms,
+                })
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&serde_json::json!({ "nodes": nodes, "taps": taps }))?);
         return Ok(());
     }
     println!("{:<5} {:<22} {:<10} {:>5} {:>7} {:>9} {:>10} {:>8} {:>8}", "NODE", "ADDR", "ROLE", "TERM", "LEADER", "LAST-LOG", "COMMITTED", "APPLIED", "PID");
@@ -523,6 +582,15 @@ async fn status(args: ClientArgs, json: bool) -> anyhow::Result<()> {
             for (id, lsn, digest) in per_node {
                 println!("{:<20} {:<6} {:>10}  {}", name, id, lsn, &digest[..16]);
             }
+        }
+    }
+    if !taps.is_empty() {
+        println!("\n{:<16} {:<12} {:>9} {:>21} {:>9} {:>7} {:>11} {:>8}", "ASYNC TAP", "DISK", "RPO", "JOURNAL", "UNSHIPPED", "STALLS", "SHIPPED-LSN", "REPORTED");
+        for t in &taps {
+            let r = &t.report;
+            let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
+            let fill = format!("{:.1}/{:.0} MiB {:>3.0}%", mib(r.journal_bytes), mib(r.journal_bytes_max), 100.0 * r.journal_bytes as f64 / r.journal_bytes_max.max(1) as f64);
+            println!("{:<16} {:<12} {:>7.2} s {:>21} {:>9} {:>7} {:>11} {:>6.1} s ago", r.group, r.disk, r.rpo_ms as f64 / 1000.0, fill, r.unshipped_batches, r.stalls, r.shipped_lsn, t.age_ms as f64 / 1000.0);
         }
     }
     Ok(())

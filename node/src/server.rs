@@ -37,7 +37,16 @@ pub struct Node {
     pub id: u64,
     pub addr: String,
     pub shards: BTreeMap<ShardId, Shard>,
+    /// The latest report of each async tap, by (group, disk).
+    pub taps: std::sync::Mutex<BTreeMap<(String, String), (w_rpc::TapReport, Instant)>>,
 }
+
+use rewind_wire::rpc as w_rpc;
+
+/// Tap reports older than this are dropped from status.
+pub const TAP_REPORT_KEPT: Duration = Duration::from_secs(600);
+/// Taps remembered at most; the oldest report goes first.
+const TAPS_MAX: usize = 1024;
 
 fn error(kind: ErrorKind, message: impl Into<String>) -> Response {
     Response::Error(RpcError { kind, message: message.into(), leader: None })
@@ -80,7 +89,7 @@ pub async fn run(config: NodeConfig) -> anyhow::Result<()> {
     watch_raft(raft.clone());
     let mut shards = BTreeMap::new();
     shards.insert(DATA_SHARD, Shard { raft: raft.clone(), reader: store.reader });
-    let node = Arc::new(Node { id: config.id, addr: config.listen.to_string(), shards });
+    let node = Arc::new(Node { id: config.id, addr: config.listen.to_string(), shards, taps: Default::default() });
     tracing::info!(id = config.id, listen = %config.listen, data = %config.data_dir.display(), "node started");
 
     let accept = {
@@ -181,6 +190,8 @@ impl Node {
             Request::Status => crate::status::node_status(self).await.map(Response::Status),
             Request::GroupState { group } => self.group_state(&group),
             Request::ReadEvents { group, lsn_first, count_max } => self.read_events(&group, lsn_first, count_max),
+            Request::ProducerState { group, client_id } => self.producer_state(&group, client_id).await,
+            Request::TapReport(report) => self.tap_report(report),
             Request::ClusterInit { members } => self.init(members).await,
             Request::AddLearner { member } => self.add_learner(member).await,
             Request::ChangeVoters { voters } => self.change_voters(voters).await,
@@ -343,6 +354,33 @@ impl Node {
         }
     }
 
+    async fn producer_state(&self, group: &str, client_id: u64) -> Result<Response, Response> {
+        let s = self.shard(crate::DATA_SHARD)?;
+        s.raft.ensure_linearizable(openraft::raft::ReadPolicy::ReadIndex).await.map_err(|e| self.map_write_error(&s.raft, e))?;
+        match s.reader.producer(client_id, group) {
+            Ok(p) => Ok(Response::Producer { last_seq: p.map_or(0, |p| p.last_seq) }),
+            Err(e) => Err(error(ErrorKind::Internal, format!("read producer {client_id:x} of {group:?}: {e}"))),
+        }
+    }
+
+    fn tap_report(&self, report: w_rpc::TapReport) -> Result<Response, Response> {
+        rewind_wire::event::check_name(&report.group).map_err(|e| error(ErrorKind::BadRequest, e.to_string()))?;
+        rewind_wire::event::check_name(&report.disk).map_err(|e| error(ErrorKind::BadRequest, e.to_string()))?;
+        if report.uri.len() > 4096 {
+            return Err(error(ErrorKind::BadRequest, "tap URI longer than 4096 bytes"));
+        }
+        let mut taps = self.taps.lock().expect("taps lock");
+        taps.retain(|_, (_, at)| at.elapsed() < TAP_REPORT_KEPT);
+        if taps.len() >= TAPS_MAX && !taps.contains_key(&(report.group.clone(), report.disk.clone())) {
+            let oldest = taps.iter().min_by_key(|(_, (_, at))| *at).map(|(k, _)| k.clone());
+            if let Some(k) = oldest {
+                taps.remove(&k);
+            }
+        }
+        taps.insert((report.group.clone(), report.disk.clone()), (report, Instant::now()));
+        Ok(Response::Done)
+    }
+
     async fn init(&self, members: Vec<Member>) -> Result<Response, Response> {
         let raft = &self.shard(crate::DATA_SHARD)?.raft;
         let nodes: BTreeMap<u64, BasicNode> = members.iter().map(|m| (m.id, BasicNode { addr: m.addr.clone() })).collect();
@@ -452,6 +490,8 @@ fn request_name(r: &Request) -> &'static str {
         Request::Status => "status",
         Request::GroupState { .. } => "group-state",
         Request::ReadEvents { .. } => "read-events",
+        Request::ProducerState { .. } => "producer-state",
+        Request::TapReport(_) => "tap-report",
         Request::ClusterInit { .. } => "cluster-init",
         Request::AddLearner { .. } => "add-learner",
         Request::ChangeVoters { .. } => "change-voters",

@@ -3,7 +3,7 @@
 use rewind_raft_store::apply::GroupRecord;
 use openraft::async_runtime::WatchReceiver;
 use rewind_wire::raft::Member;
-use rewind_wire::rpc::{ErrorKind, GroupState, NodeStatus, Response, RpcError, ShardStatus};
+use rewind_wire::rpc::{ErrorKind, GroupState, NodeStatus, Response, RpcError, ShardStatus, TapStatus};
 
 use crate::server::Node;
 
@@ -45,5 +45,13 @@ pub async fn node_status(node: &Node) -> Result<NodeStatus, Response> {
             groups: groups.iter().map(group_state).collect(),
         });
     }
-    Ok(NodeStatus { id: node.id, addr: node.addr.clone(), pid: std::process::id(), shards })
+    let taps = node
+        .taps
+        .lock()
+        .expect("taps lock")
+        .values()
+        .filter(|(_, at)| at.elapsed() < crate::server::TAP_REPORT_KEPT)
+        .map(|(report, at)| TapStatus { report: report.clone(), age_ms: at.elapsed().as_millis() as u64 })
+        .collect();
+    Ok(NodeStatus { id: node.id, addr: node.addr.clone(), pid: std::process::id(), shards, taps })
 }

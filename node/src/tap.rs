@@ -4,10 +4,15 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
 use anyhow::{bail, Context};
+use rewind_cdp_ingest::journal::{Journal, JournalSink};
 use rewind_cdp_ingest::tap::{self, BoxFuture, LogSink, SinkError, Tap, TapConfig};
 use rewind_wire::event::TimedEvent;
-use rewind_wire::rpc::{Request, Response};
+use rewind_wire::rpc::{Request, Response, TapReport};
+use tokio::sync::{mpsc, oneshot};
 
 use crate::client::{Client, Producer};
 
@@ -50,12 +55,166 @@ pub enum Listen {
     Unix(PathBuf),
 }
 
+pub enum TapMode {
+    /// Answer a write once the site has committed it.
+    Sync,
+    /// Answer once the journal in `journal` holds it; ship behind.
+    Async { journal: PathBuf, journal_bytes_max: u64 },
+}
+
 pub struct TapOptions {
     pub group: String,
     pub disk: String,
     pub backing: PathBuf,
     pub listen: Listen,
     pub window: usize,
+    pub mode: TapMode,
+    /// Where to serve Prometheus metrics, if anywhere.
+    pub metrics_listen: Option<SocketAddr>,
+}
+
+/// How long the shipper keeps trying through an outage of the site: as long
+/// as the tap runs. The journal holds the writes; back-pressure bounds it.
+const SHIP_DEADLINE: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+/// How often an async tap reports to the site and updates its metrics.
+const REPORT_EVERY: Duration = Duration::from_secs(1);
+
+/// Ships the journal to the site in order, with the journal's producer
+/// identity, and trims it as batches are committed. Returns only on an
+/// error that retrying cannot mend.
+async fn ship(client: Client, group: String, journal: Journal, window: usize, shipped_lsn: Arc<AtomicU64>) -> anyhow::Result<()> {
+    let client = client.with_deadline(SHIP_DEADLINE);
+    let client_id = journal.client_id();
+    let last_seq = loop {
+        match client.call_leader(&Request::ProducerState { group: group.clone(), client_id }).await {
+            Ok(Response::Producer { last_seq }) => break last_seq,
+            Ok(other) => bail!("unexpected reply {other:?}"),
+            Err(e) if e.downcast_ref::<crate::client::Refused>().is_some() => return Err(e.context("ask the site where this tap's journal stands")),
+            Err(e) => {
+                tracing::warn!("the site does not answer yet: {e:#}; writes stay in the journal");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    };
+    let next_seq = journal.stats().next_seq;
+    if last_seq >= next_seq {
+        bail!(
+            "the site has applied batch {last_seq} from this journal's producer {client_id:016x}, but the journal in {} ends before batch {next_seq}: it is not the journal this tap wrote",
+            journal.dir().display()
+        );
+    }
+    if let Some((first, _)) = journal.held() {
+        if first > last_seq + 1 {
+            bail!("the journal in {} starts at batch {first} but the site has only up to batch {last_seq}: batches in between are lost", journal.dir().display());
+        }
+    }
+    journal.trim(last_seq);
+    let held = journal.stats();
+    tracing::info!(client_id = format!("{client_id:016x}"), site_has = last_seq, unshipped = held.batches, bytes = held.bytes, "shipping the journal");
+    let mut producer = Producer::resume(client, window, client_id, last_seq + 1);
+    let (acks, mut acks_rx) = mpsc::channel::<(u64, oneshot::Receiver<anyhow::Result<(u64, u64)>>)>(window.max(1));
+    let trimmer_journal = journal.clone();
+    let mut trimmer = tokio::spawn(async move {
+        while let Some((seq, rx)) = acks_rx.recv().await {
+            match rx.await {
+                Ok(Ok((_, lsn_last))) => {
+                    trimmer_journal.trim(seq);
+                    shipped_lsn.store(lsn_last, Ordering::Relaxed);
+                    metrics::counter!("rewind_tap_shipped_batches_total").increment(1);
+                }
+                Ok(Err(e)) => return Err(e.context(format!("the site did not take journal batch {seq}"))),
+                Err(_) => bail!("the producer stopped"),
+            }
+        }
+        Ok(())
+    });
+    let mut cursor = last_seq;
+    loop {
+        tokio::select! {
+            batch = journal.next_after(cursor) => {
+                let batch = batch?;
+                if batch.seq != producer.next_seq() {
+                    bail!("journal batch {} where {} was due", batch.seq, producer.next_seq());
+                }
+                let rx = producer.submit(&group, batch.events).await?;
+                cursor = batch.seq;
+                if acks.send((batch.seq, rx)).await.is_err() {
+                    break;
+                }
+            }
+            r = &mut trimmer => return r.map_err(|e| anyhow::anyhow!("shipper task: {e}"))?,
+        }
+    }
+    trimmer.await.map_err(|e| anyhow::anyhow!("shipper task: {e}"))?
+}
+
+/// Publishes the journal's state as metrics every second, and reports it
+/// to the site; a report the site does not take in time never holds up the
+/// metrics.
+async fn report(client: Client, journal: Journal, group: String, disk: String, uri: String, shipped_lsn: Arc<AtomicU64>) {
+    let client = client.with_deadline(Duration::from_secs(2));
+    let mut sending: Option<tokio::task::JoinHandle<()>> = None;
+    loop {
+        let s = journal.stats();
+        let rpo_ms = s.oldest_time_ns.map_or(0, |t| crate::now_ns().saturating_sub(t) / 1_000_000);
+        metrics::gauge!("rewind_tap_rpo_seconds").set(rpo_ms as f64 / 1000.0);
+        metrics::gauge!("rewind_tap_journal_bytes").set(s.bytes as f64);
+        metrics::gauge!("rewind_tap_journal_bytes_max").set(s.bytes_max as f64);
+        metrics::gauge!("rewind_tap_journal_unshipped_batches").set(s.batches as f64);
+        metrics::gauge!("rewind_tap_journal_stalls").set(s.stalls as f64);
+        metrics::gauge!("rewind_tap_journal_stalled_seconds").set(s.stalled.as_secs_f64());
+        if sending.as_ref().is_none_or(|h| h.is_finished()) {
+            let report = TapReport {
+                group: group.clone(),
+                disk: disk.clone(),
+                pid: std::process::id(),
+                uri: uri.clone(),
+                rpo_ms,
+                journal_bytes: s.bytes,
+                journal_bytes_max: s.bytes_max,
+                unshipped_batches: s.batches,
+                stalls: s.stalls,
+                shipped_lsn: shipped_lsn.load(Ordering::Relaxed),
+            };
+            let client = client.clone();
+            sending = Some(tokio::spawn(async move {
+                if let Err(e) = client.call_leader(&Request::TapReport(report)).await {
+                    tracing::debug!("tap report not delivered: {e:#}");
+                }
+            }));
+        }
+        tokio::time::sleep(REPORT_EVERY).await;
+    }
+}
+
+const DISK_FILE: &str = "disk";
+
+/// The size of the disk an async tap's journal serves, if it was recorded.
+fn remembered_disk(journal: &Path, group: &str, disk: &str) -> anyhow::Result<Option<u64>> {
+    let path = journal.join(DISK_FILE);
+    let text = match std::fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e).with_context(|| format!("read {}", path.display())),
+    };
+    let words: Vec<&str> = text.split_whitespace().collect();
+    match words.as_slice() {
+        [g, d, size] if *g == group && *d == disk => Ok(Some(size.parse().with_context(|| format!("{}: bad size {size:?}", path.display()))?)),
+        [g, d, _] => bail!("the journal in {} belongs to disk {d} of group {g}, not {disk} of {group}; give another --journal", journal.display()),
+        _ => bail!("{} should hold `<group> <disk> <size>`, not {text:?}", path.display()),
+    }
+}
+
+fn remember_disk(journal: &Path, group: &str, disk: &str, size_bytes: u64) -> anyhow::Result<()> {
+    use std::io::Write;
+    std::fs::create_dir_all(journal).with_context(|| format!("create {}", journal.display()))?;
+    let tmp = journal.join("disk.tmp");
+    let mut f = std::fs::File::create(&tmp).with_context(|| format!("create {}", tmp.display()))?;
+    writeln!(f, "{group} {disk} {size_bytes}")?;
+    f.sync_all().with_context(|| format!("fsync {}", tmp.display()))?;
+    std::fs::rename(&tmp, journal.join(DISK_FILE))?;
+    std::fs::File::open(journal)?.sync_all().with_context(|| format!("fsync {}", journal.display()))?;
+    Ok(())
 }
 
 /// Opens (or creates, sparse) the backing file; it must hold the whole disk.
@@ -79,28 +238,110 @@ fn open_backing(path: &Path, size_bytes: u64) -> anyhow::Result<std::fs::File> {
 /// Runs a tap until SIGINT or SIGTERM. `ready` is called with the address
 /// once it listens.
 pub async fn run(client: Client, opts: TapOptions, ready: impl FnOnce(&str)) -> anyhow::Result<()> {
-    let group = match client.call_leader(&Request::GroupState { group: opts.group.clone() }).await? {
-        Response::Group(g) => g,
-        other => bail!("unexpected reply {other:?}"),
+    // An async tap remembers its disk's size in its journal folder, so it
+    // can serve the guest while the site is down.
+    let remembered = match &opts.mode {
+        TapMode::Async { journal, .. } => remembered_disk(journal, &opts.group, &opts.disk)?,
+        TapMode::Sync => None,
     };
-    let disk = group
-        .disks
-        .iter()
-        .find(|d| d.name == opts.disk)
-        .with_context(|| format!("group {} has no disk {:?} (it has: {})", opts.group, opts.disk, group.disks.iter().map(|d| d.name.as_str()).collect::<Vec<_>>().join(", ")))?;
+    let size_bytes = match remembered {
+        Some(size) => size,
+        None => {
+            let group = match client.call_leader(&Request::GroupState { group: opts.group.clone() }).await? {
+                Response::Group(g) => g,
+                other => bail!("unexpected reply {other:?}"),
+            };
+            let disk = group.disks.iter().find(|d| d.name == opts.disk).with_context(|| {
+                format!(
+                    "group {} has no disk {:?} (it has: {})",
+                    opts.group,
+                    opts.disk,
+                    group.disks.iter().map(|d| d.name.as_str()).collect::<Vec<_>>().join(", ")
+                )
+            })?;
+            if let TapMode::Async { journal, .. } = &opts.mode {
+                remember_disk(journal, &opts.group, &opts.disk, disk.size_bytes)?;
+            }
+            disk.size_bytes
+        }
+    };
+    let disk = rewind_wire::rpc::DiskSpec { name: opts.disk.clone(), size_bytes, sector_bytes: 512 };
     let backing = open_backing(&opts.backing, disk.size_bytes)?;
-    let sink = Arc::new(ProducerSink::new(client, &opts.group, opts.window));
-    let config = TapConfig { export: opts.disk.clone(), size_bytes: disk.size_bytes, mode: tap::Mode::Sync, batch_bytes_max: 1 << 20 };
+    if let Some(addr) = opts.metrics_listen {
+        if !addr.ip().is_loopback() {
+            bail!("--metrics-listen {addr} is not a loopback address (127.0.0.0/8 or ::1)");
+        }
+        metrics_exporter_prometheus::PrometheusBuilder::new()
+            .with_http_listener(addr)
+            .install()
+            .with_context(|| format!("start the metrics endpoint on {addr}"))?;
+    }
+    let uri = match &opts.listen {
+        Listen::Tcp(addr) => format!("nbd://{addr}/{}", opts.disk),
+        Listen::Unix(path) => format!("nbd+unix:///{}?socket={}", opts.disk, path.display()),
+    };
+    let (sink, mode, shipper, journal): (Arc<dyn LogSink>, _, _, _) = match &opts.mode {
+        TapMode::Sync => (Arc::new(ProducerSink::new(client, &opts.group, opts.window)), tap::Mode::Sync, None, None),
+        TapMode::Async { journal, journal_bytes_max } => {
+            let j = Journal::open(journal, &opts.group, *journal_bytes_max, crate::client::fresh_client_id)
+                .with_context(|| format!("open the tap's journal in {}", journal.display()))?;
+            let held = j.stats();
+            if held.batches > 0 {
+                tracing::info!(batches = held.batches, bytes = held.bytes, "the journal holds batches from before; they ship first");
+            }
+            let shipped = Arc::new(AtomicU64::new(0));
+            let shipper = tokio::spawn(ship(client.clone(), opts.group.clone(), j.clone(), opts.window, shipped.clone()));
+            tokio::spawn(report(client, j.clone(), opts.group.clone(), opts.disk.clone(), uri.clone(), shipped));
+            (Arc::new(JournalSink(j.clone())), tap::Mode::Async, Some(shipper), Some(j))
+        }
+    };
+    let config = TapConfig { export: opts.disk.clone(), size_bytes: disk.size_bytes, mode, batch_bytes_max: 1 << 20 };
     let tap = Tap::new(config, backing, sink, Arc::new(tap::SystemClock));
+    let served = serve(tap, opts.listen, &opts.disk, ready, shipper);
+    let r = served.await;
+    if let Some(j) = journal {
+        let s = j.stats();
+        if s.batches > 0 {
+            eprintln!(
+                "tap: {} batches ({:.1} MiB) are not shipped yet; they stay in {} and ship when the tap starts again",
+                s.batches,
+                s.bytes as f64 / (1u64 << 20) as f64,
+                j.dir().display()
+            );
+        }
+    }
+    r
+}
+
+/// Accepts NBD clients until SIGINT or SIGTERM, or until the shipper fails.
+async fn serve(
+    tap: Arc<Tap>,
+    listen: Listen,
+    disk: &str,
+    ready: impl FnOnce(&str),
+    shipper: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+) -> anyhow::Result<()> {
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    match opts.listen {
+    let shipper_failed = async move {
+        match shipper {
+            Some(h) => match h.await {
+                Ok(Ok(())) => anyhow::anyhow!("the shipper stopped"),
+                Ok(Err(e)) => e.context("the journal's shipper failed; the journal keeps every unshipped write"),
+                Err(e) => anyhow::anyhow!("the shipper task failed: {e}"),
+            },
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(shipper_failed);
+    let opts_disk = disk.to_string();
+    match listen {
         Listen::Tcp(addr) => {
             if !addr.ip().is_loopback() {
                 bail!("--listen {addr} is not a loopback address (127.0.0.0/8 or ::1)");
             }
             let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("listen on {addr}"))?;
             let local = listener.local_addr()?;
-            ready(&format!("nbd://{local}/{}", opts.disk));
+            ready(&format!("nbd://{local}/{opts_disk}"));
             loop {
                 tokio::select! {
                     accepted = listener.accept() => {
@@ -115,13 +356,14 @@ pub async fn run(client: Client, opts: TapOptions, ready: impl FnOnce(&str)) -> 
                     }
                     _ = term.recv() => return Ok(()),
                     _ = tokio::signal::ctrl_c() => return Ok(()),
+                    e = &mut shipper_failed => return Err(e),
                 }
             }
         }
         Listen::Unix(path) => {
             let _ = std::fs::remove_file(&path);
             let listener = tokio::net::UnixListener::bind(&path).with_context(|| format!("listen on {}", path.display()))?;
-            ready(&format!("nbd+unix:///{}?socket={}", opts.disk, path.display()));
+            ready(&format!("nbd+unix:///{opts_disk}?socket={}", path.display()));
             loop {
                 tokio::select! {
                     accepted = listener.accept() => {
@@ -135,6 +377,10 @@ pub async fn run(client: Client, opts: TapOptions, ready: impl FnOnce(&str)) -> 
                     }
                     _ = term.recv() => break,
                     _ = tokio::signal::ctrl_c() => break,
+                    e = &mut shipper_failed => {
+                        let _ = std::fs::remove_file(&path);
+                        return Err(e);
+                    }
                 }
             }
             let _ = std::fs::remove_file(&path);

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use rocksdb::{ColumnFamilyDescriptor, Direction, IteratorMode, Options, DB};
 
-use crate::apply::{GroupRecord, StoredEvent};
+use crate::apply::{GroupRecord, ProducerRecord, StoredEvent};
 use crate::{corrupt, io_err, LogStore, StateMachine};
 
 pub(crate) const CF_LOG: &str = "log";
@@ -122,6 +122,12 @@ impl StoreReader {
     pub fn group(&self, name: &str) -> std::io::Result<Option<GroupRecord>> {
         let bytes = self.db.get_cf(cf(&self.db, CF_GROUPS), name.as_bytes()).map_err(io_err)?;
         bytes.map(|b| rewind_wire::frame::decode_record(&b).map_err(|e| corrupt("group record", e))).transpose()
+    }
+
+    /// What one producer has had applied in one group.
+    pub fn producer(&self, client_id: u64, group: &str) -> std::io::Result<Option<ProducerRecord>> {
+        let bytes = self.db.get_cf(cf(&self.db, CF_PRODUCERS), producer_key(client_id, group)).map_err(io_err)?;
+        bytes.map(|b| rewind_wire::frame::decode_record(&b).map_err(|e| corrupt("producer record", e))).transpose()
     }
 
     pub fn groups(&self) -> std::io::Result<Vec<GroupRecord>> {

@@ -39,6 +39,13 @@ pub enum Request {
     /// Events of a group from `lsn_first` on, as this node has applied them;
     /// at most `count_max` and the reply's byte limit.
     ReadEvents { group: String, lsn_first: u64, count_max: u32 },
+    /// The last sequence number the site has applied from one producer in
+    /// one group (0 if none), read linearizably on the leader: where a
+    /// restarted async tap resumes shipping its journal.
+    ProducerState { group: String, client_id: u64 },
+    /// An async tap's periodic report, kept in memory by the node that
+    /// receives it and shown by `rewind status`.
+    TapReport(TapReport),
 
     // Administration.
     ClusterInit { members: Vec<Member> },
@@ -84,6 +91,37 @@ pub struct NodeStatus {
     pub addr: String,
     pub pid: u32,
     pub shards: Vec<ShardStatus>,
+    /// Async taps that reported to this node recently.
+    pub taps: Vec<TapStatus>,
+}
+
+/// What an async tap tells the site about itself.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct TapReport {
+    pub group: String,
+    pub disk: String,
+    pub pid: u32,
+    /// Where the tap serves NBD.
+    pub uri: String,
+    /// Age of the oldest write the site has not committed yet, in ms; 0
+    /// when everything is shipped. The recovery point objective right now.
+    pub rpo_ms: u64,
+    /// Bytes of unshipped batches in the tap's journal, and its bound.
+    pub journal_bytes: u64,
+    pub journal_bytes_max: u64,
+    pub unshipped_batches: u64,
+    /// Times the journal was full and the guest had to wait.
+    pub stalls: u64,
+    /// The newest LSN the site gave a shipped batch.
+    pub shipped_lsn: u64,
+}
+
+/// A tap report as one node holds it.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct TapStatus {
+    pub report: TapReport,
+    /// How long ago the node received it.
+    pub age_ms: u64,
 }
 
 #[derive(Archive, Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
@@ -117,6 +155,7 @@ pub enum Response {
     Status(NodeStatus),
     Group(GroupState),
     Events(Vec<LoggedEvent>),
+    Producer { last_seq: u64 },
     Error(RpcError),
 }
 
