@@ -317,6 +317,10 @@ async fn pipeline(client: Client, mut input: mpsc::Receiver<Submission>, window:
         }
         if let Some(s) = stream.as_mut() {
             while s.sent < pending.len() {
+                if s.sent == 0 {
+                    // An idle stream: the reply clock starts with this batch.
+                    s.answered_at = Instant::now();
+                }
                 let request = Request::Append { batch: pending[s.sent].batch.clone() };
                 if let Err(e) = crate::transport::write_frame(&mut s.send, &request).await {
                     last_error = format!("send to {}: {e}", s.addr);

@@ -192,6 +192,9 @@ impl Node {
             Request::ReadEvents { group, lsn_first, count_max } => self.read_events(&group, lsn_first, count_max),
             Request::ProducerState { group, client_id } => self.producer_state(&group, client_id).await,
             Request::TapReport(report) => self.tap_report(report),
+            Request::Points { group } => self.points(group).await,
+            Request::Resolve { group, target } => self.resolve(group, target).await,
+            Request::ReadDisk { group, disk, lsn, offset, len } => self.read_disk(group, disk, lsn, offset, len).await,
             Request::ClusterInit { members } => self.init(members).await,
             Request::AddLearner { member } => self.add_learner(member).await,
             Request::ChangeVoters { voters } => self.change_voters(voters).await,
@@ -363,6 +366,100 @@ impl Node {
         }
     }
 
+    /// Runs a blocking read of the store off the async workers.
+    async fn blocking<T: Send + 'static>(&self, f: impl FnOnce(StoreReader) -> Result<T, Response> + Send + 'static) -> Result<T, Response> {
+        let reader = self.shard(crate::DATA_SHARD)?.reader.clone();
+        tokio::task::spawn_blocking(move || f(reader)).await.map_err(|e| error(ErrorKind::Internal, format!("read task: {e}")))?
+    }
+
+    async fn points(&self, group: String) -> Result<Response, Response> {
+        let id = self.id;
+        self.blocking(move |r| {
+            let internal = |e: std::io::Error| error(ErrorKind::Internal, format!("node {id}: read group {group:?}: {e}"));
+            let g = r.group(&group).map_err(internal)?.ok_or_else(|| error(ErrorKind::Refused, format!("no consistency group {group:?}")))?;
+            let (first_lsn, first_time_ns, last_time_ns) = if g.last_lsn == 0 {
+                (0, 0, 0)
+            } else {
+                (1, r.time_of(&group, 1).map_err(internal)?.unwrap_or(0), r.time_of(&group, g.last_lsn).map_err(internal)?.unwrap_or(0))
+            };
+            let mut bookmarks: Vec<w_rpc::BookmarkInfo> = r
+                .bookmarks(&group, rewind_wire::limits::POINTS_BOOKMARKS_MAX)
+                .map_err(internal)?
+                .into_iter()
+                .map(|b| w_rpc::BookmarkInfo { name: b.name, lsn: b.lsn, time_ns: b.time_ns, app_consistent: b.app_consistent })
+                .collect();
+            bookmarks.reverse();
+            Ok(Response::Points(w_rpc::PointsInfo { group, first_lsn, last_lsn: g.last_lsn, first_time_ns, last_time_ns, bookmarks, disks: g.disks }))
+        })
+        .await
+    }
+
+    async fn resolve(&self, group: String, target: w_rpc::Target) -> Result<Response, Response> {
+        let id = self.id;
+        self.blocking(move |r| {
+            let internal = |e: std::io::Error| error(ErrorKind::Internal, format!("node {id}: {e}"));
+            let g = r.group(&group).map_err(internal)?.ok_or_else(|| error(ErrorKind::Refused, format!("no consistency group {group:?}")))?;
+            let window = if g.last_lsn == 0 { "it has no events yet".to_string() } else { format!("its window is LSN 1..={}", g.last_lsn) };
+            let lsn = match &target {
+                w_rpc::Target::Latest if g.last_lsn == 0 => return Err(error(ErrorKind::Refused, format!("group {group:?} has no events yet"))),
+                w_rpc::Target::Latest => g.last_lsn,
+                w_rpc::Target::Lsn(0) => return Err(error(ErrorKind::Refused, format!("LSNs start at 1; {window}"))),
+                w_rpc::Target::Lsn(n) if *n > g.last_lsn => {
+                    return Err(error(ErrorKind::Unavailable, format!("LSN {n} is beyond what node {id} has applied of group {group:?} ({window})")))
+                }
+                w_rpc::Target::Lsn(n) => *n,
+                w_rpc::Target::TimeNs(t) => match r.lsn_at_time(&group, *t).map_err(internal)? {
+                    Some(l) => l,
+                    None => {
+                        let first = if g.last_lsn > 0 { r.time_of(&group, 1).map_err(internal)? } else { None };
+                        let msg = match first {
+                            Some(f) => format!("time {t} ns is before the window of group {group:?}: its first event is at {f} ns ({window})"),
+                            None => format!("group {group:?} has no events yet"),
+                        };
+                        return Err(error(ErrorKind::Refused, msg));
+                    }
+                },
+                w_rpc::Target::Bookmark(name) => {
+                    let marks = r.bookmarks(&group, usize::MAX).map_err(internal)?;
+                    match marks.iter().rev().find(|b| &b.name == name) {
+                        Some(b) => b.lsn,
+                        None => return Err(error(ErrorKind::Refused, format!("group {group:?} has no bookmark {name:?} ({} bookmarks; see `rewind points {group}`)", marks.len()))),
+                    }
+                }
+            };
+            let time_ns = r.time_of(&group, lsn).map_err(internal)?.unwrap_or(0);
+            Ok(Response::Resolved { lsn, time_ns })
+        })
+        .await
+    }
+
+    async fn read_disk(&self, group: String, disk: String, lsn: u64, offset: u64, len: u64) -> Result<Response, Response> {
+        use rewind_wire::limits::READ_DISK_BYTES_MAX;
+        if len == 0 || len > READ_DISK_BYTES_MAX {
+            return Err(error(ErrorKind::BadRequest, format!("read of {len} bytes; 1..={READ_DISK_BYTES_MAX} per request")));
+        }
+        let id = self.id;
+        self.blocking(move |r| {
+            let internal = |e: std::io::Error| error(ErrorKind::Internal, format!("node {id}: {e}"));
+            let g = r.group(&group).map_err(internal)?.ok_or_else(|| error(ErrorKind::Refused, format!("no consistency group {group:?}")))?;
+            let spec = g.disks.iter().find(|d| d.name == disk).ok_or_else(|| {
+                error(ErrorKind::Refused, format!("group {group:?} has no disk {disk:?} (it has: {})", g.disks.iter().map(|d| d.name.as_str()).collect::<Vec<_>>().join(", ")))
+            })?;
+            if lsn > g.last_lsn {
+                return Err(error(ErrorKind::Unavailable, format!("node {id} has applied group {group:?} to LSN {}, not yet {lsn}", g.last_lsn)));
+            }
+            if offset.checked_add(len).is_none_or(|end| end > spec.size_bytes) {
+                return Err(error(ErrorKind::BadRequest, format!("range {offset}+{len} is past the end of disk {disk:?} ({} bytes)", spec.size_bytes)));
+            }
+            let data = r.read_disk(&group, &disk, lsn, offset, len).map_err(|e| {
+                tracing::error!("read of disk {disk:?} in group {group:?} at LSN {lsn} failed: {e}");
+                internal(e)
+            })?;
+            Ok(Response::DiskBytes(data))
+        })
+        .await
+    }
+
     fn tap_report(&self, report: w_rpc::TapReport) -> Result<Response, Response> {
         rewind_wire::event::check_name(&report.group).map_err(|e| error(ErrorKind::BadRequest, e.to_string()))?;
         rewind_wire::event::check_name(&report.disk).map_err(|e| error(ErrorKind::BadRequest, e.to_string()))?;
@@ -492,6 +589,9 @@ fn request_name(r: &Request) -> &'static str {
         Request::ReadEvents { .. } => "read-events",
         Request::ProducerState { .. } => "producer-state",
         Request::TapReport(_) => "tap-report",
+        Request::Points { .. } => "points",
+        Request::Resolve { .. } => "resolve",
+        Request::ReadDisk { .. } => "read-disk",
         Request::ClusterInit { .. } => "cluster-init",
         Request::AddLearner { .. } => "add-learner",
         Request::ChangeVoters { .. } => "change-voters",

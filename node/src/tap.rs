@@ -76,7 +76,8 @@ pub struct TapOptions {
 /// How long the shipper keeps trying through an outage of the site: as long
 /// as the tap runs. The journal holds the writes; back-pressure bounds it.
 const SHIP_DEADLINE: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
-/// How often an async tap reports to the site and updates its metrics.
+/// How often an async tap updates its metrics, and reports to the site.
+const METRICS_EVERY: Duration = Duration::from_millis(250);
 const REPORT_EVERY: Duration = Duration::from_secs(1);
 
 /// Ships the journal to the site in order, with the journal's producer
@@ -148,12 +149,13 @@ async fn ship(client: Client, group: String, journal: Journal, window: usize, sh
     trimmer.await.map_err(|e| anyhow::anyhow!("shipper task: {e}"))?
 }
 
-/// Publishes the journal's state as metrics every second, and reports it
-/// to the site; a report the site does not take in time never holds up the
+/// Publishes the journal's state as metrics four times a second, and
+/// reports it to the site each second; a report the site does not take in time never holds up the
 /// metrics.
 async fn report(client: Client, journal: Journal, group: String, disk: String, uri: String, shipped_lsn: Arc<AtomicU64>) {
     let client = client.with_deadline(Duration::from_secs(2));
     let mut sending: Option<tokio::task::JoinHandle<()>> = None;
+    let mut reported_at: Option<std::time::Instant> = None;
     loop {
         let s = journal.stats();
         let rpo_ms = s.oldest_time_ns.map_or(0, |t| crate::now_ns().saturating_sub(t) / 1_000_000);
@@ -163,7 +165,9 @@ async fn report(client: Client, journal: Journal, group: String, disk: String, u
         metrics::gauge!("rewind_tap_journal_unshipped_batches").set(s.batches as f64);
         metrics::gauge!("rewind_tap_journal_stalls").set(s.stalls as f64);
         metrics::gauge!("rewind_tap_journal_stalled_seconds").set(s.stalled.as_secs_f64());
-        if sending.as_ref().is_none_or(|h| h.is_finished()) {
+        let due = reported_at.is_none_or(|t| t.elapsed() >= REPORT_EVERY);
+        if due && sending.as_ref().is_none_or(|h| h.is_finished()) {
+            reported_at = Some(std::time::Instant::now());
             let report = TapReport {
                 group: group.clone(),
                 disk: disk.clone(),
@@ -183,7 +187,7 @@ async fn report(client: Client, journal: Journal, group: String, disk: String, u
                 }
             }));
         }
-        tokio::time::sleep(REPORT_EVERY).await;
+        tokio::time::sleep(METRICS_EVERY).await;
     }
 }
 

@@ -15,9 +15,12 @@ pub(crate) const CF_GROUPS: &str = "groups";
 pub(crate) const CF_EVENTS: &str = "events";
 pub(crate) const CF_TIMES: &str = "times";
 pub(crate) const CF_PRODUCERS: &str = "producers";
+pub(crate) const CF_BLOCKS: &str = "blocks";
+pub(crate) const CF_EXTENTS: &str = "extents";
+pub(crate) const CF_MARKS: &str = "marks";
 
 /// The column families that make up the state machine, in snapshot order.
-pub(crate) const SM_CFS: [&str; 5] = [CF_SM, CF_GROUPS, CF_EVENTS, CF_TIMES, CF_PRODUCERS];
+pub(crate) const SM_CFS: [&str; 8] = [CF_SM, CF_GROUPS, CF_EVENTS, CF_TIMES, CF_PRODUCERS, CF_BLOCKS, CF_EXTENTS, CF_MARKS];
 
 /// A shard replica's storage: the log store and state machine share one DB.
 pub struct Store {
@@ -50,9 +53,19 @@ pub fn open(dir: &Path) -> std::io::Result<Store> {
     payload.set_enable_blob_files(true);
     payload.set_min_blob_size(4096);
     payload.set_enable_blob_gc(true);
-    let cfs = [CF_LOG, CF_META, CF_SM, CF_GROUPS, CF_EVENTS, CF_TIMES, CF_PRODUCERS].map(|name| {
+    // Block versions: mostly small references; materialised partial
+    // blocks (4 KiB) go to blob files like payloads. Reads are point seeks,
+    // so a prefix bloom on (group, disk, block) would not help seek_for_prev;
+    // a block cache does.
+    let mut blocks = Options::default();
+    blocks.set_write_buffer_size(64 << 20);
+    blocks.set_enable_blob_files(true);
+    blocks.set_min_blob_size(4096);
+    blocks.set_enable_blob_gc(true);
+    let cfs = [CF_LOG, CF_META, CF_SM, CF_GROUPS, CF_EVENTS, CF_TIMES, CF_PRODUCERS, CF_BLOCKS, CF_EXTENTS, CF_MARKS].map(|name| {
         let o = match name {
             CF_LOG | CF_EVENTS => payload.clone(),
+            CF_BLOCKS => blocks.clone(),
             _ => Options::default(),
         };
         ColumnFamilyDescriptor::new(name, o)
@@ -97,6 +110,203 @@ pub(crate) fn producer_key(client_id: u64, group: &str) -> Vec<u8> {
     let mut k = client_id.to_be_bytes().to_vec();
     k.extend_from_slice(group.as_bytes());
     k
+}
+
+/// (group, disk): the prefix of a disk's block and extent keys.
+pub(crate) fn disk_prefix(group: &str, disk: &str) -> Vec<u8> {
+    let mut k = group_prefix(group);
+    k.push(disk.len() as u8);
+    k.extend_from_slice(disk.as_bytes());
+    k
+}
+
+pub(crate) fn block_key(group: &str, disk: &str, block: u64, lsn: u64) -> Vec<u8> {
+    let mut k = disk_prefix(group, disk);
+    k.extend_from_slice(&block.to_be_bytes());
+    k.extend_from_slice(&lsn.to_be_bytes());
+    k
+}
+
+pub(crate) fn extent_key(group: &str, disk: &str, lsn: u64) -> Vec<u8> {
+    let mut k = disk_prefix(group, disk);
+    k.extend_from_slice(&lsn.to_be_bytes());
+    k
+}
+
+pub(crate) fn mark_key(group: &str, name: &str, lsn: u64) -> Vec<u8> {
+    let mut k = group_prefix(group);
+    k.push(name.len() as u8);
+    k.extend_from_slice(name.as_bytes());
+    k.extend_from_slice(&lsn.to_be_bytes());
+    k
+}
+
+/// A bookmark as stored: `time_ns | app_consistent`.
+pub(crate) fn mark_value(time_ns: u64, app_consistent: bool) -> Vec<u8> {
+    let mut v = time_ns.to_le_bytes().to_vec();
+    v.push(app_consistent as u8);
+    v
+}
+
+fn be_u64(b: &[u8]) -> u64 {
+    u64::from_be_bytes(b.try_into().expect("8 bytes"))
+}
+
+/// A named point in a group's log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Bookmark {
+    pub name: String,
+    pub lsn: u64,
+    pub time_ns: u64,
+    pub app_consistent: bool,
+}
+
+/// State-machine writes of one `apply` call not yet in the store, so that
+/// later events of the same call see earlier ones.
+#[derive(Default)]
+pub(crate) struct Overlay {
+    pub blocks: std::collections::BTreeMap<Vec<u8>, Vec<u8>>,
+    pub extents: std::collections::BTreeMap<Vec<u8>, (u64, u64)>,
+    /// Write events by event key, for `Ref` versions.
+    pub writes: std::collections::HashMap<Vec<u8>, Arc<StoredEvent>>,
+}
+
+/// Reads blocks of one disk as of LSNs, from the store and an overlay.
+/// Keeps the last events it decoded, since neighbouring blocks usually come
+/// from the same write.
+pub(crate) struct BlockReader<'a> {
+    db: &'a DB,
+    overlay: Option<&'a Overlay>,
+    group: &'a str,
+    disk: &'a str,
+    prefix: Vec<u8>,
+    recent: std::collections::VecDeque<(u64, Arc<StoredEvent>)>,
+}
+
+const RECENT_EVENTS: usize = 8;
+
+impl<'a> BlockReader<'a> {
+    pub(crate) fn new(db: &'a DB, overlay: Option<&'a Overlay>, group: &'a str, disk: &'a str) -> BlockReader<'a> {
+        BlockReader { db, overlay, group, disk, prefix: disk_prefix(group, disk), recent: Default::default() }
+    }
+
+    /// The newest version of `block` at or below `lsn`: (its LSN, encoded).
+    fn version(&self, block: u64, lsn: u64) -> std::io::Result<Option<(u64, Vec<u8>)>> {
+        let key = block_key(self.group, self.disk, block, lsn);
+        let block_prefix = &key[..self.prefix.len() + 8];
+        let mut it = self.db.raw_iterator_cf(cf(self.db, CF_BLOCKS));
+        it.seek_for_prev(&key);
+        let mut found = None;
+        if it.valid() {
+            let k = it.key().expect("valid");
+            if k.len() == key.len() && &k[..block_prefix.len()] == block_prefix {
+                found = Some((be_u64(&k[block_prefix.len()..]), it.value().expect("valid").to_vec()));
+            }
+        } else {
+            it.status().map_err(io_err)?;
+        }
+        if let Some(o) = self.overlay {
+            let low = block_key(self.group, self.disk, block, 0);
+            if let Some((k, v)) = o.blocks.range(low..=key.clone()).next_back() {
+                let l = be_u64(&k[block_prefix.len()..]);
+                if found.as_ref().is_none_or(|(f, _)| l > *f) {
+                    found = Some((l, v.clone()));
+                }
+            }
+        }
+        Ok(found)
+    }
+
+    /// Whether an extent with LSN in `after+1..=upto` zeroes `block`.
+    fn zeroed_by_extent(&self, block: u64, after: u64, upto: u64) -> std::io::Result<bool> {
+        if after >= upto {
+            return Ok(false);
+        }
+        let start = extent_key(self.group, self.disk, after + 1);
+        let end = extent_key(self.group, self.disk, upto);
+        let covers = |v: &[u8]| {
+            let first = u64::from_le_bytes(v[..8].try_into().expect("8 bytes"));
+            let last = u64::from_le_bytes(v[8..16].try_into().expect("8 bytes"));
+            (first..last).contains(&block)
+        };
+        let mut it = self.db.raw_iterator_cf(cf(self.db, CF_EXTENTS));
+        it.seek(&start);
+        while it.valid() {
+            let k = it.key().expect("valid");
+            if k.len() != start.len() || k[..self.prefix.len()] != self.prefix[..] || k > &end[..] {
+                break;
+            }
+            let v = it.value().expect("valid");
+            if v.len() != 16 {
+                return Err(corrupt("extent record", format!("{} bytes", v.len())));
+            }
+            if covers(v) {
+                return Ok(true);
+            }
+            it.next();
+        }
+        it.status().map_err(io_err)?;
+        if let Some(o) = self.overlay {
+            for (_, (first, last)) in o.extents.range(start..=end) {
+                if (*first..*last).contains(&block) {
+                    return Ok(true);
+                }
+            }
+        }
+        Ok(false)
+    }
+
+    fn write_event(&mut self, lsn: u64) -> std::io::Result<Arc<StoredEvent>> {
+        if let Some((_, e)) = self.recent.iter().find(|(l, _)| *l == lsn) {
+            return Ok(e.clone());
+        }
+        let key = event_key(self.group, lsn);
+        let event = match self.overlay.and_then(|o| o.writes.get(&key)) {
+            Some(e) => e.clone(),
+            None => {
+                let bytes = self
+                    .db
+                    .get_cf(cf(self.db, CF_EVENTS), &key)
+                    .map_err(io_err)?
+                    .ok_or_else(|| corrupt("block index", format!("block refers to LSN {lsn}, which the store does not hold")))?;
+                let e: StoredEvent = rewind_wire::frame::decode_record(&bytes)
+                    .map_err(|e| corrupt(&format!("event record at LSN {lsn} of group {}", self.group), e))?;
+                Arc::new(e)
+            }
+        };
+        if self.recent.len() == RECENT_EVENTS {
+            self.recent.pop_front();
+        }
+        self.recent.push_back((lsn, event.clone()));
+        Ok(event)
+    }
+
+    /// Block `block` of the disk as of `lsn` (BLOCK_BYTES bytes), checked.
+    pub(crate) fn block_at(&mut self, block: u64, lsn: u64) -> std::io::Result<Vec<u8>> {
+        use crate::blocks::{Version, BLOCK_BYTES};
+        let zero = || vec![0u8; BLOCK_BYTES as usize];
+        let version = self.version(block, lsn)?;
+        let since = version.as_ref().map_or(0, |(l, _)| *l);
+        if self.zeroed_by_extent(block, since, lsn)? {
+            return Ok(zero());
+        }
+        let Some((vlsn, bytes)) = version else { return Ok(zero()) };
+        let (disk, group) = (self.disk, self.group);
+        let what = move || format!("block {block} of disk {disk} in group {group} (version at LSN {vlsn})");
+        match Version::decode(&bytes).map_err(|e| corrupt(&what(), e))? {
+            Version::Zero => Ok(zero()),
+            Version::Data(d) => Ok(d),
+            Version::Ref { offset } => {
+                let event = self.write_event(vlsn)?;
+                match &event.event {
+                    rewind_wire::event::Event::Write { data, .. } if (offset as usize) + BLOCK_BYTES as usize <= data.len() => {
+                        Ok(data[offset as usize..offset as usize + BLOCK_BYTES as usize].to_vec())
+                    }
+                    _ => Err(corrupt(&what(), "the version refers to bytes its event does not hold")),
+                }
+            }
+        }
+    }
 }
 
 fn group_prefix(group: &str) -> Vec<u8> {
@@ -165,6 +375,59 @@ impl StoreReader {
             }
         }
         Ok(out)
+    }
+
+    /// `len` bytes of `disk` from `offset`, as of `lsn`, each block checked
+    /// against its checksum (or its event's). The caller bounds `len`.
+    pub fn read_disk(&self, group: &str, disk: &str, lsn: u64, offset: u64, len: u64) -> std::io::Result<Vec<u8>> {
+        use crate::blocks::BLOCK_BYTES;
+        let mut reader = BlockReader::new(&self.db, None, group, disk);
+        let mut out = Vec::with_capacity(len as usize);
+        let end = offset + len;
+        let mut pos = offset;
+        while pos < end {
+            let b = pos / BLOCK_BYTES;
+            let block = reader.block_at(b, lsn)?;
+            let from = (pos - b * BLOCK_BYTES) as usize;
+            let to = ((end - b * BLOCK_BYTES).min(BLOCK_BYTES)) as usize;
+            out.extend_from_slice(&block[from..to]);
+            pos = b * BLOCK_BYTES + to as u64;
+        }
+        Ok(out)
+    }
+
+    /// The bookmarks of `group`, oldest first (by LSN), at most `max`
+    /// (the newest ones).
+    pub fn bookmarks(&self, group: &str, max: usize) -> std::io::Result<Vec<Bookmark>> {
+        let prefix = group_prefix(group);
+        let mut out = Vec::new();
+        for item in self.db.iterator_cf(cf(&self.db, CF_MARKS), IteratorMode::From(&prefix, Direction::Forward)) {
+            let (k, v) = item.map_err(io_err)?;
+            if !k.starts_with(&prefix) {
+                break;
+            }
+            let rest = &k[prefix.len()..];
+            let name_len = *rest.first().ok_or_else(|| corrupt("bookmark key", "empty"))? as usize;
+            if rest.len() != 1 + name_len + 8 || v.len() != 9 {
+                return Err(corrupt("bookmark record", format!("key of {} bytes, value of {}", rest.len(), v.len())));
+            }
+            out.push(Bookmark {
+                name: String::from_utf8_lossy(&rest[1..1 + name_len]).into_owned(),
+                lsn: be_u64(&rest[1 + name_len..]),
+                time_ns: u64::from_le_bytes(v[..8].try_into().expect("8 bytes")),
+                app_consistent: v[8] != 0,
+            });
+        }
+        out.sort_by_key(|b| b.lsn);
+        if out.len() > max {
+            out.drain(..out.len() - max);
+        }
+        Ok(out)
+    }
+
+    /// The event time of `lsn` in `group`, if the store holds that event.
+    pub fn time_of(&self, group: &str, lsn: u64) -> std::io::Result<Option<u64>> {
+        Ok(self.events(group, lsn, 1, 1)?.into_iter().find(|e| e.lsn == lsn).map(|e| e.time_ns))
     }
 
     /// The last LSN of `group` whose event time is <= `time_ns`.

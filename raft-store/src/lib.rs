@@ -8,7 +8,11 @@
 //! * `groups`: one record per consistency group (last LSN, hash chain, disks);
 //! * `events`: every event of every group, keyed by (group, LSN);
 //! * `times`: (group, event time, LSN), to resolve "time T" to an LSN;
-//! * `producers`: each client's last applied batch per group (idempotency).
+//! * `producers`: each client's last applied batch per group (idempotency);
+//! * `blocks`: the block index, (group, disk, block, LSN) -> version
+//!   (`blocks.rs`), so a block as of any LSN is one seek;
+//! * `extents`: (group, disk, LSN) -> a large zeroed range of blocks;
+//! * `marks`: (group, bookmark name, LSN) -> time, app-consistent flag.
 //!
 //! Invariants:
 //! * entries are fsync'd before openraft's flush callback fires; the vote is
@@ -21,13 +25,14 @@
 //!   state is never held in memory.
 
 pub mod apply;
+pub mod blocks;
 pub mod codec;
 mod db;
 mod log;
 mod sm;
 mod snapshot;
 
-pub use db::{open, Store, StoreReader};
+pub use db::{open, Bookmark, Store, StoreReader};
 pub use log::LogStore;
 pub use sm::StateMachine;
 pub use snapshot::SnapshotFile;

@@ -14,7 +14,11 @@ use rocksdb::{WriteBatch, DB};
 
 use crate::apply::{apply_batch, BatchOutcome, GroupRecord, ProducerRecord};
 use crate::codec::{self, LogId, SnapshotMeta, StoredMembership};
-use crate::db::{cf, event_key, producer_key, time_key, CF_EVENTS, CF_GROUPS, CF_PRODUCERS, CF_SM, CF_TIMES};
+use crate::blocks::{index_event, IndexPut};
+use crate::db::{
+    block_key, cf, event_key, extent_key, mark_key, mark_value, producer_key, time_key, BlockReader, Overlay, CF_BLOCKS, CF_EVENTS,
+    CF_EXTENTS, CF_GROUPS, CF_MARKS, CF_PRODUCERS, CF_SM, CF_TIMES,
+};
 use crate::snapshot::{SnapshotBuilder, SnapshotFile, Snapshots};
 use crate::{corrupt, io_err, TypeConfig};
 
@@ -56,6 +60,7 @@ impl StateMachine {
 struct Pending {
     groups: BTreeMap<String, GroupRecord>,
     producers: BTreeMap<(u64, String), ProducerRecord>,
+    overlay: Overlay,
 }
 
 impl StateMachine {
@@ -96,8 +101,10 @@ impl StateMachine {
                 let (outcome, reply) = apply_batch(&mut group, producer, b);
                 if let BatchOutcome::Sequenced { events, producer } = outcome {
                     for (event, record) in events {
-                        batch.put_cf(cf(&self.db, CF_EVENTS), event_key(&b.group, event.lsn), record);
+                        let key = event_key(&b.group, event.lsn);
+                        batch.put_cf(cf(&self.db, CF_EVENTS), &key, record);
                         batch.put_cf(cf(&self.db, CF_TIMES), time_key(&b.group, event.time_ns, event.lsn), []);
+                        self.index(pending, batch, &b.group, &key, event)?;
                     }
                     pending.producers.insert(pkey, producer);
                     pending.groups.insert(b.group.clone(), group);
@@ -105,6 +112,49 @@ impl StateMachine {
                 Ok(reply)
             }
         }
+    }
+}
+
+impl StateMachine {
+    /// Adds what one event changes to the block index and bookmarks. Each
+    /// block version is computed from the block as of the previous LSN, so
+    /// applying the same event again writes the same bytes.
+    fn index(&self, pending: &mut Pending, batch: &mut WriteBatch, group: &str, key: &[u8], event: crate::apply::StoredEvent) -> io::Result<()> {
+        use rewind_wire::event::Event;
+        let lsn = event.lsn;
+        match &event.event {
+            Event::Bookmark { name, app_consistent } => {
+                batch.put_cf(cf(&self.db, CF_MARKS), mark_key(group, name, lsn), mark_value(event.time_ns, *app_consistent));
+            }
+            Event::Write { disk, .. } | Event::WriteZeroes { disk, .. } | Event::Trim { disk, .. } => {
+                let puts = {
+                    let mut reader = BlockReader::new(&self.db, Some(&pending.overlay), group, disk);
+                    index_event(disk, &event.event, |b| reader.block_at(b, lsn - 1))?
+                };
+                for p in puts {
+                    match p {
+                        IndexPut::Block { block, version } => {
+                            let k = block_key(group, disk, block, lsn);
+                            let v = version.encode();
+                            batch.put_cf(cf(&self.db, CF_BLOCKS), &k, &v);
+                            pending.overlay.blocks.insert(k, v);
+                        }
+                        IndexPut::Extent { block_first, block_end } => {
+                            let k = extent_key(group, disk, lsn);
+                            let mut v = block_first.to_le_bytes().to_vec();
+                            v.extend_from_slice(&block_end.to_le_bytes());
+                            batch.put_cf(cf(&self.db, CF_EXTENTS), &k, v);
+                            pending.overlay.extents.insert(k, (block_first, block_end));
+                        }
+                    }
+                }
+                if matches!(event.event, Event::Write { .. }) {
+                    pending.overlay.writes.insert(key.to_vec(), Arc::new(event));
+                }
+            }
+            _ => {}
+        }
+        Ok(())
     }
 }
 

@@ -38,3 +38,9 @@ pub const PRODUCER_WINDOW_MAX: usize = 256;
 
 /// Longest refusal reason kept in a producer's reply window.
 pub const REASON_BYTES_MAX: usize = 256;
+
+/// Most disk bytes one read-disk reply carries.
+pub const READ_DISK_BYTES_MAX: u64 = 4 * 1024 * 1024;
+
+/// Most bookmarks one points reply lists (the newest).
+pub const POINTS_BOOKMARKS_MAX: usize = 1000;

@@ -43,6 +43,13 @@ pub enum Request {
     /// one group (0 if none), read linearizably on the leader: where a
     /// restarted async tap resumes shipping its journal.
     ProducerState { group: String, client_id: u64 },
+    /// The group's continuous window and bookmarks, as this node holds them.
+    Points { group: String },
+    /// Resolves a replay target to an LSN on this node's applied state.
+    Resolve { group: String, target: Target },
+    /// `len` bytes of a disk from `offset` as of `lsn`, which this node must
+    /// have applied; at most `READ_DISK_BYTES_MAX`.
+    ReadDisk { group: String, disk: String, lsn: u64, offset: u64, len: u64 },
     /// An async tap's periodic report, kept in memory by the node that
     /// receives it and shown by `rewind status`.
     TapReport(TapReport),
@@ -51,6 +58,39 @@ pub enum Request {
     ClusterInit { members: Vec<Member> },
     AddLearner { member: Member },
     ChangeVoters { voters: Vec<NodeId> },
+}
+
+/// A point in a group's log to replay to.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    Lsn(u64),
+    /// The last LSN whose event time is <= this (ns since the Unix epoch).
+    TimeNs(u64),
+    /// The newest bookmark of this name.
+    Bookmark(String),
+    Latest,
+}
+
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct BookmarkInfo {
+    pub name: String,
+    pub lsn: u64,
+    pub time_ns: u64,
+    pub app_consistent: bool,
+}
+
+/// What can be replayed: the continuous window and the named points in it.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct PointsInfo {
+    pub group: String,
+    /// 0 and 0 when the group has no events yet.
+    pub first_lsn: u64,
+    pub last_lsn: u64,
+    pub first_time_ns: u64,
+    pub last_time_ns: u64,
+    /// Newest first.
+    pub bookmarks: Vec<BookmarkInfo>,
+    pub disks: Vec<DiskSpec>,
 }
 
 /// One node's view of one shard.
@@ -156,6 +196,9 @@ pub enum Response {
     Group(GroupState),
     Events(Vec<LoggedEvent>),
     Producer { last_seq: u64 },
+    Points(PointsInfo),
+    Resolved { lsn: u64, time_ns: u64 },
+    DiskBytes(Vec<u8>),
     Error(RpcError),
 }
 
