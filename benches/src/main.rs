@@ -44,6 +44,9 @@ enum Bench {
     /// fio through the tap (sync and async mode) vs fio against qemu-nbd with
     /// no journaling, and the async tap's RPO at a steady 50 MB/s.
     Tap,
+    /// Replay of a 1 GiB disk to a file after 10^4, 10^5 and 10^6 logged
+    /// writes, vs qemu-img convert of the same image from a plain file.
+    Replay,
     /// Every benchmark.
     All,
 }
@@ -390,6 +393,93 @@ async fn bench_tap(cli: &Cli, out: &mut String) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Replay cost as the history grows: the same 1 GiB disk after more and
+/// more 4 KiB writes at pseudo-random aligned offsets.
+async fn bench_replay(cli: &Cli, out: &mut String) -> anyhow::Result<()> {
+    let stages: Vec<u64> = if cli.smoke { vec![100, 1000] } else { vec![10_000, 100_000, 1_000_000] };
+    let disk_bytes: u64 = if cli.smoke { 64 << 20 } else { 1 << 30 };
+    let work = tempfile::Builder::new().prefix("rewind-bench-").tempdir_in(std::env::var("REWIND_BENCH_DIR").unwrap_or("/var/tmp".into()))?;
+    let dir = work.path().join("site");
+    let opts = rewind_node::dev::UpOptions { exe: rewind_binary()?, nodes: 3, dir: dir.clone(), raft: RaftTuning::default() };
+    let client_path = rewind_node::dev::up(&opts).await?;
+    let result = async {
+        let client = Client::new(&ClientConfig::load(&client_path)?)?;
+        client.create_group("bench", vec![DiskSpec { name: "d0".into(), size_bytes: disk_bytes, sector_bytes: 512 }]).await?;
+        let mut lines = vec![
+            format!("## replay: a {} MiB disk to a raw file (`rewind replay --latest`, from a follower, through the block index) after N logged 4 KiB writes at random aligned offsets, vs `qemu-img convert` of the same image from a plain file; median (min-max) of {} runs
+", disk_bytes >> 20, cli.runs.max(1)),
+            "| logged writes | ingest s | MiB in non-zero 4 MiB pieces | replay s | replay MB/s | qemu-img convert s | qemu-img MB/s | replay / qemu-img |".into(),
+            "|---|---|---|---|---|---|---|---|".into(),
+        ];
+        let mut done = 0u64;
+        for target in stages {
+            eprintln!("replay: logging writes up to {target}");
+            let spec = LoadSpec {
+                group: "bench".into(),
+                disk: "d0".into(),
+                disk_bytes,
+                events: target - done,
+                sizes: vec![4096],
+                window: 16,
+                batch_bytes: 1 << 20,
+                seed: target,
+                time_max: Duration::from_secs(1800),
+            };
+            let report = load::run(client.clone(), &spec, |_, _| {}).await?;
+            if !report.errors.is_empty() || report.events != target - done {
+                bail!("load stopped at {} of {} events: {:?}", report.events, target - done, report.errors.first());
+            }
+            let ingest_s = report.elapsed.as_secs_f64();
+            done = target;
+            let image = work.path().join("replayed.raw");
+            let (mut replay_s, mut convert_s) = (Vec::new(), Vec::new());
+            let mut data_bytes = 0;
+            for _ in 0..cli.runs.max(1) {
+                let opts = rewind_node::replay::ReplayOptions {
+                    group: "bench".into(),
+                    disk: "d0".into(),
+                    target: rewind_wire::rpc::Target::Latest,
+                    out: image.clone(),
+                    node: Some(3),
+                    wait: Duration::from_secs(120),
+                };
+                let r = rewind_node::replay::run(&client, &opts, |_, _| {}, |m| eprintln!("replay: {m}")).await?;
+                replay_s.push(r.elapsed.as_secs_f64());
+                data_bytes = r.data_bytes;
+                let copy = work.path().join("converted.raw");
+                let started = Instant::now();
+                let status = std::process::Command::new("qemu-img")
+                    .args(["convert", "-f", "raw", "-O", "raw", image.to_str().unwrap(), copy.to_str().unwrap()])
+                    .status()
+                    .context("run qemu-img (install qemu-utils with ops/setup-debian.sh)")?;
+                if !status.success() {
+                    bail!("qemu-img convert failed");
+                }
+                convert_s.push(started.elapsed().as_secs_f64());
+                std::fs::remove_file(&copy)?;
+            }
+            let (r, rmin, rmax) = median(replay_s);
+            let (c, cmin, cmax) = median(convert_s);
+            let mb = disk_bytes as f64 / 1e6;
+            lines.push(format!(
+                "| {target} | {ingest_s:.1} | {:.0} | {r:.2} ({rmin:.2}-{rmax:.2}) | {:.0} | {c:.2} ({cmin:.2}-{cmax:.2}) | {:.0} | {:.2} |",
+                data_bytes as f64 / 1048576.0,
+                mb / r,
+                mb / c,
+                c / r
+            ));
+        }
+        Ok::<_, anyhow::Error>(lines.join("\n"))
+    }
+    .await;
+    rewind_node::dev::down(&dir, true)?;
+    let table = result?;
+    println!("{table}\n");
+    out.push_str(&table);
+    out.push_str("\n\n");
+    Ok(())
+}
+
 fn results_dir(cli: &Cli) -> PathBuf {
     cli.out.clone().unwrap_or_else(|| {
         let days = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() / 86400).unwrap_or(0);
@@ -416,13 +506,14 @@ fn main() -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     let mut out = String::new();
     let benches = match cli.bench {
-        Bench::All => vec![Bench::Append, Bench::Tap],
+        Bench::All => vec![Bench::Append, Bench::Tap, Bench::Replay],
         b => vec![b],
     };
     for b in benches {
         match b {
             Bench::Append | Bench::All => runtime.block_on(bench_append(&cli, &mut out))?,
             Bench::Tap => runtime.block_on(bench_tap(&cli, &mut out))?,
+            Bench::Replay => runtime.block_on(bench_replay(&cli, &mut out))?,
         }
     }
     let dir = results_dir(&cli);
@@ -431,6 +522,7 @@ fn main() -> anyhow::Result<()> {
         (true, _) => "smoke.md",
         (false, Bench::Append) => "append.md",
         (false, Bench::Tap) => "tap.md",
+        (false, Bench::Replay) => "replay.md",
         (false, Bench::All) => "all.md",
     };
     std::fs::write(dir.join(name), &out)?;

@@ -23,6 +23,7 @@ pub mod replay;
 pub mod server;
 pub mod status;
 pub mod tap;
+pub mod timefmt;
 pub mod tls;
 pub mod transport;
 

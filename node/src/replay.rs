@@ -1,23 +1,23 @@
-//! `rewind replay`: a disk as of an LSN, written to a raw image file. Reads
-//! the group's events from one node (which must have applied the target
-//! LSN) in bounded pieces and applies them with `rewind-replay`.
+//! `rewind replay`: a disk as of a point in its group's log, written to a
+//! raw image file. The target (LSN, time, bookmark or latest) is resolved
+//! on the leader when there is one (a lagging follower would resolve a time
+//! or "latest" to an older LSN), and on the serving node otherwise. The
+//! serving node must have applied the LSN; a follower that has not yet is
+//! waited for, with a bound. The disk is then read through that node's
+//! block index in 4 MiB pieces, a few in flight, so the cost grows with the
+//! disk's size, not with the length of its history. Every block is checked
+//! against its blake3 on the node before it is sent.
 
-use std::io::Read;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use rewind_replay::{apply, FileImage};
-use rewind_wire::rpc::{GroupState, Request, Response};
+use rewind_wire::limits::READ_DISK_BYTES_MAX;
+use rewind_wire::rpc::{ErrorKind, GroupState, Request, Response, Target};
 
 use crate::client::Client;
-
-#[derive(Debug, Clone, Copy)]
-pub enum Target {
-    Lsn(u64),
-    Latest,
-}
+use crate::config::NodeAddr;
 
 pub struct ReplayOptions {
     pub group: String,
@@ -26,18 +26,26 @@ pub struct ReplayOptions {
     pub out: PathBuf,
     /// Which node serves the replay; any that answers if none.
     pub node: Option<u64>,
+    /// How long to wait for the serving node to apply the target LSN.
+    pub wait: Duration,
 }
 
 #[derive(Debug)]
 pub struct ReplayReport {
     pub node: u64,
     pub lsn: u64,
-    pub events_read: u64,
-    pub events_applied: u64,
+    pub time_ns: u64,
     pub image_bytes: u64,
+    /// Bytes written to the image (the rest is holes: zeroes).
+    pub data_bytes: u64,
     pub blake3_hex: String,
     pub elapsed: Duration,
+    /// Where the LSN was resolved: "leader (node N)" or "node N".
+    pub resolved_on: String,
 }
+
+/// Pieces read at once from the serving node.
+const READS_IN_FLIGHT: usize = 4;
 
 async fn group_on(client: &Client, addr: SocketAddr, group: &str) -> anyhow::Result<GroupState> {
     match client.call_node(addr, &Request::GroupState { group: group.into() }).await? {
@@ -47,74 +55,124 @@ async fn group_on(client: &Client, addr: SocketAddr, group: &str) -> anyhow::Res
     }
 }
 
-/// Replays a disk to a file. `progress(done, target)` is called as LSNs are applied.
-pub async fn run(client: &Client, opts: &ReplayOptions, mut progress: impl FnMut(u64, u64)) -> anyhow::Result<ReplayReport> {
-    let started = Instant::now();
-    let candidates: Vec<_> = match opts.node {
+/// Picks the serving node: the one asked for, or the first that knows the group.
+async fn serving_node(client: &Client, group: &str, node: Option<u64>) -> anyhow::Result<(NodeAddr, GroupState)> {
+    let candidates: Vec<NodeAddr> = match node {
         Some(id) => vec![client.nodes().iter().find(|n| n.id == id).with_context(|| format!("the client config lists no node {id}"))?.clone()],
         None => client.nodes().to_vec(),
     };
-    let mut chosen = None;
     let mut last_error = None;
     for n in &candidates {
-        match group_on(client, n.addr, &opts.group).await {
-            Ok(g) => {
-                chosen = Some((n.clone(), g));
-                break;
-            }
+        match group_on(client, n.addr, group).await {
+            Ok(g) => return Ok((n.clone(), g)),
             Err(e) => last_error = Some(e.context(format!("node {} at {}", n.id, n.addr))),
         }
     }
-    let Some((node, group)) = chosen else {
-        return Err(last_error.unwrap_or_else(|| anyhow::anyhow!("no node to replay from")));
-    };
+    Err(last_error.unwrap_or_else(|| anyhow::anyhow!("no node to replay from")))
+}
+
+/// A refusal from a node, as an error a script can read.
+fn node_error(node: u64, e: &rewind_wire::rpc::RpcError) -> anyhow::Error {
+    anyhow::anyhow!("node {node}: {}", e.message)
+}
+
+/// Resolves the target: on the leader if one answers within a few seconds,
+/// else on `node`.
+pub async fn resolve(client: &Client, group: &str, target: &Target, node: &NodeAddr) -> anyhow::Result<(u64, u64, String)> {
+    let request = Request::Resolve { group: group.into(), target: target.clone(), on_leader: true };
+    let quick = client.clone().with_deadline(Duration::from_secs(3));
+    match quick.call_leader(&request).await {
+        Ok(Response::Resolved { lsn, time_ns }) => return Ok((lsn, time_ns, "the leader".into())),
+        Ok(Response::Error(e)) => bail!("{}", e.message),
+        Ok(other) => bail!("unexpected reply {other:?}"),
+        Err(e) if e.downcast_ref::<crate::client::Refused>().is_some() => return Err(e),
+        Err(e) => tracing::warn!("no leader answered ({e:#}); resolving the target on node {}", node.id),
+    }
+    let request = Request::Resolve { group: group.into(), target: target.clone(), on_leader: false };
+    match client.call_node(node.addr, &request).await? {
+        Response::Resolved { lsn, time_ns } => Ok((lsn, time_ns, format!("node {} (no leader answered; it may lag)", node.id))),
+        Response::Error(e) => Err(node_error(node.id, &e)),
+        other => bail!("unexpected reply {other:?}"),
+    }
+}
+
+/// Waits until `node` has applied `lsn` of `group`, reporting how far
+/// behind it is.
+async fn wait_applied(client: &Client, node: &NodeAddr, group: &str, lsn: u64, wait: Duration, mut note: impl FnMut(&str)) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let mut said = false;
+    loop {
+        let g = group_on(client, node.addr, group).await.with_context(|| format!("node {}", node.id))?;
+        if g.last_lsn >= lsn {
+            return Ok(());
+        }
+        if started.elapsed() >= wait {
+            bail!("node {} has applied group {group} to LSN {}, {} behind the target {lsn}; gave up after {wait:?} (raise --wait, or pick another --node)", node.id, g.last_lsn, lsn - g.last_lsn);
+        }
+        if !said {
+            note(&format!("node {} has applied LSN {} of {group}; waiting up to {wait:?} for LSN {lsn}", node.id, g.last_lsn));
+            said = true;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// One disk as of one LSN on one node, read over RPC.
+struct NodeSource<'a> {
+    client: &'a Client,
+    node: NodeAddr,
+    group: String,
+    disk: String,
+    lsn: u64,
+    size: u64,
+}
+
+impl rewind_replay::BlockSource for NodeSource<'_> {
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn piece_bytes(&self) -> u64 {
+        READ_DISK_BYTES_MAX
+    }
+
+    fn read(&self, offset: u64, len: u64) -> rewind_replay::BoxFuture<'_, Result<rewind_replay::Piece, rewind_replay::SourceError>> {
+        Box::pin(async move {
+            let request = Request::ReadDisk { group: self.group.clone(), disk: self.disk.clone(), lsn: self.lsn, offset, len };
+            let id = self.node.id;
+            match self.client.call_node(self.node.addr, &request).await {
+                Ok(Response::DiskPiece { len, runs }) => Ok(rewind_replay::Piece { len, runs }),
+                Ok(Response::Error(e)) if e.kind == ErrorKind::Internal => {
+                    Err(rewind_replay::SourceError(format!("{} (other nodes may still hold good copies: try --node)", e.message)))
+                }
+                Ok(Response::Error(e)) => Err(rewind_replay::SourceError(format!("node {id}: {}", e.message))),
+                Ok(other) => Err(rewind_replay::SourceError(format!("node {id}: unexpected reply {other:?}"))),
+                Err(e) => Err(rewind_replay::SourceError(format!("node {id}: {e:#}"))),
+            }
+        })
+    }
+}
+
+/// Replays a disk to a file. `progress(bytes_done, bytes_total)` is called
+/// as pieces arrive; `note` gets one-line messages for the operator.
+pub async fn run(client: &Client, opts: &ReplayOptions, progress: impl FnMut(u64, u64), mut note: impl FnMut(&str)) -> anyhow::Result<ReplayReport> {
+    let started = Instant::now();
+    let (node, group) = serving_node(client, &opts.group, opts.node).await?;
     let disk = group.disks.iter().find(|d| d.name == opts.disk).with_context(|| {
         format!("group {} has no disk {:?} (it has: {})", opts.group, opts.disk, group.disks.iter().map(|d| d.name.as_str()).collect::<Vec<_>>().join(", "))
     })?;
-    let lsn = match opts.target {
-        Target::Latest => group.last_lsn,
-        Target::Lsn(0) => bail!("LSNs start at 1; the group's window is 1..={}", group.last_lsn),
-        Target::Lsn(n) if n > group.last_lsn => {
-            bail!("LSN {n} is beyond what node {} has applied of group {} (its window is 1..={})", node.id, opts.group, group.last_lsn)
-        }
-        Target::Lsn(n) => n,
-    };
-    let mut image = FileImage::create(&opts.out, disk.size_bytes).with_context(|| format!("create {}", opts.out.display()))?;
-    let (mut next, mut read, mut applied) = (1u64, 0u64, 0u64);
-    while next <= lsn {
-        let req = Request::ReadEvents { group: opts.group.clone(), lsn_first: next, count_max: 4096 };
-        let events = match client.call_node(node.addr, &req).await? {
-            Response::Events(e) if !e.is_empty() => e,
-            Response::Events(_) => bail!("node {} returned no events from LSN {next}", node.id),
-            Response::Error(e) => bail!("node {}: {}", node.id, e.message),
-            other => bail!("unexpected reply {other:?}"),
-        };
-        for e in events.iter().take_while(|e| e.lsn <= lsn) {
-            if e.lsn != next {
-                bail!("node {} skipped from LSN {next} to {}", node.id, e.lsn);
-            }
-            applied += apply(&opts.disk, e, &mut image).with_context(|| format!("write {}", opts.out.display()))? as u64;
-            read += 1;
-            next += 1;
-        }
-        progress(next - 1, lsn);
-    }
-    let file = image.into_file();
-    file.sync_all().with_context(|| format!("sync {}", opts.out.display()))?;
-    let blake3_hex = hash_file(&opts.out)?;
-    Ok(ReplayReport { node: node.id, lsn, events_read: read, events_applied: applied, image_bytes: disk.size_bytes, blake3_hex, elapsed: started.elapsed() })
-}
-
-fn hash_file(path: &std::path::Path) -> anyhow::Result<String> {
-    let mut f = std::fs::File::open(path)?;
-    let mut hasher = blake3::Hasher::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = f.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buf[..n]);
-    }
-    Ok(hasher.finalize().to_hex().to_string())
+    let (lsn, time_ns, resolved_on) = resolve(client, &opts.group, &opts.target, &node).await?;
+    wait_applied(client, &node, &opts.group, lsn, opts.wait, &mut note).await?;
+    let source = NodeSource { client, node: node.clone(), group: opts.group.clone(), disk: opts.disk.clone(), lsn, size: disk.size_bytes };
+    let image = rewind_replay::write_image(&source, &opts.out, READS_IN_FLIGHT, progress).await?;
+    Ok(ReplayReport {
+        node: node.id,
+        lsn,
+        time_ns,
+        image_bytes: image.image_bytes,
+        data_bytes: image.data_bytes,
+        blake3_hex: image.blake3_hex,
+        elapsed: started.elapsed(),
+        resolved_on,
+    })
 }

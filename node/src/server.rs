@@ -192,8 +192,14 @@ impl Node {
             Request::ReadEvents { group, lsn_first, count_max } => self.read_events(&group, lsn_first, count_max),
             Request::ProducerState { group, client_id } => self.producer_state(&group, client_id).await,
             Request::TapReport(report) => self.tap_report(report),
-            Request::Points { group } => self.points(group).await,
-            Request::Resolve { group, target } => self.resolve(group, target).await,
+            Request::Points { group, on_leader } => match self.leader_read(on_leader).await {
+                Ok(()) => self.points(group).await,
+                Err(e) => Err(e),
+            },
+            Request::Resolve { group, target, on_leader } => match self.leader_read(on_leader).await {
+                Ok(()) => self.resolve(group, target).await,
+                Err(e) => Err(e),
+            },
             Request::ReadDisk { group, disk, lsn, offset, len } => self.read_disk(group, disk, lsn, offset, len).await,
             Request::ClusterInit { members } => self.init(members).await,
             Request::AddLearner { member } => self.add_learner(member).await,
@@ -372,6 +378,18 @@ impl Node {
         tokio::task::spawn_blocking(move || f(reader)).await.map_err(|e| error(ErrorKind::Internal, format!("read task: {e}")))?
     }
 
+    /// For a read that must reflect every acknowledged write: refuses on a
+    /// follower (with the leader's address), and on the leader waits until
+    /// everything committed before the read is applied.
+    async fn leader_read(&self, on_leader: bool) -> Result<(), Response> {
+        if !on_leader {
+            return Ok(());
+        }
+        let raft = &self.shard(crate::DATA_SHARD)?.raft;
+        raft.ensure_linearizable(openraft::raft::ReadPolicy::ReadIndex).await.map_err(|e| self.map_write_error(raft, e))?;
+        Ok(())
+    }
+
     async fn points(&self, group: String) -> Result<Response, Response> {
         let id = self.id;
         self.blocking(move |r| {
@@ -396,6 +414,7 @@ impl Node {
 
     async fn resolve(&self, group: String, target: w_rpc::Target) -> Result<Response, Response> {
         let id = self.id;
+        let leads = self.shard(crate::DATA_SHARD)?.raft.metrics().borrow_watched().current_leader == Some(id);
         self.blocking(move |r| {
             let internal = |e: std::io::Error| error(ErrorKind::Internal, format!("node {id}: {e}"));
             let g = r.group(&group).map_err(internal)?.ok_or_else(|| error(ErrorKind::Refused, format!("no consistency group {group:?}")))?;
@@ -404,6 +423,9 @@ impl Node {
                 w_rpc::Target::Latest if g.last_lsn == 0 => return Err(error(ErrorKind::Refused, format!("group {group:?} has no events yet"))),
                 w_rpc::Target::Latest => g.last_lsn,
                 w_rpc::Target::Lsn(0) => return Err(error(ErrorKind::Refused, format!("LSNs start at 1; {window}"))),
+                w_rpc::Target::Lsn(n) if *n > g.last_lsn && leads => {
+                    return Err(error(ErrorKind::Refused, format!("LSN {n} is beyond the log of group {group:?} ({window})")))
+                }
                 w_rpc::Target::Lsn(n) if *n > g.last_lsn => {
                     return Err(error(ErrorKind::Unavailable, format!("LSN {n} is beyond what node {id} has applied of group {group:?} ({window})")))
                 }
@@ -413,7 +435,11 @@ impl Node {
                     None => {
                         let first = if g.last_lsn > 0 { r.time_of(&group, 1).map_err(internal)? } else { None };
                         let msg = match first {
-                            Some(f) => format!("time {t} ns is before the window of group {group:?}: its first event is at {f} ns ({window})"),
+                            Some(f) => format!(
+                                "time {} is before the window of group {group:?}: its first event is at {} ({window})",
+                                crate::timefmt::format_time_ns(*t),
+                                crate::timefmt::format_time_ns(f)
+                            ),
                             None => format!("group {group:?} has no events yet"),
                         };
                         return Err(error(ErrorKind::Refused, msg));
@@ -451,11 +477,11 @@ impl Node {
             if offset.checked_add(len).is_none_or(|end| end > spec.size_bytes) {
                 return Err(error(ErrorKind::BadRequest, format!("range {offset}+{len} is past the end of disk {disk:?} ({} bytes)", spec.size_bytes)));
             }
-            let data = r.read_disk(&group, &disk, lsn, offset, len).map_err(|e| {
+            let runs = r.read_disk(&group, &disk, lsn, offset, len).map_err(|e| {
                 tracing::error!("read of disk {disk:?} in group {group:?} at LSN {lsn} failed: {e}");
                 internal(e)
             })?;
-            Ok(Response::DiskBytes(data))
+            Ok(Response::DiskPiece { len, runs })
         })
         .await
     }

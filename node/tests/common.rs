@@ -152,3 +152,45 @@ pub fn peak_rss_kib(pid: u32) -> u64 {
         .and_then(|v| v.parse().ok())
         .unwrap_or(0)
 }
+
+/// A `rewind tap` process, stopped with SIGTERM when dropped.
+pub struct TapProcess {
+    pub child: std::process::Child,
+    pub uri: String,
+}
+
+impl Drop for TapProcess {
+    fn drop(&mut self) {
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts a tap on loopback for `disk` of `group`; returns once it listens.
+pub fn start_tap_with(site: &Site, group: &str, disk: &str, backing: &Path, extra: &[&str]) -> TapProcess {
+    use std::io::BufRead;
+    let config = site.config();
+    let mut child = Command::new(REWIND)
+        .args(["tap", "--group", group, "--disk", disk, "--backing", backing.to_str().unwrap(), "--listen", "127.0.0.1:0", "--config", config.to_str().unwrap()])
+        .args(extra)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::inherit())
+        .spawn()
+        .expect("start the tap");
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).expect("tap's first line");
+    let uri = line.split_whitespace().find(|w| w.starts_with("nbd://")).unwrap_or_else(|| panic!("no URI in {line:?}")).to_string();
+    TapProcess { child, uri }
+}
+
+/// Runs a command that must succeed; returns its stdout.
+pub fn run(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap_or_else(|e| panic!("run {cmd:?}: {e}"));
+    assert!(out.status.success(), "{cmd:?} failed:\n{}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// `qemu-img compare` of two raw images; panics if they differ.
+pub fn compare(a: &Path, b: &Path) {
+    run(Command::new("qemu-img").args(["compare", "-f", "raw", "-F", "raw", a.to_str().unwrap(), b.to_str().unwrap()]));
+}

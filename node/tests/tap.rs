@@ -15,35 +15,8 @@ use rewind_wire::rpc::DiskSpec;
 
 const DISK_BYTES: u64 = 64 << 20;
 
-struct TapProcess {
-    child: Child,
-    uri: String,
-}
-
-impl Drop for TapProcess {
-    fn drop(&mut self) {
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let _ = self.child.wait();
-    }
-}
-
 fn start_tap(site: &Site, group: &str, disk: &str, backing: &Path) -> TapProcess {
     start_tap_with(site, group, disk, backing, &[])
-}
-
-fn start_tap_with(site: &Site, group: &str, disk: &str, backing: &Path, extra: &[&str]) -> TapProcess {
-    let config = site.config();
-    let mut child = Command::new(REWIND)
-        .args(["tap", "--group", group, "--disk", disk, "--backing", backing.to_str().unwrap(), "--listen", "127.0.0.1:0", "--config", config.to_str().unwrap()])
-        .args(extra)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("start the tap");
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).expect("tap's first line");
-    let uri = line.split_whitespace().find(|w| w.starts_with("nbd://")).unwrap_or_else(|| panic!("no URI in {line:?}")).to_string();
-    TapProcess { child, uri }
 }
 
 /// A site with group "g" holding disk "d0", and a folder for its backing file.
@@ -53,12 +26,6 @@ async fn site_with_disk() -> (Site, tempfile::TempDir, PathBuf) {
     site.client.create_group("g", vec![DiskSpec { name: "d0".into(), size_bytes: DISK_BYTES, sector_bytes: 512 }]).await.unwrap();
     let backing = dir.path().join("d0.raw");
     (site, dir, backing)
-}
-
-fn run(cmd: &mut Command) -> String {
-    let out = cmd.output().unwrap_or_else(|e| panic!("run {cmd:?}: {e}"));
-    assert!(out.status.success(), "{cmd:?} failed:\n{}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 fn zeroed(path: &Path) {
@@ -80,10 +47,6 @@ fn replay_onto(events: &[LoggedEvent], disk: &str, path: &Path) {
             _ => {}
         }
     }
-}
-
-fn compare(a: &Path, b: &Path) {
-    run(Command::new("qemu-img").args(["compare", "-f", "raw", "-F", "raw", a.to_str().unwrap(), b.to_str().unwrap()]));
 }
 
 async fn log_of(site: &Site, group: &str) -> Vec<LoggedEvent> {
@@ -246,7 +209,10 @@ async fn nbdinfo_and_bad_requests() {
     let out_path = dir.path().join("r.raw");
     let out = out_path.to_str().unwrap();
     for (args, says) in [
-        (vec!["replay", "g", "--disk", "d0", "--at", "2", "--out", out], "beyond what node"),
+        (vec!["replay", "g", "--disk", "d0", "--at", "2", "--out", out], "beyond the log"),
+        (vec!["replay", "g", "--disk", "d0", "--at-bookmark", "nope", "--out", out], "no bookmark \"nope\""),
+        (vec!["replay", "g", "--disk", "d0", "--at-time", "2001-01-01T00:00:00Z", "--out", out], "before the window"),
+        (vec!["replay", "g", "--disk", "d0", "--at-time", "last tuesday", "--out", out], "RFC 3339"),
         (vec!["replay", "g", "--disk", "d0", "--at", "0", "--out", out], "LSNs start at 1"),
         (vec!["replay", "g", "--disk", "nope", "--latest", "--out", out], "has no disk"),
         (vec!["replay", "nope", "--disk", "d0", "--latest", "--out", out], "no consistency group"),

@@ -71,11 +71,47 @@ pub fn open(dir: &Path) -> std::io::Result<Store> {
         ColumnFamilyDescriptor::new(name, o)
     });
     let db = DB::open_cf_descriptors(&opts, dir.join("db"), cfs).map_err(io_err)?;
+    check_format(&db, dir)?;
     let db = Arc::new(db);
     let snapshot_dir: PathBuf = dir.join("snapshots");
     std::fs::create_dir_all(&snapshot_dir)?;
     let state_machine = StateMachine::open(db.clone(), snapshot_dir.clone())?;
     Ok(Store { log: LogStore::new(db.clone()), state_machine, reader: StoreReader { db, snapshot_dir } })
+}
+
+/// The layout of the tables this build reads and writes. Format 2 added the
+/// block index; a store without it cannot serve replays.
+const STORE_FORMAT: u32 = 2;
+const KEY_FORMAT: &[u8] = b"format";
+
+/// Stamps a new store with this build's format; refuses a store written in
+/// another one, saying what to do.
+fn check_format(db: &DB, dir: &Path) -> std::io::Result<()> {
+    let meta = cf(db, CF_META);
+    match db.get_cf(meta, KEY_FORMAT).map_err(io_err)? {
+        Some(v) if v.len() == 4 && u32::from_le_bytes(v[..4].try_into().expect("4 bytes")) == STORE_FORMAT => Ok(()),
+        Some(v) => Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("the store in {} has format {v:?}; this build reads format {STORE_FORMAT} only", dir.display()),
+        )),
+        None => {
+            let used = db.get_cf(cf(db, CF_SM), crate::sm::KEY_APPLIED).map_err(io_err)?.is_some()
+                || db.iterator_cf(cf(db, CF_LOG), IteratorMode::Start).next().is_some();
+            if used {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    format!(
+                        "the store in {} was written by an older rewind without the block index (format 1); this build needs format {STORE_FORMAT}. \
+                         Start a new site (rewind dev down --purge, or a fresh data_dir); there is no in-place upgrade yet",
+                        dir.display()
+                    ),
+                ));
+            }
+            let mut o = rocksdb::WriteOptions::default();
+            o.set_sync(true);
+            db.put_cf_opt(meta, KEY_FORMAT, STORE_FORMAT.to_le_bytes(), &o).map_err(io_err)
+        }
+    }
 }
 
 /// Makes the state machine's tables durable: flushes their memtables (all
@@ -181,20 +217,32 @@ pub(crate) struct BlockReader<'a> {
     disk: &'a str,
     prefix: Vec<u8>,
     recent: std::collections::VecDeque<(u64, Arc<StoredEvent>)>,
+    /// Iterators kept across blocks: making one costs more than a seek.
+    blocks_it: rocksdb::DBRawIteratorWithThreadMode<'a, DB>,
+    extents_it: rocksdb::DBRawIteratorWithThreadMode<'a, DB>,
 }
 
 const RECENT_EVENTS: usize = 8;
 
 impl<'a> BlockReader<'a> {
     pub(crate) fn new(db: &'a DB, overlay: Option<&'a Overlay>, group: &'a str, disk: &'a str) -> BlockReader<'a> {
-        BlockReader { db, overlay, group, disk, prefix: disk_prefix(group, disk), recent: Default::default() }
+        BlockReader {
+            db,
+            overlay,
+            group,
+            disk,
+            prefix: disk_prefix(group, disk),
+            recent: Default::default(),
+            blocks_it: db.raw_iterator_cf(cf(db, CF_BLOCKS)),
+            extents_it: db.raw_iterator_cf(cf(db, CF_EXTENTS)),
+        }
     }
 
     /// The newest version of `block` at or below `lsn`: (its LSN, encoded).
-    fn version(&self, block: u64, lsn: u64) -> std::io::Result<Option<(u64, Vec<u8>)>> {
+    fn version(&mut self, block: u64, lsn: u64) -> std::io::Result<Option<(u64, Vec<u8>)>> {
         let key = block_key(self.group, self.disk, block, lsn);
         let block_prefix = &key[..self.prefix.len() + 8];
-        let mut it = self.db.raw_iterator_cf(cf(self.db, CF_BLOCKS));
+        let it = &mut self.blocks_it;
         it.seek_for_prev(&key);
         let mut found = None;
         if it.valid() {
@@ -218,7 +266,7 @@ impl<'a> BlockReader<'a> {
     }
 
     /// Whether an extent with LSN in `after+1..=upto` zeroes `block`.
-    fn zeroed_by_extent(&self, block: u64, after: u64, upto: u64) -> std::io::Result<bool> {
+    fn zeroed_by_extent(&mut self, block: u64, after: u64, upto: u64) -> std::io::Result<bool> {
         if after >= upto {
             return Ok(false);
         }
@@ -229,7 +277,7 @@ impl<'a> BlockReader<'a> {
             let last = u64::from_le_bytes(v[8..16].try_into().expect("8 bytes"));
             (first..last).contains(&block)
         };
-        let mut it = self.db.raw_iterator_cf(cf(self.db, CF_EXTENTS));
+        let it = &mut self.extents_it;
         it.seek(&start);
         while it.valid() {
             let k = it.key().expect("valid");
@@ -283,24 +331,29 @@ impl<'a> BlockReader<'a> {
 
     /// Block `block` of the disk as of `lsn` (BLOCK_BYTES bytes), checked.
     pub(crate) fn block_at(&mut self, block: u64, lsn: u64) -> std::io::Result<Vec<u8>> {
+        Ok(self.block_or_zero(block, lsn)?.unwrap_or_else(|| vec![0u8; crate::blocks::BLOCK_BYTES as usize]))
+    }
+
+    /// Block `block` as of `lsn`, checked; None when the index says it
+    /// reads as zeroes (never written, zeroed or trimmed).
+    pub(crate) fn block_or_zero(&mut self, block: u64, lsn: u64) -> std::io::Result<Option<Vec<u8>>> {
         use crate::blocks::{Version, BLOCK_BYTES};
-        let zero = || vec![0u8; BLOCK_BYTES as usize];
         let version = self.version(block, lsn)?;
         let since = version.as_ref().map_or(0, |(l, _)| *l);
         if self.zeroed_by_extent(block, since, lsn)? {
-            return Ok(zero());
+            return Ok(None);
         }
-        let Some((vlsn, bytes)) = version else { return Ok(zero()) };
+        let Some((vlsn, bytes)) = version else { return Ok(None) };
         let (disk, group) = (self.disk, self.group);
         let what = move || format!("block {block} of disk {disk} in group {group} (version at LSN {vlsn})");
         match Version::decode(&bytes).map_err(|e| corrupt(&what(), e))? {
-            Version::Zero => Ok(zero()),
-            Version::Data(d) => Ok(d),
+            Version::Zero => Ok(None),
+            Version::Data(d) => Ok(Some(d)),
             Version::Ref { offset } => {
                 let event = self.write_event(vlsn)?;
                 match &event.event {
                     rewind_wire::event::Event::Write { data, .. } if (offset as usize) + BLOCK_BYTES as usize <= data.len() => {
-                        Ok(data[offset as usize..offset as usize + BLOCK_BYTES as usize].to_vec())
+                        Ok(Some(data[offset as usize..offset as usize + BLOCK_BYTES as usize].to_vec()))
                     }
                     _ => Err(corrupt(&what(), "the version refers to bytes its event does not hold")),
                 }
@@ -377,23 +430,30 @@ impl StoreReader {
         Ok(out)
     }
 
-    /// `len` bytes of `disk` from `offset`, as of `lsn`, each block checked
-    /// against its checksum (or its event's). The caller bounds `len`.
-    pub fn read_disk(&self, group: &str, disk: &str, lsn: u64, offset: u64, len: u64) -> std::io::Result<Vec<u8>> {
+    /// `len` bytes of `disk` from `offset`, as of `lsn`, as runs of bytes
+    /// that may be non-zero: (offset from `offset`, bytes), in order; the
+    /// rest reads as zeroes. Each block is checked against its checksum (or
+    /// its event's). The caller bounds `len`.
+    pub fn read_disk(&self, group: &str, disk: &str, lsn: u64, offset: u64, len: u64) -> std::io::Result<Vec<(u64, Vec<u8>)>> {
         use crate::blocks::BLOCK_BYTES;
         let mut reader = BlockReader::new(&self.db, None, group, disk);
-        let mut out = Vec::with_capacity(len as usize);
+        let mut runs: Vec<(u64, Vec<u8>)> = Vec::new();
         let end = offset + len;
         let mut pos = offset;
         while pos < end {
             let b = pos / BLOCK_BYTES;
-            let block = reader.block_at(b, lsn)?;
-            let from = (pos - b * BLOCK_BYTES) as usize;
-            let to = ((end - b * BLOCK_BYTES).min(BLOCK_BYTES)) as usize;
-            out.extend_from_slice(&block[from..to]);
+            let to = (end - b * BLOCK_BYTES).min(BLOCK_BYTES) as usize;
+            if let Some(block) = reader.block_or_zero(b, lsn)? {
+                let from = (pos - b * BLOCK_BYTES) as usize;
+                let at = pos - offset;
+                match runs.last_mut() {
+                    Some((start, bytes)) if *start + bytes.len() as u64 == at => bytes.extend_from_slice(&block[from..to]),
+                    _ => runs.push((at, block[from..to].to_vec())),
+                }
+            }
             pos = b * BLOCK_BYTES + to as u64;
         }
-        Ok(out)
+        Ok(runs)
     }
 
     /// The bookmarks of `group`, oldest first (by LSN), at most `max`

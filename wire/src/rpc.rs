@@ -44,9 +44,12 @@ pub enum Request {
     /// restarted async tap resumes shipping its journal.
     ProducerState { group: String, client_id: u64 },
     /// The group's continuous window and bookmarks, as this node holds them.
-    Points { group: String },
-    /// Resolves a replay target to an LSN on this node's applied state.
-    Resolve { group: String, target: Target },
+    /// With `on_leader`, only the leader answers (NotLeader elsewhere), after
+    /// a linearizable read: it reflects every acknowledged write.
+    Points { group: String, on_leader: bool },
+    /// Resolves a replay target to an LSN on this node's applied state;
+    /// `on_leader` as for `Points`.
+    Resolve { group: String, target: Target, on_leader: bool },
     /// `len` bytes of a disk from `offset` as of `lsn`, which this node must
     /// have applied; at most `READ_DISK_BYTES_MAX`.
     ReadDisk { group: String, disk: String, lsn: u64, offset: u64, len: u64 },
@@ -198,7 +201,9 @@ pub enum Response {
     Producer { last_seq: u64 },
     Points(PointsInfo),
     Resolved { lsn: u64, time_ns: u64 },
-    DiskBytes(Vec<u8>),
+    /// A piece of a disk: its length, and runs (offset in the piece, bytes)
+    /// that may be non-zero; everything else reads as zeroes.
+    DiskPiece { len: u64, runs: Vec<(u64, Vec<u8>)> },
     Error(RpcError),
 }
 
