@@ -4,10 +4,11 @@
 #   over NBD; qemu-io writing phase 1 through the tap; a reference copy of
 #   the disk at that point; fio writing phase 2 while the leader is killed
 #   with SIGKILL; the node restarted; every replica holding the same log;
-#   a replay of the disk to the end of phase 1, compared with the reference;
-#   a replay of the latest point, compared with the live disk.
-# Not built yet (see README): the tap's async mode, indexed replay (this
-# replay applies the whole history), replay by time or bookmark.
+#   a bookmark and a timestamp at the end of phase 1; replays of the disk to
+#   that point by bookmark, by time and by LSN (each from another node),
+#   compared with the reference; a replay of the latest point from the node
+#   that was killed, compared with the live disk.
+# Not built yet (see README): NBD exports of a past point (--serve).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . ops/env.sh
@@ -44,9 +45,11 @@ took
 say "phase 1: qemu-io writes through the tap (patterns, zeroes, a discard, FUA, flush)"
 qemu-io -f raw "$URI" -c "write -P 0x11 0 32M" -c "write -P 0x22 1M 4M" -c "write -z 8M 2M" \
   -c "discard 16M 1M" -c "write -P 0x33 -f 100M 8M" -c "flush" | grep -E "^wrote|^discard" | sed 's/^/   /'
-LSN1=$(json 'print(max(g["last_lsn"] for n in d["nodes"] if n.get("up") for g in (n.get("groups") or []) if g["name"]=="vm1"))')
+LSN1=$("$REWIND_BIN" points vm1 --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["window"]["last_lsn"])')
 cp --sparse=always "$DIR/disk0.raw" "$DIR/reference-phase1.raw"
-echo "   phase 1 ends at LSN $LSN1; reference copy of the disk saved"
+T1=$(date -u +%Y-%m-%dT%H:%M:%S.%NZ)
+"$REWIND_BIN" bookmark vm1 end-of-phase-1 --app-consistent | sed 's/^/   /'
+echo "   phase 1 ends at LSN $LSN1, time $T1; reference copy of the disk saved"
 took
 
 leader_pid=$(json 'print(next(n["pid"] for n in d["nodes"] if n.get("role")=="leader"))')
@@ -79,9 +82,18 @@ done
 "$REWIND_BIN" status
 took
 
-say "replay disk0 to the end of phase 1 (LSN $LSN1) and compare with the reference copy"
-"$REWIND_BIN" replay vm1 --disk disk0 --at "$LSN1" --out "$DIR/replay-phase1.raw" | sed 's/^/   /'
-qemu-img compare -f raw -F raw "$DIR/replay-phase1.raw" "$DIR/reference-phase1.raw" | sed 's/^/   /'
+say "what can be replayed"
+"$REWIND_BIN" points vm1 | sed 's/^/   /'
+took
+
+say "replay disk0 to the end of phase 1 by bookmark, by time and by LSN, each from another node; compare with the reference copy"
+node=1
+for target in "--at-bookmark end-of-phase-1" "--at-time $T1" "--at $LSN1"; do
+  # shellcheck disable=SC2086
+  "$REWIND_BIN" replay vm1 --disk disk0 $target --node "$node" --out "$DIR/replay-phase1.raw" | sed 's/^/   /'
+  qemu-img compare -f raw -F raw "$DIR/replay-phase1.raw" "$DIR/reference-phase1.raw" | sed 's/^/   /'
+  node=$((node % 3 + 1))
+done
 took
 
 say "replay disk0 at the latest LSN ($LSN2) from node $leader_id (the one that was killed) and compare with the live disk"
@@ -94,4 +106,4 @@ kill "$TAP_PID"; TAP_PID=""
 trap - EXIT
 rm -rf "$DIR"
 printf '\nchecked: every write of qemu-io and fio was journaled in order on all three replicas through a leader crash;\n'
-printf 'the replay to LSN %s equals the disk as it was then, and the latest replay equals the disk now. (%.0f s in all)\n' "$LSN1" "$(echo "$(date +%s.%N) - $T0" | bc)"
+printf 'replays to the end of phase 1 (LSN %s) by bookmark, time and LSN equal the disk as it was then, and the latest replay equals the disk now. (%.0f s in all)\n' "$LSN1" "$(echo "$(date +%s.%N) - $T0" | bc)"

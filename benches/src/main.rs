@@ -408,7 +408,7 @@ async fn bench_replay(cli: &Cli, out: &mut String) -> anyhow::Result<()> {
         let mut lines = vec![
             format!("## replay: a {} MiB disk to a raw file (`rewind replay --latest`, from a follower, through the block index) after N logged 4 KiB writes at random aligned offsets, vs `qemu-img convert` of the same image from a plain file; median (min-max) of {} runs
 ", disk_bytes >> 20, cli.runs.max(1)),
-            "| logged writes | ingest s | MiB in non-zero 4 MiB pieces | replay s | replay MB/s | qemu-img convert s | qemu-img MB/s | replay / qemu-img |".into(),
+            "| logged writes | ingest s | data MiB (4 KiB blocks not known zero) | replay s | replay MB/s | qemu-img convert s | qemu-img MB/s | replay / qemu-img |".into(),
             "|---|---|---|---|---|---|---|---|".into(),
         ];
         let mut done = 0u64;

@@ -3,7 +3,9 @@
 //! filter's role in Veeam CDP).
 //!
 //! * [`nbd`]: the NBD protocol as pure functions over bytes.
-//! * [`tap`]: the server: handshake, transmission, the ordered section that
+//! * [`server`]: the NBD server for any [`server::Export`]: handshake,
+//!   option haggling, bounds checks, transmission.
+//! * [`tap`]: the tap as an export: the ordered section that
 //!   writes the backing file and queues the event in one order, and the
 //!   batcher that hands batches to a [`tap::LogSink`].
 //! * [`journal`]: async mode's local journal, bounded in bytes, fsync'd
@@ -27,5 +29,6 @@
 //! Not built yet: the CBT importer.
 
 pub mod nbd;
+pub mod server;
 pub mod tap;
 pub mod journal;

@@ -1,20 +1,17 @@
-//! The tap's NBD server.
+//! The tap: an NBD export whose every mutation is written to the backing
+//! file and queued for the log in one order, batched, and answered once
+//! the sink has it (committed on the site, or durable in the journal).
 
 use std::collections::BTreeSet;
-use std::future::Future;
 use std::os::unix::fs::FileExt;
-use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 
 use rewind_wire::event::{split_write, Event, TimedEvent};
 use rewind_wire::limits::{BATCH_BYTES_MAX, BATCH_EVENTS_MAX};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, oneshot, Notify};
 
-use crate::nbd::{self, Request};
-
-/// A boxed future, as the sink returns.
-pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+use crate::nbd;
+pub use crate::server::{serve, Answer, BoxFuture, Export};
 
 /// Why the log did not take a batch.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -107,15 +104,6 @@ impl Tap {
 
     pub fn export(&self) -> &str {
         &self.config.export
-    }
-
-    fn transmission_flags(&self) -> u16 {
-        nbd::TFLAG_HAS_FLAGS
-            | nbd::TFLAG_SEND_FLUSH
-            | nbd::TFLAG_SEND_FUA
-            | nbd::TFLAG_SEND_TRIM
-            | nbd::TFLAG_SEND_WRITE_ZEROES
-            | nbd::TFLAG_CAN_MULTI_CONN
     }
 
     /// The ordered step of a mutation: apply it to the backing file and queue
@@ -250,141 +238,96 @@ async fn batcher(mut rx: mpsc::Receiver<Queued>, sink: Arc<dyn LogSink>, bytes_m
     }
 }
 
-/// Serves one NBD client until it disconnects.
-pub async fn serve<S>(tap: Arc<Tap>, stream: S, peer: String) -> std::io::Result<()>
-where
-    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-{
-    let (mut rd, mut wr) = tokio::io::split(stream);
-    wr.write_all(&nbd::greeting()).await?;
-    let mut flags = [0u8; 4];
-    rd.read_exact(&mut flags).await?;
-    let client_flags = nbd::parse_client_flags(flags).map_err(proto_err)?;
-    let no_zeroes = client_flags & nbd::FLAG_C_NO_ZEROES != 0;
-    let Some(structured) = haggle(&tap, &mut rd, &mut wr, no_zeroes).await? else {
-        return Ok(());
+/// Waits for a mutation's sink, then for FUA makes the backing file and
+/// everything ordered before it durable; gives the NBD reply code.
+async fn answer(tap: Arc<Tap>, ordered: Result<oneshot::Receiver<Result<(), String>>, u32>, fua: bool) -> u32 {
+    let rx = match ordered {
+        Err(e) => return e,
+        Ok(rx) => rx,
     };
-    tracing::info!(%peer, export = tap.export(), structured, "NBD client connected");
-    transmission(tap, rd, wr, structured, peer).await
-}
-
-fn proto_err(e: nbd::ProtocolError) -> std::io::Error {
-    std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string())
-}
-
-/// Option haggling. Returns whether structured replies were negotiated, or
-/// None if the client aborted.
-async fn haggle<R, W>(tap: &Tap, rd: &mut R, wr: &mut W, no_zeroes: bool) -> std::io::Result<Option<bool>>
-where
-    R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
-{
-    let mut structured = false;
-    // A bounded number of options: a client that haggles forever is cut off.
-    for _ in 0..64 {
-        let mut head = [0u8; nbd::OPTION_HEADER_BYTES];
-        rd.read_exact(&mut head).await?;
-        let h = nbd::parse_option_header(&head).map_err(proto_err)?;
-        let mut data = vec![0u8; h.len as usize];
-        rd.read_exact(&mut data).await?;
-        let reply = |kind: u32, d: &[u8]| nbd::option_reply(h.option, kind, d);
-        match h.option {
-            nbd::OPT_EXPORT_NAME => {
-                let name = String::from_utf8_lossy(&data);
-                if name != tap.export() && !name.is_empty() {
-                    tracing::warn!("client asked for unknown export {name:?}; closing");
-                    return Ok(None);
-                }
-                wr.write_all(&nbd::export_name_reply(tap.config.size_bytes, tap.transmission_flags(), no_zeroes)).await?;
-                return Ok(Some(false));
-            }
-            nbd::OPT_ABORT => {
-                wr.write_all(&reply(nbd::REP_ACK, &[])).await?;
-                return Ok(None);
-            }
-            nbd::OPT_LIST => {
-                let mut d = (tap.export().len() as u32).to_be_bytes().to_vec();
-                d.extend_from_slice(tap.export().as_bytes());
-                wr.write_all(&reply(nbd::REP_SERVER, &d)).await?;
-                wr.write_all(&reply(nbd::REP_ACK, &[])).await?;
-            }
-            nbd::OPT_STRUCTURED_REPLY => {
-                if !data.is_empty() {
-                    wr.write_all(&reply(nbd::REP_ERR_INVALID, b"STRUCTURED_REPLY takes no data")).await?;
-                } else {
-                    structured = true;
-                    wr.write_all(&reply(nbd::REP_ACK, &[])).await?;
-                }
-            }
-            nbd::OPT_INFO | nbd::OPT_GO => {
-                let go = match nbd::parse_go(&data) {
-                    Ok(g) => g,
-                    Err(e) => {
-                        wr.write_all(&reply(nbd::REP_ERR_INVALID, e.to_string().as_bytes())).await?;
-                        continue;
-                    }
-                };
-                if go.name != tap.export() && !go.name.is_empty() {
-                    let msg = format!("no export {:?}; this tap serves {:?}", go.name, tap.export());
-                    wr.write_all(&reply(nbd::REP_ERR_UNKNOWN, msg.as_bytes())).await?;
-                    continue;
-                }
-                let mut flags = tap.transmission_flags();
-                if structured {
-                    flags |= nbd::TFLAG_SEND_DF;
-                }
-                wr.write_all(&reply(nbd::REP_INFO, &nbd::info_export(tap.config.size_bytes, flags))).await?;
-                for item in go.info {
-                    let d = match item {
-                        nbd::INFO_NAME => nbd::info_name(tap.export()),
-                        nbd::INFO_DESCRIPTION => nbd::info_description(match tap.config.mode {
-                            Mode::Sync => "rewind CDP tap (sync): a write is answered once the site has committed it",
-                            Mode::Async => "rewind CDP tap (async): a write is answered once the tap's journal holds it",
-                        }),
-                        nbd::INFO_BLOCK_SIZE => nbd::info_block_size(nbd::REQUEST_BYTES_MAX),
-                        _ => continue,
-                    };
-                    wr.write_all(&reply(nbd::REP_INFO, &d)).await?;
-                }
-                wr.write_all(&reply(nbd::REP_ACK, &[])).await?;
-                if h.option == nbd::OPT_GO {
-                    return Ok(Some(structured));
-                }
-            }
-            nbd::OPT_STARTTLS => {
-                wr.write_all(&reply(nbd::REP_ERR_POLICY, b"TLS is not offered on the tap; it listens on loopback or a unix socket")).await?;
-            }
-            _ => {
-                wr.write_all(&reply(nbd::REP_ERR_UNSUP, &[])).await?;
+    match rx.await {
+        Ok(Ok(())) if fua => {
+            let backing = tap.backing.clone();
+            let synced = tokio::task::spawn_blocking(move || backing.sync_data()).await;
+            match (synced, tap.barrier().await) {
+                (Ok(Ok(())), Ok(())) => 0,
+                _ => nbd::EIO,
             }
         }
-    }
-    Err(std::io::Error::new(std::io::ErrorKind::InvalidData, "too many options"))
-}
-
-type Writer<W> = Arc<tokio::sync::Mutex<W>>;
-
-async fn send_reply<W: AsyncWrite + Unpin>(wr: &Writer<W>, structured: bool, handle: u64, error: u32, message: &str) -> std::io::Result<()> {
-    let mut w = wr.lock().await;
-    if structured && error != 0 {
-        w.write_all(&nbd::structured_error(handle, error, message)).await
-    } else if structured {
-        w.write_all(&nbd::structured_header(nbd::REPLY_FLAG_DONE, nbd::REPLY_TYPE_NONE, handle, 0)).await
-    } else {
-        w.write_all(&nbd::simple_reply_header(error, handle)).await
+        Ok(Ok(())) => 0,
+        Ok(Err(why)) => {
+            tracing::error!("write not journaled: {why}");
+            nbd::EIO
+        }
+        Err(_) => nbd::ESHUTDOWN,
     }
 }
 
-async fn send_read<W: AsyncWrite + Unpin>(wr: &Writer<W>, structured: bool, req: &Request, data: &[u8]) -> std::io::Result<()> {
-    let mut w = wr.lock().await;
-    if structured {
-        let head = nbd::structured_header(nbd::REPLY_FLAG_DONE, nbd::REPLY_TYPE_OFFSET_DATA, req.handle, 8 + data.len() as u32);
-        w.write_all(&head).await?;
-        w.write_all(&req.offset.to_be_bytes()).await?;
-    } else {
-        w.write_all(&nbd::simple_reply_header(0, req.handle)).await?;
+impl Export for Tap {
+    fn name(&self) -> &str {
+        &self.config.export
     }
-    w.write_all(data).await
+
+    fn size(&self) -> u64 {
+        self.config.size_bytes
+    }
+
+    fn description(&self) -> &str {
+        match self.config.mode {
+            Mode::Sync => "rewind CDP tap (sync): a write is answered once the site has committed it",
+            Mode::Async => "rewind CDP tap (async): a write is answered once the tap's journal holds it",
+        }
+    }
+
+    fn read_only(&self) -> bool {
+        false
+    }
+
+    fn read(self: Arc<Self>, offset: u64, len: u32) -> BoxFuture<'static, Result<Vec<u8>, u32>> {
+        Box::pin(async move {
+            let backing = self.backing.clone();
+            let mut data = vec![0u8; len as usize];
+            match tokio::task::spawn_blocking(move || backing.read_exact_at(&mut data, offset).map(|_| data)).await {
+                Ok(Ok(data)) => Ok(data),
+                Ok(Err(e)) => {
+                    tracing::error!("backing file read failed: {e}");
+                    Err(nbd::EIO)
+                }
+                Err(_) => Err(nbd::EIO),
+            }
+        })
+    }
+
+    fn write(self: Arc<Self>, offset: u64, data: Vec<u8>, fua: bool) -> BoxFuture<'static, Answer> {
+        Box::pin(async move {
+            let events = split_write(&self.config.export, offset, &data);
+            let ordered = self.order_mutation(move |f| f.write_all_at(&data, offset), events).await;
+            let answer: Answer = Box::pin(answer(self, ordered, fua));
+            answer
+        })
+    }
+
+    fn zero(self: Arc<Self>, offset: u64, len: u64, trim: bool, punch: bool, fua: bool) -> BoxFuture<'static, Answer> {
+        Box::pin(async move {
+            let disk = self.config.export.clone();
+            let event = if trim { Event::Trim { disk, offset, len } } else { Event::WriteZeroes { disk, offset, len } };
+            let ordered = self.order_mutation(move |f| zero_range(f, offset, len, punch), vec![event]).await;
+            let answer: Answer = Box::pin(answer(self, ordered, fua));
+            answer
+        })
+    }
+
+    fn flush(self: Arc<Self>) -> Answer {
+        Box::pin(async move {
+            let backing = self.backing.clone();
+            let synced = tokio::task::spawn_blocking(move || backing.sync_data()).await;
+            match (synced, self.barrier().await) {
+                (Ok(Ok(())), Ok(())) => 0,
+                (Ok(Ok(())), Err(e)) => e,
+                _ => nbd::EIO,
+            }
+        })
+    }
 }
 
 /// Writes `len` zero bytes at `offset`, releasing the space where it can.
@@ -406,145 +349,3 @@ fn zero_range(file: &std::fs::File, offset: u64, len: u64, punch: bool) -> std::
     Ok(())
 }
 
-async fn transmission<R, W>(tap: Arc<Tap>, mut rd: R, wr: W, structured: bool, peer: String) -> std::io::Result<()>
-where
-    R: AsyncRead + Unpin + Send + 'static,
-    W: AsyncWrite + Unpin + Send + 'static,
-{
-    let wr: Writer<W> = Arc::new(tokio::sync::Mutex::new(wr));
-    let size = tap.config.size_bytes;
-    loop {
-        let mut head = [0u8; nbd::REQUEST_HEADER_BYTES];
-        match rd.read_exact(&mut head).await {
-            Ok(_) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
-                tracing::info!(%peer, "NBD client went away");
-                return Ok(());
-            }
-            Err(e) => return Err(e),
-        }
-        let req = nbd::parse_request(&head).map_err(proto_err)?;
-        let in_range = req.offset.checked_add(u64::from(req.len)).is_some_and(|end| end <= size);
-        match req.kind {
-            nbd::CMD_DISC => {
-                tracing::info!(%peer, "NBD client disconnected");
-                return Ok(());
-            }
-            nbd::CMD_WRITE => {
-                if req.len > nbd::REQUEST_BYTES_MAX {
-                    // The payload cannot be skipped safely: refuse and close.
-                    tracing::warn!(%peer, len = req.len, "write larger than the limit; closing the connection");
-                    send_reply(&wr, structured, req.handle, nbd::EOVERFLOW, "write larger than 32 MiB").await?;
-                    return Ok(());
-                }
-                let mut data = vec![0u8; req.len as usize];
-                rd.read_exact(&mut data).await?;
-                if !in_range {
-                    tracing::warn!(%peer, offset = req.offset, len = req.len, "write past the end of the disk");
-                    send_reply(&wr, structured, req.handle, nbd::ENOSPC, "write past the end of the disk").await?;
-                    continue;
-                }
-                let offset = req.offset;
-                let events = split_write(&tap.config.export, offset, &data);
-                let ordered = tap.order_mutation(move |f| f.write_all_at(&data, offset), events).await;
-                spawn_answer(tap.clone(), wr.clone(), structured, req, ordered);
-            }
-            nbd::CMD_WRITE_ZEROES | nbd::CMD_TRIM => {
-                if !in_range {
-                    send_reply(&wr, structured, req.handle, nbd::ENOSPC, "range past the end of the disk").await?;
-                    continue;
-                }
-                let (offset, len) = (req.offset, u64::from(req.len));
-                let disk = tap.config.export.clone();
-                let (punch, event) = if req.kind == nbd::CMD_TRIM {
-                    (true, Event::Trim { disk, offset, len })
-                } else {
-                    (req.flags & nbd::CMD_FLAG_NO_HOLE == 0, Event::WriteZeroes { disk, offset, len })
-                };
-                let ordered = tap.order_mutation(move |f| zero_range(f, offset, len, punch), vec![event]).await;
-                spawn_answer(tap.clone(), wr.clone(), structured, req, ordered);
-            }
-            nbd::CMD_READ => {
-                if req.len > nbd::REQUEST_BYTES_MAX {
-                    send_reply(&wr, structured, req.handle, nbd::EOVERFLOW, "read larger than 32 MiB").await?;
-                    continue;
-                }
-                if !in_range {
-                    send_reply(&wr, structured, req.handle, nbd::EINVAL, "read past the end of the disk").await?;
-                    continue;
-                }
-                let backing = tap.backing.clone();
-                let wr = wr.clone();
-                tokio::spawn(async move {
-                    let mut data = vec![0u8; req.len as usize];
-                    let read = tokio::task::spawn_blocking(move || backing.read_exact_at(&mut data, req.offset).map(|_| data)).await;
-                    let r = match read {
-                        Ok(Ok(data)) => send_read(&wr, structured, &req, &data).await,
-                        _ => send_reply(&wr, structured, req.handle, nbd::EIO, "backing file read failed").await,
-                    };
-                    if let Err(e) = r {
-                        tracing::debug!("reply not delivered: {e}");
-                    }
-                });
-            }
-            nbd::CMD_FLUSH => {
-                let tap = tap.clone();
-                let wr = wr.clone();
-                tokio::spawn(async move {
-                    let synced = {
-                        let backing = tap.backing.clone();
-                        tokio::task::spawn_blocking(move || backing.sync_data()).await
-                    };
-                    let error = match (synced, tap.barrier().await) {
-                        (Ok(Ok(())), Ok(())) => 0,
-                        (Ok(Ok(())), Err(e)) => e,
-                        _ => nbd::EIO,
-                    };
-                    let _ = send_reply(&wr, structured, req.handle, error, "flush failed").await;
-                });
-            }
-            other => {
-                tracing::warn!(%peer, command = other, "unsupported NBD command");
-                send_reply(&wr, structured, req.handle, nbd::EINVAL, "unsupported command").await?;
-            }
-        }
-    }
-}
-
-/// Answers a mutation once it is committed (sync mode); FUA adds an
-/// fdatasync of the backing file and waits for everything before it.
-fn spawn_answer<W: AsyncWrite + Unpin + Send + 'static>(
-    tap: Arc<Tap>,
-    wr: Writer<W>,
-    structured: bool,
-    req: Request,
-    ordered: Result<oneshot::Receiver<Result<(), String>>, u32>,
-) {
-    tokio::spawn(async move {
-        let error = match ordered {
-            Err(e) => e,
-            Ok(rx) => match rx.await {
-                Ok(Ok(())) => {
-                    if req.flags & nbd::CMD_FLAG_FUA != 0 {
-                        let backing = tap.backing.clone();
-                        let synced = tokio::task::spawn_blocking(move || backing.sync_data()).await;
-                        match (synced, tap.barrier().await) {
-                            (Ok(Ok(())), Ok(())) => 0,
-                            _ => nbd::EIO,
-                        }
-                    } else {
-                        0
-                    }
-                }
-                Ok(Err(why)) => {
-                    tracing::error!("write not journaled: {why}");
-                    nbd::EIO
-                }
-                Err(_) => nbd::ESHUTDOWN,
-            },
-        };
-        if let Err(e) = send_reply(&wr, structured, req.handle, error, "write not journaled").await {
-            tracing::debug!("reply not delivered: {e}");
-        }
-    });
-}
