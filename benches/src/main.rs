@@ -406,10 +406,10 @@ async fn bench_replay(cli: &Cli, out: &mut String) -> anyhow::Result<()> {
         let client = Client::new(&ClientConfig::load(&client_path)?)?;
         client.create_group("bench", vec![DiskSpec { name: "d0".into(), size_bytes: disk_bytes, sector_bytes: 512 }]).await?;
         let mut lines = vec![
-            format!("## replay: a {} MiB disk to a raw file (`rewind replay --latest`, from a follower, through the block index) after N logged 4 KiB writes at random aligned offsets, vs `qemu-img convert` of the same image from a plain file; median (min-max) of {} runs
+            format!("## replay: a {} MiB disk to a raw file (`rewind replay --latest`, from a follower, through the block index) and as an NBD export (`--serve`) after N logged 4 KiB writes at random aligned offsets, vs `qemu-img convert` of the same image from a plain file; median (min-max) of {} runs (the --serve columns: one run)
 ", disk_bytes >> 20, cli.runs.max(1)),
-            "| logged writes | ingest s | data MiB (4 KiB blocks not known zero) | replay s | replay MB/s | qemu-img convert s | qemu-img MB/s | replay / qemu-img |".into(),
-            "|---|---|---|---|---|---|---|---|".into(),
+            "| logged writes | ingest s | data MiB (4 KiB blocks not known zero) | replay s | replay MB/s | --serve: first 4 KiB read, ms | --serve read by nbdcopy, MB/s | qemu-img convert s | qemu-img MB/s | replay / qemu-img |".into(),
+            "|---|---|---|---|---|---|---|---|---|---|".into(),
         ];
         let mut done = 0u64;
         for target in stages {
@@ -458,13 +458,15 @@ async fn bench_replay(cli: &Cli, out: &mut String) -> anyhow::Result<()> {
                 convert_s.push(started.elapsed().as_secs_f64());
                 std::fs::remove_file(&copy)?;
             }
+            let (ttfb_ms, serve_s) = serve_once(&client_path)?;
             let (r, rmin, rmax) = median(replay_s);
             let (c, cmin, cmax) = median(convert_s);
             let mb = disk_bytes as f64 / 1e6;
             lines.push(format!(
-                "| {target} | {ingest_s:.1} | {:.0} | {r:.2} ({rmin:.2}-{rmax:.2}) | {:.0} | {c:.2} ({cmin:.2}-{cmax:.2}) | {:.0} | {:.2} |",
+                "| {target} | {ingest_s:.1} | {:.0} | {r:.2} ({rmin:.2}-{rmax:.2}) | {:.0} | {ttfb_ms:.0} | {:.0} | {c:.2} ({cmin:.2}-{cmax:.2}) | {:.0} | {:.2} |",
                 data_bytes as f64 / 1048576.0,
                 mb / r,
+                mb / serve_s,
                 mb / c,
                 c / r
             ));
@@ -478,6 +480,34 @@ async fn bench_replay(cli: &Cli, out: &mut String) -> anyhow::Result<()> {
     out.push_str(&table);
     out.push_str("\n\n");
     Ok(())
+}
+
+/// Starts `rewind replay --latest --serve` on a follower; returns the time
+/// from the command's start to the first 4 KiB read by qemu-io, and the
+/// seconds nbdcopy takes to read the whole disk through the export.
+fn serve_once(client: &Path) -> anyhow::Result<(f64, f64)> {
+    use std::io::BufRead;
+    let started = Instant::now();
+    let mut child = std::process::Command::new(rewind_binary()?)
+        .args(["replay", "bench", "--disk", "d0", "--latest", "--node", "3", "--serve", "127.0.0.1:0", "--config", client.to_str().unwrap()])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .context("start rewind replay --serve")?;
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().context("stdout")?).read_line(&mut line)?;
+    let _export = Killed(child);
+    let uri = line.split_whitespace().find(|w| w.starts_with("nbd://")).context("the export printed no URI")?.to_string();
+    let out = std::process::Command::new("qemu-io").args(["-r", "-f", "raw", &uri, "-c", "read 0 4096"]).output().context("run qemu-io")?;
+    if !out.status.success() {
+        bail!("qemu-io read failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let ttfb_ms = started.elapsed().as_secs_f64() * 1000.0;
+    let copy = Instant::now();
+    let status = std::process::Command::new("nbdcopy").args(["--requests=8", &uri, "null:"]).status().context("run nbdcopy")?;
+    if !status.success() {
+        bail!("nbdcopy failed");
+    }
+    Ok((ttfb_ms, copy.elapsed().as_secs_f64()))
 }
 
 fn results_dir(cli: &Cli) -> PathBuf {

@@ -208,6 +208,7 @@ struct TapArgs {
 
 #[derive(Args)]
 #[command(group(clap::ArgGroup::new("target").required(true).args(["at", "at_time", "at_bookmark", "latest"])))]
+#[command(group(clap::ArgGroup::new("output").required(true).args(["out", "serve"])))]
 struct ReplayArgs {
     #[command(flatten)]
     client: ClientArgs,
@@ -228,9 +229,26 @@ struct ReplayArgs {
     /// Replay to the group's newest LSN.
     #[arg(long, group = "target")]
     latest: bool,
-    /// The raw image to write (sparse where the disk was never written).
-    #[arg(long)]
-    out: PathBuf,
+    /// The raw image to write (sparse where the disk reads as zeroes).
+    #[arg(long, group = "output")]
+    out: Option<PathBuf>,
+    /// Serve the disk at that point as an NBD export on this loopback
+    /// address (e.g. 127.0.0.1:10810) instead of writing a file: instant
+    /// access, no copy first. Runs until SIGINT or SIGTERM.
+    #[arg(long, group = "output")]
+    serve: Option<std::net::SocketAddr>,
+    /// With --serve: accept writes into a copy-on-write overlay (instant
+    /// recovery: boot and change the disk); the log is never touched.
+    #[arg(long, requires = "serve")]
+    writable: bool,
+    /// With --writable: the overlay file (default under /var/tmp). Its map
+    /// of written blocks is kept beside it as FILE.map.
+    #[arg(long, requires = "writable")]
+    overlay: Option<PathBuf>,
+    /// With --writable: keep the overlay when the export stops (default:
+    /// thrown away).
+    #[arg(long, requires = "writable")]
+    keep_overlay: bool,
     /// The node to replay from (default: the first that answers). A
     /// follower that has not applied the target yet is waited for.
     #[arg(long)]
@@ -445,10 +463,38 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 group: a.group.clone(),
                 disk: a.disk.clone(),
                 target,
-                out: a.out.clone(),
+                out: a.out.clone().unwrap_or_default(),
                 node: a.node,
                 wait: std::time::Duration::from_secs(a.wait),
             };
+            if let Some(listen) = a.serve {
+                let serve = rewind_node::replay::ServeOptions { listen, writable: a.writable, overlay: a.overlay.clone(), keep_overlay: a.keep_overlay };
+                return rewind_node::replay::serve(
+                    &client,
+                    &opts,
+                    &serve,
+                    |s| {
+                        use std::io::Write;
+                        println!(
+                            "replay: serving disk {} of group {} at LSN {} ({}; resolved on {}) from node {} at {} ({}{}), ready after {:.0} ms",
+                            a.disk,
+                            a.group,
+                            s.lsn,
+                            rewind_node::timefmt::format_time_ns(s.time_ns),
+                            s.resolved_on,
+                            s.node,
+                            s.uri,
+                            if a.writable { "writable, overlay " } else { "read-only" },
+                            s.overlay.as_ref().map(|p| p.display().to_string()).unwrap_or_default(),
+                            s.ready_after.as_secs_f64() * 1000.0
+                        );
+                        let _ = std::io::stdout().flush();
+                    },
+                    |msg| eprintln!("replay: {msg}"),
+                )
+                .await;
+            }
+            let out = a.out.clone().context("--out or --serve")?;
             let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
             let started = std::time::Instant::now();
             let r = rewind_node::replay::run(
@@ -474,7 +520,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 rewind_node::timefmt::format_time_ns(r.time_ns),
                 r.resolved_on,
                 r.node,
-                a.out.display(),
+                out.display(),
                 r.image_bytes,
                 r.data_bytes,
                 r.elapsed.as_secs_f64(),

@@ -23,6 +23,7 @@ pub struct ReplayOptions {
     pub group: String,
     pub disk: String,
     pub target: Target,
+    /// The image file to write (unused by `serve`).
     pub out: PathBuf,
     /// Which node serves the replay; any that answers if none.
     pub node: Option<u64>,
@@ -118,8 +119,8 @@ async fn wait_applied(client: &Client, node: &NodeAddr, group: &str, lsn: u64, w
 }
 
 /// One disk as of one LSN on one node, read over RPC.
-struct NodeSource<'a> {
-    client: &'a Client,
+pub struct NodeSource {
+    client: Client,
     node: NodeAddr,
     group: String,
     disk: String,
@@ -127,7 +128,7 @@ struct NodeSource<'a> {
     size: u64,
 }
 
-impl rewind_replay::BlockSource for NodeSource<'_> {
+impl rewind_replay::BlockSource for NodeSource {
     fn size(&self) -> u64 {
         self.size
     }
@@ -163,7 +164,7 @@ pub async fn run(client: &Client, opts: &ReplayOptions, progress: impl FnMut(u64
     })?;
     let (lsn, time_ns, resolved_on) = resolve(client, &opts.group, &opts.target, &node).await?;
     wait_applied(client, &node, &opts.group, lsn, opts.wait, &mut note).await?;
-    let source = NodeSource { client, node: node.clone(), group: opts.group.clone(), disk: opts.disk.clone(), lsn, size: disk.size_bytes };
+    let source = NodeSource { client: client.clone(), node: node.clone(), group: opts.group.clone(), disk: opts.disk.clone(), lsn, size: disk.size_bytes };
     let image = rewind_replay::write_image(&source, &opts.out, READS_IN_FLIGHT, progress).await?;
     Ok(ReplayReport {
         node: node.id,
@@ -175,4 +176,175 @@ pub async fn run(client: &Client, opts: &ReplayOptions, progress: impl FnMut(u64
         elapsed: started.elapsed(),
         resolved_on,
     })
+}
+
+/// How `rewind replay --serve` hands the disk over.
+pub struct ServeOptions {
+    pub listen: SocketAddr,
+    /// Accept writes into a copy-on-write overlay.
+    pub writable: bool,
+    /// The overlay file (default: a new file under /var/tmp).
+    pub overlay: Option<PathBuf>,
+    /// Keep the overlay (and its map) when the export stops.
+    pub keep_overlay: bool,
+}
+
+/// The NBD export of a replayed disk: reads through the block index of the
+/// serving node, writes (when writable) into a local overlay only.
+struct ReplayExport {
+    name: String,
+    description: String,
+    source: NodeSource,
+    overlay: Option<rewind_replay::Overlay>,
+}
+
+use rewind_cdp_ingest::server::{Answer, BoxFuture as NbdFuture, Export};
+
+fn eio(what: &str, e: impl std::fmt::Display) -> u32 {
+    tracing::error!("{what}: {e}");
+    rewind_cdp_ingest::nbd::EIO
+}
+
+impl Export for ReplayExport {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn size(&self) -> u64 {
+        self.source.size
+    }
+
+    fn description(&self) -> &str {
+        &self.description
+    }
+
+    fn read_only(&self) -> bool {
+        self.overlay.is_none()
+    }
+
+    fn read(self: std::sync::Arc<Self>, offset: u64, len: u32) -> NbdFuture<'static, Result<Vec<u8>, u32>> {
+        Box::pin(async move {
+            let r = match &self.overlay {
+                Some(o) => o.read(&self.source, offset, u64::from(len)).await,
+                None => rewind_replay::read_bytes(&self.source, offset, u64::from(len)).await,
+            };
+            r.map_err(|e| eio("read of the replayed disk failed", e))
+        })
+    }
+
+    fn write(self: std::sync::Arc<Self>, offset: u64, data: Vec<u8>, fua: bool) -> NbdFuture<'static, Answer> {
+        Box::pin(async move {
+            let code = match &self.overlay {
+                None => rewind_cdp_ingest::nbd::EPERM,
+                Some(o) => match o.write(&self.source, offset, data.len() as u64, Some(&data)).await {
+                    Ok(()) if fua => o.sync().map_or_else(|e| eio("overlay sync failed", e), |_| 0),
+                    Ok(()) => 0,
+                    Err(e) => eio("overlay write failed", e),
+                },
+            };
+            let answer: Answer = Box::pin(async move { code });
+            answer
+        })
+    }
+
+    fn zero(self: std::sync::Arc<Self>, offset: u64, len: u64, _trim: bool, _punch: bool, fua: bool) -> NbdFuture<'static, Answer> {
+        Box::pin(async move {
+            let code = match &self.overlay {
+                None => rewind_cdp_ingest::nbd::EPERM,
+                Some(o) => match o.write(&self.source, offset, len, None).await {
+                    Ok(()) if fua => o.sync().map_or_else(|e| eio("overlay sync failed", e), |_| 0),
+                    Ok(()) => 0,
+                    Err(e) => eio("overlay write failed", e),
+                },
+            };
+            let answer: Answer = Box::pin(async move { code });
+            answer
+        })
+    }
+
+    fn flush(self: std::sync::Arc<Self>) -> Answer {
+        Box::pin(async move {
+            match &self.overlay {
+                Some(o) => o.sync().map_or_else(|e| eio("overlay sync failed", e), |_| 0),
+                None => 0,
+            }
+        })
+    }
+}
+
+/// What `serve` tells its caller once the export listens.
+pub struct Serving {
+    pub uri: String,
+    pub node: u64,
+    pub lsn: u64,
+    pub time_ns: u64,
+    pub resolved_on: String,
+    /// From the start of the command to the export listening.
+    pub ready_after: Duration,
+    pub overlay: Option<PathBuf>,
+}
+
+/// Serves the disk as of the target over NBD until SIGINT or SIGTERM.
+pub async fn serve(client: &Client, opts: &ReplayOptions, serve: &ServeOptions, ready: impl FnOnce(&Serving), mut note: impl FnMut(&str)) -> anyhow::Result<()> {
+    let started = Instant::now();
+    if !serve.listen.ip().is_loopback() {
+        bail!("--serve {} is not a loopback address (127.0.0.0/8 or ::1)", serve.listen);
+    }
+    let (node, group) = serving_node(client, &opts.group, opts.node).await?;
+    let disk = group.disks.iter().find(|d| d.name == opts.disk).with_context(|| {
+        format!("group {} has no disk {:?} (it has: {})", opts.group, opts.disk, group.disks.iter().map(|d| d.name.as_str()).collect::<Vec<_>>().join(", "))
+    })?;
+    let (lsn, time_ns, resolved_on) = resolve(client, &opts.group, &opts.target, &node).await?;
+    wait_applied(client, &node, &opts.group, lsn, opts.wait, &mut note).await?;
+    let source = NodeSource { client: client.clone(), node: node.clone(), group: opts.group.clone(), disk: opts.disk.clone(), lsn, size: disk.size_bytes };
+    let overlay = if serve.writable {
+        let path = serve.overlay.clone().unwrap_or_else(|| {
+            PathBuf::from(format!("/var/tmp/rewind-overlay-{}-{}-{lsn}-{}.raw", opts.group, opts.disk, std::process::id()))
+        });
+        Some(rewind_replay::Overlay::create(&path, disk.size_bytes).with_context(|| format!("create the overlay {}", path.display()))?)
+    } else {
+        None
+    };
+    let overlay_path = overlay.as_ref().map(|o| o.path().to_path_buf());
+    let description = format!(
+        "rewind replay of disk {} in group {} at LSN {lsn}{}",
+        opts.disk,
+        opts.group,
+        if serve.writable { ", writable: writes go to a local overlay, never to the log" } else { ", read-only" }
+    );
+    let export = std::sync::Arc::new(ReplayExport { name: opts.disk.clone(), description, source, overlay });
+    let listener = tokio::net::TcpListener::bind(serve.listen).await.with_context(|| format!("listen on {}", serve.listen))?;
+    let uri = format!("nbd://{}/{}", listener.local_addr()?, opts.disk);
+    ready(&Serving { uri, node: node.id, lsn, time_ns, resolved_on, ready_after: started.elapsed(), overlay: overlay_path });
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let (stream, peer) = accepted?;
+                stream.set_nodelay(true)?;
+                let export: std::sync::Arc<dyn Export> = export.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = rewind_cdp_ingest::server::serve(export, stream, peer.to_string()).await {
+                        tracing::warn!(%peer, "NBD connection ended: {e}");
+                    }
+                });
+            }
+            _ = term.recv() => break,
+            _ = tokio::signal::ctrl_c() => break,
+        }
+    }
+    drop(listener);
+    // Connections still open hold the export; the overlay is synced or
+    // removed through whichever handle is last.
+    if let Some(o) = &export.overlay {
+        if serve.keep_overlay {
+            o.sync().with_context(|| format!("sync the overlay {}", o.path().display()))?;
+            note(&format!("kept the overlay {} ({} blocks written; map in {})", o.path().display(), o.written_blocks().await, rewind_replay::Overlay::map_path(o.path()).display()));
+        } else {
+            std::fs::remove_file(o.path()).ok();
+            std::fs::remove_file(rewind_replay::Overlay::map_path(o.path())).ok();
+            note(&format!("discarded the overlay ({} blocks written)", o.written_blocks().await));
+        }
+    }
+    Ok(())
 }

@@ -109,10 +109,76 @@ async fn every_phase_replays_by_lsn_time_and_bookmark_from_any_node() {
         replay_equals(&site, d, "g", &["--at-bookmark", bookmark], followers[1], reference);
     }
     replay_equals(&site, d, "g", &["--latest"], followers[0], &points.last().unwrap().0);
+    // Instant access: the fio phase served over NBD, read-only, then writable.
+    let (reference, _, _, bookmark) = &points[1];
+    {
+        let export = serve(&site, &["--at-bookmark", bookmark, "--node", &followers[0].to_string()]);
+        compare_uri(&export.uri, reference);
+        let refused = Command::new("qemu-io").args(["-f", "raw", &export.uri, "-c", "write -P 1 0 4096"]).output().unwrap();
+        assert!(!refused.status.success(), "a read-only export took a write");
+    }
+    {
+        let overlay = d.join("overlay.raw");
+        let export = serve(&site, &["--at-bookmark", bookmark, "--writable", "--overlay", overlay.to_str().unwrap()]);
+        let changes = ["write -P 0x66 1000 9000", "write -z 65536 1M", "write -P 0x67 63M 512k"];
+        let mut cmd = Command::new("qemu-io");
+        cmd.args(["-f", "raw", &export.uri]);
+        for c in changes {
+            cmd.args(["-c", c]);
+        }
+        run(&mut cmd);
+        let changed = d.join("changed.raw");
+        std::fs::copy(reference, &changed).unwrap();
+        let mut cmd = Command::new("qemu-io");
+        cmd.args(["-f", "raw", changed.to_str().unwrap()]);
+        for c in changes {
+            cmd.args(["-c", c]);
+        }
+        run(&mut cmd);
+        compare_uri(&export.uri, &changed);
+        drop(export);
+        assert!(!overlay.exists(), "the overlay is thrown away unless --keep-overlay");
+    }
+    // The log's history is unchanged by the writable export.
+    replay_equals(&site, d, "g", &["--at-bookmark", bookmark], leader, reference);
+
     // The phases really differ, so the comparisons above could have failed.
     let differs = Command::new("qemu-img").args(["compare", "-q", "-f", "raw", "-F", "raw", points[0].0.to_str().unwrap(), points[1].0.to_str().unwrap()]).status().unwrap();
     assert_eq!(differs.code(), Some(1));
     eprintln!("{} phases replayed by LSN (node {leader}), time (node {}) and bookmark (node {}): all equal their references", points.len(), followers[0], followers[1]);
+}
+
+/// A `rewind replay --serve` process, stopped with SIGTERM when dropped.
+struct Export {
+    child: std::process::Child,
+    uri: String,
+}
+
+impl Drop for Export {
+    fn drop(&mut self) {
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let _ = self.child.wait();
+    }
+}
+
+fn serve(site: &Site, extra: &[&str]) -> Export {
+    use std::io::BufRead;
+    let config = site.config();
+    let mut child = Command::new(REWIND)
+        .args(["replay", "g", "--disk", "d0", "--serve", "127.0.0.1:0", "--config", config.to_str().unwrap()])
+        .args(extra)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    let uri = line.split_whitespace().find(|w| w.starts_with("nbd://")).unwrap_or_else(|| panic!("no URI in {line:?}")).to_string();
+    eprintln!("{}", line.trim());
+    Export { child, uri }
+}
+
+fn compare_uri(uri: &str, reference: &Path) {
+    run(Command::new("qemu-img").args(["compare", "-f", "raw", "-F", "raw", uri, reference.to_str().unwrap()]));
 }
 
 /// Positions of every run of `run_len` bytes of `byte` in `data`.

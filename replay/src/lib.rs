@@ -8,8 +8,10 @@
 //! source checks every block against its blake3 before handing it over.
 //!
 //! Built: [`write_image`], a raw image file (sparse where the disk reads as
-//! zeroes) with a blake3 of the whole image. Not built yet: the read-only
-//! and copy-on-write NBD exports (`rewind replay --serve [--writable]`).
+//! zeroes) with a blake3 of the whole image; [`read_bytes`] for an export
+//! that serves the disk over NBD (`node` serves it with `cdp-ingest`'s NBD
+//! server); and [`Overlay`], the copy-on-write layer that makes such an
+//! export writable without touching the log.
 //!
 //! Replay never writes the log, and does no network I/O of its own.
 
@@ -126,6 +128,145 @@ pub async fn write_image(source: &dyn BlockSource, out: &Path, in_flight: usize,
     Ok(ImageReport { image_bytes: size, data_bytes, blake3_hex: hasher.finalize().to_hex().to_string() })
 }
 
+/// Reads `len` bytes at `offset` from the source as one buffer, in pieces
+/// of at most the source's piece size.
+pub async fn read_bytes(source: &dyn BlockSource, offset: u64, len: u64) -> Result<Vec<u8>, SourceError> {
+    let mut out = vec![0u8; len as usize];
+    let piece = source.piece_bytes().max(1);
+    let mut at = 0u64;
+    while at < len {
+        let n = piece.min(len - at);
+        let p = source.read(offset + at, n).await?;
+        p.check()?;
+        if p.len != n {
+            return Err(SourceError(format!("the source sent a piece of {} bytes for a read of {n}", p.len)));
+        }
+        for (run_at, bytes) in &p.runs {
+            let start = (at + run_at) as usize;
+            out[start..start + bytes.len()].copy_from_slice(bytes);
+        }
+        at += n;
+    }
+    Ok(out)
+}
+
+/// The block size of a copy-on-write overlay.
+pub const OVERLAY_BLOCK_BYTES: u64 = 4096;
+
+/// A copy-on-write overlay over a disk as of one LSN: writes land in a
+/// sparse local file, block by block; reads take written blocks from it and
+/// the rest from the source. The log is never touched. Its map (which
+/// blocks are written) is kept beside the file as `FILE.map`, one
+/// little-endian u64 block number per written block, so a kept overlay can
+/// be inspected or applied later.
+pub struct Overlay {
+    path: std::path::PathBuf,
+    file: std::fs::File,
+    size: u64,
+    /// Written blocks. Guarded by one lock: writes are serialised, which
+    /// also keeps partial-block read-modify-writes whole.
+    written: futures::lock::Mutex<std::collections::BTreeSet<u64>>,
+    map: std::sync::Mutex<std::fs::File>,
+}
+
+impl Overlay {
+    /// Creates (or truncates) the overlay file at `path` for a disk of `size`.
+    pub fn create(path: &Path, size: u64) -> std::io::Result<Overlay> {
+        let file = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(path)?;
+        file.set_len(size)?;
+        let map = std::fs::OpenOptions::new().write(true).create(true).truncate(true).open(Self::map_path(path))?;
+        Ok(Overlay { path: path.to_path_buf(), file, size, written: Default::default(), map: std::sync::Mutex::new(map) })
+    }
+
+    pub fn map_path(path: &Path) -> std::path::PathBuf {
+        let mut p = path.as_os_str().to_owned();
+        p.push(".map");
+        std::path::PathBuf::from(p)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Blocks written so far.
+    pub async fn written_blocks(&self) -> usize {
+        self.written.lock().await.len()
+    }
+
+    /// `len` bytes at `offset`: the source's, with written blocks on top.
+    pub async fn read(&self, source: &dyn BlockSource, offset: u64, len: u64) -> Result<Vec<u8>, SourceError> {
+        let mut out = read_bytes(source, offset, len).await?;
+        let written = self.written.lock().await;
+        let first = offset / OVERLAY_BLOCK_BYTES;
+        let end = (offset + len).div_ceil(OVERLAY_BLOCK_BYTES);
+        for b in written.range(first..end) {
+            let bstart = b * OVERLAY_BLOCK_BYTES;
+            let from = bstart.max(offset);
+            let to = (bstart + OVERLAY_BLOCK_BYTES).min(offset + len);
+            let dst = &mut out[(from - offset) as usize..(to - offset) as usize];
+            self.file.read_exact_at(dst, from).map_err(|e| SourceError(format!("overlay {}: {e}", self.path.display())))?;
+        }
+        Ok(out)
+    }
+
+    /// Writes `data` at `offset` into the overlay (zeroes if `data` is None,
+    /// for `len` bytes). A block written in part is first filled from the
+    /// source, so the overlay always holds whole blocks.
+    pub async fn write(&self, source: &dyn BlockSource, offset: u64, len: u64, data: Option<&[u8]>) -> Result<(), SourceError> {
+        if offset.checked_add(len).is_none_or(|e| e > self.size) {
+            return Err(SourceError(format!("write {offset}+{len} is past the end of the disk ({} bytes)", self.size)));
+        }
+        let io = |e: std::io::Error| SourceError(format!("overlay {}: {e}", self.path.display()));
+        let mut written = self.written.lock().await;
+        let first = offset / OVERLAY_BLOCK_BYTES;
+        let end = (offset + len).div_ceil(OVERLAY_BLOCK_BYTES);
+        let mut new_blocks = Vec::new();
+        for b in first..end {
+            let bstart = b * OVERLAY_BLOCK_BYTES;
+            let blen = OVERLAY_BLOCK_BYTES.min(self.size - bstart);
+            let from = bstart.max(offset);
+            let to = (bstart + blen).min(offset + len);
+            let whole = from == bstart && to == bstart + blen;
+            let mut block = if whole {
+                vec![0u8; blen as usize]
+            } else if written.contains(&b) {
+                let mut buf = vec![0u8; blen as usize];
+                self.file.read_exact_at(&mut buf, bstart).map_err(io)?;
+                buf
+            } else {
+                read_bytes(source, bstart, blen).await?
+            };
+            let range = (from - bstart) as usize..(to - bstart) as usize;
+            match data {
+                Some(d) => block[range].copy_from_slice(&d[(from - offset) as usize..(to - offset) as usize]),
+                None => block[range].fill(0),
+            }
+            self.file.write_all_at(&block, bstart).map_err(io)?;
+            if written.insert(b) {
+                new_blocks.push(b);
+            }
+        }
+        if !new_blocks.is_empty() {
+            use std::io::Write;
+            let bytes: Vec<u8> = new_blocks.iter().flat_map(|b| b.to_le_bytes()).collect();
+            self.map.lock().expect("map lock").write_all(&bytes).map_err(io)?;
+        }
+        Ok(())
+    }
+
+    /// Makes the overlay's writes durable.
+    pub fn sync(&self) -> std::io::Result<()> {
+        self.file.sync_data()?;
+        self.map.lock().expect("map lock").sync_data()
+    }
+
+    /// Deletes the overlay file and its map.
+    pub fn discard(self) -> std::io::Result<()> {
+        std::fs::remove_file(&self.path)?;
+        std::fs::remove_file(Self::map_path(&self.path))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -163,6 +304,36 @@ mod tests {
                 Ok(Piece { len, runs })
             })
         }
+    }
+
+    #[tokio::test]
+    async fn an_overlay_takes_writes_and_leaves_the_source_alone() {
+        let mut bytes = vec![0u8; 64 << 10];
+        bytes[..10000].fill(3);
+        let source = Mem { bytes: bytes.clone(), bad_at: None };
+        let dir = tempfile::tempdir().unwrap();
+        let o = Overlay::create(&dir.path().join("ov"), bytes.len() as u64).unwrap();
+        let mut model = bytes.clone();
+        for (offset, len, data) in [(100u64, 50u64, Some(7u8)), (4000, 5000, Some(8)), (8192, 4096, None), (60000, 5536, Some(9)), (5000, 10, None)] {
+            match data {
+                Some(v) => {
+                    o.write(&source, offset, len, Some(&vec![v; len as usize])).await.unwrap();
+                    model[offset as usize..(offset + len) as usize].fill(v);
+                }
+                None => {
+                    o.write(&source, offset, len, None).await.unwrap();
+                    model[offset as usize..(offset + len) as usize].fill(0);
+                }
+            }
+        }
+        assert_eq!(o.read(&source, 0, bytes.len() as u64).await.unwrap(), model);
+        assert_eq!(o.read(&source, 4001, 7).await.unwrap(), model[4001..4008]);
+        assert_eq!(source.bytes, bytes, "the source is never written");
+        assert!(o.write(&source, 65000, 1000, None).await.is_err());
+        let map = std::fs::read(Overlay::map_path(o.path())).unwrap();
+        assert_eq!(map.len() / 8, o.written_blocks().await);
+        o.discard().unwrap();
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
     }
 
     #[tokio::test]
