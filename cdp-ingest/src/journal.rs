@@ -582,6 +582,29 @@ mod tests {
         }
     }
 
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
+        /// A segment of garbage (alone, or after good entries) is cut or
+        /// refused at open, never a panic and never a batch.
+        #[test]
+        fn garbage_segments_are_cut_or_refused(garbage in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..2000), newest in proptest::prelude::any::<bool>()) {
+            let dir = tempfile::tempdir().unwrap();
+            std::fs::write(dir.path().join("identity"), "0000000000000007 g\n").unwrap();
+            std::fs::write(dir.path().join(segment_name(1)), &garbage).unwrap();
+            if !newest {
+                std::fs::write(dir.path().join(segment_name(2)), b"").unwrap();
+            }
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            rt.block_on(async {
+                match Journal::open(dir.path(), "g", JOURNAL_BYTES_MIN, || 7) {
+                    Ok(j) => assert_eq!(j.held(), None),
+                    Err(JournalError::Corrupt { .. }) => {}
+                    Err(e) => panic!("{e}"),
+                }
+            });
+        }
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_full_journal_holds_appends_until_trimmed() {
         let dir = tempfile::tempdir().unwrap();

@@ -279,6 +279,27 @@ mod tests {
         d
     }
 
+    proptest::proptest! {
+        /// Whatever bytes a client sends, the parsers answer with a value
+        /// or an error; they never panic.
+        #[test]
+        fn garbage_never_panics(data in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..300)) {
+            let _ = parse_go(&data);
+            let mut head = [0u8; OPTION_HEADER_BYTES];
+            let n = data.len().min(OPTION_HEADER_BYTES);
+            head[..n].copy_from_slice(&data[..n]);
+            let _ = parse_option_header(&head);
+            let mut req = [0u8; REQUEST_HEADER_BYTES];
+            let n = data.len().min(REQUEST_HEADER_BYTES);
+            req[..n].copy_from_slice(&data[..n]);
+            let _ = parse_request(&req);
+            let mut flags = [0u8; 4];
+            let n = data.len().min(4);
+            flags[..n].copy_from_slice(&data[..n]);
+            let _ = parse_client_flags(flags);
+        }
+    }
+
     #[test]
     fn go_requests() {
         assert_eq!(parse_go(&go_bytes("d0", &[3, 0])).unwrap(), GoRequest { name: "d0".into(), info: vec![3, 0] });

@@ -198,6 +198,12 @@ mod tests {
     }
 
     proptest! {
+        /// Stored bytes of any shape decode to a version or an error.
+        #[test]
+        fn garbage_versions_never_panic(data in proptest::collection::vec(any::<u8>(), 0..5000)) {
+            let _ = Version::decode(&data);
+        }
+
         /// Reading every block at every LSN through the index equals a byte
         /// model that applies the same events.
         #[test]
