@@ -217,9 +217,10 @@ pub(crate) struct BlockReader<'a> {
     disk: &'a str,
     prefix: Vec<u8>,
     recent: std::collections::VecDeque<(u64, Arc<StoredEvent>)>,
-    /// Iterators kept across blocks: making one costs more than a seek.
-    blocks_it: rocksdb::DBRawIteratorWithThreadMode<'a, DB>,
-    extents_it: rocksdb::DBRawIteratorWithThreadMode<'a, DB>,
+    /// Iterators kept across blocks (making one costs more than a seek),
+    /// made on first use: indexing an aligned write reads nothing.
+    blocks_it: Option<rocksdb::DBRawIteratorWithThreadMode<'a, DB>>,
+    extents_it: Option<rocksdb::DBRawIteratorWithThreadMode<'a, DB>>,
 }
 
 const RECENT_EVENTS: usize = 8;
@@ -233,8 +234,8 @@ impl<'a> BlockReader<'a> {
             disk,
             prefix: disk_prefix(group, disk),
             recent: Default::default(),
-            blocks_it: db.raw_iterator_cf(cf(db, CF_BLOCKS)),
-            extents_it: db.raw_iterator_cf(cf(db, CF_EXTENTS)),
+            blocks_it: None,
+            extents_it: None,
         }
     }
 
@@ -242,7 +243,8 @@ impl<'a> BlockReader<'a> {
     fn version(&mut self, block: u64, lsn: u64) -> std::io::Result<Option<(u64, Vec<u8>)>> {
         let key = block_key(self.group, self.disk, block, lsn);
         let block_prefix = &key[..self.prefix.len() + 8];
-        let it = &mut self.blocks_it;
+        let db = self.db;
+        let it = self.blocks_it.get_or_insert_with(|| db.raw_iterator_cf(cf(db, CF_BLOCKS)));
         it.seek_for_prev(&key);
         let mut found = None;
         if it.valid() {
@@ -277,7 +279,8 @@ impl<'a> BlockReader<'a> {
             let last = u64::from_le_bytes(v[8..16].try_into().expect("8 bytes"));
             (first..last).contains(&block)
         };
-        let it = &mut self.extents_it;
+        let db = self.db;
+        let it = self.extents_it.get_or_insert_with(|| db.raw_iterator_cf(cf(db, CF_EXTENTS)));
         it.seek(&start);
         while it.valid() {
             let k = it.key().expect("valid");
