@@ -150,8 +150,8 @@ async fn ship(client: Client, group: String, journal: Journal, window: usize, sh
 }
 
 /// Publishes the journal's state as metrics four times a second, and
-/// reports it to the site each second; a report the site does not take in time never holds up the
-/// metrics.
+/// reports it to the site each second; a report the site does not take in
+/// time never holds up the metrics.
 async fn report(client: Client, journal: Journal, group: String, disk: String, uri: String, shipped_lsn: Arc<AtomicU64>) {
     let client = client.with_deadline(Duration::from_secs(2));
     let mut sending: Option<tokio::task::JoinHandle<()>> = None;
