@@ -52,6 +52,8 @@ pub enum JournalError {
     OtherGroup { dir: PathBuf, found: String, wanted: String },
     #[error("journal bound {got} bytes is below the minimum of {JOURNAL_BYTES_MIN}")]
     TooSmall { got: u64 },
+    #[error("journal {dir} is in use by another tap")]
+    Busy { dir: PathBuf },
 }
 
 fn io_at(path: &Path) -> impl FnOnce(std::io::Error) -> JournalError + '_ {
@@ -107,6 +109,8 @@ struct State {
 }
 
 struct Shared {
+    /// Holds the folder's exclusive lock for as long as the journal is open.
+    _lock: File,
     dir: PathBuf,
     group: String,
     client_id: u64,
@@ -172,6 +176,7 @@ impl Journal {
             return Err(JournalError::TooSmall { got: bytes_max });
         }
         std::fs::create_dir_all(dir).map_err(io_at(dir))?;
+        let lock = lock_dir(dir)?;
         let client_id = identity(dir, group, new_client_id)?;
         let mut segments = VecDeque::new();
         let mut entries = VecDeque::new();
@@ -234,6 +239,7 @@ impl Journal {
             segments.push_back(Segment { first_seq: next_seq, path, file: Arc::new(file), last_seq: None, bytes: 0 });
         }
         let shared = Arc::new(Shared {
+            _lock: lock,
             dir: dir.to_path_buf(),
             group: group.to_string(),
             client_id,
@@ -351,6 +357,21 @@ impl Journal {
         let st = self.shared.state.lock().expect("journal lock");
         Some((st.entries.front()?.seq, st.entries.back()?.seq))
     }
+}
+
+/// Takes the folder's exclusive lock (`lock`, flock): one tap per journal.
+fn lock_dir(dir: &Path) -> Result<File, JournalError> {
+    use std::os::fd::AsRawFd;
+    let path = dir.join("lock");
+    let file = OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&path).map_err(io_at(&path))?;
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+            return Err(JournalError::Busy { dir: dir.to_path_buf() });
+        }
+        return Err(JournalError::Io { path, source: e });
+    }
+    Ok(file)
 }
 
 fn identity(dir: &Path, group: &str, new_client_id: impl FnOnce() -> u64) -> Result<u64, JournalError> {
@@ -527,6 +548,18 @@ mod tests {
     use super::*;
     use rewind_wire::event::Event;
 
+    /// Opens a journal just dropped: its writer thread lets go of the
+    /// folder's lock a moment after the last handle is gone.
+    fn reopen(dir: &Path, group: &str) -> Result<Journal, JournalError> {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            match Journal::open(dir, group, JOURNAL_BYTES_MIN, || 7) {
+                Err(JournalError::Busy { .. }) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(10)),
+                other => return other,
+            }
+        }
+    }
+
     fn events(n: usize, fill: u8) -> Vec<TimedEvent> {
         (0..n)
             .map(|i| TimedEvent { time_ns: 1000 + i as u64, event: Event::Write { disk: "d".into(), offset: (i as u64) * 4096, data: vec![fill; 4096] } })
@@ -545,14 +578,16 @@ mod tests {
         j.trim(6);
         assert_eq!(j.held(), Some((7, 10)));
         drop(j);
-        let j = Journal::open(dir.path(), "g", JOURNAL_BYTES_MIN, || panic!("identity is kept")).unwrap();
+        let j = reopen(dir.path(), "g").unwrap();
         // Trimmed batches in the newest segment are held again after a
         // reopen; the shipper asks the site what it has and trims them.
         assert_eq!(j.held(), Some((1, 10)));
         assert_eq!(j.append(events(1, 9)).await.unwrap(), 11);
         let b = j.next_after(10).await.unwrap();
         assert_eq!(b.events[0].event, events(1, 9)[0].event);
-        assert!(matches!(Journal::open(dir.path(), "other", JOURNAL_BYTES_MIN, || 1), Err(JournalError::OtherGroup { .. })));
+        assert!(matches!(Journal::open(dir.path(), "g", JOURNAL_BYTES_MIN, || 1), Err(JournalError::Busy { .. })), "a second tap on one journal");
+        drop(j);
+        assert!(matches!(reopen(dir.path(), "other"), Err(JournalError::OtherGroup { .. })));
     }
 
     #[tokio::test]
@@ -568,7 +603,7 @@ mod tests {
         // A half-written fourth entry.
         let f = OpenOptions::new().write(true).open(&seg).unwrap();
         f.write_all_at(&[200, 0, 0, 0, 1, 2, 3], len).unwrap();
-        let j = Journal::open(dir.path(), "g", JOURNAL_BYTES_MIN, || 7).unwrap();
+        let j = reopen(dir.path(), "g").unwrap();
         assert_eq!(j.held(), Some((1, 3)));
         assert_eq!(std::fs::metadata(&seg).unwrap().len(), len);
         drop(j);
@@ -576,7 +611,7 @@ mod tests {
         let f = OpenOptions::new().write(true).open(&seg).unwrap();
         f.write_all_at(&[0xff], len / 2).unwrap();
         std::fs::write(dir.path().join(segment_name(4)), b"").unwrap();
-        match Journal::open(dir.path(), "g", JOURNAL_BYTES_MIN, || 7) {
+        match reopen(dir.path(), "g") {
             Err(JournalError::Corrupt { offset, .. }) => assert!(offset > 0 && offset < len),
             other => panic!("expected corruption, got {:?}", other.map(|_| ())),
         }

@@ -230,6 +230,16 @@ fn open_backing(path: &Path, size_bytes: u64) -> anyhow::Result<std::fs::File> {
         .truncate(false)
         .open(path)
         .with_context(|| format!("open backing file {}", path.display()))?;
+    // One tap per backing file: a second would write behind the first's
+    // journal. The lock goes with the process, also on SIGKILL.
+    use std::os::fd::AsRawFd;
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+            bail!("backing file {} is in use by another tap (or another program holding a lock on it)", path.display());
+        }
+        return Err(e).with_context(|| format!("lock backing file {}", path.display()));
+    }
     let len = file.metadata()?.len();
     if len == 0 {
         file.set_len(size_bytes).with_context(|| format!("size backing file {}", path.display()))?;

@@ -200,6 +200,13 @@ async fn nbdinfo_and_bad_requests() {
     let out = Command::new("nbdinfo").arg(&wrong).output().unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("nope"), "{}", String::from_utf8_lossy(&out.stderr));
+    // A second tap on the same backing file is refused, saying why.
+    let second = Command::new(REWIND)
+        .args(["tap", "--group", "g", "--disk", "d0", "--backing", backing.to_str().unwrap(), "--listen", "127.0.0.1:0", "--config", site.config().to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(second.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&second.stderr).contains("in use by another tap"), "{}", String::from_utf8_lossy(&second.stderr));
     // A good write after the bad ones still works and is the only event.
     run(Command::new("qemu-io").args(["-f", "raw", &tap.uri, "-c", "write -P 9 0 4096"]));
     let events = log_of(&site, "g").await;
