@@ -62,10 +62,17 @@ enum Command {
     /// mode: answered once committed on the site; async: once in the tap's
     /// local journal).
     Tap(TapArgs),
-    /// Write a disk as it was at a point in its group's log (an LSN, a time,
-    /// a bookmark, or the latest) to a raw image file, from any node. Reads
-    /// go through the block index: the cost grows with the disk's size, not
-    /// its history.
+    /// A disk as it was at a point in its group's log (an LSN, a time, a
+    /// bookmark, or the latest), from any node: written to a raw image file,
+    /// or served over NBD (read-only, or writable through a copy-on-write
+    /// overlay). Reads go through the block index: the cost grows with the
+    /// disk's size, not its history.
+    ///
+    /// Examples:
+    ///   rewind replay vm1 --disk disk0 --at-bookmark before-upgrade --out disk0.raw
+    ///   rewind replay vm1 --disk disk0 --at-time 2026-11-22T05:09:40Z --serve 127.0.0.1:10810
+    ///   rewind replay vm1 --disk disk0 --latest --serve 127.0.0.1:10810 --writable
+    #[command(verbatim_doc_comment)]
     Replay(ReplayArgs),
     /// What a group can be replayed to: its continuous window (first and
     /// last LSN and their times) and its bookmarks, newest first.
@@ -212,7 +219,9 @@ struct TapArgs {
 struct ReplayArgs {
     #[command(flatten)]
     client: ClientArgs,
+    /// The consistency group.
     group: String,
+    /// The disk of the group to replay.
     #[arg(long)]
     disk: String,
     /// Replay to this LSN (see `rewind points GROUP`).
