@@ -6,6 +6,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 . ops/env.sh
 bash ops/setup-debian.sh
+# The peers the benchmarks compare with (their smoke test runs below).
+bash ops/setup-peers.sh
 log=$(mktemp)
 # Integration tests each run a 3-node site; one at a time on a 2-core machine.
 set +e

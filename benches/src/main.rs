@@ -18,6 +18,8 @@ use rewind_node::config::{ClientConfig, RaftTuning};
 use rewind_node::load::{self, LoadSpec};
 use rewind_wire::rpc::DiskSpec;
 
+mod jetstream;
+
 #[derive(Parser)]
 #[command(name = "rewind-benches", about = "rewind's benchmarks: tables of measured figures, never a pass/fail on time.")]
 struct Cli {
@@ -47,6 +49,9 @@ enum Bench {
     /// Replay of a 1 GiB disk to a file after 10^4, 10^5 and 10^6 logged
     /// writes, vs qemu-img convert of the same image from a plain file.
     Replay,
+    /// The same records into a rewind site and a 3-node NATS JetStream
+    /// cluster (replicas=3, file storage), 1 and 64 in flight.
+    Ingest,
     /// Every benchmark.
     All,
 }
@@ -510,6 +515,108 @@ fn serve_once(client: &Path) -> anyhow::Result<(f64, f64)> {
     Ok((ttfb_ms, copy.elapsed().as_secs_f64()))
 }
 
+/// One ingest row's figures.
+struct IngestRow {
+    mb_s: f64,
+    records_s: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+    p999_ms: f64,
+    cpu_s_per_gb: f64,
+}
+
+fn ingest_row(records: u64, bytes: u64, elapsed: Duration, h: &hdrhistogram::Histogram<u64>, cpu_s: f64) -> IngestRow {
+    let secs = elapsed.as_secs_f64().max(1e-9);
+    IngestRow {
+        mb_s: bytes as f64 / 1e6 / secs,
+        records_s: records as f64 / secs,
+        p50_ms: h.value_at_quantile(0.5) as f64 / 1e3,
+        p99_ms: h.value_at_quantile(0.99) as f64 / 1e3,
+        p999_ms: h.value_at_quantile(0.999) as f64 / 1e3,
+        cpu_s_per_gb: cpu_s / (bytes as f64 / 1e9).max(1e-9),
+    }
+}
+
+/// The same records, one client, 1 and 64 in flight, into rewind and into
+/// NATS JetStream; CPU of all server processes from /proc.
+async fn bench_ingest(cli: &Cli, out: &mut String) -> anyhow::Result<()> {
+    let (mib, seconds) = if cli.smoke { (cli.mib.unwrap_or(4), 2u64) } else { (cli.mib.unwrap_or(256), 15) };
+    let work = tempfile::Builder::new().prefix("rewind-bench-").tempdir_in(std::env::var("REWIND_BENCH_DIR").unwrap_or("/var/tmp".into()))?;
+    let version = jetstream::server_version().ok_or_else(|| anyhow::anyhow!("nats-server is not installed: run `bash ops/setup-peers.sh` (Debian's nats-server package)"))?;
+    let dir = work.path().join("site");
+    let opts = rewind_node::dev::UpOptions { exe: rewind_binary()?, nodes: 3, dir: dir.clone(), raft: RaftTuning::default() };
+    let client_path = rewind_node::dev::up(&opts).await?;
+    let site = rewind_node::dev::DevSite::load(&dir)?;
+    let nats = jetstream::start_cluster(&work.path().join("nats"), free_port);
+    let result = async {
+        let nats = nats?;
+        jetstream::create_stream(nats[0].port).await?;
+        let client = Client::new(&ClientConfig::load(&client_path)?)?;
+        let disk_bytes = 64u64 << 30;
+        client.create_group("bench", vec![DiskSpec { name: "d0".into(), size_bytes: disk_bytes, sector_bytes: 512 }]).await?;
+        let rewind_pids: Vec<u32> = site.nodes.iter().map(|n| n.pid).collect();
+        let nats_pids: Vec<u32> = nats.iter().map(|n| n.child.id()).collect();
+        let cpu = |pids: &[u32]| pids.iter().map(|p| sample(*p).cpu_s).sum::<f64>();
+        let mut lines = vec![
+            format!("## ingest: one client, the same records into a rewind 3-node site and a 3-node NATS JetStream cluster ({version}, replicas=3, file storage), {mib} MiB or {seconds} s per row, whichever ends first; CPU of all three server processes from /proc
+"),
+            "Durability: rewind acknowledges after fsync on a majority. JetStream 2.9 acknowledges after the write reaches a quorum's memory and syncs its files every 2 minutes (`sync_interval: always` arrived in 2.10, so this server cannot run it): its rows are **not durable at acknowledgement**.".into(),
+            String::new(),
+            "| record | in flight | system | durable at ack | MB/s | records/s | ack p50 ms | p99 ms | p99.9 ms | CPU s per GB (3 servers) | rewind / peer MB/s |".into(),
+            "|---|---|---|---|---|---|---|---|---|---|---|".into(),
+        ];
+        for size in [4096usize, 64 << 10, 1 << 20] {
+            for window in [1usize, 64] {
+                let records = ((mib << 20) / size as u64).max(1);
+                eprintln!("ingest: {} x {records}, {window} in flight", fmt_size(size));
+                let spec = LoadSpec {
+                    group: "bench".into(),
+                    disk: "d0".into(),
+                    disk_bytes,
+                    events: records,
+                    sizes: vec![size],
+                    window,
+                    batch_bytes: size,
+                    seed: size as u64 + window as u64,
+                    time_max: Duration::from_secs(seconds),
+                };
+                let before = cpu(&rewind_pids);
+                let r = load::run(client.clone(), &spec, |_, _| {}).await?;
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                if !r.errors.is_empty() {
+                    bail!("{} batches failed: {}", r.errors.len(), r.errors[0]);
+                }
+                let ours = ingest_row(r.events, r.bytes, r.elapsed, &r.latency_us, cpu(&rewind_pids) - before);
+                let before = cpu(&nats_pids);
+                let j = jetstream::publish(nats[0].port, size, records, window, Duration::from_secs(seconds)).await?;
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                let peer = ingest_row(j.records, j.bytes, j.elapsed, &j.latency_us, cpu(&nats_pids) - before);
+                for (name, durable, row) in [("rewind", "yes (fsync, majority)", &ours), ("NATS JetStream", "no (fsync every 2 min)", &peer)] {
+                    lines.push(format!(
+                        "| {} | {window} | {name} | {durable} | {:.1} | {:.0} | {:.2} | {:.2} | {:.2} | {:.1} | {} |",
+                        fmt_size(size),
+                        row.mb_s,
+                        row.records_s,
+                        row.p50_ms,
+                        row.p99_ms,
+                        row.p999_ms,
+                        row.cpu_s_per_gb,
+                        if name == "rewind" { format!("{:.2}", ours.mb_s / peer.mb_s.max(1e-9)) } else { String::new() }
+                    ));
+                }
+            }
+        }
+        Ok::<_, anyhow::Error>(lines.join("\n"))
+    }
+    .await;
+    rewind_node::dev::down(&dir, true)?;
+    let table = result?;
+    println!("{table}\n");
+    out.push_str(&table);
+    out.push_str("\n\n");
+    Ok(())
+}
+
 fn results_dir(cli: &Cli) -> PathBuf {
     cli.out.clone().unwrap_or_else(|| {
         let days = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() / 86400).unwrap_or(0);
@@ -536,7 +643,7 @@ fn main() -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     let mut out = String::new();
     let benches = match cli.bench {
-        Bench::All => vec![Bench::Append, Bench::Tap, Bench::Replay],
+        Bench::All => vec![Bench::Append, Bench::Ingest, Bench::Tap, Bench::Replay],
         b => vec![b],
     };
     for b in benches {
@@ -544,6 +651,7 @@ fn main() -> anyhow::Result<()> {
             Bench::Append | Bench::All => runtime.block_on(bench_append(&cli, &mut out))?,
             Bench::Tap => runtime.block_on(bench_tap(&cli, &mut out))?,
             Bench::Replay => runtime.block_on(bench_replay(&cli, &mut out))?,
+            Bench::Ingest => runtime.block_on(bench_ingest(&cli, &mut out))?,
         }
     }
     let dir = results_dir(&cli);
@@ -553,6 +661,7 @@ fn main() -> anyhow::Result<()> {
         (false, Bench::Append) => "append.md",
         (false, Bench::Tap) => "tap.md",
         (false, Bench::Replay) => "replay.md",
+        (false, Bench::Ingest) => "ingest.md",
         (false, Bench::All) => "all.md",
     };
     std::fs::write(dir.join(name), &out)?;
