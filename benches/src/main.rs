@@ -18,6 +18,7 @@ use rewind_node::config::{ClientConfig, RaftTuning};
 use rewind_node::load::{self, LoadSpec};
 use rewind_wire::rpc::DiskSpec;
 
+mod etcd;
 mod jetstream;
 
 #[derive(Parser)]
@@ -547,22 +548,29 @@ async fn bench_ingest(cli: &Cli, out: &mut String) -> anyhow::Result<()> {
     let opts = rewind_node::dev::UpOptions { exe: rewind_binary()?, nodes: 3, dir: dir.clone(), raft: RaftTuning::default() };
     let client_path = rewind_node::dev::up(&opts).await?;
     let site = rewind_node::dev::DevSite::load(&dir)?;
+    let etcd_version = etcd::server_version().ok_or_else(|| anyhow::anyhow!("etcd is not installed: run `bash ops/setup-peers.sh` (Debian's etcd-server package)"))?;
+    std::fs::create_dir_all(work.path().join("nats"))?;
+    std::fs::create_dir_all(work.path().join("etcd"))?;
     let nats = jetstream::start_cluster(&work.path().join("nats"), free_port);
+    let etcd = etcd::start_cluster(&work.path().join("etcd"), free_port);
     let result = async {
         let nats = nats?;
+        let etcd = etcd?;
         jetstream::create_stream(nats[0].port).await?;
+        etcd::wait_ready(etcd[0].port).await?;
         let client = Client::new(&ClientConfig::load(&client_path)?)?;
         let disk_bytes = 64u64 << 30;
         client.create_group("bench", vec![DiskSpec { name: "d0".into(), size_bytes: disk_bytes, sector_bytes: 512 }]).await?;
         let rewind_pids: Vec<u32> = site.nodes.iter().map(|n| n.pid).collect();
         let nats_pids: Vec<u32> = nats.iter().map(|n| n.child.id()).collect();
+        let etcd_pids: Vec<u32> = etcd.iter().map(|n| n.child.id()).collect();
         let cpu = |pids: &[u32]| pids.iter().map(|p| sample(*p).cpu_s).sum::<f64>();
         let mut lines = vec![
-            format!("## ingest: one client, the same records into a rewind 3-node site and a 3-node NATS JetStream cluster ({version}, replicas=3, file storage), {mib} MiB or {seconds} s per row, whichever ends first; CPU of all three server processes from /proc
+            format!("## ingest: one client, the same records into a rewind 3-node site, a 3-node NATS JetStream cluster ({version}, replicas=3, file storage) and a 3-node etcd cluster ({etcd_version}, through its JSON gateway), {mib} MiB or {seconds} s per row, whichever ends first; CPU of all three server processes from /proc
 "),
-            "Durability: rewind acknowledges after fsync on a majority. JetStream 2.9 acknowledges after the write reaches a quorum's memory and syncs its files every 2 minutes (`sync_interval: always` arrived in 2.10, so this server cannot run it): its rows are **not durable at acknowledgement**.".into(),
+            "Durability: rewind acknowledges after fsync on a majority; so does etcd (WAL fsync). JetStream 2.9 acknowledges after the write reaches a quorum's memory and syncs its files every 2 minutes (`sync_interval: always` arrived in 2.10, so this server cannot run it): its rows are **not durable at acknowledgement**. etcd is driven through its HTTP/JSON gateway (values base64), which costs it CPU a gRPC client would not spend.".into(),
             String::new(),
-            "| record | in flight | system | durable at ack | MB/s | records/s | ack p50 ms | p99 ms | p99.9 ms | CPU s per GB (3 servers) | rewind / peer MB/s |".into(),
+            "| record | in flight | system | durable at ack | MB/s | records/s | ack p50 ms | p99 ms | p99.9 ms | CPU s per GB (3 servers) | rewind MB/s ÷ this |".into(),
             "|---|---|---|---|---|---|---|---|---|---|---|".into(),
         ];
         for size in [4096usize, 64 << 10, 1 << 20] {
@@ -591,7 +599,15 @@ async fn bench_ingest(cli: &Cli, out: &mut String) -> anyhow::Result<()> {
                 let j = jetstream::publish(nats[0].port, size, records, window, Duration::from_secs(seconds)).await?;
                 tokio::time::sleep(Duration::from_millis(300)).await;
                 let peer = ingest_row(j.records, j.bytes, j.elapsed, &j.latency_us, cpu(&nats_pids) - before);
-                for (name, durable, row) in [("rewind", "yes (fsync, majority)", &ours), ("NATS JetStream", "no (fsync every 2 min)", &peer)] {
+                let before = cpu(&etcd_pids);
+                let e = etcd::put(etcd[0].port, size, records, window, Duration::from_secs(seconds)).await?;
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                let etcd_row = ingest_row(e.records, e.bytes, e.elapsed, &e.latency_us, cpu(&etcd_pids) - before);
+                for (name, durable, row) in [
+                    ("rewind", "yes (fsync, majority)", &ours),
+                    ("NATS JetStream", "no (fsync every 2 min)", &peer),
+                    ("etcd", "yes (WAL fsync, majority)", &etcd_row),
+                ] {
                     lines.push(format!(
                         "| {} | {window} | {name} | {durable} | {:.1} | {:.0} | {:.2} | {:.2} | {:.2} | {:.1} | {} |",
                         fmt_size(size),
@@ -601,7 +617,7 @@ async fn bench_ingest(cli: &Cli, out: &mut String) -> anyhow::Result<()> {
                         row.p99_ms,
                         row.p999_ms,
                         row.cpu_s_per_gb,
-                        if name == "rewind" { format!("{:.2}", ours.mb_s / peer.mb_s.max(1e-9)) } else { String::new() }
+                        if name == "rewind" { String::new() } else { format!("{:.2}", ours.mb_s / row.mb_s.max(1e-9)) }
                     ));
                 }
             }

@@ -29,6 +29,6 @@ fn every_benchmark_prints_its_tables() {
             assert!(cells.iter().all(|c| c.parse::<f64>().is_err()), "a row without numbers: {row}");
         }
     }
-    // append 3 + ingest 12 + tap 6 + RPO 1 + replay 2.
-    assert!(data_rows >= 24, "only {data_rows} rows with numbers in:\n{text}");
+    // append 3 + ingest 18 + tap 6 + RPO 1 + replay 2.
+    assert!(data_rows >= 30, "only {data_rows} rows with numbers in:\n{text}");
 }
