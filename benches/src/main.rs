@@ -53,6 +53,10 @@ enum Bench {
     /// The same records into a rewind site and a 3-node NATS JetStream
     /// cluster (replicas=3, file storage), 1 and 64 in flight.
     Ingest,
+    /// The machine's own ceilings: durable sequential writes (fio with
+    /// fdatasync), O_DIRECT reads, and QUIC throughput of quinn on loopback
+    /// with rewind's TLS and transport settings.
+    Limits,
     /// Every benchmark.
     All,
 }
@@ -412,10 +416,10 @@ async fn bench_replay(cli: &Cli, out: &mut String) -> anyhow::Result<()> {
         let client = Client::new(&ClientConfig::load(&client_path)?)?;
         client.create_group("bench", vec![DiskSpec { name: "d0".into(), size_bytes: disk_bytes, sector_bytes: 512 }]).await?;
         let mut lines = vec![
-            format!("## replay: a {} MiB disk to a raw file (`rewind replay --latest`, from a follower, through the block index) and as an NBD export (`--serve`) after N logged 4 KiB writes at random aligned offsets, vs `qemu-img convert` of the same image from a plain file; median (min-max) of {} runs (the --serve columns: one run)
+            format!("## replay: a {} MiB disk to a raw file (`rewind replay --latest`, from a follower, through the block index) and as an NBD export (`--serve`) after N logged 4 KiB writes at random aligned offsets, vs `restic restore` of the same image from a local restic repository (backed up just before, not timed) and `qemu-img convert` of it from a plain file; median (min-max) of {} runs (the --serve and restic columns: one run)
 ", disk_bytes >> 20, cli.runs.max(1)),
-            "| logged writes | ingest s | data MiB (4 KiB blocks not known zero) | replay s | replay MB/s | --serve: first 4 KiB read, ms | --serve read by nbdcopy, MB/s | qemu-img convert s | qemu-img MB/s | replay / qemu-img |".into(),
-            "|---|---|---|---|---|---|---|---|---|---|".into(),
+            "| logged writes | ingest s | data MiB (4 KiB blocks not known zero) | replay s | replay MB/s | --serve: first 4 KiB read, ms | --serve read by nbdcopy, MB/s | restic restore s | restic MB/s | qemu-img convert s | qemu-img MB/s | replay speed ÷ restic | replay speed ÷ qemu-img |".into(),
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|".into(),
         ];
         let mut done = 0u64;
         for target in stages {
@@ -465,15 +469,19 @@ async fn bench_replay(cli: &Cli, out: &mut String) -> anyhow::Result<()> {
                 std::fs::remove_file(&copy)?;
             }
             let (ttfb_ms, serve_s) = serve_once(&client_path)?;
+            let restic = restic_restore_s(work.path(), &image)?;
             let (r, rmin, rmax) = median(replay_s);
             let (c, cmin, cmax) = median(convert_s);
             let mb = disk_bytes as f64 / 1e6;
             lines.push(format!(
-                "| {target} | {ingest_s:.1} | {:.0} | {r:.2} ({rmin:.2}-{rmax:.2}) | {:.0} | {ttfb_ms:.0} | {:.0} | {c:.2} ({cmin:.2}-{cmax:.2}) | {:.0} | {:.2} |",
+                "| {target} | {ingest_s:.1} | {:.0} | {r:.2} ({rmin:.2}-{rmax:.2}) | {:.0} | {ttfb_ms:.0} | {:.0} | {:.2} | {:.0} | {c:.2} ({cmin:.2}-{cmax:.2}) | {:.0} | {:.2} | {:.2} |",
                 data_bytes as f64 / 1048576.0,
                 mb / r,
                 mb / serve_s,
+                restic,
+                mb / restic,
                 mb / c,
+                restic / r,
                 c / r
             ));
         }
@@ -486,6 +494,35 @@ async fn bench_replay(cli: &Cli, out: &mut String) -> anyhow::Result<()> {
     out.push_str(&table);
     out.push_str("\n\n");
     Ok(())
+}
+
+/// Backs `image` up into a fresh local restic repository (not timed), then
+/// times `restic restore` of it. Returns the restore's seconds.
+fn restic_restore_s(work: &Path, image: &Path) -> anyhow::Result<f64> {
+    let repo = work.join("restic-repo");
+    let target = work.join("restic-restore");
+    let _ = std::fs::remove_dir_all(&repo);
+    let _ = std::fs::remove_dir_all(&target);
+    let restic = |args: &[&str]| -> anyhow::Result<()> {
+        let out = std::process::Command::new("restic")
+            .args(["--repo", repo.to_str().unwrap(), "--quiet", "--no-cache"])
+            .args(args)
+            .env("RESTIC_PASSWORD", "rewind-bench")
+            .output()
+            .context("run restic (install it with `bash ops/setup-peers.sh`)")?;
+        if !out.status.success() {
+            bail!("restic {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(())
+    };
+    restic(&["init"])?;
+    restic(&["backup", image.to_str().unwrap()])?;
+    let started = Instant::now();
+    restic(&["restore", "latest", "--target", target.to_str().unwrap()])?;
+    let took = started.elapsed().as_secs_f64();
+    let _ = std::fs::remove_dir_all(&repo);
+    let _ = std::fs::remove_dir_all(&target);
+    Ok(took)
 }
 
 /// Starts `rewind replay --latest --serve` on a follower; returns the time
@@ -514,6 +551,94 @@ fn serve_once(client: &Path) -> anyhow::Result<(f64, f64)> {
         bail!("nbdcopy failed");
     }
     Ok((ttfb_ms, copy.elapsed().as_secs_f64()))
+}
+
+/// fio on a file in the benchmark folder: (MB/s, IOPS).
+fn fio_file(file: &Path, rw: &str, bs: &str, extra: &[&str], seconds: u64) -> anyhow::Result<(f64, f64)> {
+    let out = std::process::Command::new("fio")
+        .args(["--name=limit", &format!("--filename={}", file.display()), &format!("--rw={rw}"), &format!("--bs={bs}"), "--size=1G", "--time_based", &format!("--runtime={seconds}"), "--output-format=json", "--ioengine=psync"])
+        .args(extra)
+        .output()
+        .context("run fio (install it with ops/setup-debian.sh)")?;
+    if !out.status.success() {
+        bail!("fio failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    let json: serde_json::Value = serde_json::from_str(&text[text.find('{').unwrap_or(0)..]).context("parse fio's JSON")?;
+    let side = if rw.contains("read") { "read" } else { "write" };
+    let j = &json["jobs"][0][side];
+    Ok((j["bw_bytes"].as_f64().unwrap_or(0.0) / 1e6, j["iops"].as_f64().unwrap_or(0.0)))
+}
+
+/// Sends `bytes` over one QUIC stream between two endpoints on 127.0.0.1
+/// with rewind's TLS (mutual, from a fresh site CA) and transport settings;
+/// returns MB/s as the receiver saw it.
+async fn quinn_loopback(dir: &Path, bytes: u64) -> anyhow::Result<f64> {
+    use rewind_node::config::TlsFiles;
+    rewind_node::tls::make_ca(dir, "ca")?;
+    rewind_node::tls::make_leaf(dir, "server")?;
+    rewind_node::tls::make_leaf(dir, "client")?;
+    let files = |name: &str| TlsFiles { ca: dir.join("ca.pem"), cert: dir.join(format!("{name}.pem")), key: dir.join(format!("{name}.key")) };
+    let server = quinn::Endpoint::server(rewind_node::tls::server_config(&files("server"))?, "127.0.0.1:0".parse()?)?;
+    let addr = server.local_addr()?;
+    let client = rewind_node::transport::client_endpoint(&addr, rewind_node::tls::client_config(&files("client"))?)?;
+    let receiver = tokio::spawn(async move {
+        let conn = server.accept().await.context("no connection")?.await?;
+        let mut recv = conn.accept_uni().await?;
+        let started = Instant::now();
+        let mut got = 0u64;
+        let mut buf = vec![0u8; 1 << 20];
+        while let Some(n) = recv.read(&mut buf).await? {
+            got += n as u64;
+        }
+        let secs = started.elapsed().as_secs_f64();
+        conn.close(0u32.into(), b"done");
+        Ok::<_, anyhow::Error>(got as f64 / 1e6 / secs)
+    });
+    let conn = client.connect(addr, rewind_node::tls::SERVER_NAME)?.await?;
+    let mut send = conn.open_uni().await?;
+    let chunk = vec![0x5au8; 1 << 20];
+    let mut sent = 0u64;
+    while sent < bytes {
+        send.write_all(&chunk).await?;
+        sent += chunk.len() as u64;
+    }
+    send.finish()?;
+    let mb_s = receiver.await??;
+    client.wait_idle().await;
+    Ok(mb_s)
+}
+
+async fn bench_limits(cli: &Cli, out: &mut String) -> anyhow::Result<()> {
+    let seconds = if cli.smoke { 1 } else { 5 };
+    let work = tempfile::Builder::new().prefix("rewind-bench-").tempdir_in(std::env::var("REWIND_BENCH_DIR").unwrap_or("/var/tmp".into()))?;
+    let file = work.path().join("limit.dat");
+    let mut lines = vec![
+        format!("## limits: this machine's ceilings, measured in the same run (fio {seconds} s per row on the benchmark folder's file system; quinn over loopback)
+"),
+        "| measure | MB/s | IOPS | what it bounds |".into(),
+        "|---|---|---|---|".into(),
+    ];
+    for bs in ["4k", "64k", "1m"] {
+        eprintln!("limits: fio write {bs} with fdatasync after each");
+        let (mb, iops) = fio_file(&file, "write", bs, &["--fdatasync=1"], seconds)?;
+        lines.push(format!("| sequential write {bs}, fdatasync after each | {mb:.1} | {iops:.0} | a durable write at queue depth 1 (log, journal) |"));
+    }
+    eprintln!("limits: fio O_DIRECT read 1m");
+    // Lay the file out first, so the reads hit the disk, not holes.
+    fio_file(&file, "write", "1m", &["--end_fsync=1", "--time_based=0", "--runtime=0"], seconds).ok();
+    let (mb, iops) = fio_file(&file, "read", "1m", &["--direct=1"], seconds)?;
+    lines.push(format!("| sequential read 1m, O_DIRECT | {mb:.1} | {iops:.0} | replay reading the store cold |"));
+    std::fs::remove_file(&file).ok();
+    eprintln!("limits: quinn loopback");
+    let bytes = if cli.smoke { 64u64 << 20 } else { 2u64 << 30 };
+    let mb = quinn_loopback(work.path(), bytes).await?;
+    lines.push(format!("| QUIC over loopback, one stream, rewind's TLS and windows ({} MiB) | {mb:.1} | | every byte between nodes, and replay's reads |", bytes >> 20));
+    let table = lines.join("\n");
+    println!("{table}\n");
+    out.push_str(&table);
+    out.push_str("\n\n");
+    Ok(())
 }
 
 /// One ingest row's figures.
@@ -659,7 +784,7 @@ fn main() -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     let mut out = String::new();
     let benches = match cli.bench {
-        Bench::All => vec![Bench::Append, Bench::Ingest, Bench::Tap, Bench::Replay],
+        Bench::All => vec![Bench::Limits, Bench::Append, Bench::Ingest, Bench::Tap, Bench::Replay],
         b => vec![b],
     };
     for b in benches {
@@ -668,6 +793,7 @@ fn main() -> anyhow::Result<()> {
             Bench::Tap => runtime.block_on(bench_tap(&cli, &mut out))?,
             Bench::Replay => runtime.block_on(bench_replay(&cli, &mut out))?,
             Bench::Ingest => runtime.block_on(bench_ingest(&cli, &mut out))?,
+            Bench::Limits => runtime.block_on(bench_limits(&cli, &mut out))?,
         }
     }
     let dir = results_dir(&cli);
@@ -678,6 +804,7 @@ fn main() -> anyhow::Result<()> {
         (false, Bench::Tap) => "tap.md",
         (false, Bench::Replay) => "replay.md",
         (false, Bench::Ingest) => "ingest.md",
+        (false, Bench::Limits) => "limits.md",
         (false, Bench::All) => "all.md",
     };
     std::fs::write(dir.join(name), &out)?;
