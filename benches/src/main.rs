@@ -20,6 +20,7 @@ use rewind_wire::rpc::DiskSpec;
 
 mod etcd;
 mod jetstream;
+mod svg;
 
 #[derive(Parser)]
 #[command(name = "rewind-benches", about = "rewind's benchmarks: tables of measured figures, never a pass/fail on time.")]
@@ -765,6 +766,8 @@ async fn bench_ingest(cli: &Cli, out: &mut String) -> anyhow::Result<()> {
         let client = Client::new(&ClientConfig::load(&client_path)?)?;
         let disk_bytes = 64u64 << 30;
         client.create_group("bench", vec![DiskSpec { name: "d0".into(), size_bytes: disk_bytes, sector_bytes: 512 }]).await?;
+        let plots = results_dir(cli).join(if cli.smoke { "smoke-plots" } else { "plots" });
+        let mut plot_names: Vec<String> = Vec::new();
         let rewind_pids: Vec<u32> = site.nodes.iter().map(|n| n.pid).collect();
         let nats_pids: Vec<u32> = nats.iter().map(|n| n.child.id()).collect();
         let etcd_pids: Vec<u32> = etcd.iter().map(|n| n.child.id()).collect();
@@ -807,6 +810,14 @@ async fn bench_ingest(cli: &Cli, out: &mut String) -> anyhow::Result<()> {
                 let e = etcd::put(etcd[0].port, size, records, window, Duration::from_secs(seconds)).await?;
                 tokio::time::sleep(Duration::from_millis(300)).await;
                 let etcd_row = ingest_row(e.records, e.bytes, e.elapsed, &e.latency_us, cpu(&etcd_pids) - before);
+                let plot = svg::percentiles(
+                    &format!("ack latency, {} records, {window} in flight", fmt_size(size)),
+                    &[("rewind", &r.latency_us), ("etcd", &e.latency_us), ("JetStream (no fsync)", &j.latency_us)],
+                );
+                let name = format!("ingest-latency-{}-{window}.svg", fmt_size(size).replace(' ', ""));
+                std::fs::create_dir_all(&plots)?;
+                std::fs::write(plots.join(&name), plot)?;
+                plot_names.push(name);
                 for (name, durable, row) in [
                     ("rewind", "yes (fsync, majority)", &ours),
                     ("NATS JetStream", "no (fsync every 2 min)", &peer),
@@ -826,6 +837,8 @@ async fn bench_ingest(cli: &Cli, out: &mut String) -> anyhow::Result<()> {
                 }
             }
         }
+        lines.push(String::new());
+        lines.push(format!("Latency percentile plots: {}", plot_names.iter().map(|n| format!("[{n}]({}/{n})", plots.file_name().unwrap().to_string_lossy())).collect::<Vec<_>>().join(", ")));
         Ok::<_, anyhow::Error>(lines.join("\n"))
     }
     .await;
