@@ -65,6 +65,39 @@ enum Bench {
     All,
 }
 
+/// Key figures of this run, by name, for the fractions table of `all`.
+static FIGURES: std::sync::Mutex<std::collections::BTreeMap<String, f64>> = std::sync::Mutex::new(std::collections::BTreeMap::new());
+
+fn record(name: &str, value: f64) {
+    FIGURES.lock().expect("figures lock").insert(name.to_string(), value);
+}
+
+/// Our figures as fractions of the machine's limits measured in the same
+/// run; only rows whose two figures were both measured.
+fn fractions() -> String {
+    let f = FIGURES.lock().expect("figures lock").clone();
+    let rows = [
+        ("append 4 KiB MB/s (3 replicas on one disk)", "append.4k", "sequential 1 MiB writes with fdatasync", "limit.fdatasync.1m"),
+        ("append 64 KiB MB/s (3 replicas on one disk)", "append.64k", "sequential 1 MiB writes with fdatasync", "limit.fdatasync.1m"),
+        ("append 1 MiB MB/s (3 replicas on one disk)", "append.1m", "sequential 1 MiB writes with fdatasync", "limit.fdatasync.1m"),
+        ("tap sync, 1 MiB writes, qd 32, MB/s", "tap.sync.1m.32", "sequential 1 MiB writes with fdatasync", "limit.fdatasync.1m"),
+        ("tap async, 4 KiB random writes, qd 1, MB/s", "tap.async.4k.1", "sequential 4 KiB writes with fdatasync", "limit.fdatasync.4k"),
+        ("replay to a file, fullest disk, MB/s", "replay.file", "O_DIRECT 1 MiB reads", "limit.direct_read"),
+        ("replay --serve read by nbdcopy, fullest disk, MB/s", "replay.serve", "QUIC loopback, one stream", "limit.quic"),
+    ];
+    let mut lines = vec![
+        "## fractions: our figures against this machine's limits, from this run\n".to_string(),
+        "| figure | value | limit | limit value | fraction |".into(),
+        "|---|---|---|---|---|".into(),
+    ];
+    for (what, key, limit, lkey) in rows {
+        if let (Some(v), Some(l)) = (f.get(key), f.get(lkey)) {
+            lines.push(format!("| {what} | {v:.1} | {limit} | {l:.1} | {:.2} |", v / l.max(1e-9)));
+        }
+    }
+    lines.join("\n")
+}
+
 /// CPU time and bytes written of one process, from /proc.
 #[derive(Debug, Clone, Copy, Default)]
 struct ProcSample {
@@ -214,6 +247,7 @@ async fn bench_append(cli: &Cli, out: &mut String) -> anyhow::Result<()> {
         let per_write = fdatasync_limit(work.path(), size, mib.min(64), true)?;
         let per_mib = fdatasync_limit(work.path(), size, mib.min(256), false)?;
         let (mb, mb_lo, mb_hi) = median(rows.iter().map(|r| r.mb_s).collect());
+        record(&format!("append.{}", match size { 4096 => "4k", 65536 => "64k", _ => "1m" }), mb);
         let (ev, _, _) = median(rows.iter().map(|r| r.events_s).collect());
         let (p50, _, _) = median(rows.iter().map(|r| r.p50_ms).collect());
         let (p99, _, _) = median(rows.iter().map(|r| r.p99_ms).collect());
@@ -356,6 +390,8 @@ async fn bench_tap(cli: &Cli, out: &mut String) -> anyhow::Result<()> {
                 wait_drained(metrics_port)?;
                 let a = fio(&nbd(&async_uri), rw, bs, iodepth, seconds)?;
                 let q = fio(&nbd(&peer_uri), rw, bs, iodepth, seconds)?;
+                record(&format!("tap.sync.{bs}.{iodepth}"), t.mb_s);
+                record(&format!("tap.async.{bs}.{iodepth}"), a.mb_s);
                 lines.push(format!(
                     "| {rw} {bs} | {iodepth} | {:.0} | {:.1} | {:.2} / {:.2} | {:.0} | {:.1} | {:.2} / {:.2} | {:.0} | {:.1} | {:.2} / {:.2} | {:.2} | {:.2} |",
                     t.iops, t.mb_s, t.clat_p50_ms, t.clat_p99_ms, a.iops, a.mb_s, a.clat_p50_ms, a.clat_p99_ms, q.iops, q.mb_s, q.clat_p50_ms, q.clat_p99_ms,
@@ -477,6 +513,8 @@ async fn bench_replay(cli: &Cli, out: &mut String) -> anyhow::Result<()> {
             let (r, rmin, rmax) = median(replay_s);
             let (c, cmin, cmax) = median(convert_s);
             let mb = disk_bytes as f64 / 1e6;
+            record("replay.file", mb / r);
+            record("replay.serve", mb / serve_s);
             lines.push(format!(
                 "| {target} | {ingest_s:.1} | {:.0} | {r:.2} ({rmin:.2}-{rmax:.2}) | {:.0} | {ttfb_ms:.0} | {:.0} | {:.2} | {:.0} | {c:.2} ({cmin:.2}-{cmax:.2}) | {:.0} | {:.2} | {:.2} |",
                 data_bytes as f64 / 1048576.0,
@@ -626,17 +664,20 @@ async fn bench_limits(cli: &Cli, out: &mut String) -> anyhow::Result<()> {
     for bs in ["4k", "64k", "1m"] {
         eprintln!("limits: fio write {bs} with fdatasync after each");
         let (mb, iops) = fio_file(&file, "write", bs, &["--fdatasync=1"], seconds)?;
+        record(&format!("limit.fdatasync.{bs}"), mb);
         lines.push(format!("| sequential write {bs}, fdatasync after each | {mb:.1} | {iops:.0} | a durable write at queue depth 1 (log, journal) |"));
     }
     eprintln!("limits: fio O_DIRECT read 1m");
     // Lay the file out first, so the reads hit the disk, not holes.
     fio_file(&file, "write", "1m", &["--end_fsync=1", "--time_based=0", "--runtime=0"], seconds).ok();
     let (mb, iops) = fio_file(&file, "read", "1m", &["--direct=1"], seconds)?;
+    record("limit.direct_read", mb);
     lines.push(format!("| sequential read 1m, O_DIRECT | {mb:.1} | {iops:.0} | replay reading the store cold |"));
     std::fs::remove_file(&file).ok();
     eprintln!("limits: quinn loopback");
     let bytes = if cli.smoke { 64u64 << 20 } else { 2u64 << 30 };
     let mb = quinn_loopback(work.path(), bytes).await?;
+    record("limit.quic", mb);
     lines.push(format!("| QUIC over loopback, one stream, rewind's TLS and windows ({} MiB) | {mb:.1} | | every byte between nodes, and replay's reads |", bytes >> 20));
     let table = lines.join("\n");
     println!("{table}\n");
@@ -888,6 +929,12 @@ fn main() -> anyhow::Result<()> {
             Bench::Limits => runtime.block_on(bench_limits(&cli, &mut out))?,
             Bench::Groups => runtime.block_on(bench_groups(&cli, &mut out))?,
         }
+    }
+    if cli.bench == Bench::All {
+        let table = fractions();
+        println!("{table}\n");
+        out.push_str(&table);
+        out.push_str("\n\n");
     }
     let dir = results_dir(&cli);
     std::fs::create_dir_all(&dir)?;
