@@ -16,15 +16,9 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 
 pub struct EtcdNode {
-    pub child: std::process::Child,
+    /// Stopped when the node is dropped.
+    pub child: crate::Killed,
     pub port: u16,
-}
-
-impl Drop for EtcdNode {
-    fn drop(&mut self) {
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let _ = self.child.wait();
-    }
 }
 
 pub fn server_version() -> Option<String> {
@@ -73,7 +67,7 @@ pub fn start_cluster(dir: &Path, free_port: impl Fn() -> anyhow::Result<u16>) ->
             .stderr(log)
             .spawn()
             .context("start etcd")?;
-        nodes.push(EtcdNode { child, port: client[i] });
+        nodes.push(EtcdNode { child: crate::Killed(child), port: client[i] });
     }
     Ok(nodes)
 }

@@ -16,15 +16,9 @@ use tokio::sync::mpsc;
 
 /// One nats-server process, killed when dropped.
 pub struct NatsNode {
-    pub child: std::process::Child,
+    /// Stopped when the node is dropped.
+    pub child: crate::Killed,
     pub port: u16,
-}
-
-impl Drop for NatsNode {
-    fn drop(&mut self) {
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let _ = self.child.wait();
-    }
 }
 
 pub fn server_version() -> Option<String> {
@@ -61,7 +55,7 @@ pub fn start_cluster(dir: &Path, free_port: impl Fn() -> anyhow::Result<u16>) ->
             .stderr(log)
             .spawn()
             .context("start nats-server")?;
-        nodes.push(NatsNode { child, port: client_ports[i] });
+        nodes.push(NatsNode { child: crate::Killed(child), port: client_ports[i] });
     }
     Ok(nodes)
 }

@@ -262,11 +262,24 @@ async fn bench_append(cli: &Cli, out: &mut String) -> anyhow::Result<()> {
             100.0 * mb / per_mib
         ));
     }
-    let table = lines.join("\n");
-    println!("{table}\n");
-    out.push_str(&table);
-    out.push_str("\n\n");
+    emit(out, &lines.join("\n"));
     Ok(())
+}
+
+/// Prints a benchmark's table and adds it to the results file's text.
+fn emit(out: &mut String, table: &str) {
+    println!("{table}\n");
+    out.push_str(table);
+    out.push_str("\n\n");
+}
+
+/// fio's JSON report from a finished run (`--output-format=json`).
+fn fio_report(out: std::process::Output) -> anyhow::Result<serde_json::Value> {
+    if !out.status.success() {
+        bail!("fio failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    serde_json::from_str(&text[text.find('{').unwrap_or(0)..]).context("parse fio's JSON")
 }
 
 /// One fio job's figures, from its JSON output.
@@ -283,18 +296,20 @@ fn fio(target: &[String], rw: &str, bs: &str, iodepth: u32, seconds: u32) -> any
         .args(target)
         .output()
         .context("run fio (install it with ops/setup-debian.sh)")?;
-    if !out.status.success() {
-        bail!("fio failed: {}", String::from_utf8_lossy(&out.stderr));
-    }
-    let text = String::from_utf8_lossy(&out.stdout);
-    let json: serde_json::Value = serde_json::from_str(&text[text.find('{').unwrap_or(0)..]).context("parse fio's JSON")?;
+    let json = fio_report(out)?;
     let w = &json["jobs"][0]["write"];
     let pct = |p: &str| w["clat_ns"]["percentile"][p].as_f64().unwrap_or(0.0) / 1e6;
     Ok(FioResult { iops: w["iops"].as_f64().unwrap_or(0.0), mb_s: w["bw_bytes"].as_f64().unwrap_or(0.0) / 1e6, clat_p50_ms: pct("50.000000"), clat_p99_ms: pct("99.000000") })
 }
 
-/// A child process killed when dropped.
+/// A child process stopped (SIGTERM, then reaped) when dropped.
 struct Killed(std::process::Child);
+
+impl Killed {
+    fn id(&self) -> u32 {
+        self.0.id()
+    }
+}
 
 impl Drop for Killed {
     fn drop(&mut self) {
@@ -417,9 +432,7 @@ async fn bench_tap(cli: &Cli, out: &mut String) -> anyhow::Result<()> {
             fill.push(gauge(metrics_port, "rewind_tap_journal_bytes").unwrap_or(f64::NAN) / 1048576.0);
             std::thread::sleep(Duration::from_millis(250));
         }
-        let done = job.wait_with_output()?;
-        let text = String::from_utf8_lossy(&done.stdout);
-        let json: serde_json::Value = serde_json::from_str(&text[text.find('{').unwrap_or(0)..]).context("parse fio's JSON")?;
+        let json = fio_report(job.wait_with_output()?)?;
         let mb_s = json["jobs"][0]["write"]["bw_bytes"].as_f64().unwrap_or(0.0) / 1e6;
         let pick = |v: &[f64], q: f64| {
             let mut v: Vec<f64> = v.iter().copied().filter(|x| x.is_finite()).collect();
@@ -436,10 +449,7 @@ async fn bench_tap(cli: &Cli, out: &mut String) -> anyhow::Result<()> {
     }
     .await;
     rewind_node::dev::down(&dir, true)?;
-    let table = result?;
-    println!("{table}\n");
-    out.push_str(&table);
-    out.push_str("\n\n");
+    emit(out, &result?);
     Ok(())
 }
 
@@ -531,10 +541,7 @@ async fn bench_replay(cli: &Cli, out: &mut String) -> anyhow::Result<()> {
     }
     .await;
     rewind_node::dev::down(&dir, true)?;
-    let table = result?;
-    println!("{table}\n");
-    out.push_str(&table);
-    out.push_str("\n\n");
+    emit(out, &result?);
     Ok(())
 }
 
@@ -602,11 +609,7 @@ fn fio_file(file: &Path, rw: &str, bs: &str, extra: &[&str], seconds: u64) -> an
         .args(extra)
         .output()
         .context("run fio (install it with ops/setup-debian.sh)")?;
-    if !out.status.success() {
-        bail!("fio failed: {}", String::from_utf8_lossy(&out.stderr));
-    }
-    let text = String::from_utf8_lossy(&out.stdout);
-    let json: serde_json::Value = serde_json::from_str(&text[text.find('{').unwrap_or(0)..]).context("parse fio's JSON")?;
+    let json = fio_report(out)?;
     let side = if rw.contains("read") { "read" } else { "write" };
     let j = &json["jobs"][0][side];
     Ok((j["bw_bytes"].as_f64().unwrap_or(0.0) / 1e6, j["iops"].as_f64().unwrap_or(0.0)))
@@ -679,10 +682,7 @@ async fn bench_limits(cli: &Cli, out: &mut String) -> anyhow::Result<()> {
     let mb = quinn_loopback(work.path(), bytes).await?;
     record("limit.quic", mb);
     lines.push(format!("| QUIC over loopback, one stream, rewind's TLS and windows ({} MiB) | {mb:.1} | | every byte between nodes, and replay's reads |", bytes >> 20));
-    let table = lines.join("\n");
-    println!("{table}\n");
-    out.push_str(&table);
-    out.push_str("\n\n");
+    emit(out, &lines.join("\n"));
     Ok(())
 }
 
@@ -755,10 +755,7 @@ async fn bench_groups(cli: &Cli, out: &mut String) -> anyhow::Result<()> {
         rewind_node::dev::down(&dir, true)?;
         lines.push(result?);
     }
-    let table = lines.join("\n");
-    println!("{table}\n");
-    out.push_str(&table);
-    out.push_str("\n\n");
+    emit(out, &lines.join("\n"));
     Ok(())
 }
 
@@ -884,32 +881,16 @@ async fn bench_ingest(cli: &Cli, out: &mut String) -> anyhow::Result<()> {
     }
     .await;
     rewind_node::dev::down(&dir, true)?;
-    let table = result?;
-    println!("{table}\n");
-    out.push_str(&table);
-    out.push_str("\n\n");
+    emit(out, &result?);
     Ok(())
 }
 
 fn results_dir(cli: &Cli) -> PathBuf {
     cli.out.clone().unwrap_or_else(|| {
-        let days = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() / 86400).unwrap_or(0);
-        let (y, m, d) = civil_from_days(days as i64);
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("results").join(format!("{y:04}-{m:02}-{d:02}"))
+        // YYYY-MM-DD of today (UTC).
+        let today = rewind_node::timefmt::format_time_ns(rewind_node::now_ns())[..10].to_string();
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("results").join(today)
     })
-}
-
-/// Days since 1970-01-01 to (year, month, day), proleptic Gregorian.
-fn civil_from_days(z: i64) -> (i64, u32, u32) {
-    let z = z + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    (yoe + era * 400 + i64::from(m <= 2), m, d)
 }
 
 fn main() -> anyhow::Result<()> {
@@ -931,10 +912,7 @@ fn main() -> anyhow::Result<()> {
         }
     }
     if cli.bench == Bench::All {
-        let table = fractions();
-        println!("{table}\n");
-        out.push_str(&table);
-        out.push_str("\n\n");
+        emit(&mut out, &fractions());
     }
     let dir = results_dir(&cli);
     std::fs::create_dir_all(&dir)?;
@@ -951,14 +929,4 @@ fn main() -> anyhow::Result<()> {
     std::fs::write(dir.join(name), &out)?;
     eprintln!("results written to {}", dir.join(name).display());
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn civil_dates() {
-        for (days, want) in [(0, (1970, 1, 1)), (20_779, (2026, 11, 22)), (11_016, (2000, 2, 29))] {
-            assert_eq!(super::civil_from_days(days), want);
-        }
-    }
 }

@@ -134,10 +134,10 @@ struct Append {
 pub struct JournalSink(pub Journal);
 
 impl crate::tap::LogSink for JournalSink {
-    fn submit(&self, events: Vec<TimedEvent>) -> crate::tap::BoxFuture<'_, Result<crate::tap::BoxFuture<'static, Result<(u64, u64), crate::tap::SinkError>>, crate::tap::SinkError>> {
+    fn submit(&self, events: Vec<TimedEvent>) -> crate::tap::BoxFuture<'_, Result<crate::tap::Committed, crate::tap::SinkError>> {
         Box::pin(async move {
             let rx = self.0.submit(events).await.map_err(crate::tap::SinkError)?;
-            let durable: crate::tap::BoxFuture<'static, Result<(u64, u64), crate::tap::SinkError>> = Box::pin(async move {
+            let durable: crate::tap::Committed = Box::pin(async move {
                 rx.await.map(|seq| (seq, seq)).map_err(|_| crate::tap::SinkError("the journal writer stopped".into()))
             });
             Ok(durable)

@@ -26,8 +26,15 @@ pub struct SinkError(pub String);
 /// wait is the back-pressure on the guest); the future it returns resolves
 /// once the batch is committed, with its LSN range.
 pub trait LogSink: Send + Sync + 'static {
-    fn submit(&self, events: Vec<TimedEvent>) -> BoxFuture<'_, Result<BoxFuture<'static, Result<(u64, u64), SinkError>>, SinkError>>;
+    fn submit(&self, events: Vec<TimedEvent>) -> BoxFuture<'_, Result<Committed, SinkError>>;
 }
+
+/// Resolves once a submitted batch is committed (or durable, for the
+/// journal), with its LSN range.
+pub type Committed = BoxFuture<'static, Result<(u64, u64), SinkError>>;
+
+/// Who waits on a queued piece of a write, and for which ticket.
+type Waiter = (u64, Option<oneshot::Sender<Result<(), String>>>);
 
 /// The tap's clock: event times in nanoseconds since the Unix epoch.
 pub trait Clock: Send + Sync + 'static {
@@ -208,7 +215,7 @@ async fn batcher(mut rx: mpsc::Receiver<Queued>, sink: Arc<dyn LogSink>, bytes_m
         let settle = {
             let inflight = inflight.clone();
             let settled = settled.clone();
-            move |result: Result<(), String>, waiters: Vec<(u64, Option<oneshot::Sender<Result<(), String>>>)>| {
+            move |result: Result<(), String>, waiters: Vec<Waiter>| {
                 {
                     let mut i = inflight.lock().expect("inflight lock");
                     if let Err(e) = &result {
@@ -263,6 +270,9 @@ async fn answer(tap: Arc<Tap>, ordered: Result<oneshot::Receiver<Result<(), Stri
     }
 }
 
+// `write` and `zero` return a future of a future on purpose: the outer one
+// is the ordering step, the inner one the reply (see `server::Export`).
+#[allow(clippy::async_yields_async)]
 impl Export for Tap {
     fn name(&self) -> &str {
         &self.config.export

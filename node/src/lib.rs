@@ -17,6 +17,7 @@
 pub mod client;
 pub mod config;
 pub mod dev;
+pub mod export;
 pub mod load;
 pub mod raft_net;
 pub mod replay;

@@ -154,21 +154,28 @@ impl rewind_replay::BlockSource for NodeSource {
     }
 }
 
-/// Replays a disk to a file. `progress(bytes_done, bytes_total)` is called
-/// as pieces arrive; `note` gets one-line messages for the operator.
-pub async fn run(client: &Client, opts: &ReplayOptions, progress: impl FnMut(u64, u64), mut note: impl FnMut(&str)) -> anyhow::Result<ReplayReport> {
-    let started = Instant::now();
+/// The disk as of the target on the serving node, once that node has
+/// applied it; with the target's event time and where it was resolved.
+async fn open_source(client: &Client, opts: &ReplayOptions, note: impl FnMut(&str)) -> anyhow::Result<(NodeSource, u64, String)> {
     let (node, group) = serving_node(client, &opts.group, opts.node).await?;
     let disk = group.disks.iter().find(|d| d.name == opts.disk).with_context(|| {
         format!("group {} has no disk {:?} (it has: {})", opts.group, opts.disk, group.disks.iter().map(|d| d.name.as_str()).collect::<Vec<_>>().join(", "))
     })?;
     let (lsn, time_ns, resolved_on) = resolve(client, &opts.group, &opts.target, &node).await?;
-    wait_applied(client, &node, &opts.group, lsn, opts.wait, &mut note).await?;
-    let source = NodeSource { client: client.clone(), node: node.clone(), group: opts.group.clone(), disk: opts.disk.clone(), lsn, size: disk.size_bytes };
+    wait_applied(client, &node, &opts.group, lsn, opts.wait, note).await?;
+    let source = NodeSource { client: client.clone(), node, group: opts.group.clone(), disk: opts.disk.clone(), lsn, size: disk.size_bytes };
+    Ok((source, time_ns, resolved_on))
+}
+
+/// Replays a disk to a file. `progress(bytes_done, bytes_total)` is called
+/// as pieces arrive; `note` gets one-line messages for the operator.
+pub async fn run(client: &Client, opts: &ReplayOptions, progress: impl FnMut(u64, u64), mut note: impl FnMut(&str)) -> anyhow::Result<ReplayReport> {
+    let started = Instant::now();
+    let (source, time_ns, resolved_on) = open_source(client, opts, &mut note).await?;
     let image = rewind_replay::write_image(&source, &opts.out, READS_IN_FLIGHT, progress).await?;
     Ok(ReplayReport {
-        node: node.id,
-        lsn,
+        node: source.node.id,
+        lsn: source.lsn,
         time_ns,
         image_bytes: image.image_bytes,
         data_bytes: image.data_bytes,
@@ -205,6 +212,9 @@ fn eio(what: &str, e: impl std::fmt::Display) -> u32 {
     rewind_cdp_ingest::nbd::EIO
 }
 
+// `write` and `zero` return a future of a future on purpose: the outer one
+// is the ordering step, the inner one the reply (see `server::Export`).
+#[allow(clippy::async_yields_async)]
 impl Export for ReplayExport {
     fn name(&self) -> &str {
         &self.name
@@ -290,18 +300,13 @@ pub async fn serve(client: &Client, opts: &ReplayOptions, serve: &ServeOptions, 
     if !serve.listen.ip().is_loopback() {
         bail!("--serve {} is not a loopback address (127.0.0.0/8 or ::1)", serve.listen);
     }
-    let (node, group) = serving_node(client, &opts.group, opts.node).await?;
-    let disk = group.disks.iter().find(|d| d.name == opts.disk).with_context(|| {
-        format!("group {} has no disk {:?} (it has: {})", opts.group, opts.disk, group.disks.iter().map(|d| d.name.as_str()).collect::<Vec<_>>().join(", "))
-    })?;
-    let (lsn, time_ns, resolved_on) = resolve(client, &opts.group, &opts.target, &node).await?;
-    wait_applied(client, &node, &opts.group, lsn, opts.wait, &mut note).await?;
-    let source = NodeSource { client: client.clone(), node: node.clone(), group: opts.group.clone(), disk: opts.disk.clone(), lsn, size: disk.size_bytes };
+    let (source, time_ns, resolved_on) = open_source(client, opts, &mut note).await?;
+    let (lsn, node, size) = (source.lsn, source.node.id, source.size);
     let overlay = if serve.writable {
         let path = serve.overlay.clone().unwrap_or_else(|| {
             PathBuf::from(format!("/var/tmp/rewind-overlay-{}-{}-{lsn}-{}.raw", opts.group, opts.disk, std::process::id()))
         });
-        Some(rewind_replay::Overlay::create(&path, disk.size_bytes).with_context(|| format!("create the overlay {}", path.display()))?)
+        Some(rewind_replay::Overlay::create(&path, size).with_context(|| format!("create the overlay {}", path.display()))?)
     } else {
         None
     };
@@ -315,23 +320,10 @@ pub async fn serve(client: &Client, opts: &ReplayOptions, serve: &ServeOptions, 
     let export = std::sync::Arc::new(ReplayExport { name: opts.disk.clone(), description, source, overlay });
     let listener = tokio::net::TcpListener::bind(serve.listen).await.with_context(|| format!("listen on {}", serve.listen))?;
     let uri = format!("nbd://{}/{}", listener.local_addr()?, opts.disk);
-    ready(&Serving { uri, node: node.id, lsn, time_ns, resolved_on, ready_after: started.elapsed(), overlay: overlay_path });
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    loop {
-        tokio::select! {
-            accepted = listener.accept() => {
-                let (stream, peer) = accepted?;
-                stream.set_nodelay(true)?;
-                let export: std::sync::Arc<dyn Export> = export.clone();
-                tokio::spawn(async move {
-                    if let Err(e) = rewind_cdp_ingest::server::serve(export, stream, peer.to_string()).await {
-                        tracing::warn!(%peer, "NBD connection ended: {e}");
-                    }
-                });
-            }
-            _ = term.recv() => break,
-            _ = tokio::signal::ctrl_c() => break,
-        }
+    ready(&Serving { uri, node, lsn, time_ns, resolved_on, ready_after: started.elapsed(), overlay: overlay_path });
+    tokio::select! {
+        e = crate::export::accept_tcp(&listener, export.clone()) => return Err(anyhow::Error::new(e).context("accept an NBD client")),
+        r = crate::export::stop_signal() => r?,
     }
     drop(listener);
     // Connections still open hold the export; the overlay is synced or

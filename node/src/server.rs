@@ -280,9 +280,9 @@ impl Node {
         m.membership().get_node(&leader).map(|n| Member { id: leader, addr: n.addr.clone() })
     }
 
-    fn map_write_error<E: std::fmt::Display + std::fmt::Debug>(&self, raft: &Raft, e: RaftError<TypeConfig, E>) -> Response
+    fn map_write_error<E>(&self, raft: &Raft, e: RaftError<TypeConfig, E>) -> Response
     where
-        E: openraft::TryAsRef<openraft::errors::ForwardToLeader<TypeConfig>>,
+        E: std::fmt::Display + std::fmt::Debug + openraft::TryAsRef<openraft::errors::ForwardToLeader<TypeConfig>>,
     {
         if let Some(f) = e.forward_to_leader() {
             return Response::Error(RpcError {
@@ -364,8 +364,8 @@ impl Node {
     }
 
     async fn producer_state(&self, group: &str, client_id: u64) -> Result<Response, Response> {
+        self.leader_read(true).await?;
         let s = self.shard(crate::DATA_SHARD)?;
-        s.raft.ensure_linearizable(openraft::raft::ReadPolicy::ReadIndex).await.map_err(|e| self.map_write_error(&s.raft, e))?;
         match s.reader.producer(client_id, group) {
             Ok(p) => Ok(Response::Producer { last_seq: p.map_or(0, |p| p.last_seq) }),
             Err(e) => Err(error(ErrorKind::Internal, format!("read producer {client_id:x} of {group:?}: {e}"))),

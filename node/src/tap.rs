@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use rewind_cdp_ingest::journal::{Journal, JournalSink};
-use rewind_cdp_ingest::tap::{self, BoxFuture, LogSink, SinkError, Tap, TapConfig};
+use rewind_cdp_ingest::tap::{self, BoxFuture, Committed, LogSink, SinkError, Tap, TapConfig};
 use rewind_wire::event::TimedEvent;
 use rewind_wire::rpc::{Request, Response, TapReport};
 use tokio::sync::{mpsc, oneshot};
@@ -29,7 +29,7 @@ impl ProducerSink {
 }
 
 impl LogSink for ProducerSink {
-    fn submit(&self, events: Vec<TimedEvent>) -> BoxFuture<'_, Result<BoxFuture<'static, Result<(u64, u64), SinkError>>, SinkError>> {
+    fn submit(&self, events: Vec<TimedEvent>) -> BoxFuture<'_, Result<Committed, SinkError>> {
         Box::pin(async move {
             let rx = self
                 .producer
@@ -38,7 +38,7 @@ impl LogSink for ProducerSink {
                 .submit(&self.group, events)
                 .await
                 .map_err(|e| SinkError(format!("{e:#}")))?;
-            let committed: BoxFuture<'static, Result<(u64, u64), SinkError>> = Box::pin(async move {
+            let committed: Committed = Box::pin(async move {
                 match rx.await {
                     Ok(Ok(range)) => Ok(range),
                     Ok(Err(e)) => Err(SinkError(format!("{e:#}"))),
@@ -335,7 +335,6 @@ async fn serve(
     ready: impl FnOnce(&str),
     shipper: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
 ) -> anyhow::Result<()> {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let shipper_failed = async move {
         match shipper {
             Some(h) => match h.await {
@@ -348,6 +347,7 @@ async fn serve(
     };
     tokio::pin!(shipper_failed);
     let opts_disk = disk.to_string();
+    let export: Arc<dyn rewind_cdp_ingest::server::Export> = tap;
     match listen {
         Listen::Tcp(addr) => {
             if !addr.ip().is_loopback() {
@@ -356,49 +356,23 @@ async fn serve(
             let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("listen on {addr}"))?;
             let local = listener.local_addr()?;
             ready(&format!("nbd://{local}/{opts_disk}"));
-            loop {
-                tokio::select! {
-                    accepted = listener.accept() => {
-                        let (stream, peer) = accepted?;
-                        stream.set_nodelay(true)?;
-                        let tap = tap.clone();
-                        tokio::spawn(async move {
-                            if let Err(e) = rewind_cdp_ingest::tap::serve(tap, stream, peer.to_string()).await {
-                                tracing::warn!(%peer, "NBD connection ended: {e}");
-                            }
-                        });
-                    }
-                    _ = term.recv() => return Ok(()),
-                    _ = tokio::signal::ctrl_c() => return Ok(()),
-                    e = &mut shipper_failed => return Err(e),
-                }
+            tokio::select! {
+                e = crate::export::accept_tcp(&listener, export) => Err(anyhow::Error::new(e).context("accept an NBD client")),
+                r = crate::export::stop_signal() => Ok(r?),
+                e = &mut shipper_failed => Err(e),
             }
         }
         Listen::Unix(path) => {
             let _ = std::fs::remove_file(&path);
             let listener = tokio::net::UnixListener::bind(&path).with_context(|| format!("listen on {}", path.display()))?;
             ready(&format!("nbd+unix:///{opts_disk}?socket={}", path.display()));
-            loop {
-                tokio::select! {
-                    accepted = listener.accept() => {
-                        let (stream, _) = accepted?;
-                        let tap = tap.clone();
-                        tokio::spawn(async move {
-                            if let Err(e) = rewind_cdp_ingest::tap::serve(tap, stream, "unix".into()).await {
-                                tracing::warn!("NBD connection ended: {e}");
-                            }
-                        });
-                    }
-                    _ = term.recv() => break,
-                    _ = tokio::signal::ctrl_c() => break,
-                    e = &mut shipper_failed => {
-                        let _ = std::fs::remove_file(&path);
-                        return Err(e);
-                    }
-                }
-            }
+            let r = tokio::select! {
+                e = crate::export::accept_unix(&listener, export) => Err(anyhow::Error::new(e).context("accept an NBD client")),
+                r = crate::export::stop_signal() => Ok(r?),
+                e = &mut shipper_failed => Err(e),
+            };
             let _ = std::fs::remove_file(&path);
-            Ok(())
+            r
         }
     }
 }

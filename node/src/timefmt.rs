@@ -94,6 +94,9 @@ mod tests {
         assert_eq!(parse_time_ns("2026-11-22 05:09:40.5Z").unwrap(), ns);
         assert_eq!(parse_time_ns("1795324180500000000").unwrap(), ns);
         assert_eq!(parse_time_ns("2000-02-29T00:00:00Z").unwrap(), 951_782_400_000_000_000);
+        for (days, want) in [(0u64, "1970-01-01"), (20_779, "2026-11-22"), (11_016, "2000-02-29")] {
+            assert_eq!(&format_time_ns(days * 86_400 * 1_000_000_000)[..10], want);
+        }
         for bad in ["", "yesterday", "2026-13-01T00:00:00Z", "2026-11-22T05:09:40", "2026-11-22T05:09:40.Z", "1969-12-31T23:59:59Z"] {
             assert!(parse_time_ns(bad).is_err(), "{bad}");
         }

@@ -153,7 +153,8 @@ pub fn peak_rss_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
-/// A `rewind tap` process, stopped with SIGTERM when dropped.
+/// A process serving NBD (`rewind tap`, `rewind replay --serve`), stopped
+/// with SIGTERM when dropped.
 pub struct TapProcess {
     pub child: std::process::Child,
     pub uri: String,
@@ -166,21 +167,26 @@ impl Drop for TapProcess {
     }
 }
 
+/// Starts a command that prints an `nbd://` URI on its first line of
+/// output once it listens; returns when it does.
+pub fn spawn_serving(cmd: &mut Command) -> TapProcess {
+    use std::io::BufRead;
+    let mut child = cmd.stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::inherit()).spawn().expect("start the server");
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).expect("the server's first line");
+    let uri = line.split_whitespace().find(|w| w.starts_with("nbd://")).unwrap_or_else(|| panic!("no URI in {line:?}")).to_string();
+    eprintln!("{}", line.trim());
+    TapProcess { child, uri }
+}
+
 /// Starts a tap on loopback for `disk` of `group`; returns once it listens.
 pub fn start_tap_with(site: &Site, group: &str, disk: &str, backing: &Path, extra: &[&str]) -> TapProcess {
-    use std::io::BufRead;
     let config = site.config();
-    let mut child = Command::new(REWIND)
-        .args(["tap", "--group", group, "--disk", disk, "--backing", backing.to_str().unwrap(), "--listen", "127.0.0.1:0", "--config", config.to_str().unwrap()])
-        .args(extra)
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::inherit())
-        .spawn()
-        .expect("start the tap");
-    let mut line = String::new();
-    std::io::BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).expect("tap's first line");
-    let uri = line.split_whitespace().find(|w| w.starts_with("nbd://")).unwrap_or_else(|| panic!("no URI in {line:?}")).to_string();
-    TapProcess { child, uri }
+    spawn_serving(
+        Command::new(REWIND)
+            .args(["tap", "--group", group, "--disk", disk, "--backing", backing.to_str().unwrap(), "--listen", "127.0.0.1:0", "--config", config.to_str().unwrap()])
+            .args(extra),
+    )
 }
 
 /// Runs a command that must succeed; returns its stdout.

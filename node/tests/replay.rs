@@ -148,33 +148,9 @@ async fn every_phase_replays_by_lsn_time_and_bookmark_from_any_node() {
     eprintln!("{} phases replayed by LSN (node {leader}), time (node {}) and bookmark (node {}): all equal their references", points.len(), followers[0], followers[1]);
 }
 
-/// A `rewind replay --serve` process, stopped with SIGTERM when dropped.
-struct Export {
-    child: std::process::Child,
-    uri: String,
-}
-
-impl Drop for Export {
-    fn drop(&mut self) {
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let _ = self.child.wait();
-    }
-}
-
-fn serve(site: &Site, extra: &[&str]) -> Export {
-    use std::io::BufRead;
+fn serve(site: &Site, extra: &[&str]) -> TapProcess {
     let config = site.config();
-    let mut child = Command::new(REWIND)
-        .args(["replay", "g", "--disk", "d0", "--serve", "127.0.0.1:0", "--config", config.to_str().unwrap()])
-        .args(extra)
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    std::io::BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
-    let uri = line.split_whitespace().find(|w| w.starts_with("nbd://")).unwrap_or_else(|| panic!("no URI in {line:?}")).to_string();
-    eprintln!("{}", line.trim());
-    Export { child, uri }
+    spawn_serving(Command::new(REWIND).args(["replay", "g", "--disk", "d0", "--serve", "127.0.0.1:0", "--config", config.to_str().unwrap()]).args(extra))
 }
 
 fn compare_uri(uri: &str, reference: &Path) {

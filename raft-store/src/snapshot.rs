@@ -234,6 +234,9 @@ struct RecordReader {
     input: BufReader<File>,
 }
 
+/// One key-value pair of a snapshot stream: (column family index, key, value).
+type StreamRecord = (usize, Vec<u8>, Vec<u8>);
+
 impl RecordReader {
     fn open(path: &Path) -> io::Result<RecordReader> {
         let mut input = BufReader::with_capacity(IO_BUFFER_BYTES, File::open(path)?);
@@ -246,7 +249,7 @@ impl RecordReader {
     }
 
     /// The next (column family index, key, value), or None at the end.
-    fn next_record(&mut self) -> io::Result<Option<(usize, Vec<u8>, Vec<u8>)>> {
+    fn next_record(&mut self) -> io::Result<Option<StreamRecord>> {
         let mut tag = [0u8; 1];
         self.input.read_exact(&mut tag)?;
         if tag[0] == END {

@@ -160,7 +160,7 @@ pub fn check_disk_geometry(size_bytes: u64, sector_bytes: u32) -> Result<(), Inv
     if !(512..=4096).contains(&sector_bytes) || !sector_bytes.is_power_of_two() {
         return Err(InvalidInput::BadSectorSize { sector_bytes });
     }
-    if size_bytes == 0 || size_bytes % u64::from(sector_bytes) != 0 || size_bytes > DISK_BYTES_MAX {
+    if size_bytes == 0 || !size_bytes.is_multiple_of(u64::from(sector_bytes)) || size_bytes > DISK_BYTES_MAX {
         return Err(InvalidInput::BadDiskSize { size_bytes, sector_bytes });
     }
     Ok(())

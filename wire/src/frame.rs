@@ -91,7 +91,7 @@ pub fn from_archive<T: Decode>(bytes: &[u8]) -> Result<T, FrameError> {
     // Heap buffers (frame bodies, RocksDB values) are usually aligned
     // already; copy only when they are not.
     let decode = |b: &[u8]| rkyv::from_bytes::<T, rancor::Error>(b).map_err(|e| FrameError::BadArchive(e.to_string()));
-    if (bytes.as_ptr() as usize) % ARCHIVE_ALIGN == 0 {
+    if (bytes.as_ptr() as usize).is_multiple_of(ARCHIVE_ALIGN) {
         return decode(bytes);
     }
     let mut aligned = AlignedVec::<ARCHIVE_ALIGN>::with_capacity(bytes.len());
