@@ -61,6 +61,9 @@ enum Bench {
     /// Ingest throughput as the number of consistency groups grows (1, 10,
     /// 100), the same bytes in all, one producer per group.
     Groups,
+    /// Cost growth with history: ingest throughput and replay time of one
+    /// small disk after 1x, 10x and 100x its size has been written to it.
+    Growth,
     /// Every benchmark.
     All,
 }
@@ -759,32 +762,142 @@ async fn bench_groups(cli: &Cli, out: &mut String) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// One ingest row's figures.
-struct IngestRow {
-    mb_s: f64,
-    records_s: f64,
-    p50_ms: f64,
-    p99_ms: f64,
-    p999_ms: f64,
-    cpu_s_per_gb: f64,
+/// Ingest and replay as the history of one disk grows: the disk is written
+/// over 1x, 10x and 100x its size in random 4 KiB writes, and at each level
+/// probes of one disk's worth of writes are timed, then the whole disk is
+/// replayed from a follower. Bytes on the disk stay the same, so any slowing
+/// is the cost of history (log, index, compaction), not of data.
+async fn bench_growth(cli: &Cli, out: &mut String) -> anyhow::Result<()> {
+    let disk_bytes: u64 = if cli.smoke { 1 << 20 } else { 16 << 20 };
+    let runs = if cli.smoke { 1 } else { cli.runs.max(1) } as u64;
+    let work = tempfile::Builder::new().prefix("rewind-bench-").tempdir_in(std::env::var("REWIND_BENCH_DIR").unwrap_or("/var/tmp".into()))?;
+    let dir = work.path().join("site");
+    let opts = rewind_node::dev::UpOptions { exe: rewind_binary()?, nodes: 3, dir: dir.clone(), raft: RaftTuning::default() };
+    let client_path = rewind_node::dev::up(&opts).await?;
+    let result = async {
+        let client = Client::new(&ClientConfig::load(&client_path)?)?;
+        client.create_group("bench", vec![DiskSpec { name: "d0".into(), size_bytes: disk_bytes, sector_bytes: 512 }]).await?;
+        let per_disk = disk_bytes / 4096;
+        let mut lines = vec![
+            format!("## growth: one {} MiB disk written over and over in random 4 KiB writes (16 batches of <= 1 MiB in flight); at each history level, {runs} probe(s) of one disk's worth of writes are timed, then the whole disk is replayed to a file from a follower {runs} time(s) after one untimed replay that waits for the follower to catch up; median (min-max)\n", disk_bytes >> 20),
+            "| history before the probes (x disk size) | logged writes, after the probes | history GiB, after the probes | probe MB/s | probe commit p50 ms | p99 ms | replay s | replay ÷ replay at 1x |".into(),
+            "|---|---|---|---|---|---|---|---|".into(),
+        ];
+        let (mut written, mut index) = (0u64, 0u64);
+        let mut first_replay = None;
+        let (mut ingest_pts, mut replay_pts) = (Vec::new(), Vec::new());
+        for level in [1u64, 10, 100] {
+            let target = level * per_disk;
+            let load = |events: u64, index: u64| LoadSpec {
+                group: "bench".into(),
+                disk: "d0".into(),
+                disk_bytes,
+                events,
+                sizes: vec![4096],
+                window: 16,
+                batch_bytes: 1 << 20,
+                seed: index,
+                time_max: Duration::from_secs(1800),
+            };
+            if target > written {
+                eprintln!("growth: writing history up to {level}x ({} writes)", target - written);
+                let r = load::run(client.clone(), &load(target - written, index), |_, _| {}).await?;
+                if !r.errors.is_empty() || r.events != target - written {
+                    bail!("history load stopped at {} of {} writes: {:?}", r.events, target - written, r.errors.first());
+                }
+                index += 1;
+                written = target;
+            }
+            let mut mb = Vec::new();
+            let mut h = hdrhistogram::Histogram::<u64>::new_with_bounds(1, 600_000_000, 3)?;
+            for run in 0..runs {
+                eprintln!("growth: {level}x, probe {}/{runs}", run + 1);
+                let r = load::run(client.clone(), &load(per_disk, index), |_, _| {}).await?;
+                if !r.errors.is_empty() {
+                    bail!("{} batches failed: {}", r.errors.len(), r.errors[0]);
+                }
+                index += 1;
+                written += r.events;
+                mb.push(r.bytes as f64 / 1e6 / r.elapsed.as_secs_f64().max(1e-9));
+                h.add(&r.latency_us).ok();
+            }
+            // One untimed replay first: it waits until the follower has
+            // applied the probes, which is catch-up, not replay.
+            let mut replay_s = Vec::new();
+            for run in 0..=runs {
+                let opts = rewind_node::replay::ReplayOptions {
+                    group: "bench".into(),
+                    disk: "d0".into(),
+                    target: rewind_wire::rpc::Target::Latest,
+                    out: work.path().join("replayed.raw"),
+                    node: Some(3),
+                    wait: Duration::from_secs(120),
+                };
+                let r = rewind_node::replay::run(&client, &opts, |_, _| {}, |m| eprintln!("growth: {m}")).await?;
+                if run > 0 {
+                    replay_s.push(r.elapsed.as_secs_f64());
+                }
+            }
+            let (m, mlo, mhi) = median(mb);
+            let (r, rlo, rhi) = median(replay_s);
+            let base = *first_replay.get_or_insert(r);
+            ingest_pts.push((level as f64, m));
+            replay_pts.push((level as f64, r * 1e3));
+            lines.push(format!(
+                "| {level} | {written} | {:.2} | {m:.1} ({mlo:.1}-{mhi:.1}) | {:.1} | {:.1} | {r:.3} ({rlo:.3}-{rhi:.3}) | {:.2} |",
+                (written * 4096) as f64 / (1u64 << 30) as f64,
+                h.value_at_quantile(0.5) as f64 / 1e3,
+                h.value_at_quantile(0.99) as f64 / 1e3,
+                r / base.max(1e-9)
+            ));
+        }
+        let plots = results_dir(cli).join(if cli.smoke { "smoke-plots" } else { "plots" });
+        std::fs::create_dir_all(&plots)?;
+        let size = format!("{} MiB disk", disk_bytes >> 20);
+        std::fs::write(plots.join("growth-ingest.svg"), svg::growth(&format!("ingest probe MB/s as history grows ({size})"), "history, x disk size (log)", "MB/s", &[("rewind ingest", ingest_pts)]))?;
+        std::fs::write(plots.join("growth-replay.svg"), svg::growth(&format!("replay of the whole disk as history grows ({size})"), "history, x disk size (log)", "replay ms", &[("rewind replay", replay_pts)]))?;
+        let folder = plots.file_name().unwrap().to_string_lossy().to_string();
+        lines.push(String::new());
+        lines.push(format!("Plots: [growth-ingest.svg]({folder}/growth-ingest.svg), [growth-replay.svg]({folder}/growth-replay.svg)"));
+        Ok::<_, anyhow::Error>(lines.join("\n"))
+    }
+    .await;
+    rewind_node::dev::down(&dir, true)?;
+    emit(out, &result?);
+    Ok(())
 }
 
-fn ingest_row(records: u64, bytes: u64, elapsed: Duration, h: &hdrhistogram::Histogram<u64>, cpu_s: f64) -> IngestRow {
-    let secs = elapsed.as_secs_f64().max(1e-9);
-    IngestRow {
-        mb_s: bytes as f64 / 1e6 / secs,
-        records_s: records as f64 / secs,
-        p50_ms: h.value_at_quantile(0.5) as f64 / 1e3,
-        p99_ms: h.value_at_quantile(0.99) as f64 / 1e3,
-        p999_ms: h.value_at_quantile(0.999) as f64 / 1e3,
-        cpu_s_per_gb: cpu_s / (bytes as f64 / 1e9).max(1e-9),
+/// Every run of one ingest row for one system: throughput per run, and
+/// latency, CPU and bytes summed over the runs.
+struct Runs {
+    mb_s: Vec<f64>,
+    records_s: Vec<f64>,
+    latency_us: hdrhistogram::Histogram<u64>,
+    cpu_s: f64,
+    bytes: u64,
+}
+
+impl Runs {
+    fn new() -> anyhow::Result<Runs> {
+        let latency_us = hdrhistogram::Histogram::new_with_bounds(1, 600_000_000, 3)?;
+        Ok(Runs { mb_s: Vec::new(), records_s: Vec::new(), latency_us, cpu_s: 0.0, bytes: 0 })
+    }
+
+    fn add(&mut self, records: u64, bytes: u64, elapsed: Duration, h: &hdrhistogram::Histogram<u64>, cpu_s: f64) {
+        let secs = elapsed.as_secs_f64().max(1e-9);
+        self.mb_s.push(bytes as f64 / 1e6 / secs);
+        self.records_s.push(records as f64 / secs);
+        self.latency_us.add(h).ok();
+        self.cpu_s += cpu_s;
+        self.bytes += bytes;
     }
 }
 
 /// The same records, one client, 1 and 64 in flight, into rewind and into
 /// NATS JetStream; CPU of all server processes from /proc.
 async fn bench_ingest(cli: &Cli, out: &mut String) -> anyhow::Result<()> {
-    let (mib, seconds) = if cli.smoke { (cli.mib.unwrap_or(4), 2u64) } else { (cli.mib.unwrap_or(256), 15) };
+    let (mib, seconds) = if cli.smoke { (cli.mib.unwrap_or(4), 2u64) } else { (cli.mib.unwrap_or(256), 5) };
+    let runs = if cli.smoke { 1 } else { cli.runs.max(1) };
     let work = tempfile::Builder::new().prefix("rewind-bench-").tempdir_in(std::env::var("REWIND_BENCH_DIR").unwrap_or("/var/tmp".into()))?;
     let version = jetstream::server_version().ok_or_else(|| anyhow::anyhow!("nats-server is not installed: run `bash ops/setup-peers.sh` (Debian's nats-server package)"))?;
     let dir = work.path().join("site");
@@ -811,66 +924,72 @@ async fn bench_ingest(cli: &Cli, out: &mut String) -> anyhow::Result<()> {
         let etcd_pids: Vec<u32> = etcd.iter().map(|n| n.child.id()).collect();
         let cpu = |pids: &[u32]| pids.iter().map(|p| sample(*p).cpu_s).sum::<f64>();
         let mut lines = vec![
-            format!("## ingest: one client, the same records into a rewind 3-node site, a 3-node NATS JetStream cluster ({version}, replicas=3, file storage) and a 3-node etcd cluster ({etcd_version}, through its JSON gateway), {mib} MiB or {seconds} s per row, whichever ends first; CPU of all three server processes from /proc
+            format!("## ingest: one client, the same records into a rewind 3-node site, a 3-node NATS JetStream cluster ({version}, replicas=3, file storage) and a 3-node etcd cluster ({etcd_version}, through its JSON gateway), {mib} MiB or {seconds} s per run, whichever ends first, {runs} run(s) per row taken in turn (rewind, JetStream, etcd, then again): MB/s is the median (min-max) of the runs, latency percentiles are over every record of every run; CPU of all three server processes from /proc
 "),
             "Durability: rewind acknowledges after fsync on a majority; so does etcd (WAL fsync). JetStream 2.9 acknowledges after the write reaches a quorum's memory and syncs its files every 2 minutes (`sync_interval: always` arrived in 2.10, so this server cannot run it): its rows are **not durable at acknowledgement**. etcd is driven through its HTTP/JSON gateway (values base64), which costs it CPU a gRPC client would not spend.".into(),
             String::new(),
-            "| record | in flight | system | durable at ack | MB/s | records/s | ack p50 ms | p99 ms | p99.9 ms | CPU s per GB (3 servers) | rewind MB/s ÷ this |".into(),
+            "| record | in flight | system | durable at ack | MB/s, median (min-max) | records/s | ack p50 ms | p99 ms | p99.9 ms | CPU s per GB (3 servers) | rewind MB/s ÷ this |".into(),
             "|---|---|---|---|---|---|---|---|---|---|---|".into(),
         ];
         for size in [4096usize, 64 << 10, 1 << 20] {
             for window in [1usize, 64] {
                 let records = ((mib << 20) / size as u64).max(1);
-                eprintln!("ingest: {} x {records}, {window} in flight", fmt_size(size));
-                let spec = LoadSpec {
-                    group: "bench".into(),
-                    disk: "d0".into(),
-                    disk_bytes,
-                    events: records,
-                    sizes: vec![size],
-                    window,
-                    batch_bytes: size,
-                    seed: size as u64 + window as u64,
-                    time_max: Duration::from_secs(seconds),
-                };
-                let before = cpu(&rewind_pids);
-                let r = load::run(client.clone(), &spec, |_, _| {}).await?;
-                tokio::time::sleep(Duration::from_millis(300)).await;
-                if !r.errors.is_empty() {
-                    bail!("{} batches failed: {}", r.errors.len(), r.errors[0]);
+                // rewind, JetStream, etcd: every run of each.
+                let mut acc: Vec<Runs> = (0..3).map(|_| Runs::new()).collect::<anyhow::Result<_>>()?;
+                for run in 0..runs {
+                    eprintln!("ingest: {} x {records}, {window} in flight, run {}/{runs}", fmt_size(size), run + 1);
+                    let spec = LoadSpec {
+                        group: "bench".into(),
+                        disk: "d0".into(),
+                        disk_bytes,
+                        events: records,
+                        sizes: vec![size],
+                        window,
+                        batch_bytes: size,
+                        seed: size as u64 + window as u64 + run as u64,
+                        time_max: Duration::from_secs(seconds),
+                    };
+                    let before = cpu(&rewind_pids);
+                    let r = load::run(client.clone(), &spec, |_, _| {}).await?;
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                    if !r.errors.is_empty() {
+                        bail!("{} batches failed: {}", r.errors.len(), r.errors[0]);
+                    }
+                    acc[0].add(r.events, r.bytes, r.elapsed, &r.latency_us, cpu(&rewind_pids) - before);
+                    let before = cpu(&nats_pids);
+                    let j = jetstream::publish(nats[0].port, size, records, window, Duration::from_secs(seconds)).await?;
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                    acc[1].add(j.records, j.bytes, j.elapsed, &j.latency_us, cpu(&nats_pids) - before);
+                    let before = cpu(&etcd_pids);
+                    let e = etcd::put(etcd[0].port, size, records, window, Duration::from_secs(seconds)).await?;
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                    acc[2].add(e.records, e.bytes, e.elapsed, &e.latency_us, cpu(&etcd_pids) - before);
                 }
-                let ours = ingest_row(r.events, r.bytes, r.elapsed, &r.latency_us, cpu(&rewind_pids) - before);
-                let before = cpu(&nats_pids);
-                let j = jetstream::publish(nats[0].port, size, records, window, Duration::from_secs(seconds)).await?;
-                tokio::time::sleep(Duration::from_millis(300)).await;
-                let peer = ingest_row(j.records, j.bytes, j.elapsed, &j.latency_us, cpu(&nats_pids) - before);
-                let before = cpu(&etcd_pids);
-                let e = etcd::put(etcd[0].port, size, records, window, Duration::from_secs(seconds)).await?;
-                tokio::time::sleep(Duration::from_millis(300)).await;
-                let etcd_row = ingest_row(e.records, e.bytes, e.elapsed, &e.latency_us, cpu(&etcd_pids) - before);
                 let plot = svg::percentiles(
-                    &format!("ack latency, {} records, {window} in flight", fmt_size(size)),
-                    &[("rewind", &r.latency_us), ("etcd", &e.latency_us), ("JetStream (no fsync)", &j.latency_us)],
+                    &format!("ack latency, {} records, {window} in flight, {runs} run(s)", fmt_size(size)),
+                    &[("rewind", &acc[0].latency_us), ("etcd", &acc[2].latency_us), ("JetStream (no fsync)", &acc[1].latency_us)],
                 );
                 let name = format!("ingest-latency-{}-{window}.svg", fmt_size(size).replace(' ', ""));
                 std::fs::create_dir_all(&plots)?;
                 std::fs::write(plots.join(&name), plot)?;
                 plot_names.push(name);
+                let ours = median(acc[0].mb_s.clone()).0;
                 for (name, durable, row) in [
-                    ("rewind", "yes (fsync, majority)", &ours),
-                    ("NATS JetStream", "no (fsync every 2 min)", &peer),
-                    ("etcd", "yes (WAL fsync, majority)", &etcd_row),
+                    ("rewind", "yes (fsync, majority)", &acc[0]),
+                    ("NATS JetStream", "no (fsync every 2 min)", &acc[1]),
+                    ("etcd", "yes (WAL fsync, majority)", &acc[2]),
                 ] {
+                    let (mb, lo, hi) = median(row.mb_s.clone());
+                    let h = &row.latency_us;
                     lines.push(format!(
-                        "| {} | {window} | {name} | {durable} | {:.1} | {:.0} | {:.2} | {:.2} | {:.2} | {:.1} | {} |",
+                        "| {} | {window} | {name} | {durable} | {mb:.1} ({lo:.1}-{hi:.1}) | {:.0} | {:.2} | {:.2} | {:.2} | {:.1} | {} |",
                         fmt_size(size),
-                        row.mb_s,
-                        row.records_s,
-                        row.p50_ms,
-                        row.p99_ms,
-                        row.p999_ms,
-                        row.cpu_s_per_gb,
-                        if name == "rewind" { String::new() } else { format!("{:.2}", ours.mb_s / row.mb_s.max(1e-9)) }
+                        median(row.records_s.clone()).0,
+                        h.value_at_quantile(0.5) as f64 / 1e3,
+                        h.value_at_quantile(0.99) as f64 / 1e3,
+                        h.value_at_quantile(0.999) as f64 / 1e3,
+                        row.cpu_s / (row.bytes as f64 / 1e9).max(1e-9),
+                        if name == "rewind" { String::new() } else { format!("{:.2}", ours / mb.max(1e-9)) }
                     ));
                 }
             }
@@ -898,7 +1017,7 @@ fn main() -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     let mut out = String::new();
     let benches = match cli.bench {
-        Bench::All => vec![Bench::Limits, Bench::Append, Bench::Ingest, Bench::Groups, Bench::Tap, Bench::Replay],
+        Bench::All => vec![Bench::Limits, Bench::Append, Bench::Ingest, Bench::Groups, Bench::Growth, Bench::Tap, Bench::Replay],
         b => vec![b],
     };
     for b in benches {
@@ -909,6 +1028,7 @@ fn main() -> anyhow::Result<()> {
             Bench::Ingest => runtime.block_on(bench_ingest(&cli, &mut out))?,
             Bench::Limits => runtime.block_on(bench_limits(&cli, &mut out))?,
             Bench::Groups => runtime.block_on(bench_groups(&cli, &mut out))?,
+            Bench::Growth => runtime.block_on(bench_growth(&cli, &mut out))?,
         }
     }
     if cli.bench == Bench::All {
@@ -924,6 +1044,7 @@ fn main() -> anyhow::Result<()> {
         (false, Bench::Ingest) => "ingest.md",
         (false, Bench::Limits) => "limits.md",
         (false, Bench::Groups) => "groups.md",
+        (false, Bench::Growth) => "growth.md",
         (false, Bench::All) => "all.md",
     };
     std::fs::write(dir.join(name), &out)?;

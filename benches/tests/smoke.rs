@@ -14,7 +14,7 @@ fn every_benchmark_prints_its_tables() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "rewind-benches all --smoke failed:\n{stderr}");
     let text = std::fs::read_to_string(out_dir.path().join("smoke.md")).unwrap();
-    for section in ["## limits", "## append", "## ingest", "## groups", "## tap", "## replay", "## fractions"] {
+    for section in ["## limits", "## append", "## ingest", "## groups", "## growth", "## tap", "## replay", "## fractions"] {
         assert!(text.contains(section), "no {section} table in:\n{text}");
     }
     let rows: Vec<&str> = text.lines().filter(|l| l.starts_with('|') && !l.starts_with("|---")).collect();
@@ -29,6 +29,6 @@ fn every_benchmark_prints_its_tables() {
             assert!(cells.iter().all(|c| c.parse::<f64>().is_err()), "a row without numbers: {row}");
         }
     }
-    // limits 5 + append 3 + ingest 18 + groups 3 + tap 6 + RPO 1 + replay 2 + fractions 7.
-    assert!(data_rows >= 45, "only {data_rows} rows with numbers in:\n{text}");
+    // limits 5 + append 3 + ingest 18 + groups 3 + growth 3 + tap 6 + RPO 1 + replay 2 + fractions 7.
+    assert!(data_rows >= 48, "only {data_rows} rows with numbers in:\n{text}");
 }

@@ -133,6 +133,21 @@ impl GroupRecord {
     }
 }
 
+/// Checks a `CreateGroup` command (`exists`: a group of that name is
+/// already there) and gives the new group's record, or the refusal.
+pub fn create_group(exists: bool, group: &str, disks: &[DiskSpec]) -> Result<GroupRecord, String> {
+    if exists {
+        return Err(format!("group {group:?} already exists"));
+    }
+    rewind_wire::event::check_name(group).map_err(|e| e.to_string())?;
+    for d in disks {
+        rewind_wire::event::check_name(&d.name)
+            .and_then(|_| rewind_wire::event::check_disk_geometry(d.size_bytes, d.sector_bytes))
+            .map_err(|e| format!("disk {:?}: {e}", d.name))?;
+    }
+    Ok(GroupRecord::new(group, disks))
+}
+
 /// The next link of a group's hash chain. A record starts with the blake3
 /// checksum of the rest of it, so chaining over that prefix covers every
 /// byte of the event without hashing the payload a second time.

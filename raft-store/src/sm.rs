@@ -12,7 +12,7 @@ use rewind_wire::frame::{decode_record, encode_record};
 use rewind_wire::raft::{Command, CommandReply};
 use rocksdb::{WriteBatch, DB};
 
-use crate::apply::{apply_batch, BatchOutcome, GroupRecord, ProducerRecord};
+use crate::apply::{apply_batch, create_group, BatchOutcome, GroupRecord, ProducerRecord};
 use crate::codec::{self, LogId, SnapshotMeta, StoredMembership};
 use crate::blocks::{index_event, IndexPut};
 use crate::db::{
@@ -67,20 +67,12 @@ impl StateMachine {
     fn apply_command(&self, pending: &mut Pending, batch: &mut WriteBatch, command: &Command) -> io::Result<CommandReply> {
         match command {
             Command::CreateGroup { group, disks, .. } => {
-                if pending.groups.contains_key(group) || self.group(group)?.is_some() {
-                    return Ok(CommandReply::Refused { reason: format!("group {group:?} already exists") });
-                }
-                if let Err(e) = rewind_wire::event::check_name(group) {
-                    return Ok(CommandReply::Refused { reason: e.to_string() });
-                }
-                for d in disks {
-                    if let Err(e) = rewind_wire::event::check_name(&d.name)
-                        .and_then(|_| rewind_wire::event::check_disk_geometry(d.size_bytes, d.sector_bytes))
-                    {
-                        return Ok(CommandReply::Refused { reason: format!("disk {:?}: {e}", d.name) });
-                    }
-                }
-                pending.groups.insert(group.clone(), GroupRecord::new(group, disks));
+                let exists = pending.groups.contains_key(group) || self.group(group)?.is_some();
+                let record = match create_group(exists, group, disks) {
+                    Ok(record) => record,
+                    Err(reason) => return Ok(CommandReply::Refused { reason }),
+                };
+                pending.groups.insert(group.clone(), record);
                 Ok(CommandReply::Created)
             }
             Command::Append(b) => {
