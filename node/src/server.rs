@@ -511,8 +511,18 @@ impl Node {
         Ok(Response::Done)
     }
 
+    /// Refuses a membership change this node must not start now.
+    fn membership_guard(&self, raft: &Raft) -> Result<(), Response> {
+        let m = raft.metrics().borrow_watched().clone();
+        match rewind_raft_store::membership_change_refusal(&m) {
+            Some(why) => Err(Response::Error(RpcError { kind: ErrorKind::NotLeader, message: why, leader: None })),
+            None => Ok(()),
+        }
+    }
+
     async fn add_learner(&self, member: Member) -> Result<Response, Response> {
         let raft = &self.shard(crate::DATA_SHARD)?.raft;
+        self.membership_guard(raft)?;
         raft.add_learner(member.id, BasicNode { addr: member.addr }, true).await.map_err(|e| self.map_write_error(raft, e))?;
         Ok(Response::Done)
     }
@@ -523,6 +533,7 @@ impl Node {
             return Err(error(ErrorKind::BadRequest, "a site needs at least one voter"));
         }
         let voters: BTreeSet<u64> = voters.into_iter().collect();
+        self.membership_guard(raft)?;
         raft.change_membership(voters, false).await.map_err(|e| self.map_write_error(raft, e))?;
         Ok(Response::Done)
     }

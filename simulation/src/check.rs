@@ -1,0 +1,162 @@
+//! The checkers run at the end of every seed, on the state machines of the
+//! members that are up once every node has caught up.
+
+use openraft::EntryPayload;
+use rewind_wire::event::Event;
+
+use crate::rng::Rng;
+use crate::site::{read_tag, History, DISKS, DISK_BYTES, GROUP};
+use crate::sm::SmImage;
+use crate::Entry;
+
+/// A digest of an entry: its log id and payload.
+pub fn entry_digest(e: &Entry) -> [u8; 32] {
+    let mut h = blake3::Hasher::new();
+    h.update(format!("{:?}", e.log_id).as_bytes());
+    match &e.payload {
+        EntryPayload::Blank => {
+            h.update(b"blank");
+        }
+        EntryPayload::Normal(c) => {
+            let bytes = rkyv::to_bytes::<rkyv::rancor::Error>(c).expect("a command encodes");
+            h.update(&bytes);
+        }
+        EntryPayload::Membership(m) => {
+            h.update(format!("{m:?}").as_bytes());
+        }
+    }
+    *h.finalize().as_bytes()
+}
+
+/// A disk as a byte vector that applies events one after another.
+struct Model {
+    bytes: Vec<u8>,
+}
+
+impl Model {
+    fn apply(&mut self, disk: &str, event: &Event) {
+        match event {
+            Event::Write { disk: d, offset, data } if d == disk => {
+                self.bytes[*offset as usize..*offset as usize + data.len()].copy_from_slice(data);
+            }
+            Event::WriteZeroes { disk: d, offset, len } | Event::Trim { disk: d, offset, len } if d == disk => {
+                self.bytes[*offset as usize..(*offset + *len) as usize].fill(0);
+            }
+            _ => {}
+        }
+    }
+}
+
+pub fn check(history: &History, images: &[(u64, SmImage)], rng: &mut Rng) -> Vec<String> {
+    let mut failures = Vec::new();
+    let Some((ref_id, reference)) = images.iter().max_by_key(|(_, i)| i.groups.get(GROUP).map_or(0, |g| g.last_lsn)) else {
+        return vec!["no member is up at the end".into()];
+    };
+    let Some(group) = reference.groups.get(GROUP) else {
+        return vec![format!("n{ref_id} has no group {GROUP}")];
+    };
+    let events = reference.events.get(GROUP).cloned().unwrap_or_default();
+
+    // Replicas agree: the same events in the same order (hash chains).
+    for (id, image) in images {
+        match image.groups.get(GROUP) {
+            Some(g) if g.digest == group.digest && g.last_lsn == group.last_lsn => {}
+            Some(g) => failures.push(format!(
+                "n{id} differs from n{ref_id}: LSN {} vs {}, digests {} vs {}",
+                g.last_lsn,
+                group.last_lsn,
+                hex(&g.digest[..8]),
+                hex(&group.digest[..8])
+            )),
+            None => failures.push(format!("n{id} has no group {GROUP}")),
+        }
+    }
+
+    // The log is a sequence of whole batches that clients sent, each once.
+    let mut at = std::collections::BTreeMap::new();
+    let mut pos = 0usize;
+    while pos < events.len() {
+        let lsn = events[pos].lsn;
+        if lsn != pos as u64 + 1 {
+            failures.push(format!("LSN {lsn} at position {pos}: LSNs are not dense"));
+            break;
+        }
+        if let Event::Bookmark { name, .. } = &events[pos].event {
+            if name == "end" {
+                pos += 1;
+                continue;
+            }
+        }
+        let Some(key) = read_tag(&events[pos].event) else {
+            failures.push(format!("phantom event at LSN {lsn}: it starts no batch a client sent: {:?}", short(&events[pos].event)));
+            break;
+        };
+        let Some(sent) = history.submitted.get(&key) else {
+            failures.push(format!("phantom batch at LSN {lsn}: client {} never sent seq {}", key.0, key.1));
+            break;
+        };
+        let logged: Vec<&Event> = events[pos..(pos + sent.len()).min(events.len())].iter().map(|e| &e.event).collect();
+        if logged.len() != sent.len() || logged.iter().zip(sent).any(|(a, b)| *a != b) {
+            failures.push(format!("the batch of client {} seq {} at LSN {lsn} is not what the client sent", key.0, key.1));
+            break;
+        }
+        if at.insert(key, lsn).is_some() {
+            failures.push(format!("duplicate: client {} seq {} is in the log twice (again at LSN {lsn})", key.0, key.1));
+        }
+        pos += sent.len();
+    }
+
+    // Every acknowledged batch is there, where the acknowledgement said.
+    for (client, seq, first, last) in &history.acked {
+        match at.get(&(*client, *seq)) {
+            None => failures.push(format!("acknowledged write lost: client {client} seq {seq} (LSN {first}..={last}) is not in the log")),
+            Some(l) if *first != 0 && (*l != *first || last - first + 1 != history.submitted[&(*client, *seq)].len() as u64) => {
+                failures.push(format!("client {client} seq {seq} was acknowledged at LSN {first}..={last} but is at LSN {l}"))
+            }
+            _ => {}
+        }
+    }
+
+    // Event times never go backwards, whatever the clients' clocks did.
+    if let Some(w) = events.windows(2).find(|w| w[1].time_ns < w[0].time_ns) {
+        failures.push(format!("event time goes backwards at LSN {}", w[1].lsn));
+    }
+
+    // Replay at acknowledged LSNs equals the byte model, on two replicas.
+    let mut points: Vec<u64> = history.acked.iter().map(|a| a.3).filter(|l| *l > 0).collect();
+    points.push(group.last_lsn);
+    let mut chosen: Vec<u64> = (0..4).filter_map(|_| points.get(rng.range(0, points.len() as u64) as usize).copied()).collect();
+    chosen.push(group.last_lsn);
+    chosen.sort_unstable();
+    chosen.dedup();
+    let other = &images[rng.range(0, images.len() as u64) as usize];
+    for disk in DISKS {
+        let mut model = Model { bytes: vec![0; DISK_BYTES as usize] };
+        let mut applied = 0u64;
+        for &lsn in &chosen {
+            for e in &events[applied as usize..lsn as usize] {
+                model.apply(disk, &e.event);
+            }
+            applied = lsn;
+            for (id, image) in [(ref_id, reference), (&other.0, &other.1)] {
+                for b in 0..DISK_BYTES / 4096 {
+                    let got = image.block_at(GROUP, disk, b, lsn);
+                    if got[..] != model.bytes[(b * 4096) as usize..((b + 1) * 4096) as usize] {
+                        failures.push(format!("replay of {disk} at LSN {lsn} on n{id}: block {b} differs from the model"));
+                        break;
+                    }
+                }
+            }
+        }
+    }
+    failures
+}
+
+fn short(e: &Event) -> String {
+    let s = format!("{e:?}");
+    s.chars().take(80).collect()
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}

@@ -1,0 +1,720 @@
+//! One seed: a site of four node processes (three voters and a spare),
+//! clients writing through it, a fault injector, an observer that checks
+//! Raft safety as the run goes, and the end-of-run checkers.
+
+use std::cell::RefCell;
+use std::collections::{BTreeMap, BTreeSet};
+use std::rc::Rc;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use openraft::{BasicNode, ServerState};
+use openraft_rt::WatchReceiver;
+use rewind_wire::event::{Event, EventBatch, TimedEvent};
+use rewind_wire::raft::{Command, CommandReply};
+use rewind_wire::rpc::DiskSpec;
+use serde::Serialize;
+
+use crate::disk::{Disk, SimLog};
+use crate::net::{deliver, SimNet, Undelivered};
+use crate::rng::Rng;
+use crate::sm::SimSm;
+use crate::world::{self, NodeSlot, Plan, World};
+use crate::{check, rt, Bug, Raft};
+
+pub const GROUP: &str = "cg";
+pub const DISKS: [&str; 2] = ["d0", "d1"];
+pub const DISK_BYTES: u64 = 2 << 20;
+const SECTOR: u64 = 512;
+const NODES: [u64; 4] = [1, 2, 3, 4];
+/// Client ids start here; a client's network address is its id.
+const CLIENT_BASE: u64 = 100;
+
+/// What one seed is asked to do.
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub seed: u64,
+    pub bug: Option<Bug>,
+    /// Simulated seconds of faults.
+    pub fault_secs: u64,
+    pub clients: u64,
+    /// Batches per client.
+    pub batches: u64,
+}
+
+impl Options {
+    pub fn new(seed: u64) -> Options {
+        Options { seed, bug: None, fault_secs: 20, clients: 3, batches: 60 }
+    }
+}
+
+/// What one seed did.
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+pub struct Outcome {
+    pub seed: u64,
+    pub failures: Vec<String>,
+    pub trace_hash: String,
+    pub trace_lines: u64,
+    pub sim_ns: u64,
+    pub polls: u64,
+    pub messages: u64,
+    pub faults: BTreeMap<String, u64>,
+    pub acked_batches: u64,
+    pub plan: String,
+    /// The last lines of the trace (on failure).
+    pub tail: Vec<String>,
+}
+
+/// Batches sent and answered, for the checkers.
+#[derive(Default)]
+pub struct History {
+    /// (client, seq) -> the batch's events.
+    pub submitted: BTreeMap<(u64, u64), Vec<Event>>,
+    /// (client, seq, lsn_first, lsn_last); LSN 0: acknowledged without one.
+    pub acked: Vec<(u64, u64, u64, u64)>,
+    /// Problems a client saw (a valid batch refused, a sequence gap).
+    pub client_errors: Vec<String>,
+    /// Raft safety violations seen while running.
+    pub safety: Vec<String>,
+}
+
+type Shared = Rc<RefCell<History>>;
+
+pub fn run_seed(opts: &Options) -> Outcome {
+    let mut rng = Rng::new(opts.seed);
+    let plan = Plan::draw(&mut rng);
+    let plan_text = format!("{plan:?}");
+    world::install(World::new(opts.seed, opts.bug, plan, &mut rng));
+    let history: Shared = Rc::default();
+    let h2 = history.clone();
+    let opts2 = opts.clone();
+    // A panic anywhere (our code or openraft's) is a failure of the seed,
+    // reported with the trace that led to it.
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || {
+        rt::block_on(opts2.seed, Duration::from_secs(600), 400_000_000, scenario(opts2.clone(), rng, h2))
+    }));
+    let w = world::take().expect("world");
+    let mut failures = match result {
+        Ok(Ok(f)) => f,
+        Ok(Err(stop)) => vec![format!("the simulation stopped early: {stop:?}")],
+        Err(panic) => {
+            rt::abandon();
+            let msg = panic
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_else(|| "a panic".into());
+            vec![format!("panic: {msg} (at {})", PANIC_AT.with(|p| p.borrow().clone()))]
+        }
+    };
+    let h = history.borrow();
+    failures.extend(h.safety.iter().cloned());
+    failures.extend(h.client_errors.iter().cloned());
+    Outcome {
+        seed: opts.seed,
+        failures,
+        trace_hash: w.trace_hash(),
+        trace_lines: w.trace_lines,
+        sim_ns: LAST_NOW.with(|c| *c.borrow()),
+        polls: LAST_POLLS.with(|c| *c.borrow()),
+        messages: w.messages,
+        faults: w.faults.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
+        acked_batches: h.acked.len() as u64,
+        plan: plan_text,
+        tail: w.tail(),
+    }
+}
+
+/// Records where the last panic happened, for the failure report.
+pub fn hook_panics() {
+    std::panic::set_hook(Box::new(|info| {
+        let at = info.location().map(|l| format!("{}:{}", l.file(), l.line())).unwrap_or_default();
+        PANIC_AT.with(|p| *p.borrow_mut() = at);
+    }));
+}
+
+thread_local! {
+    static PANIC_AT: RefCell<String> = const { RefCell::new(String::new()) };
+    static LAST_NOW: RefCell<u64> = const { RefCell::new(0) };
+    static LAST_POLLS: RefCell<u64> = const { RefCell::new(0) };
+}
+
+fn raft_config() -> Arc<openraft::Config> {
+    let c = openraft::Config {
+        cluster_name: "sim".into(),
+        heartbeat_interval: 50,
+        election_timeout_min: 150,
+        election_timeout_max: 300,
+        snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(64),
+        max_in_snapshot_log_to_keep: 16,
+        purge_batch_size: 1,
+        ..Default::default()
+    };
+    Arc::new(c.validate().expect("valid raft config"))
+}
+
+fn start_node(id: u64) {
+    let disk = world::with(|w| w.nodes[&id].disk.clone());
+    if let Some(k) = disk.lock().expect("disk").first_corrupt() {
+        world::trace(format!("n{id} refuses to start: log entry {k} fails its checksum"));
+        world::with(|w| w.nodes.get_mut(&id).expect("node").refused = true);
+        return;
+    }
+    world::trace(format!("n{id} starts"));
+    world::with(|w| w.nodes.get_mut(&id).expect("node").died = None);
+    rt::with_node(Some(id), || {
+        rt::spawn_local(async move {
+            let sm = SimSm::open(disk.clone());
+            let state = sm.state.clone();
+            match Raft::new(id, raft_config(), SimNet { from: id }, SimLog { disk }, sm).await {
+                Ok(raft) => world::with(|w| {
+                    let n = w.nodes.get_mut(&id).expect("node");
+                    n.raft = Some(raft);
+                    n.sm = Some(state);
+                }),
+                Err(e) => world::trace(format!("n{id} failed to start: {e}")),
+            }
+        })
+    });
+}
+
+fn crash(id: u64, why: &str) {
+    let raft = world::with(|w| {
+        let n = w.nodes.get_mut(&id).expect("node");
+        n.sm = None;
+        n.raft.take()
+    });
+    rt::kill_node(id);
+    drop(raft);
+    let (kept, lost) = world::with(|w| {
+        let disk = w.nodes[&id].disk.clone();
+        let r = disk.lock().expect("disk").crash(&mut w.disk_rng);
+        r
+    });
+    world::trace(format!("n{id} crashes ({why}): of {} unsynced writes, {kept} survive", kept + lost));
+}
+
+fn up_nodes() -> Vec<u64> {
+    world::with(|w| w.nodes.iter().filter(|(_, n)| n.raft.is_some()).map(|(id, _)| *id).collect())
+}
+
+fn is_up(id: u64) -> bool {
+    world::with(|w| w.nodes[&id].raft.is_some())
+}
+
+/// The answer a node gives a client's write.
+#[derive(Debug, Clone)]
+enum WriteAnswer {
+    Reply(CommandReply),
+    NotLeader(Option<u64>),
+}
+
+async fn serve_write(raft: Raft, command: Command) -> Result<WriteAnswer, String> {
+    if world::with(|w| w.is_bug(Bug::AckBeforeCommit)) && matches!(command, Command::Append(_)) {
+        let m = raft.metrics().borrow_watched().clone();
+        if m.state != ServerState::Leader {
+            return Ok(WriteAnswer::NotLeader(m.current_leader));
+        }
+        // The bug: answer once the leader has the entry, before commit.
+        raft.client_write_ff(command, None).await.map_err(|e| e.to_string())?;
+        return Ok(WriteAnswer::Reply(CommandReply::Appended { lsn_first: 0, lsn_last: 0 }));
+    }
+    match raft.client_write(command).await {
+        Ok(r) => Ok(WriteAnswer::Reply(r.data)),
+        Err(e) => match e.forward_to_leader() {
+            Some(f) => Ok(WriteAnswer::NotLeader(f.leader_id)),
+            None => Err(e.to_string()),
+        },
+    }
+}
+
+/// Sends one command until some node answers it, or the deadline passes.
+async fn submit(from: u64, command: Command, rng: &mut Rng, deadline_ns: u64) -> Option<CommandReply> {
+    let mut target = NODES[rng.range(0, 4) as usize];
+    while rt::now_ns() < deadline_ns {
+        let r = deliver(from, target, "write", command.clone(), Duration::from_secs(2), serve_write).await;
+        match r {
+            Ok(WriteAnswer::Reply(reply)) => return Some(reply),
+            Ok(WriteAnswer::NotLeader(Some(l))) if l != target => {
+                target = l;
+                rt::sleep(Duration::from_millis(rng.range(1, 20))).await;
+            }
+            Ok(WriteAnswer::NotLeader(_)) | Err(Undelivered::Lost | Undelivered::Down | Undelivered::TimedOut | Undelivered::Failed(_)) => {
+                target = NODES[rng.range(0, 4) as usize];
+                rt::sleep(Duration::from_millis(rng.range(20, 300))).await;
+            }
+        }
+    }
+    None
+}
+
+fn tag(client: u64, seq: u64) -> [u8; 16] {
+    let mut t = [0u8; 16];
+    t[..8].copy_from_slice(&client.to_le_bytes());
+    t[8..].copy_from_slice(&seq.to_le_bytes());
+    t
+}
+
+/// The (client, seq) a batch's first event carries.
+pub fn read_tag(event: &Event) -> Option<(u64, u64)> {
+    match event {
+        Event::Write { data, .. } if data.len() >= 16 => Some((
+            u64::from_le_bytes(data[..8].try_into().expect("8")),
+            u64::from_le_bytes(data[8..16].try_into().expect("8")),
+        )),
+        _ => None,
+    }
+}
+
+fn sectors(rng: &mut Rng, lo: u64, hi: u64) -> u64 {
+    rng.range(lo, hi + 1) * SECTOR
+}
+
+/// A batch: a tagged write first, then up to three more writes, zeroes or
+/// trims (some large enough to be indexed as an extent).
+fn make_batch(client: u64, seq: u64, rng: &mut Rng, clock_ns: u64) -> Vec<TimedEvent> {
+    let n = rng.range(1, 5);
+    let mut events = Vec::new();
+    for i in 0..n {
+        let disk = DISKS[rng.range(0, 2) as usize].to_string();
+        let kind = if i == 0 { 0 } else { rng.range(0, 10) };
+        let event = match kind {
+            0..=6 => {
+                let len = sectors(rng, 1, 24);
+                let offset = sectors(rng, 0, (DISK_BYTES - len) / SECTOR);
+                let mut data = vec![0u8; len as usize];
+                for chunk in data.chunks_mut(8) {
+                    let v = rng.next_u64().to_le_bytes();
+                    chunk.copy_from_slice(&v[..chunk.len()]);
+                }
+                if i == 0 {
+                    data[..16].copy_from_slice(&tag(client, seq));
+                }
+                Event::Write { disk, offset, data }
+            }
+            7 | 8 => {
+                let len = if rng.chance(0.3) { sectors(rng, 2100, 3000) } else { sectors(rng, 1, 64) };
+                let offset = sectors(rng, 0, (DISK_BYTES - len) / SECTOR);
+                if kind == 7 {
+                    Event::WriteZeroes { disk, offset, len }
+                } else {
+                    Event::Trim { disk, offset, len }
+                }
+            }
+            _ => Event::Bookmark { name: format!("c{client}-s{seq}"), app_consistent: rng.chance(0.5) },
+        };
+        events.push(TimedEvent { time_ns: clock_ns, event });
+    }
+    events
+}
+
+async fn client(id: u64, mut rng: Rng, batches: u64, deadline_ns: u64, clock_skew: Rc<RefCell<i64>>, history: Shared) {
+    for seq in 1..=batches {
+        let clock = (rt::now_ns() as i64 + *clock_skew.borrow()).max(0) as u64;
+        let events = make_batch(id, seq, &mut rng, clock);
+        history.borrow_mut().submitted.insert((id, seq), events.iter().map(|e| e.event.clone()).collect());
+        let batch = EventBatch { group: GROUP.into(), client_id: id, seq, events };
+        match submit(CLIENT_BASE + id, Command::Append(batch), &mut rng, deadline_ns).await {
+            Some(CommandReply::Appended { lsn_first, lsn_last }) => {
+                world::trace(format!("client {id} seq {seq} acknowledged: LSN {lsn_first}..={lsn_last}"));
+                history.borrow_mut().acked.push((id, seq, lsn_first, lsn_last));
+            }
+            Some(other) => {
+                history.borrow_mut().client_errors.push(format!("client {id} seq {seq}: a valid batch was answered {other:?}"));
+                return;
+            }
+            None => {
+                world::trace(format!("client {id} gives up at seq {seq}: deadline"));
+                return;
+            }
+        }
+        rt::sleep(Duration::from_millis(rng.range(0, 40))).await;
+    }
+}
+
+/// Watches every running node. Raft's leader completeness: an entry
+/// committed under leader id C is in the log of every leader with a higher
+/// leader id. (openraft orders leader ids by (term, node), so two nodes may
+/// lead in one term; that is not a violation, missing entries are.) C is
+/// not known exactly, so each committed entry gets an upper bound of it:
+/// the highest vote on any disk when the entry is first seen applied. And
+/// an entry once applied (so committed) never changes. Also stops nodes
+/// that died.
+async fn observe(history: Shared, stop: Rc<RefCell<bool>>) {
+    // index -> (upper bound of the leader id it was committed under, digest)
+    let mut committed: BTreeMap<u64, ((u64, u64), [u8; 32])> = BTreeMap::new();
+    let mut checked: BTreeMap<u64, u64> = BTreeMap::new();
+    // leader id -> highest committed index verified in its log
+    let mut leaders: BTreeMap<(u64, u64), u64> = BTreeMap::new();
+    while !*stop.borrow() {
+        rt::sleep(Duration::from_millis(5)).await;
+        let died: Vec<(u64, String)> = world::with(|w| {
+            w.nodes.iter().filter(|(_, n)| n.raft.is_some()).filter_map(|(id, n)| n.died.clone().map(|d| (*id, d))).collect()
+        });
+        for (id, why) in died {
+            crash(id, &why);
+            restart_later(id, 1000);
+        }
+        for id in up_nodes() {
+            let Some(raft) = world::with(|w| w.raft(id)) else { continue };
+            let m = raft.metrics().borrow_watched().clone();
+            let disk = world::with(|w| w.nodes[&id].disk.clone());
+            let applied = m.last_applied.map_or(0, |l| l.index);
+            let from = checked.get(&id).copied().unwrap_or(0);
+            if applied > from {
+                let lid = highest_vote();
+                let d = disk.lock().expect("disk");
+                for (idx, s) in d.current.entries.range(from + 1..=applied) {
+                    let h = check::entry_digest(&s.entry);
+                    match committed.get(idx) {
+                        None => {
+                            committed.insert(*idx, (lid, h));
+                        }
+                        Some((_, c)) if *c != h => {
+                            history.borrow_mut().safety.push(format!("committed entry {idx} differs on n{id}: {:?}", s.entry.log_id));
+                        }
+                        _ => {}
+                    }
+                }
+                checked.insert(id, applied);
+            }
+            if m.state == ServerState::Leader {
+                let lid = (m.vote.leader_id.term, m.vote.leader_id.node_id);
+                if !leaders.contains_key(&lid) {
+                    world::trace(format!("n{id} leads term {}", lid.0));
+                }
+                let done = leaders.get(&lid).copied().unwrap_or(0);
+                let d = disk.lock().expect("disk");
+                let purged = d.current.purged.map_or(0, |p| p.index);
+                for (idx, (elid, h)) in committed.range(done + 1..) {
+                    if *elid >= lid || *idx <= purged {
+                        continue;
+                    }
+                    let ok = d.current.entries.get(idx).is_some_and(|s| check::entry_digest(&s.entry) == *h);
+                    if !ok {
+                        history.borrow_mut().safety.push(format!(
+                            "leader completeness: n{id}, leader of term {}, lacks entry {idx}, committed by term {} at the latest",
+                            lid.0, elid.0
+                        ));
+                        break;
+                    }
+                }
+                if let Some((last, _)) = committed.last_key_value() {
+                    leaders.insert(lid, *last);
+                }
+            }
+        }
+    }
+}
+
+/// The highest vote (term, node) on any node's disk, up or down.
+fn highest_vote() -> (u64, u64) {
+    world::with(|w| {
+        w.nodes
+            .values()
+            .filter_map(|n| n.disk.lock().expect("disk").current.vote.map(|v| (v.leader_id.term, v.leader_id.node_id)))
+            .max()
+            .unwrap_or((0, 0))
+    })
+}
+
+fn restart_later(id: u64, after_ms: u64) {
+    rt::spawn_local(async move {
+        rt::sleep(Duration::from_millis(after_ms)).await;
+        let (up, refused) = world::with(|w| (w.nodes[&id].raft.is_some(), w.nodes[&id].refused));
+        if !up && !refused {
+            start_node(id);
+        }
+    });
+}
+
+/// The voters and learners as the leader (or any node) sees them.
+fn membership() -> (BTreeSet<u64>, BTreeSet<u64>) {
+    for id in up_nodes() {
+        if let Some(raft) = world::with(|w| w.raft(id)) {
+            let m = raft.metrics().borrow_watched().clone();
+            if m.state == ServerState::Leader {
+                let voters: BTreeSet<u64> = m.membership_config.voter_ids().collect();
+                let all: BTreeSet<u64> = m.membership_config.nodes().map(|(id, _)| *id).collect();
+                return (voters, all);
+            }
+        }
+    }
+    (BTreeSet::new(), BTreeSet::new())
+}
+
+fn leader() -> Option<(u64, Raft)> {
+    up_nodes().into_iter().find_map(|id| {
+        let raft = world::with(|w| w.raft(id))?;
+        let leads = raft.metrics().borrow_watched().state == ServerState::Leader;
+        leads.then_some((id, raft))
+    })
+}
+
+async fn inject(mut rng: Rng, end_ns: u64, skews: Vec<Rc<RefCell<i64>>>) {
+    let plan = world::with(|w| w.plan.clone());
+    let mut kinds = Vec::new();
+    for (on, kind) in [
+        (plan.partitions, "partition"),
+        (plan.crashes, "crash"),
+        (plan.power_loss, "power loss"),
+        (plan.pauses, "pause"),
+        (plan.fsync_errors, "fsync error"),
+        (plan.corruption, "corruption"),
+        (plan.membership, "membership"),
+        (plan.clock_jumps, "clock jump"),
+    ] {
+        if on {
+            kinds.push(kind);
+        }
+    }
+    let mut corrupted = false;
+    while rt::now_ns() < end_ns {
+        rt::sleep(Duration::from_millis(rng.range(plan.fault_every_ms / 2, plan.fault_every_ms * 3 / 2))).await;
+        if kinds.is_empty() {
+            continue;
+        }
+        let kind = kinds[rng.range(0, kinds.len() as u64) as usize];
+        let up = up_nodes();
+        let pick = |rng: &mut Rng, from: &[u64]| from.get(rng.range(0, from.len() as u64) as usize).copied();
+        match kind {
+            "partition" => {
+                let leader = leader().map(|(id, _)| id);
+                let variant = rng.range(0, 4);
+                let cut: Vec<(u64, u64)> = match (variant, leader) {
+                    (0, Some(l)) => {
+                        world::count("partition: leader isolated");
+                        NODES.iter().filter(|n| **n != l).flat_map(|n| [(l, *n), (*n, l)]).collect()
+                    }
+                    (1, _) => {
+                        world::count("partition: majority/minority");
+                        let a = NODES[rng.range(0, 4) as usize];
+                        NODES.iter().filter(|n| **n != a).flat_map(|n| [(a, *n), (*n, a)]).collect()
+                    }
+                    (2, _) => {
+                        world::count("partition: one way");
+                        let a = NODES[rng.range(0, 4) as usize];
+                        let b = NODES[rng.range(0, 4) as usize];
+                        if a == b { vec![] } else { vec![(a, b)] }
+                    }
+                    _ => {
+                        world::count("partition: healed");
+                        world::with(|w| w.blocked.clear());
+                        world::trace("network healed");
+                        continue;
+                    }
+                };
+                world::trace(format!("links cut: {cut:?}"));
+                world::with(|w| w.blocked.extend(cut));
+            }
+            "crash" => {
+                if let Some(id) = pick(&mut rng, &up) {
+                    world::count("crash");
+                    crash(id, "injected");
+                    restart_later(id, rng.range(100, 3000));
+                }
+            }
+            "power loss" => {
+                world::count("power loss");
+                world::trace("power loss: every node crashes");
+                for id in &up {
+                    crash(*id, "power loss");
+                }
+                let after = rng.range(200, 2000);
+                for id in NODES {
+                    restart_later(id, after);
+                }
+            }
+            "pause" => {
+                if let Some(id) = pick(&mut rng, &up) {
+                    world::count("pause");
+                    let ms = rng.range(100, 2000);
+                    world::trace(format!("n{id} paused for {ms} ms"));
+                    rt::pause_node(id);
+                    rt::spawn_local(async move {
+                        rt::sleep(Duration::from_millis(ms)).await;
+                        rt::resume_node(id);
+                        world::trace(format!("n{id} resumes"));
+                    });
+                }
+            }
+            "fsync error" => {
+                if let Some(id) = pick(&mut rng, &up) {
+                    world::count("fsync error");
+                    world::trace(format!("n{id}: its next fsync will fail"));
+                    world::with(|w| w.fsync_fail.insert(id));
+                }
+            }
+            "corruption" if !corrupted => {
+                // One replica only: a minority.
+                if let Some(id) = pick(&mut rng, &NODES) {
+                    let disk = world::with(|w| w.nodes[&id].disk.clone());
+                    let mut r = world::with(|w| w.disk_rng.fork(id));
+                    let rotten = disk.lock().expect("disk").corrupt_one(&mut r);
+                    if let Some(k) = rotten {
+                        corrupted = true;
+                        world::count("corruption");
+                        world::trace(format!("n{id}: log entry {k} rots on disk"));
+                    }
+                }
+            }
+            "membership" => {
+                let (voters, _) = membership();
+                let Some((lid, raft)) = leader() else { continue };
+                world::count("membership change");
+                // The same guard production's admin requests go through.
+                if let Some(why) = rewind_raft_store::membership_change_refusal(&raft.metrics().borrow_watched().clone()) {
+                    world::trace(format!("n{lid} refuses a membership change: {why}"));
+                    continue;
+                }
+                if voters.len() <= 3 {
+                    let Some(new) = NODES.iter().copied().find(|n| !voters.contains(n)) else { continue };
+                    world::trace(format!("n{lid}: add n{new} as a learner, then promote it"));
+                    rt::spawn_local(async move {
+                        let r = rt::timeout(Duration::from_secs(10), async {
+                            raft.add_learner(new, BasicNode::new(format!("n{new}")), false).await.map_err(|e| e.to_string())?;
+                            let mut v = voters.clone();
+                            v.insert(new);
+                            raft.change_membership(v, false).await.map_err(|e| e.to_string())
+                        })
+                        .await;
+                        world::trace(format!("promote n{new}: {}", short(&r)));
+                    });
+                } else {
+                    let list: Vec<u64> = voters.iter().copied().collect();
+                    let Some(gone) = pick(&mut rng, &list) else { continue };
+                    world::trace(format!("n{lid}: remove n{gone} from the voters"));
+                    rt::spawn_local(async move {
+                        let mut v = voters.clone();
+                        v.remove(&gone);
+                        let r = rt::timeout(Duration::from_secs(10), raft.change_membership(v, false)).await;
+                        world::trace(format!("remove n{gone}: {}", match r {
+                            Ok(Ok(_)) => "done".to_string(),
+                            Ok(Err(e)) => e.to_string(),
+                            Err(e) => e.to_string(),
+                        }));
+                    });
+                }
+            }
+            "clock jump" => {
+                if let Some(s) = skews.get(rng.range(0, skews.len() as u64) as usize) {
+                    world::count("clock jump");
+                    let jump = rng.range(0, 2_000_000_000) as i64 - 1_000_000_000;
+                    *s.borrow_mut() += jump;
+                    world::trace(format!("a client's clock jumps {} ms", jump / 1_000_000));
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+fn short<T, E: std::fmt::Display, F: std::fmt::Display>(r: &Result<Result<T, E>, F>) -> String {
+    match r {
+        Ok(Ok(_)) => "done".into(),
+        Ok(Err(e)) => e.to_string(),
+        Err(e) => e.to_string(),
+    }
+}
+
+async fn scenario(opts: Options, mut rng: Rng, history: Shared) -> Vec<String> {
+    let mut failures = Vec::new();
+    for id in NODES {
+        let slot = NodeSlot {
+            raft: None,
+            sm: None,
+            disk: Arc::new(Mutex::new(Disk::new(id))),
+            died: None,
+            refused: false,
+            skew_ns: 0,
+        };
+        world::with(|w| w.nodes.insert(id, slot));
+        start_node(id);
+    }
+    rt::sleep(Duration::from_millis(1)).await;
+    let raft1 = world::with(|w| w.raft(1)).expect("n1 started");
+    let members: BTreeMap<u64, BasicNode> = [1u64, 2, 3].iter().map(|id| (*id, BasicNode::new(format!("n{id}")))).collect();
+    if let Err(e) = raft1.initialize(members).await {
+        return vec![format!("initialize failed: {e}")];
+    }
+    drop(raft1);
+    let disks = DISKS.iter().map(|d| DiskSpec { name: d.to_string(), size_bytes: DISK_BYTES, sector_bytes: SECTOR as u32 }).collect();
+    let create = Command::CreateGroup { group: GROUP.into(), disks, time_ns: 0 };
+    match submit(CLIENT_BASE, create, &mut rng, 30_000_000_000).await {
+        Some(CommandReply::Created) => world::trace("group created"),
+        // A retry after a lost answer finds the group the first try made.
+        Some(CommandReply::Refused { reason }) if reason.contains("already exists") => world::trace("group created (found on retry)"),
+        other => return vec![format!("creating the group failed: {other:?}")],
+    }
+    let start = rt::now_ns();
+    let fault_end = start + opts.fault_secs * 1_000_000_000;
+    let stop = Rc::new(RefCell::new(false));
+    let observer = rt::spawn_local(observe(history.clone(), stop.clone()));
+    let skews: Vec<Rc<RefCell<i64>>> = (0..opts.clients).map(|_| Rc::new(RefCell::new(0))).collect();
+    let clients: Vec<_> = (1..=opts.clients)
+        .map(|c| {
+            let r = rng.fork(1000 + c);
+            rt::spawn_local(client(c, r, opts.batches, fault_end + 60_000_000_000, skews[c as usize - 1].clone(), history.clone()))
+        })
+        .collect();
+    inject(rng.fork(7), fault_end, skews.clone()).await;
+    // Faults stop: heal the network, wake paused nodes, restart the rest.
+    world::trace("faults stop");
+    world::with(|w| {
+        w.blocked.clear();
+        w.fsync_fail.clear();
+    });
+    for id in NODES {
+        rt::resume_node(id);
+        restart_later(id, 0);
+    }
+    for c in clients {
+        let _ = c.await;
+    }
+    let healed = rt::now_ns();
+    // Liveness: a new write is acknowledged within a bounded time.
+    let marker = EventBatch {
+        group: GROUP.into(),
+        client_id: CLIENT_BASE - 1,
+        seq: 1,
+        events: vec![TimedEvent { time_ns: rt::now_ns(), event: Event::Bookmark { name: "end".into(), app_consistent: false } }],
+    };
+    let reply = submit(CLIENT_BASE - 1, Command::Append(marker), &mut rng, rt::now_ns() + 30_000_000_000).await;
+    let final_lsn = match reply {
+        Some(CommandReply::Appended { lsn_last, .. }) => lsn_last,
+        other => {
+            failures.push(format!("no progress within 30 s after the faults stopped: {other:?}"));
+            0
+        }
+    };
+    world::trace(format!("final write at LSN {final_lsn}, {} ms after healing", (rt::now_ns() - healed) / 1_000_000));
+    // Every member catches up.
+    let deadline = rt::now_ns() + 30_000_000_000;
+    let members = loop {
+        let (_, members) = membership();
+        let up: Vec<u64> = members.iter().copied().filter(|id| is_up(*id)).collect();
+        let caught_up = up.iter().all(|id| {
+            world::with(|w| w.nodes[id].sm.as_ref().map(|s| s.lock().expect("sm").groups.get(GROUP).map_or(0, |g| g.last_lsn)))
+                .unwrap_or(0)
+                >= final_lsn
+        });
+        if caught_up && !up.is_empty() {
+            break up;
+        }
+        if rt::now_ns() > deadline {
+            failures.push(format!("members {up:?} did not all apply LSN {final_lsn} within 30 s"));
+            break up;
+        }
+        rt::sleep(Duration::from_millis(50)).await;
+    };
+    *stop.borrow_mut() = true;
+    let _ = observer.await;
+    let images: Vec<(u64, crate::sm::SmImage)> = members
+        .iter()
+        .filter_map(|id| world::with(|w| w.nodes[id].sm.clone()).map(|s| (*id, s.lock().expect("sm").clone())))
+        .collect();
+    failures.extend(check::check(&history.borrow(), &images, &mut rng.fork(9)));
+    LAST_NOW.with(|c| *c.borrow_mut() = rt::now_ns());
+    LAST_POLLS.with(|c| *c.borrow_mut() = rt::polls());
+    failures
+}
