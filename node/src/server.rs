@@ -62,6 +62,14 @@ fn raft_config(c: &NodeConfig) -> anyhow::Result<Arc<openraft::Config>> {
         max_in_snapshot_log_to_keep: c.raft.logs_kept_after_snapshot,
         max_payload_entries: 64,
         install_snapshot_timeout: 60_000,
+        // No leadership restored at restart without an election. Our state
+        // machine is not flushed on apply and the committed index is not
+        // persisted, the case openraft's docs warn about; and the
+        // simulation found worse: a leader that lost unsynced entries in a
+        // crash came back with the same leader id and wrote different
+        // entries under the same log ids (seeds 1204, 1942 of
+        // rewind-simulation before this setting).
+        enable_leader_restore: Some(false),
         ..Default::default()
     };
     Ok(Arc::new(config.validate().context("raft configuration")?))

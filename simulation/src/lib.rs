@@ -49,6 +49,10 @@ pub enum Bug {
     AckBeforeCommit,
     /// The vote is not fsync'd before it is answered.
     VoteNotSynced,
+    /// openraft's default: a restarted leader takes its leadership back
+    /// without an election. With entries lost in the crash it writes new
+    /// entries under log ids its followers already hold (found here).
+    LeaderRestore,
 }
 
 pub use site::{run_seed, Outcome};

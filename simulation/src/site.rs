@@ -148,6 +148,8 @@ fn raft_config() -> Arc<openraft::Config> {
         snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(64),
         max_in_snapshot_log_to_keep: 16,
         purge_batch_size: 1,
+        // As production (`node/src/server.rs`): see the note there.
+        enable_leader_restore: Some(world::with(|w| w.is_bug(Bug::LeaderRestore))),
         ..Default::default()
     };
     Arc::new(c.validate().expect("valid raft config"))
@@ -369,6 +371,7 @@ async fn observe(history: Shared, stop: Rc<RefCell<bool>>) {
                     match committed.get(idx) {
                         None => {
                             committed.insert(*idx, (lid, h));
+                            if std::env::var_os("REWIND_SIM_DEBUG").is_some() { eprintln!("{} committed {idx} {:?} seen on n{id} applied {applied}", rt::now_ns(), s.entry.log_id); }
                         }
                         Some((_, c)) if *c != h => {
                             history.borrow_mut().safety.push(format!("committed entry {idx} differs on n{id}: {:?}", s.entry.log_id));
