@@ -263,7 +263,10 @@ fn report(cli: &Cli, results: &BTreeMap<u64, Vec<Outcome>>, caught: Option<u64>,
     println!("trace-hash: {}", all.finalize().to_hex());
     match cli.bug {
         Some(b) => match caught {
-            Some(seed) => {
+            Some(_) => {
+                // With several jobs, a later seed may finish first: report the
+                // lowest seed that caught it.
+                let seed = failed.iter().map(|f| f.seed).min().unwrap_or_default();
                 let rank = results.keys().position(|s| *s == seed).map_or(0, |p| p + 1);
                 println!("bug {} caught by seed {seed}, after {rank} seed(s)", bug_name(b));
                 ExitCode::SUCCESS

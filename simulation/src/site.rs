@@ -514,7 +514,9 @@ async fn inject(mut rng: Rng, end_ns: u64, skews: Vec<Rc<RefCell<i64>>>) {
                 if let Some(id) = pick(&mut rng, &up) {
                     world::count("crash");
                     crash(id, "injected");
-                    restart_later(id, rng.range(100, 3000));
+                    // Often a supervisor restarts it at once.
+                    let after = if rng.chance(0.3) { rng.range(5, 100) } else { rng.range(100, 3000) };
+                    restart_later(id, after);
                 }
             }
             "power loss" => {
