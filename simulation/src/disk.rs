@@ -43,6 +43,8 @@ enum Op {
     Append(Vec<Arc<Entry>>),
     TruncateAfter(u64),
     Purge(LogId),
+    /// A record that reads back wrong (its write went elsewhere).
+    Rot(u64),
 }
 
 impl Image {
@@ -60,6 +62,11 @@ impl Image {
             Op::Purge(id) => {
                 self.purged = Some(*id);
                 self.entries = self.entries.split_off(&(id.index + 1));
+            }
+            Op::Rot(k) => {
+                if let Some(s) = self.entries.get_mut(k) {
+                    s.corrupt = true;
+                }
             }
         }
     }
@@ -150,7 +157,7 @@ async fn fsync(disk: &Arc<Mutex<Disk>>, seq: u64) {
         d.sync_done_ns = (d.sync_done_ns + 1).max(rt::now_ns() + latency.as_nanos() as u64);
         (d.node, d.sync_done_ns)
     };
-    rt::Sleep::until(done_at).await;
+    rt::Sleep::until_global(done_at).await;
     let fail = world::with(|w| w.fsync_fail.remove(&node));
     if fail {
         world::trace(format!("n{node} fsync failed: the node stops"));
@@ -162,6 +169,16 @@ async fn fsync(disk: &Arc<Mutex<Disk>>, seq: u64) {
         std::future::pending::<()>().await;
     }
     disk.lock().expect("disk").sync_to(seq);
+    if world::with(|w| w.crash_at_io.remove(&node)) {
+        // The data is durable; the process dies before it hears so.
+        world::trace(format!("n{node} crashes as an fsync completes"));
+        world::with(|w| {
+            if let Some(n) = w.nodes.get_mut(&node) {
+                n.died.get_or_insert_with(|| "crash at an fsync's completion".into());
+            }
+        });
+        std::future::pending::<()>().await;
+    }
 }
 
 /// The Raft log store of one node on its simulated disk.
@@ -225,6 +242,16 @@ impl RaftLogStorage<SimConfig> for SimLog {
         if !world::with(|w| w.is_bug(Bug::VoteNotSynced)) {
             fsync(&self.disk, seq).await;
         }
+        let node = self.disk.lock().expect("disk").node;
+        if world::with(|w| w.crash_at_vote.remove(&node)) {
+            world::trace(format!("n{node} crashes as it saves its vote"));
+            world::with(|w| {
+                if let Some(n) = w.nodes.get_mut(&node) {
+                    n.died.get_or_insert_with(|| "crash as the vote was saved".into());
+                }
+            });
+            std::future::pending::<()>().await;
+        }
         Ok(())
     }
 
@@ -233,7 +260,19 @@ impl RaftLogStorage<SimConfig> for SimLog {
         I: IntoIterator<Item = Entry> + OptionalSend,
     {
         let entries: Vec<Arc<Entry>> = entries.into_iter().map(Arc::new).collect();
-        let seq = self.disk.lock().expect("disk").push(Op::Append(entries));
+        let first = entries.first().map(|e| e.log_id.index);
+        let mut seq = self.disk.lock().expect("disk").push(Op::Append(entries));
+        let node = self.disk.lock().expect("disk").node;
+        if let Some(first) = first.filter(|_| world::with(|w| w.misdirect.remove(&node))) {
+            // A misdirected write: the record lands over an older one, so
+            // both read back wrong.
+            let mut d = self.disk.lock().expect("disk");
+            let victim = d.current.entries.keys().next().copied().unwrap_or(first);
+            seq = d.push(Op::Rot(first));
+            seq = seq.max(d.push(Op::Rot(victim)));
+            drop(d);
+            world::trace(format!("n{node}: the write of entry {first} lands over entry {victim}"));
+        }
         if world::with(|w| w.is_bug(Bug::AckBeforeFsync)) {
             callback.io_completed(Ok(()));
             let disk = self.disk.clone();

@@ -53,6 +53,9 @@ pub enum Bug {
     /// without an election. With entries lost in the crash it writes new
     /// entries under log ids its followers already hold (found here).
     LeaderRestore,
+    /// Membership changes skip production's guard, so a leader that has
+    /// removed itself is asked for another change (openraft panics).
+    MembershipUnguarded,
 }
 
 pub use site::{run_seed, Outcome};

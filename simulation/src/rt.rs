@@ -68,6 +68,26 @@ struct State {
     current_node: Option<u64>,
     paused: BTreeSet<u64>,
     polls: u64,
+    /// Nodes whose clock runs at another rate or has jumped.
+    clocks: BTreeMap<u64, Clock>,
+}
+
+/// A node's own clock: `base_local + (global - base_global) * rate`.
+#[derive(Debug, Clone, Copy)]
+struct Clock {
+    base_global: u64,
+    base_local: u64,
+    rate: f64,
+}
+
+impl Clock {
+    fn local(&self, global: u64) -> u64 {
+        self.base_local + (global.saturating_sub(self.base_global) as f64 * self.rate) as u64
+    }
+
+    fn global(&self, local: u64) -> u64 {
+        self.base_global + (local.saturating_sub(self.base_local) as f64 / self.rate).ceil() as u64
+    }
 }
 
 thread_local! {
@@ -133,10 +153,11 @@ pub fn block_on<F: Future>(seed: u64, time_limit: Duration, poll_limit: u64, fut
             timers: BTreeMap::new(),
             next_timer: 0,
             ready: ready.clone(),
-            rng: Rng::new(seed ^ 0x5eed_0f_e8ec),
+            rng: Rng::new(seed ^ 0x005e_ed0f_e8ec),
             current_node: None,
             paused: BTreeSet::new(),
             polls: 0,
+            clocks: BTreeMap::new(),
         })
     });
     let main_waker = waker(MAIN, &ready);
@@ -229,6 +250,23 @@ pub fn abandon() {
 }
 
 impl State {
+    /// The running node's own clock (the simulation's for the harness).
+    fn local_now(&self) -> u64 {
+        match self.current_node.and_then(|n| self.clocks.get(&n)) {
+            Some(c) => c.local(self.now_ns),
+            None => self.now_ns,
+        }
+    }
+
+    /// When, in simulated time, the running node's clock reads `local`.
+    fn to_global(&self, local: u64) -> u64 {
+        let g = match self.current_node.and_then(|n| self.clocks.get(&n)) {
+            Some(c) => c.global(local),
+            None => local,
+        };
+        g.max(self.now_ns + 1)
+    }
+
     /// Takes a ready task, chosen by the generator among those whose node
     /// is not paused.
     fn pick(&mut self) -> Option<u64> {
@@ -281,6 +319,22 @@ pub fn pause_node(node: u64) {
 
 pub fn resume_node(node: u64) {
     with_state(|s| s.paused.remove(&node));
+}
+
+/// Makes `node`'s clock run at `rate` times simulated time from now on
+/// (its timers fire early or late), and jumps it `forward_ns` ahead (a
+/// suspended VM). Monotonic clocks never go back, so neither does this.
+pub fn skew_clock(node: u64, rate: f64, forward_ns: u64) {
+    with_state(|s| {
+        let now = s.now_ns;
+        let local = s.clocks.get(&node).map_or(now, |c| c.local(now));
+        s.clocks.insert(node, Clock { base_global: now, base_local: local + forward_ns, rate: rate.clamp(0.5, 2.0) });
+    });
+}
+
+/// Time on the running node's own clock.
+pub fn local_now_ns() -> u64 {
+    with_state(|s| s.local_now())
 }
 
 /// Spawns a task that need not be `Send` (the harness's own tasks).
@@ -408,19 +462,27 @@ impl Sub<SimInstant> for SimInstant {
 
 impl openraft_rt::Instant for SimInstant {
     fn now() -> SimInstant {
-        SimInstant(now_ns())
+        SimInstant(local_now_ns())
     }
 }
 
-/// Waits until a point in simulated time.
+/// Waits until the running node's clock reads a time (or, `global`, until
+/// a point in simulated time).
 pub struct Sleep {
     deadline: u64,
+    global: bool,
     key: Option<(u64, u64)>,
 }
 
 impl Sleep {
+    /// Until the running node's clock reads `deadline_ns`.
     pub fn until(deadline_ns: u64) -> Sleep {
-        Sleep { deadline: deadline_ns, key: None }
+        Sleep { deadline: deadline_ns, global: false, key: None }
+    }
+
+    /// Until simulated time `deadline_ns`, whatever the node's clock says.
+    pub fn until_global(deadline_ns: u64) -> Sleep {
+        Sleep { deadline: deadline_ns, global: true, key: None }
     }
 }
 
@@ -428,19 +490,26 @@ impl Future for Sleep {
     type Output = ();
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-        let deadline = self.deadline;
-        let key = self.key;
+        let (deadline, global, key) = (self.deadline, self.global, self.key);
         let (done, key) = with_state(|s| {
-            if s.now_ns >= deadline {
+            let now = if global { s.now_ns } else { s.local_now() };
+            if now >= deadline {
                 if let Some(k) = key {
                     s.timers.remove(&k);
                 }
                 return (true, None);
             }
-            let k = key.unwrap_or_else(|| {
-                s.next_timer += 1;
-                (deadline, s.next_timer)
-            });
+            let at = if global { deadline } else { s.to_global(deadline) };
+            let k = match key {
+                Some(k) if k.0 == at => k,
+                other => {
+                    if let Some(old) = other {
+                        s.timers.remove(&old);
+                    }
+                    s.next_timer += 1;
+                    (at, s.next_timer)
+                }
+            };
             s.timers.insert(k, cx.waker().clone());
             (false, Some(k))
         });
@@ -463,8 +532,9 @@ impl Drop for Sleep {
     }
 }
 
+/// Sleeps `d` on the running node's clock.
 pub fn sleep(d: Duration) -> Sleep {
-    Sleep::until(now_ns().saturating_add(d.as_nanos() as u64))
+    Sleep::until(local_now_ns().saturating_add(d.as_nanos() as u64))
 }
 
 /// A future with a deadline.
@@ -567,6 +637,7 @@ impl openraft_rt::AsyncRuntime for SimRuntime {
     }
 
     /// No threads in a simulation: the work runs where it is awaited.
+    #[allow(clippy::manual_async_fn)] // the trait's signature, with its `Send` bound
     fn spawn_blocking<F, T>(f: F) -> impl Future<Output = Result<T, std::io::Error>> + Send
     where
         F: FnOnce() -> T + Send + 'static,
@@ -622,6 +693,17 @@ mod tests {
             h.await.is_err()
         });
         assert_eq!(r, Ok(true));
+    }
+
+    #[test]
+    fn a_fast_clock_fires_its_timers_early_in_simulated_time() {
+        let r = block_on(3, Duration::from_secs(10), 1_000_000, async {
+            skew_clock(5, 2.0, 0);
+            let h = with_node(Some(5), || spawn_local(async { sleep(Duration::from_secs(2)).await }));
+            h.await.unwrap();
+            now_ns()
+        });
+        assert_eq!(r, Ok(1_000_000_000), "2 s on a clock running twice as fast is 1 s");
     }
 
     #[test]

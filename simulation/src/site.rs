@@ -466,6 +466,8 @@ async fn inject(mut rng: Rng, end_ns: u64, skews: Vec<Rc<RefCell<i64>>>) {
         (plan.corruption, "corruption"),
         (plan.membership, "membership"),
         (plan.clock_jumps, "clock jump"),
+        (plan.node_clocks, "node clock"),
+        (plan.io_crashes, "crash at I/O completion"),
     ] {
         if on {
             kinds.push(kind);
@@ -550,6 +552,16 @@ async fn inject(mut rng: Rng, end_ns: u64, skews: Vec<Rc<RefCell<i64>>>) {
                     world::with(|w| w.fsync_fail.insert(id));
                 }
             }
+            "corruption" if !corrupted && rng.chance(0.5) => {
+                // One replica only: a minority. A write misdirected over
+                // another record: both read back wrong.
+                if let Some(id) = pick(&mut rng, &up) {
+                    corrupted = true;
+                    world::count("misdirected write");
+                    world::trace(format!("n{id}: its next log write will land over another record"));
+                    world::with(|w| w.misdirect.insert(id));
+                }
+            }
             "corruption" if !corrupted => {
                 // One replica only: a minority.
                 if let Some(id) = pick(&mut rng, &NODES) {
@@ -568,7 +580,8 @@ async fn inject(mut rng: Rng, end_ns: u64, skews: Vec<Rc<RefCell<i64>>>) {
                 let Some((lid, raft)) = leader() else { continue };
                 world::count("membership change");
                 // The same guard production's admin requests go through.
-                if let Some(why) = rewind_raft_store::membership_change_refusal(&raft.metrics().borrow_watched().clone()) {
+                let guard = !world::with(|w| w.is_bug(Bug::MembershipUnguarded));
+                if let Some(why) = rewind_raft_store::membership_change_refusal(&raft.metrics().borrow_watched().clone()).filter(|_| guard) {
                     world::trace(format!("n{lid} refuses a membership change: {why}"));
                     continue;
                 }
@@ -599,6 +612,27 @@ async fn inject(mut rng: Rng, end_ns: u64, skews: Vec<Rc<RefCell<i64>>>) {
                             Err(e) => e.to_string(),
                         }));
                     });
+                }
+            }
+            "node clock" => {
+                if let Some(id) = pick(&mut rng, &up) {
+                    world::count("node clock skew or jump");
+                    let rate = rng.range(70, 131) as f64 / 100.0;
+                    let forward = if rng.chance(0.3) { rng.range(0, 3_000_000_000) } else { 0 };
+                    world::trace(format!("n{id}'s clock now runs at {rate:.2}x, {} ms ahead", forward / 1_000_000));
+                    rt::skew_clock(id, rate, forward);
+                }
+            }
+            "crash at I/O completion" => {
+                if let Some(id) = pick(&mut rng, &up) {
+                    world::count("crash at I/O completion");
+                    if rng.chance(0.5) {
+                        world::trace(format!("n{id}: will crash when its next fsync completes"));
+                        world::with(|w| w.crash_at_io.insert(id));
+                    } else {
+                        world::trace(format!("n{id}: will crash when it next saves a vote"));
+                        world::with(|w| w.crash_at_vote.insert(id));
+                    }
                 }
             }
             "clock jump" => {
@@ -668,6 +702,9 @@ async fn scenario(opts: Options, mut rng: Rng, history: Shared) -> Vec<String> {
     world::with(|w| {
         w.blocked.clear();
         w.fsync_fail.clear();
+        w.crash_at_io.clear();
+        w.crash_at_vote.clear();
+        w.misdirect.clear();
     });
     for id in NODES {
         rt::resume_node(id);

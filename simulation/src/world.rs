@@ -28,6 +28,8 @@ pub struct Plan {
     pub corruption: bool,
     pub membership: bool,
     pub clock_jumps: bool,
+    pub node_clocks: bool,
+    pub io_crashes: bool,
     /// Mean simulated time between two fault actions.
     pub fault_every_ms: u64,
 }
@@ -56,8 +58,19 @@ impl Plan {
             corruption,
             membership,
             clock_jumps,
+            node_clocks: false,
+            io_crashes: false,
             fault_every_ms: rng.range(150, 1500),
         }
+        .with_later_kinds(rng)
+    }
+
+    /// Kinds added after the first ones, drawn last so that older seeds
+    /// keep their plans.
+    fn with_later_kinds(mut self, rng: &mut Rng) -> Plan {
+        self.node_clocks = rng.chance(0.4);
+        self.io_crashes = rng.chance(0.3);
+        self
     }
 }
 
@@ -92,6 +105,12 @@ pub struct World {
     tail: VecDeque<String>,
     /// Nodes armed to fail their next fsync.
     pub fsync_fail: BTreeSet<u64>,
+    /// Nodes armed to crash when their next fsync completes.
+    pub crash_at_io: BTreeSet<u64>,
+    /// Nodes armed to crash right after they next save a vote.
+    pub crash_at_vote: BTreeSet<u64>,
+    /// Nodes whose next append lands over another entry.
+    pub misdirect: BTreeSet<u64>,
     /// Every trace line, when `REWIND_SIM_TRACE` names a file.
     full: Option<std::io::BufWriter<std::fs::File>>,
 }
@@ -139,6 +158,9 @@ impl World {
             trace_lines: 0,
             tail: VecDeque::new(),
             fsync_fail: BTreeSet::new(),
+            crash_at_io: BTreeSet::new(),
+            crash_at_vote: BTreeSet::new(),
+            misdirect: BTreeSet::new(),
             full: std::env::var_os("REWIND_SIM_TRACE").and_then(|p| std::fs::File::create(p).ok()).map(std::io::BufWriter::new),
         }
     }
