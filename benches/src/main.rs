@@ -463,11 +463,9 @@ async fn bench_replay(cli: &Cli, out: &mut String) -> anyhow::Result<()> {
     let disk_bytes: u64 = if cli.smoke { 64 << 20 } else { 1 << 30 };
     let work = tempfile::Builder::new().prefix("rewind-bench-").tempdir_in(std::env::var("REWIND_BENCH_DIR").unwrap_or("/var/tmp".into()))?;
     let dir = work.path().join("site");
-    let opts = rewind_node::dev::UpOptions { exe: rewind_binary()?, nodes: 3, dir: dir.clone(), raft: RaftTuning::default() };
-    let client_path = rewind_node::dev::up(&opts).await?;
+    let client_path = one_disk_site(&dir, disk_bytes).await?;
     let result = async {
         let client = Client::new(&ClientConfig::load(&client_path)?)?;
-        client.create_group("bench", vec![DiskSpec { name: "d0".into(), size_bytes: disk_bytes, sector_bytes: 512 }]).await?;
         let mut lines = vec![
             format!("## replay: a {} MiB disk to a raw file (`rewind replay --latest`, from a follower, through the block index) and as an NBD export (`--serve`) after N logged 4 KiB writes at random aligned offsets, vs `restic restore` of the same image from a local restic repository (backed up just before, not timed) and `qemu-img convert` of it from a plain file; median (min-max) of {} runs (the --serve and restic columns: one run)
 ", disk_bytes >> 20, cli.runs.max(1)),
@@ -762,6 +760,19 @@ async fn bench_groups(cli: &Cli, out: &mut String) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Starts a local 3-node site in `dir` with group "bench" holding one disk
+/// "d0" of `disk_bytes`; returns the client config's path.
+async fn one_disk_site(dir: &Path, disk_bytes: u64) -> anyhow::Result<PathBuf> {
+    let opts = rewind_node::dev::UpOptions { exe: rewind_binary()?, nodes: 3, dir: dir.to_path_buf(), raft: RaftTuning::default() };
+    let client_path = rewind_node::dev::up(&opts).await?;
+    let client = Client::new(&ClientConfig::load(&client_path)?)?;
+    if let Err(e) = client.create_group("bench", vec![DiskSpec { name: "d0".into(), size_bytes: disk_bytes, sector_bytes: 512 }]).await {
+        rewind_node::dev::down(dir, true)?;
+        return Err(e);
+    }
+    Ok(client_path)
+}
+
 /// Ingest and replay as the history of one disk grows: the disk is written
 /// over 1x, 10x and 100x its size in random 4 KiB writes, and at each level
 /// probes of one disk's worth of writes are timed, then the whole disk is
@@ -772,11 +783,9 @@ async fn bench_growth(cli: &Cli, out: &mut String) -> anyhow::Result<()> {
     let runs = if cli.smoke { 1 } else { cli.runs.max(1) } as u64;
     let work = tempfile::Builder::new().prefix("rewind-bench-").tempdir_in(std::env::var("REWIND_BENCH_DIR").unwrap_or("/var/tmp".into()))?;
     let dir = work.path().join("site");
-    let opts = rewind_node::dev::UpOptions { exe: rewind_binary()?, nodes: 3, dir: dir.clone(), raft: RaftTuning::default() };
-    let client_path = rewind_node::dev::up(&opts).await?;
+    let client_path = one_disk_site(&dir, disk_bytes).await?;
     let result = async {
         let client = Client::new(&ClientConfig::load(&client_path)?)?;
-        client.create_group("bench", vec![DiskSpec { name: "d0".into(), size_bytes: disk_bytes, sector_bytes: 512 }]).await?;
         let per_disk = disk_bytes / 4096;
         let mut lines = vec![
             format!("## growth: one {} MiB disk written over and over in random 4 KiB writes (16 batches of <= 1 MiB in flight); at each history level, {runs} probe(s) of one disk's worth of writes are timed, then the whole disk is replayed to a file from a follower {runs} time(s) after one untimed replay that waits for the follower to catch up; median (min-max)\n", disk_bytes >> 20),

@@ -160,23 +160,13 @@ async fn fsync(disk: &Arc<Mutex<Disk>>, seq: u64) {
     rt::Sleep::until_global(done_at).await;
     let fail = world::with(|w| w.fsync_fail.remove(&node));
     if fail {
-        world::trace(format!("n{node} fsync failed: the node stops"));
-        world::with(|w| {
-            if let Some(n) = w.nodes.get_mut(&node) {
-                n.died.get_or_insert_with(|| "fsync failed".into());
-            }
-        });
+        world::die(node, "fsync failed");
         std::future::pending::<()>().await;
     }
     disk.lock().expect("disk").sync_to(seq);
     if world::with(|w| w.crash_at_io.remove(&node)) {
         // The data is durable; the process dies before it hears so.
-        world::trace(format!("n{node} crashes as an fsync completes"));
-        world::with(|w| {
-            if let Some(n) = w.nodes.get_mut(&node) {
-                n.died.get_or_insert_with(|| "crash at an fsync's completion".into());
-            }
-        });
+        world::die(node, "crash as an fsync completes");
         std::future::pending::<()>().await;
     }
 }
@@ -209,11 +199,7 @@ impl RaftLogReader<SimConfig> for SimLog {
         match found {
             Ok(out) => Ok(out),
             Err(k) => {
-                world::with(|w| {
-                    if let Some(n) = w.nodes.get_mut(&node) {
-                        n.died.get_or_insert_with(|| format!("log entry {k} fails its checksum"));
-                    }
-                });
+                world::die(node, &format!("log entry {k} fails its checksum"));
                 Err(corrupt_err(node, k))
             }
         }
@@ -244,12 +230,7 @@ impl RaftLogStorage<SimConfig> for SimLog {
         }
         let node = self.disk.lock().expect("disk").node;
         if world::with(|w| w.crash_at_vote.remove(&node)) {
-            world::trace(format!("n{node} crashes as it saves its vote"));
-            world::with(|w| {
-                if let Some(n) = w.nodes.get_mut(&node) {
-                    n.died.get_or_insert_with(|| "crash as the vote was saved".into());
-                }
-            });
+            world::die(node, "crash as it saves its vote");
             std::future::pending::<()>().await;
         }
         Ok(())

@@ -371,7 +371,6 @@ async fn observe(history: Shared, stop: Rc<RefCell<bool>>) {
                     match committed.get(idx) {
                         None => {
                             committed.insert(*idx, (lid, h));
-                            if std::env::var_os("REWIND_SIM_DEBUG").is_some() { eprintln!("{} committed {idx} {:?} seen on n{id} applied {applied}", rt::now_ns(), s.entry.log_id); }
                         }
                         Some((_, c)) if *c != h => {
                             history.borrow_mut().safety.push(format!("committed entry {idx} differs on n{id}: {:?}", s.entry.log_id));
@@ -665,7 +664,6 @@ async fn scenario(opts: Options, mut rng: Rng, history: Shared) -> Vec<String> {
             disk: Arc::new(Mutex::new(Disk::new(id))),
             died: None,
             refused: false,
-            skew_ns: 0,
         };
         world::with(|w| w.nodes.insert(id, slot));
         start_node(id);

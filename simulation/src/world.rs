@@ -84,8 +84,6 @@ pub struct NodeSlot {
     pub died: Option<String>,
     /// The node refuses to start: its log failed a checksum at open.
     pub refused: bool,
-    /// Wall-clock offset of this node's clients, in ns (clock skew).
-    pub skew_ns: i64,
 }
 
 pub struct World {
@@ -136,6 +134,18 @@ pub fn with<R>(f: impl FnOnce(&mut World) -> R) -> R {
 pub fn trace(line: impl AsRef<str>) {
     let now = rt::now_ns();
     with(|w| w.record(now, line.as_ref()));
+}
+
+/// The node's process stops by itself (fsync error, corrupt record, an
+/// injected crash at an I/O completion): the observer crashes it and
+/// restarts it a second later. The caller should then wait forever.
+pub fn die(node: u64, why: &str) {
+    trace(format!("n{node} stops: {why}"));
+    with(|w| {
+        if let Some(n) = w.nodes.get_mut(&node) {
+            n.died.get_or_insert_with(|| why.to_string());
+        }
+    });
 }
 
 pub fn count(kind: &'static str) {
