@@ -242,8 +242,10 @@ impl RaftLogStorage<SimConfig> for SimLog {
     {
         let entries: Vec<Arc<Entry>> = entries.into_iter().map(Arc::new).collect();
         let first = entries.first().map(|e| e.log_id.index);
-        let mut seq = self.disk.lock().expect("disk").push(Op::Append(entries));
-        let node = self.disk.lock().expect("disk").node;
+        let (mut seq, node) = {
+            let mut d = self.disk.lock().expect("disk");
+            (d.push(Op::Append(entries)), d.node)
+        };
         if let Some(first) = first.filter(|_| world::with(|w| w.misdirect.remove(&node))) {
             // A misdirected write: the record lands over an older one, so
             // both read back wrong.

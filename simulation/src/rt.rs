@@ -92,6 +92,7 @@ impl Clock {
 
 thread_local! {
     static STATE: RefCell<Option<State>> = const { RefCell::new(None) };
+    static LAST_RUN: std::cell::Cell<(u64, u64)> = const { std::cell::Cell::new((0, 0)) };
 }
 
 fn with_state<R>(f: impl FnOnce(&mut State) -> R) -> R {
@@ -130,9 +131,10 @@ pub fn now_ns() -> u64 {
     with_state(|s| s.now_ns)
 }
 
-/// Number of task polls so far.
-pub fn polls() -> u64 {
-    with_state(|s| s.polls)
+/// Simulated time and task polls at the end of the last [`block_on`] on
+/// this thread (zeros if none has ended).
+pub fn last_run() -> (u64, u64) {
+    LAST_RUN.with(|c| c.get())
 }
 
 /// A number from the executor's own generator (for openraft's
@@ -238,6 +240,9 @@ pub fn block_on<F: Future>(seed: u64, time_limit: Duration, poll_limit: u64, fut
         drop(tasks);
     }
     let state = STATE.with(|s| s.borrow_mut().take());
+    if let Some(st) = &state {
+        LAST_RUN.with(|c| c.set((st.now_ns, st.polls)));
+    }
     drop(state);
     result
 }
@@ -286,11 +291,6 @@ impl State {
     }
 }
 
-/// The node whose task is running now (`None` for the harness).
-pub fn current_node() -> Option<u64> {
-    with_state(|s| s.current_node)
-}
-
 /// Runs `f` as if from a task of `node`: tasks it spawns belong to `node`.
 pub fn with_node<R>(node: Option<u64>, f: impl FnOnce() -> R) -> R {
     let before = with_state(|s| std::mem::replace(&mut s.current_node, node));
@@ -309,7 +309,8 @@ pub fn kill_node(node: u64) {
 }
 
 /// Number of live tasks of `node`.
-pub fn node_tasks(node: u64) -> usize {
+#[cfg(test)]
+fn node_tasks(node: u64) -> usize {
     with_state(|s| s.tasks.values().filter(|t| t.node == Some(node)).count())
 }
 
@@ -420,12 +421,6 @@ impl<T> Future for JoinHandle<T> {
 /// A point in simulated time.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct SimInstant(u64);
-
-impl SimInstant {
-    pub fn as_nanos(&self) -> u64 {
-        self.0
-    }
-}
 
 impl Add<Duration> for SimInstant {
     type Output = SimInstant;

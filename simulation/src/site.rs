@@ -115,8 +115,8 @@ pub fn run_seed(opts: &Options) -> Outcome {
         failures,
         trace_hash: w.trace_hash(),
         trace_lines: w.trace_lines,
-        sim_ns: LAST_NOW.with(|c| *c.borrow()),
-        polls: LAST_POLLS.with(|c| *c.borrow()),
+        sim_ns: rt::last_run().0,
+        polls: rt::last_run().1,
         messages: w.messages,
         faults: w.faults.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
         acked_batches: h.acked.len() as u64,
@@ -135,8 +135,6 @@ pub fn hook_panics() {
 
 thread_local! {
     static PANIC_AT: RefCell<String> = const { RefCell::new(String::new()) };
-    static LAST_NOW: RefCell<u64> = const { RefCell::new(0) };
-    static LAST_POLLS: RefCell<u64> = const { RefCell::new(0) };
 }
 
 fn raft_config() -> Arc<openraft::Config> {
@@ -754,7 +752,5 @@ async fn scenario(opts: Options, mut rng: Rng, history: Shared) -> Vec<String> {
         .filter_map(|id| world::with(|w| w.nodes[id].sm.clone()).map(|s| (*id, s.lock().expect("sm").clone())))
         .collect();
     failures.extend(check::check(&history.borrow(), &images, &mut rng.fork(9)));
-    LAST_NOW.with(|c| *c.borrow_mut() = rt::now_ns());
-    LAST_POLLS.with(|c| *c.borrow_mut() = rt::polls());
     failures
 }
