@@ -3,6 +3,7 @@
 //! the sink has it (committed on the site, or durable in the journal).
 
 use std::collections::BTreeSet;
+use std::io;
 use std::os::unix::fs::FileExt;
 use std::sync::{Arc, Mutex};
 
@@ -77,6 +78,82 @@ struct Queued {
     done: Option<oneshot::Sender<Result<(), String>>>,
 }
 
+/// The disk's current bytes, which the tap reads from and writes through
+/// to: the backing file, or the simulation's in-memory file. Each call
+/// does its work when the future is polled, not before.
+pub trait Backing: Send + Sync + 'static {
+    fn read_at(&self, offset: u64, len: u32) -> BoxFuture<'static, io::Result<Vec<u8>>>;
+    fn write_at(&self, offset: u64, data: Vec<u8>) -> BoxFuture<'static, io::Result<()>>;
+    /// Writes `len` zero bytes at `offset`; `punch` may release the space.
+    fn zero(&self, offset: u64, len: u64, punch: bool) -> BoxFuture<'static, io::Result<()>>;
+    /// Makes every completed write durable (fdatasync).
+    fn sync(&self) -> BoxFuture<'static, io::Result<()>>;
+}
+
+/// A backing file, its calls run off the async workers (a 32 MiB write
+/// would stall them).
+pub struct FileBacking(pub Arc<std::fs::File>);
+
+impl FileBacking {
+    fn blocking<T: Send + 'static>(&self, f: impl FnOnce(&std::fs::File) -> io::Result<T> + Send + 'static) -> BoxFuture<'static, io::Result<T>> {
+        let file = self.0.clone();
+        Box::pin(async move { tokio::task::spawn_blocking(move || f(&file)).await.unwrap_or_else(|e| Err(io::Error::other(e.to_string()))) })
+    }
+}
+
+impl Backing for FileBacking {
+    fn read_at(&self, offset: u64, len: u32) -> BoxFuture<'static, io::Result<Vec<u8>>> {
+        self.blocking(move |f| {
+            let mut data = vec![0u8; len as usize];
+            f.read_exact_at(&mut data, offset).map(|_| data)
+        })
+    }
+
+    fn write_at(&self, offset: u64, data: Vec<u8>) -> BoxFuture<'static, io::Result<()>> {
+        self.blocking(move |f| f.write_all_at(&data, offset))
+    }
+
+    fn zero(&self, offset: u64, len: u64, punch: bool) -> BoxFuture<'static, io::Result<()>> {
+        self.blocking(move |f| zero_range(f, offset, len, punch))
+    }
+
+    fn sync(&self) -> BoxFuture<'static, io::Result<()>> {
+        self.blocking(|f| f.sync_data())
+    }
+}
+
+/// Runs the tap's background tasks (the batcher, the commit waiters): on
+/// tokio in production, on the simulation's executor there.
+pub trait Spawner: Send + Sync + 'static {
+    fn spawn(&self, task: BoxFuture<'static, ()>);
+}
+
+pub struct TokioSpawner;
+
+impl Spawner for TokioSpawner {
+    fn spawn(&self, task: BoxFuture<'static, ()>) {
+        tokio::spawn(task);
+    }
+}
+
+/// Switches that put known bugs back, for the simulation to show that it
+/// finds them. Built only with the `simulation-bugs` feature; every switch
+/// is off unless the simulation turns it on.
+#[cfg(feature = "simulation-bugs")]
+pub mod bugs {
+    use std::sync::atomic::AtomicBool;
+
+    /// Answer a write once its batch is queued at the sink, before the site
+    /// has committed it (breaks sync mode's RPO 0).
+    pub static ANSWER_BEFORE_COMMIT: AtomicBool = AtomicBool::new(false);
+}
+
+/// A mutation of the backing file, applied inside the ordered section.
+enum Mutation {
+    Write { offset: u64, data: Vec<u8> },
+    Zero { offset: u64, len: u64, punch: bool },
+}
+
 /// Writes that were ordered but are not committed yet, by ticket.
 #[derive(Default)]
 struct Inflight {
@@ -87,7 +164,7 @@ struct Inflight {
 
 pub struct Tap {
     config: TapConfig,
-    backing: Arc<std::fs::File>,
+    backing: Arc<dyn Backing>,
     clock: Arc<dyn Clock>,
     /// The ordered section: backing-file write and queueing happen under it.
     order: tokio::sync::Mutex<u64>,
@@ -100,13 +177,14 @@ pub struct Tap {
 const QUEUE_DEPTH_MAX: usize = 1024;
 
 impl Tap {
-    pub fn new(config: TapConfig, backing: std::fs::File, sink: Arc<dyn LogSink>, clock: Arc<dyn Clock>) -> Arc<Tap> {
+    /// A tap over `backing` whose background tasks run on `spawner`.
+    pub fn new(config: TapConfig, backing: Arc<dyn Backing>, sink: Arc<dyn LogSink>, clock: Arc<dyn Clock>, spawner: Arc<dyn Spawner>) -> Arc<Tap> {
         let (queue, rx) = mpsc::channel(QUEUE_DEPTH_MAX);
         let inflight: Arc<Mutex<Inflight>> = Arc::default();
         let settled = Arc::new(Notify::new());
         let batch_bytes_max = config.batch_bytes_max.clamp(1, BATCH_BYTES_MAX);
-        tokio::spawn(batcher(rx, sink, batch_bytes_max, inflight.clone(), settled.clone()));
-        Arc::new(Tap { config, backing: Arc::new(backing), clock, order: tokio::sync::Mutex::new(0), queue, inflight, settled })
+        spawner.spawn(Box::pin(batcher(rx, sink, batch_bytes_max, inflight.clone(), settled.clone(), spawner.clone())));
+        Arc::new(Tap { config, backing, clock, order: tokio::sync::Mutex::new(0), queue, inflight, settled })
     }
 
     pub fn export(&self) -> &str {
@@ -116,22 +194,16 @@ impl Tap {
     /// The ordered step of a mutation: apply it to the backing file and queue
     /// its events, under one lock. Returns a receiver that fires once the
     /// events are committed.
-    async fn order_mutation(
-        &self,
-        apply: impl FnOnce(&std::fs::File) -> std::io::Result<()> + Send + 'static,
-        events: Vec<Event>,
-    ) -> Result<oneshot::Receiver<Result<(), String>>, u32> {
+    async fn order_mutation(&self, mutation: Mutation, events: Vec<Event>) -> Result<oneshot::Receiver<Result<(), String>>, u32> {
         let mut ticket = self.order.lock().await;
         if let Some(why) = &self.inflight.lock().expect("inflight lock").failed {
             tracing::error!("refusing a write: the log failed earlier: {why}");
             return Err(nbd::EIO);
         }
-        // The file write runs off the async workers (a 32 MiB write would
-        // stall them), still inside the ordered section.
-        let backing = self.backing.clone();
-        let applied = tokio::task::spawn_blocking(move || apply(&backing))
-            .await
-            .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())));
+        let applied = match mutation {
+            Mutation::Write { offset, data } => self.backing.write_at(offset, data).await,
+            Mutation::Zero { offset, len, punch } => self.backing.zero(offset, len, punch).await,
+        };
         if let Err(e) = applied {
             tracing::error!("backing file write failed: {e}");
             return Err(if e.raw_os_error() == Some(libc::ENOSPC) { nbd::ENOSPC } else { nbd::EIO });
@@ -190,7 +262,14 @@ impl Tap {
 /// Takes queued events, puts as many as are waiting (up to the byte limit)
 /// into one batch, submits it in order, and settles each waiter once its
 /// batch is committed.
-async fn batcher(mut rx: mpsc::Receiver<Queued>, sink: Arc<dyn LogSink>, bytes_max: usize, inflight: Arc<Mutex<Inflight>>, settled: Arc<Notify>) {
+async fn batcher(
+    mut rx: mpsc::Receiver<Queued>,
+    sink: Arc<dyn LogSink>,
+    bytes_max: usize,
+    inflight: Arc<Mutex<Inflight>>,
+    settled: Arc<Notify>,
+    spawner: Arc<dyn Spawner>,
+) {
     let mut carry: Option<Queued> = None;
     loop {
         let first = match carry.take() {
@@ -234,11 +313,18 @@ async fn batcher(mut rx: mpsc::Receiver<Queued>, sink: Arc<dyn LogSink>, bytes_m
             }
         };
         match sink.submit(events).await {
+            #[cfg(feature = "simulation-bugs")]
+            Ok(committed) if bugs::ANSWER_BEFORE_COMMIT.load(std::sync::atomic::Ordering::Relaxed) => {
+                settle(Ok(()), waiters);
+                spawner.spawn(Box::pin(async move {
+                    let _ = committed.await;
+                }));
+            }
             Ok(committed) => {
-                tokio::spawn(async move {
+                spawner.spawn(Box::pin(async move {
                     let result = committed.await.map(|_| ()).map_err(|e| e.0);
                     settle(result, waiters);
-                });
+                }));
             }
             Err(e) => settle(Err(e.0), waiters),
         }
@@ -254,10 +340,9 @@ async fn answer(tap: Arc<Tap>, ordered: Result<oneshot::Receiver<Result<(), Stri
     };
     match rx.await {
         Ok(Ok(())) if fua => {
-            let backing = tap.backing.clone();
-            let synced = tokio::task::spawn_blocking(move || backing.sync_data()).await;
+            let synced = tap.backing.sync().await;
             match (synced, tap.barrier().await) {
-                (Ok(Ok(())), Ok(())) => 0,
+                (Ok(()), Ok(())) => 0,
                 _ => nbd::EIO,
             }
         }
@@ -295,23 +380,17 @@ impl Export for Tap {
 
     fn read(self: Arc<Self>, offset: u64, len: u32) -> BoxFuture<'static, Result<Vec<u8>, u32>> {
         Box::pin(async move {
-            let backing = self.backing.clone();
-            let mut data = vec![0u8; len as usize];
-            match tokio::task::spawn_blocking(move || backing.read_exact_at(&mut data, offset).map(|_| data)).await {
-                Ok(Ok(data)) => Ok(data),
-                Ok(Err(e)) => {
-                    tracing::error!("backing file read failed: {e}");
-                    Err(nbd::EIO)
-                }
-                Err(_) => Err(nbd::EIO),
-            }
+            self.backing.read_at(offset, len).await.map_err(|e| {
+                tracing::error!("backing file read failed: {e}");
+                nbd::EIO
+            })
         })
     }
 
     fn write(self: Arc<Self>, offset: u64, data: Vec<u8>, fua: bool) -> BoxFuture<'static, Answer> {
         Box::pin(async move {
             let events = split_write(&self.config.export, offset, &data);
-            let ordered = self.order_mutation(move |f| f.write_all_at(&data, offset), events).await;
+            let ordered = self.order_mutation(Mutation::Write { offset, data }, events).await;
             let answer: Answer = Box::pin(answer(self, ordered, fua));
             answer
         })
@@ -321,7 +400,7 @@ impl Export for Tap {
         Box::pin(async move {
             let disk = self.config.export.clone();
             let event = if trim { Event::Trim { disk, offset, len } } else { Event::WriteZeroes { disk, offset, len } };
-            let ordered = self.order_mutation(move |f| zero_range(f, offset, len, punch), vec![event]).await;
+            let ordered = self.order_mutation(Mutation::Zero { offset, len, punch }, vec![event]).await;
             let answer: Answer = Box::pin(answer(self, ordered, fua));
             answer
         })
@@ -329,12 +408,13 @@ impl Export for Tap {
 
     fn flush(self: Arc<Self>) -> Answer {
         Box::pin(async move {
-            let backing = self.backing.clone();
-            let synced = tokio::task::spawn_blocking(move || backing.sync_data()).await;
-            match (synced, self.barrier().await) {
-                (Ok(Ok(())), Ok(())) => 0,
-                (Ok(Ok(())), Err(e)) => e,
-                _ => nbd::EIO,
+            match (self.backing.sync().await, self.barrier().await) {
+                (Ok(()), Ok(())) => 0,
+                (Ok(()), Err(e)) => e,
+                (Err(e), _) => {
+                    tracing::error!("backing file sync failed: {e}");
+                    nbd::EIO
+                }
             }
         })
     }

@@ -310,7 +310,8 @@ pub async fn run(client: Client, opts: TapOptions, ready: impl FnOnce(&str)) -> 
         }
     };
     let config = TapConfig { export: opts.disk.clone(), size_bytes: disk.size_bytes, mode, batch_bytes_max: 1 << 20 };
-    let tap = Tap::new(config, backing, sink, Arc::new(tap::SystemClock));
+    let backing = Arc::new(tap::FileBacking(Arc::new(backing)));
+    let tap = Tap::new(config, backing, sink, Arc::new(tap::SystemClock), Arc::new(tap::TokioSpawner));
     let served = serve(tap, opts.listen, &opts.disk, ready, shipper);
     let r = served.await;
     if let Some(j) = journal {

@@ -57,20 +57,7 @@ pub fn check(history: &History, images: &[(u64, SmImage)], rng: &mut Rng) -> Vec
     };
     let events = reference.events.get(GROUP).cloned().unwrap_or_default();
 
-    // Replicas agree: the same events in the same order (hash chains).
-    for (id, image) in images {
-        match image.groups.get(GROUP) {
-            Some(g) if g.digest == group.digest && g.last_lsn == group.last_lsn => {}
-            Some(g) => failures.push(format!(
-                "n{id} differs from n{ref_id}: LSN {} vs {}, digests {} vs {}",
-                g.last_lsn,
-                group.last_lsn,
-                hex(&g.digest[..8]),
-                hex(&group.digest[..8])
-            )),
-            None => failures.push(format!("n{id} has no group {GROUP}")),
-        }
-    }
+    failures.extend(replicas_agree(GROUP, images));
 
     // The log is a sequence of whole batches that clients sent, each once.
     let mut at = std::collections::BTreeMap::new();
@@ -147,6 +134,32 @@ pub fn check(history: &History, images: &[(u64, SmImage)], rng: &mut Rng) -> Vec
                     }
                 }
             }
+        }
+    }
+    failures
+}
+
+/// Every member holds the same events of `group` in the same order: the
+/// same last LSN and hash chain.
+pub fn replicas_agree(group: &str, images: &[(u64, SmImage)]) -> Vec<String> {
+    let mut failures = Vec::new();
+    let Some((ref_id, reference)) = images.iter().max_by_key(|(_, i)| i.groups.get(group).map_or(0, |g| g.last_lsn)) else {
+        return failures;
+    };
+    let Some(want) = reference.groups.get(group) else {
+        return vec![format!("n{ref_id} has no group {group}")];
+    };
+    for (id, image) in images {
+        match image.groups.get(group) {
+            Some(g) if g.digest == want.digest && g.last_lsn == want.last_lsn => {}
+            Some(g) => failures.push(format!(
+                "group {group}: n{id} differs from n{ref_id}: LSN {} vs {}, digests {} vs {}",
+                g.last_lsn,
+                want.last_lsn,
+                hex(&g.digest[..8]),
+                hex(&want.digest[..8])
+            )),
+            None => failures.push(format!("n{id} has no group {group}")),
         }
     }
     failures

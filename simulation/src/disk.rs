@@ -151,7 +151,12 @@ impl Disk {
 /// armed fsync fault fails it: the node must stop (the Postgres fsync
 /// lesson), so this marks the node dead and never returns.
 async fn fsync(disk: &Arc<Mutex<Disk>>, seq: u64) {
-    let latency = world::with(|w| Duration::from_micros(w.disk_rng.range(100, 3000)));
+    let node = disk.lock().expect("disk").node;
+    let now = rt::now_ns();
+    let latency = world::with(|w| {
+        let factor = w.slow.get(&node).filter(|(until, _)| *until > now).map_or(1, |(_, f)| *f);
+        Duration::from_micros(w.disk_rng.range(100, 3000) * factor)
+    });
     let (node, done_at) = {
         let mut d = disk.lock().expect("disk");
         d.sync_done_ns = (d.sync_done_ns + 1).max(rt::now_ns() + latency.as_nanos() as u64);
@@ -194,7 +199,16 @@ impl RaftLogReader<SimConfig> for SimLog {
                 }
                 out.push((*s.entry).clone());
             }
-            (d.node, bad.map_or(Ok(out), Err))
+            let mut found = bad.map_or(Ok(out), Err);
+            // A misread: the bytes come back wrong this once.
+            if let Ok(entries) = &found {
+                if let Some(first) = entries.first().map(|e| e.log_id.index) {
+                    if world::with(|w| w.misread.remove(&d.node)) {
+                        found = Err(first);
+                    }
+                }
+            }
+            (d.node, found)
         };
         match found {
             Ok(out) => Ok(out),

@@ -15,6 +15,7 @@ pub mod rng;
 pub mod rt;
 pub mod site;
 pub mod sm;
+pub mod tap;
 pub mod world;
 
 
@@ -45,7 +46,7 @@ pub enum Bug {
     /// commits without a majority.
     CommitWithoutMajority,
     /// The node answers a client's write when the leader has taken it, not
-    /// when it is committed (a sync-mode tap acknowledging early).
+    /// when it is committed.
     AckBeforeCommit,
     /// The vote is not fsync'd before it is answered.
     VoteNotSynced,
@@ -56,6 +57,9 @@ pub enum Bug {
     /// Membership changes skip production's guard, so a leader that has
     /// removed itself is asked for another change (openraft panics).
     MembershipUnguarded,
+    /// The real tap (`cdp-ingest`), in sync mode, answers a write once its
+    /// batch is queued for the site rather than once it is committed.
+    TapAnswerBeforeCommit,
 }
 
 pub use site::{run_seed, Outcome};

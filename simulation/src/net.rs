@@ -10,6 +10,8 @@ use openraft::network::{RPCOption, RaftNetworkFactory, RaftNetworkV2};
 use openraft::raft::{AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, VoteRequest, VoteResponse};
 use openraft::{BasicNode, OptionalSend};
 
+use openraft_rt::WatchReceiver;
+
 use crate::{rt, world, Bug, Raft, SimConfig, Snapshot, Vote};
 
 /// Why a message did not get an answer.
@@ -153,7 +155,17 @@ impl RaftNetworkV2<SimConfig> for SimClient {
         option: RPCOption,
     ) -> Result<SnapshotResponse<SimConfig>, StreamingError<SimConfig>> {
         let send = deliver(self.from, self.to, "snapshot", (vote, snapshot), ttl(&option) * 4, |raft, (vote, snapshot)| async move {
-            raft.install_full_snapshot(vote, snapshot).await
+            // A snapshot that arrives damaged fails its checksum: the
+            // receiver refuses it before changing anything (production
+            // checks the stream file's blake3 trailer), and the leader
+            // sends it again later.
+            let to = raft.metrics().borrow_watched().id;
+            if world::with(|w| w.snapshot_misread.remove(&to)) {
+                world::count("snapshot corruption");
+                world::trace(format!("n{to}: a snapshot arrives corrupt and is refused"));
+                return Err("snapshot stream: checksum mismatch; refused".to_string());
+            }
+            raft.install_full_snapshot(vote, snapshot).await.map_err(|e| e.to_string())
         });
         futures::pin_mut!(send, cancel);
         match futures::future::select(send, cancel).await {

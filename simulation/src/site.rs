@@ -20,7 +20,7 @@ use crate::net::{deliver, SimNet, Undelivered};
 use crate::rng::Rng;
 use crate::sm::SimSm;
 use crate::world::{self, NodeSlot, Plan, World};
-use crate::{check, rt, Bug, Raft};
+use crate::{check, rt, tap, Bug, Raft};
 
 pub const GROUP: &str = "cg";
 pub const DISKS: [&str; 2] = ["d0", "d1"];
@@ -29,6 +29,8 @@ const SECTOR: u64 = 512;
 const NODES: [u64; 4] = [1, 2, 3, 4];
 /// Client ids start here; a client's network address is its id.
 const CLIENT_BASE: u64 = 100;
+/// Seeds the generator of the fault kinds added later, and their injector.
+const EXTRA_SALT: u64 = 0x7A95_EED5_0000_0001;
 
 /// What one seed is asked to do.
 #[derive(Debug, Clone)]
@@ -40,11 +42,13 @@ pub struct Options {
     pub clients: u64,
     /// Batches per client.
     pub batches: u64,
+    /// Requests the guest sends the tap, when the plan has a tap.
+    pub tap_ops: u64,
 }
 
 impl Options {
     pub fn new(seed: u64) -> Options {
-        Options { seed, bug: None, fault_secs: 20, clients: 3, batches: 60 }
+        Options { seed, bug: None, fault_secs: 20, clients: 3, batches: 60, tap_ops: 200 }
     }
 }
 
@@ -76,13 +80,21 @@ pub struct History {
     pub client_errors: Vec<String>,
     /// Raft safety violations seen while running.
     pub safety: Vec<String>,
+    /// The guest's requests to the tap, in the order it sent them.
+    pub tap_ops: Vec<crate::tap::GuestOp>,
+    /// (tap producer, seq) -> the batch's events.
+    pub tap_batches: BTreeMap<(u64, u64), Vec<Event>>,
 }
 
-type Shared = Rc<RefCell<History>>;
+pub type Shared = Rc<RefCell<History>>;
 
 pub fn run_seed(opts: &Options) -> Outcome {
     let mut rng = Rng::new(opts.seed);
-    let plan = Plan::draw(&mut rng);
+    // Kinds added later are drawn from a generator of their own, so a seed
+    // with all of them off runs as it did before they existed.
+    let plan = Plan::draw(&mut rng).with_extra_kinds(&mut Rng::new(opts.seed ^ EXTRA_SALT));
+    #[allow(clippy::needless_bool)]
+    rewind_cdp_ingest::tap::bugs::ANSWER_BEFORE_COMMIT.store(opts.bug == Some(Bug::TapAnswerBeforeCommit), std::sync::atomic::Ordering::Relaxed);
     let plan_text = format!("{plan:?}");
     world::install(World::new(opts.seed, opts.bug, plan, &mut rng));
     let history: Shared = Rc::default();
@@ -229,7 +241,7 @@ async fn serve_write(raft: Raft, command: Command) -> Result<WriteAnswer, String
 }
 
 /// Sends one command until some node answers it, or the deadline passes.
-async fn submit(from: u64, command: Command, rng: &mut Rng, deadline_ns: u64) -> Option<CommandReply> {
+pub(crate) async fn submit(from: u64, command: Command, rng: &mut Rng, deadline_ns: u64) -> Option<CommandReply> {
     let mut target = NODES[rng.range(0, 4) as usize];
     while rt::now_ns() < deadline_ns {
         let r = deliver(from, target, "write", command.clone(), Duration::from_secs(2), serve_write).await;
@@ -681,9 +693,37 @@ async fn scenario(opts: Options, mut rng: Rng, history: Shared) -> Vec<String> {
         Some(CommandReply::Refused { reason }) if reason.contains("already exists") => world::trace("group created (found on retry)"),
         other => return vec![format!("creating the group failed: {other:?}")],
     }
+    let plan = world::with(|w| w.plan.clone());
+    if plan.tap {
+        let disks = vec![DiskSpec { name: tap::TAP_DISK.into(), size_bytes: tap::TAP_DISK_BYTES, sector_bytes: tap::SECTOR as u32 }];
+        let create = Command::CreateGroup { group: tap::TAP_GROUP.into(), disks, time_ns: 0 };
+        match submit(CLIENT_BASE, create, &mut rng, rt::now_ns() + 30_000_000_000).await {
+            Some(CommandReply::Created) => world::trace("tap group created"),
+            Some(CommandReply::Refused { reason }) if reason.contains("already exists") => world::trace("tap group created (found on retry)"),
+            other => return vec![format!("creating the tap's group failed: {other:?}")],
+        }
+    }
     let start = rt::now_ns();
     let fault_end = start + opts.fault_secs * 1_000_000_000;
     let stop = Rc::new(RefCell::new(false));
+    let mut extra = Rng::new(opts.seed ^ EXTRA_SALT ^ 1);
+    let tap_site = plan.tap.then(|| tap::new_site(history.clone(), extra.fork(1), fault_end + 60_000_000_000));
+    let guest = tap_site.as_ref().map(|t| {
+        let depth = extra.range(1, 9) as usize;
+        rt::spawn_local(tap::guest(t.clone(), opts.tap_ops, depth, extra.fork(2), fault_end + 60_000_000_000))
+    });
+    if let Some(t) = tap_site.as_ref().filter(|_| plan.tap_crashes) {
+        rt::spawn_local(tap::inject(t.clone(), extra.fork(3), fault_end));
+    }
+    if plan.read_errors {
+        rt::spawn_local(inject_read_errors(extra.fork(4), fault_end));
+    }
+    if plan.snapshot_errors {
+        rt::spawn_local(inject_snapshot_errors(extra.fork(5), fault_end));
+    }
+    if plan.slow_disks {
+        rt::spawn_local(inject_slow_disks(extra.fork(6), fault_end));
+    }
     let observer = rt::spawn_local(observe(history.clone(), stop.clone()));
     let skews: Vec<Rc<RefCell<i64>>> = (0..opts.clients).map(|_| Rc::new(RefCell::new(0))).collect();
     let clients: Vec<_> = (1..=opts.clients)
@@ -701,6 +741,9 @@ async fn scenario(opts: Options, mut rng: Rng, history: Shared) -> Vec<String> {
         w.crash_at_io.clear();
         w.crash_at_vote.clear();
         w.misdirect.clear();
+        w.misread.clear();
+        w.snapshot_misread.clear();
+        w.slow.clear();
     });
     for id in NODES {
         rt::resume_node(id);
@@ -708,6 +751,9 @@ async fn scenario(opts: Options, mut rng: Rng, history: Shared) -> Vec<String> {
     }
     for c in clients {
         let _ = c.await;
+    }
+    if let Some(g) = guest {
+        let _ = g.await;
     }
     let healed = rt::now_ns();
     // Liveness: a new write is acknowledged within a bounded time.
@@ -752,5 +798,52 @@ async fn scenario(opts: Options, mut rng: Rng, history: Shared) -> Vec<String> {
         .filter_map(|id| world::with(|w| w.nodes[id].sm.clone()).map(|s| (*id, s.lock().expect("sm").clone())))
         .collect();
     failures.extend(check::check(&history.borrow(), &images, &mut rng.fork(9)));
+    if let Some(t) = tap_site {
+        let file = t.borrow().file.lock().expect("backing").bytes.clone();
+        failures.extend(check::replicas_agree(tap::TAP_GROUP, &images));
+        if let Some((_, image)) = images.iter().max_by_key(|(_, i)| i.groups.get(tap::TAP_GROUP).map_or(0, |g| g.last_lsn)) {
+            failures.extend(tap::check(&history.borrow(), image, &file));
+        }
+    }
     failures
+}
+
+/// Reads that come back wrong once, the media being fine (a bad cable, a
+/// controller glitch): production's checksum catches it and the node stops
+/// rather than use the bytes; after a restart the entry reads right.
+async fn inject_read_errors(mut rng: Rng, end_ns: u64) {
+    while rt::now_ns() < end_ns {
+        rt::sleep(Duration::from_millis(rng.range(500, 4000))).await;
+        let up = up_nodes();
+        if let Some(id) = up.get(rng.range(0, up.len() as u64) as usize).copied() {
+            world::count("read corruption");
+            world::trace(format!("n{id}: its next log read comes back corrupt"));
+            world::with(|w| w.misread.insert(id));
+        }
+    }
+}
+
+/// Arms a node so that the next snapshot sent to it arrives corrupt (its
+/// count is taken when one does).
+async fn inject_snapshot_errors(mut rng: Rng, end_ns: u64) {
+    while rt::now_ns() < end_ns {
+        rt::sleep(Duration::from_millis(rng.range(500, 4000))).await;
+        let id = NODES[rng.range(0, NODES.len() as u64) as usize];
+        world::with(|w| w.snapshot_misread.insert(id));
+    }
+}
+
+/// A disk turns slow (a failing drive, a noisy neighbour): its fsyncs take
+/// 10-300 times as long for 0.5-5 s.
+async fn inject_slow_disks(mut rng: Rng, end_ns: u64) {
+    while rt::now_ns() < end_ns {
+        rt::sleep(Duration::from_millis(rng.range(1000, 5000))).await;
+        let id = NODES[rng.range(0, NODES.len() as u64) as usize];
+        let ms = rng.range(500, 5000);
+        let factor = rng.range(10, 301);
+        world::count("slow disk");
+        world::trace(format!("n{id}'s disk turns slow for {ms} ms: fsyncs take {factor}x as long"));
+        let until = rt::now_ns() + ms * 1_000_000;
+        world::with(|w| w.slow.insert(id, (until, factor)));
+    }
 }

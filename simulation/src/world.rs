@@ -30,6 +30,16 @@ pub struct Plan {
     pub clock_jumps: bool,
     pub node_clocks: bool,
     pub io_crashes: bool,
+    /// A tap with a guest writing through it, into a group of its own.
+    pub tap: bool,
+    /// The tap's process crashes (only with a tap).
+    pub tap_crashes: bool,
+    /// Log reads that come back corrupt once.
+    pub read_errors: bool,
+    /// Snapshots that arrive corrupt (they fail their checksum).
+    pub snapshot_errors: bool,
+    /// A node's disk turns slow for a while (fsyncs 10-300x longer).
+    pub slow_disks: bool,
     /// Mean simulated time between two fault actions.
     pub fault_every_ms: u64,
 }
@@ -60,6 +70,11 @@ impl Plan {
             clock_jumps,
             node_clocks: false,
             io_crashes: false,
+            tap: false,
+            tap_crashes: false,
+            read_errors: false,
+            snapshot_errors: false,
+            slow_disks: false,
             fault_every_ms: rng.range(150, 1500),
         }
         .with_later_kinds(rng)
@@ -70,6 +85,17 @@ impl Plan {
     fn with_later_kinds(mut self, rng: &mut Rng) -> Plan {
         self.node_clocks = rng.chance(0.4);
         self.io_crashes = rng.chance(0.3);
+        self
+    }
+
+    /// Kinds added after those, drawn from a generator of their own (the
+    /// caller's), so that a seed with all of them off keeps its history.
+    pub fn with_extra_kinds(mut self, rng: &mut Rng) -> Plan {
+        self.tap = rng.chance(0.5);
+        self.tap_crashes = self.tap && rng.chance(0.5);
+        self.read_errors = rng.chance(0.3);
+        self.snapshot_errors = rng.chance(0.3);
+        self.slow_disks = rng.chance(0.3);
         self
     }
 }
@@ -109,6 +135,12 @@ pub struct World {
     pub crash_at_vote: BTreeSet<u64>,
     /// Nodes whose next append lands over another entry.
     pub misdirect: BTreeSet<u64>,
+    /// Nodes whose next log read comes back corrupt (the media is fine).
+    pub misread: BTreeSet<u64>,
+    /// Nodes the next snapshot sent to arrives corrupt.
+    pub snapshot_misread: BTreeSet<u64>,
+    /// Slow disks: node -> (until, fsync latency factor).
+    pub slow: BTreeMap<u64, (u64, u64)>,
     /// Every trace line, when `REWIND_SIM_TRACE` names a file.
     full: Option<std::io::BufWriter<std::fs::File>>,
 }
@@ -171,6 +203,9 @@ impl World {
             crash_at_io: BTreeSet::new(),
             crash_at_vote: BTreeSet::new(),
             misdirect: BTreeSet::new(),
+            misread: BTreeSet::new(),
+            snapshot_misread: BTreeSet::new(),
+            slow: BTreeMap::new(),
             full: std::env::var_os("REWIND_SIM_TRACE").and_then(|p| std::fs::File::create(p).ok()).map(std::io::BufWriter::new),
         }
     }

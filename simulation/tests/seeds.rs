@@ -17,9 +17,14 @@ fn sim(args: &[&str]) -> (bool, String) {
 /// would stop meaning anything as soon as the simulation changes; this
 /// pairing keeps the regression test honest.)
 const PINNED: [(u64, &str); 3] = [
-    (79, "leader-restore"),        // replicas diverged after a restored leader rewrote log ids
-    (233, "leader-restore"),       // the same, another schedule
-    (229, "membership-unguarded"), // openraft panicked on a change sent to a leader that removed itself
+    // Replicas diverged after a restored leader rewrote log ids (first
+    // found by seeds 79 and 233, before the tap and the later fault kinds
+    // changed every seed's history; re-drawn then).
+    (21, "leader-restore"),
+    (315, "leader-restore"),
+    // openraft panicked on a change sent to a leader that removed itself
+    // (first found by seed 229).
+    (251, "membership-unguarded"),
 ];
 
 #[test]
@@ -46,6 +51,10 @@ fn a_budget_of_seeds_passes_twice_with_the_same_trace_hashes() {
         "node clock skew or jump",
         "crash at I/O completion",
         "misdirected write",
+        "read corruption",
+        "snapshot corruption",
+        "slow disk",
+        "tap crash",
     ] {
         assert!(text.lines().any(|l| l.starts_with(&format!("{kind} | "))), "fault kind {kind:?} never fired:\n{text}");
     }
@@ -79,6 +88,7 @@ fn every_reintroduced_bug_is_caught() {
         ("vote-not-synced", 2000),
         ("leader-restore", 1500),
         ("membership-unguarded", 1500),
+        ("tap-answer-before-commit", 300),
     ] {
         counts.push((bug, caught_after(bug, budget)));
     }

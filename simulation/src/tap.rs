@@ -1,0 +1,457 @@
+//! The tap in the simulated world: production's `cdp-ingest` [`Tap`] in
+//! sync mode (its ordered section, batcher and commit waiters, unchanged),
+//! over a simulated backing file, spawning on the simulated executor, and
+//! shipping through a producer that sends batches to the site over the
+//! simulated network. A guest (the VM) sends it writes, zeroes, trims and
+//! flushes over one connection, several in flight. The tap's process can
+//! crash: its tasks die where they stand, its connection drops, and a new
+//! process (a new producer identity) takes the guest's requests from then on.
+//!
+//! What is not simulated: the NBD byte protocol (`cdp-ingest/src/nbd.rs` is
+//! fuzzed and the real server is tested with qemu-io, nbdcopy and fio in
+//! `node/tests`), and async mode's journal (real files and a writer thread).
+
+use std::cell::RefCell;
+use std::collections::BTreeMap;
+use std::rc::Rc;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rewind_cdp_ingest::tap::{self, Backing, BoxFuture, Committed, Export, LogSink, SinkError, Spawner, Tap, TapConfig};
+use rewind_wire::event::{EventBatch, TimedEvent};
+use rewind_wire::raft::{Command, CommandReply};
+use tokio::sync::{mpsc, oneshot, Semaphore};
+
+use crate::rng::Rng;
+use crate::site::{submit, Shared};
+use crate::{rt, world};
+
+pub const TAP_GROUP: &str = "tg";
+pub const TAP_DISK: &str = "t0";
+pub const TAP_DISK_BYTES: u64 = 1 << 20;
+pub const SECTOR: u64 = 512;
+/// The tap's process in the executor: its tasks die together.
+pub const TAP_NODE: u64 = 50;
+/// The tap's network address.
+const TAP_ADDR: u64 = 150;
+/// A tap process's producer identity is this plus its instance number.
+pub const TAP_PRODUCER_BASE: u64 = 1000;
+/// Batches the producer has queued or in flight at most.
+const WINDOW: usize = 4;
+/// Marks the first bytes of every guest write, followed by its op number.
+const WRITE_MAGIC: &[u8; 8] = b"guestwr!";
+
+/// One request of the guest, as the checkers see it.
+#[derive(Debug, Clone)]
+pub struct GuestOp {
+    /// The tap process it was sent to.
+    pub instance: u64,
+    pub kind: OpKind,
+    /// The NBD answer; None when the connection dropped first.
+    pub answer: Option<u32>,
+}
+
+#[derive(Debug, Clone)]
+pub enum OpKind {
+    Write { offset: u64, len: u64, fua: bool },
+    Zero { offset: u64, len: u64, trim: bool },
+    Flush,
+}
+
+impl OpKind {
+    /// The sectors it changes.
+    pub fn sectors(&self) -> std::ops::Range<u64> {
+        match self {
+            OpKind::Write { offset, len, .. } | OpKind::Zero { offset, len, .. } => offset / SECTOR..(offset + len) / SECTOR,
+            OpKind::Flush => 0..0,
+        }
+    }
+}
+
+/// The op number a guest write carries in its data, if the data is one.
+pub fn write_tag(data: &[u8]) -> Option<u64> {
+    (data.len() >= 16 && &data[..8] == WRITE_MAGIC).then(|| u64::from_le_bytes(data[8..16].try_into().expect("8 bytes")))
+}
+
+/// The backing file: in the page cache, so a crash of the tap's process
+/// keeps every write it made. A process that is gone writes nothing more.
+pub struct SimFile {
+    pub bytes: Vec<u8>,
+    /// Tap processes started so far; the first is instance 1.
+    started: u64,
+    /// The one running now.
+    running: Option<u64>,
+}
+
+struct SimBacking {
+    file: Arc<Mutex<SimFile>>,
+    instance: u64,
+}
+
+impl SimBacking {
+    fn op<T: Send + 'static>(&self, apply: impl FnOnce(&mut Vec<u8>) -> T + Send + 'static) -> BoxFuture<'static, std::io::Result<T>> {
+        let file = self.file.clone();
+        let instance = self.instance;
+        Box::pin(async move {
+            let latency = world::with(|w| w.disk_rng.range(10, 200));
+            rt::sleep(Duration::from_micros(latency)).await;
+            let mut f = file.lock().expect("backing");
+            if f.running != Some(instance) {
+                return Err(std::io::Error::other("the tap process is gone"));
+            }
+            Ok(apply(&mut f.bytes))
+        })
+    }
+}
+
+impl Backing for SimBacking {
+    fn read_at(&self, offset: u64, len: u32) -> BoxFuture<'static, std::io::Result<Vec<u8>>> {
+        self.op(move |b| b[offset as usize..offset as usize + len as usize].to_vec())
+    }
+
+    fn write_at(&self, offset: u64, data: Vec<u8>) -> BoxFuture<'static, std::io::Result<()>> {
+        self.op(move |b| b[offset as usize..offset as usize + data.len()].copy_from_slice(&data))
+    }
+
+    fn zero(&self, offset: u64, len: u64, _punch: bool) -> BoxFuture<'static, std::io::Result<()>> {
+        self.op(move |b| b[offset as usize..(offset + len) as usize].fill(0))
+    }
+
+    fn sync(&self) -> BoxFuture<'static, std::io::Result<()>> {
+        self.op(|_| ())
+    }
+}
+
+struct SimSpawner;
+
+impl Spawner for SimSpawner {
+    fn spawn(&self, task: BoxFuture<'static, ()>) {
+        // Tagged with the spawning task's node: the tap's process.
+        rt::spawn_local(task);
+    }
+}
+
+struct SimClock;
+
+impl tap::Clock for SimClock {
+    fn now_ns(&self) -> u64 {
+        rt::local_now_ns()
+    }
+}
+
+type Shipment = (Vec<TimedEvent>, oneshot::Sender<Result<(u64, u64), String>>);
+
+/// The tap's sink: hands batches to the producer task, in order.
+struct SimSink {
+    queue: mpsc::Sender<Shipment>,
+}
+
+impl LogSink for SimSink {
+    fn submit(&self, events: Vec<TimedEvent>) -> BoxFuture<'_, Result<Committed, SinkError>> {
+        Box::pin(async move {
+            let (done, rx) = oneshot::channel();
+            self.queue.send((events, done)).await.map_err(|_| SinkError("the producer stopped".into()))?;
+            let committed: Committed = Box::pin(async move {
+                match rx.await {
+                    Ok(Ok(range)) => Ok(range),
+                    Ok(Err(e)) => Err(SinkError(e)),
+                    Err(_) => Err(SinkError("the producer stopped".into())),
+                }
+            });
+            Ok(committed)
+        })
+    }
+}
+
+/// Sends the tap's batches to the site one at a time, in order, each until
+/// some node answers it (the site dedupes a resent batch by its producer
+/// identity and sequence number). Once one fails, every later one fails.
+async fn producer(id: u64, mut queue: mpsc::Receiver<Shipment>, mut rng: Rng, deadline_ns: u64, history: Shared) {
+    let mut seq = 0;
+    let mut failed: Option<String> = None;
+    while let Some((events, done)) = queue.recv().await {
+        if let Some(why) = &failed {
+            let _ = done.send(Err(why.clone()));
+            continue;
+        }
+        seq += 1;
+        history.borrow_mut().tap_batches.insert((id, seq), events.iter().map(|e| e.event.clone()).collect());
+        let batch = EventBatch { group: TAP_GROUP.into(), client_id: id, seq, events };
+        match submit(TAP_ADDR, Command::Append(batch), &mut rng, deadline_ns).await {
+            Some(CommandReply::Appended { lsn_first, lsn_last }) => {
+                world::trace(format!("tap producer {id} seq {seq} committed: LSN {lsn_first}..={lsn_last}"));
+                let _ = done.send(Ok((lsn_first, lsn_last)));
+            }
+            other => {
+                let why = format!("tap producer {id} seq {seq}: {other:?}");
+                world::trace(&why);
+                if other.is_some() {
+                    history.borrow_mut().client_errors.push(format!("a valid tap batch was refused: {why}"));
+                }
+                let _ = done.send(Err(why.clone()));
+                failed = Some(why);
+            }
+        }
+    }
+}
+
+struct Request {
+    kind: OpKind,
+    data: Vec<u8>,
+    answer: oneshot::Sender<u32>,
+}
+
+/// The tap's end of the guest's connection: orders requests as they come
+/// (the NBD server's order), and answers each once the tap says.
+async fn connection(tap: Arc<Tap>, mut requests: mpsc::Receiver<Request>) {
+    while let Some(r) = requests.recv().await {
+        let answer: tap::Answer = match r.kind {
+            OpKind::Write { offset, fua, .. } => tap.clone().write(offset, r.data, fua).await,
+            OpKind::Zero { offset, len, trim } => tap.clone().zero(offset, len, trim, trim, false).await,
+            OpKind::Flush => tap.clone().flush(),
+        };
+        let reply = r.answer;
+        rt::spawn_local(async move {
+            let _ = reply.send(answer.await);
+        });
+    }
+}
+
+/// The tap's process and the guest's way to it.
+pub struct TapSite {
+    pub file: Arc<Mutex<SimFile>>,
+    /// The connection to the running tap process; None while it is down.
+    conn: Option<(u64, mpsc::Sender<Request>)>,
+    history: Shared,
+    rng: Rng,
+    deadline_ns: u64,
+}
+
+pub type TapHandle = Rc<RefCell<TapSite>>;
+
+pub fn new_site(history: Shared, rng: Rng, deadline_ns: u64) -> TapHandle {
+    let file = Arc::new(Mutex::new(SimFile { bytes: vec![0; TAP_DISK_BYTES as usize], started: 0, running: None }));
+    let site = Rc::new(RefCell::new(TapSite { file, conn: None, history, rng, deadline_ns }));
+    start(&site);
+    site
+}
+
+/// Starts a tap process (the next instance) with a new producer identity.
+pub fn start(site: &TapHandle) {
+    let mut s = site.borrow_mut();
+    let instance = {
+        let mut f = s.file.lock().expect("backing");
+        f.started += 1;
+        f.running = Some(f.started);
+        f.started
+    };
+    let producer_id = TAP_PRODUCER_BASE + instance;
+    world::trace(format!("tap process {instance} starts (producer {producer_id})"));
+    let (queue, shipments) = mpsc::channel(WINDOW);
+    let (conn, requests) = mpsc::channel(64);
+    let rng = s.rng.fork(instance);
+    let (history, deadline, file) = (s.history.clone(), s.deadline_ns, s.file.clone());
+    rt::with_node(Some(TAP_NODE), || {
+        rt::spawn_local(producer(producer_id, shipments, rng, deadline, history));
+        let config = TapConfig { export: TAP_DISK.into(), size_bytes: TAP_DISK_BYTES, mode: tap::Mode::Sync, batch_bytes_max: 64 << 10 };
+        let tap = Tap::new(config, Arc::new(SimBacking { file, instance }), Arc::new(SimSink { queue }), Arc::new(SimClock), Arc::new(SimSpawner));
+        rt::spawn_local(connection(tap, requests));
+    });
+    s.conn = Some((instance, conn));
+}
+
+/// The tap's process dies where it stands; the guest's connection drops.
+pub fn crash(site: &TapHandle) {
+    let mut s = site.borrow_mut();
+    let instance = s.file.lock().expect("backing").running.take();
+    s.conn = None;
+    rt::kill_node(TAP_NODE);
+    world::trace(format!("tap process {instance:?} crashes"));
+}
+
+/// The VM: `ops` requests, up to `depth` in flight, over whatever tap
+/// process is up; waits while none is. Ends with a flush that must succeed
+/// (unless the deadline passes).
+pub async fn guest(site: TapHandle, ops: u64, depth: usize, mut rng: Rng, deadline_ns: u64) {
+    let history = site.borrow().history.clone();
+    let slots = Arc::new(Semaphore::new(depth));
+    let mut n = 0u64;
+    loop {
+        if rt::now_ns() > deadline_ns {
+            world::trace("the guest gives up: deadline");
+            return;
+        }
+        let kind = if n >= ops {
+            OpKind::Flush
+        } else {
+            match rng.range(0, 20) {
+                0..=14 => {
+                    let len = rng.range(1, 65) * SECTOR;
+                    OpKind::Write { offset: rng.range(0, (TAP_DISK_BYTES - len) / SECTOR + 1) * SECTOR, len, fua: rng.chance(0.1) }
+                }
+                15..=17 => {
+                    let len = rng.range(1, 129) * SECTOR;
+                    OpKind::Zero { offset: rng.range(0, (TAP_DISK_BYTES - len) / SECTOR + 1) * SECTOR, len, trim: rng.chance(0.5) }
+                }
+                _ => OpKind::Flush,
+            }
+        };
+        let permit = slots.clone().acquire_owned().await.expect("semaphore open");
+        let Some((instance, conn)) = site.borrow().conn.clone() else {
+            drop(permit);
+            rt::sleep(Duration::from_millis(5)).await;
+            continue;
+        };
+        let data = match &kind {
+            OpKind::Write { len, .. } => {
+                let index = history.borrow().tap_ops.len() as u64;
+                let mut d = vec![0u8; *len as usize];
+                for chunk in d.chunks_mut(8) {
+                    chunk.copy_from_slice(&rng.next_u64().to_le_bytes()[..chunk.len()]);
+                }
+                d[..8].copy_from_slice(WRITE_MAGIC);
+                d[8..16].copy_from_slice(&index.to_le_bytes());
+                d
+            }
+            _ => Vec::new(),
+        };
+        let (answer, rx) = oneshot::channel();
+        if conn.send(Request { kind: kind.clone(), data, answer }).await.is_err() {
+            // The process died before it took the request: nothing sent.
+            drop(permit);
+            continue;
+        }
+        let index = {
+            let mut h = history.borrow_mut();
+            h.tap_ops.push(GuestOp { instance, kind: kind.clone(), answer: None });
+            h.tap_ops.len() - 1
+        };
+        let last = n >= ops;
+        n += 1;
+        let h = history.clone();
+        let waiter = rt::spawn_local(async move {
+            let answer = rx.await.ok();
+            h.borrow_mut().tap_ops[index].answer = answer;
+            drop(permit);
+            answer
+        });
+        if last {
+            match waiter.await {
+                Ok(Some(0)) => break,
+                r => world::trace(format!("the guest's final flush: {r:?}; again")),
+            }
+            rt::sleep(Duration::from_millis(20)).await;
+        } else {
+            rt::sleep(Duration::from_micros(rng.range(0, 2000))).await;
+        }
+    }
+    // Every request has its answer, or its connection dropped.
+    let _ = slots.acquire_many(depth as u32).await;
+    world::trace(format!("the guest is done: {} requests, the last a successful flush", history.borrow().tap_ops.len()));
+}
+
+/// The tap's faults: its process crashes and a supervisor restarts it.
+pub async fn inject(site: TapHandle, mut rng: Rng, end_ns: u64) {
+    while rt::now_ns() < end_ns {
+        rt::sleep(Duration::from_millis(rng.range(300, 3000))).await;
+        if rt::now_ns() >= end_ns {
+            break;
+        }
+        world::count("tap crash");
+        crash(&site);
+        rt::sleep(Duration::from_millis(rng.range(5, 500))).await;
+        start(&site);
+    }
+}
+
+/// The tap's share of the checks, on the reference image: its group's log
+/// is its producers' batches, whole, each once and in each producer's
+/// order; every write the guest was told is done is there (and every write
+/// before a successful flush); and the backing file equals the replay of
+/// the log, except where a request the guest never heard back about may or
+/// may not have reached the log.
+pub fn check(history: &crate::site::History, image: &crate::sm::SmImage, file: &[u8]) -> Vec<String> {
+    let mut failures = Vec::new();
+    let Some(group) = image.groups.get(TAP_GROUP) else {
+        return vec![format!("the tap's group {TAP_GROUP} is missing")];
+    };
+    let events = image.events.get(TAP_GROUP).cloned().unwrap_or_default();
+    // The log as batches: at each point, the next batch of some producer.
+    let mut next: BTreeMap<u64, u64> = BTreeMap::new();
+    let mut logged_writes: BTreeMap<u64, u64> = BTreeMap::new();
+    let mut pos = 0usize;
+    'log: while pos < events.len() {
+        let producers: Vec<u64> = history.tap_batches.keys().map(|(p, _)| *p).collect::<std::collections::BTreeSet<_>>().into_iter().collect();
+        for p in producers {
+            let seq = next.get(&p).copied().unwrap_or(0) + 1;
+            let Some(sent) = history.tap_batches.get(&(p, seq)) else { continue };
+            let here = &events[pos..(pos + sent.len()).min(events.len())];
+            if here.len() == sent.len() && here.iter().zip(sent).all(|(a, b)| a.event == *b) {
+                for e in here {
+                    if let rewind_wire::event::Event::Write { data, .. } = &e.event {
+                        if let Some(tag) = write_tag(data) {
+                            if let Some(at) = logged_writes.insert(tag, e.lsn) {
+                                failures.push(format!("guest write {tag} is in the tap's log twice (LSN {at} and {})", e.lsn));
+                            }
+                        }
+                    }
+                }
+                next.insert(p, seq);
+                pos += sent.len();
+                continue 'log;
+            }
+        }
+        failures.push(format!("tap log LSN {}: no producer's next batch starts here (phantom, duplicate or reordered)", events[pos].lsn));
+        break;
+    }
+    // Acknowledged writes are in the log, and so is every write sent to a
+    // process before a flush it answered with success.
+    let mut flushed_upto: BTreeMap<u64, usize> = BTreeMap::new();
+    for (i, op) in history.tap_ops.iter().enumerate() {
+        if matches!(op.kind, OpKind::Flush) && op.answer == Some(0) {
+            flushed_upto.insert(op.instance, i);
+        }
+    }
+    for (i, op) in history.tap_ops.iter().enumerate() {
+        if !matches!(op.kind, OpKind::Write { .. }) {
+            continue;
+        }
+        let acked = op.answer == Some(0);
+        let flushed = flushed_upto.get(&op.instance).is_some_and(|f| *f > i);
+        if (acked || flushed) && !logged_writes.contains_key(&(i as u64)) {
+            let why = if acked { "was answered as written" } else { "came before a successful flush" };
+            failures.push(format!("acknowledged tap write lost: guest write {i} ({:?}) {why} but is not in the log", op.kind));
+        }
+    }
+    // The backing file against the replay, sector by sector, skipping the
+    // sectors whose last request never got a success.
+    let mut uncertain = vec![false; (TAP_DISK_BYTES / SECTOR) as usize];
+    for op in &history.tap_ops {
+        for s in op.kind.sectors() {
+            uncertain[s as usize] = op.answer != Some(0);
+        }
+    }
+    let mut compared = 0u64;
+    for b in 0..TAP_DISK_BYTES / 4096 {
+        let block = image.block_at(TAP_GROUP, TAP_DISK, b, group.last_lsn);
+        for s in 0..(4096 / SECTOR) {
+            let sector = b * (4096 / SECTOR) + s;
+            if uncertain[sector as usize] {
+                continue;
+            }
+            compared += 1;
+            let at = (sector * SECTOR) as usize;
+            if block[(s * SECTOR) as usize..((s + 1) * SECTOR) as usize] != file[at..at + SECTOR as usize] {
+                failures.push(format!("tap disk sector {sector}: the replay at LSN {} differs from the backing file", group.last_lsn));
+                return failures;
+            }
+        }
+    }
+    world::trace(format!(
+        "tap checked: {} requests, {} batches in the log, {compared} of {} sectors compared",
+        history.tap_ops.len(),
+        next.values().sum::<u64>(),
+        TAP_DISK_BYTES / SECTOR
+    ));
+    failures
+}
