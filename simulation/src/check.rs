@@ -136,6 +136,34 @@ pub fn check(history: &History, images: &[(u64, SmImage)], rng: &mut Rng) -> Vec
             }
         }
     }
+    failures.extend(replays(history, &events));
+    failures
+}
+
+/// Replays read over the network during the faults equal the byte model
+/// at their LSNs, block by block.
+fn replays(history: &History, events: &[rewind_wire::event::LoggedEvent]) -> Vec<String> {
+    let mut failures = Vec::new();
+    for disk in DISKS {
+        let mut done: Vec<&crate::replay::Replayed> = history.replays.iter().filter(|r| r.disk == disk).collect();
+        done.sort_by_key(|r| r.lsn);
+        let mut model = Model { bytes: vec![0; DISK_BYTES as usize] };
+        let mut applied = 0u64;
+        for r in done {
+            if r.lsn as usize > events.len() {
+                failures.push(format!("a replay of {disk} at LSN {} from n{} is past the log's end ({})", r.lsn, r.node, events.len()));
+                continue;
+            }
+            for e in &events[applied as usize..r.lsn as usize] {
+                model.apply(disk, &e.event);
+            }
+            applied = r.lsn;
+            let want = crate::replay::block_digests(&model.bytes);
+            if let Some(b) = (0..want.len()).find(|b| want[*b] != r.blocks[*b]) {
+                failures.push(format!("replay of {disk} at LSN {} from n{} during the faults: block {b} differs from the model", r.lsn, r.node));
+            }
+        }
+    }
     failures
 }
 

@@ -11,6 +11,7 @@
 pub mod check;
 pub mod disk;
 pub mod net;
+pub mod replay;
 pub mod rng;
 pub mod rt;
 pub mod site;
@@ -60,6 +61,9 @@ pub enum Bug {
     /// The real tap (`cdp-ingest`), in sync mode, answers a write once its
     /// batch is queued for the site rather than once it is committed.
     TapAnswerBeforeCommit,
+    /// A node serves a replay read at an LSN it has not applied yet (the
+    /// check production's `ReadDisk` makes is skipped).
+    ReplayBeforeApplied,
 }
 
 pub use site::{run_seed, Outcome};

@@ -111,6 +111,7 @@ fn outcome_of(r: &mut Running) -> Outcome {
         messages: 0,
         faults: BTreeMap::new(),
         acked_batches: 0,
+        replays: 0,
         plan: String::new(),
         tail: Vec::new(),
     })
@@ -193,6 +194,7 @@ fn main() -> ExitCode {
 fn report(cli: &Cli, results: &BTreeMap<u64, Vec<Outcome>>, caught: Option<u64>, wall: Duration) -> ExitCode {
     let mut faults: BTreeMap<String, u64> = BTreeMap::new();
     let (mut sim_ns, mut messages, mut acked, mut seeds_with_fault) = (0u64, 0u64, 0u64, BTreeMap::<String, u64>::new());
+    let mut replays = 0u64;
     let mut failed: Vec<&Outcome> = Vec::new();
     let mut nondeterministic = Vec::new();
     let mut all = blake3::Hasher::new();
@@ -201,6 +203,7 @@ fn report(cli: &Cli, results: &BTreeMap<u64, Vec<Outcome>>, caught: Option<u64>,
         sim_ns += o.sim_ns;
         messages += o.messages;
         acked += o.acked_batches;
+        replays += o.replays;
         for (k, v) in &o.faults {
             *faults.entry(k.clone()).or_default() += v;
             *seeds_with_fault.entry(k.clone()).or_default() += 1;
@@ -250,7 +253,7 @@ fn report(cli: &Cli, results: &BTreeMap<u64, Vec<Outcome>>, caught: Option<u64>,
     let wall_s = wall.as_secs_f64().max(1e-9);
     println!();
     println!(
-        "seeds: {seeds} run, {} failed; simulated time: {:.0} s ({:.1} simulated s per wall s); {:.1} seeds per minute; messages: {messages}; acknowledged batches: {acked}; faults injected: {}",
+        "seeds: {seeds} run, {} failed; simulated time: {:.0} s ({:.1} simulated s per wall s); {:.1} seeds per minute; messages: {messages}; acknowledged batches: {acked}; replays over the network checked: {replays}; faults injected: {}",
         failed.len(),
         sim_ns as f64 / 1e9,
         sim_ns as f64 / 1e9 / wall_s,

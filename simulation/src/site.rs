@@ -26,7 +26,7 @@ pub const GROUP: &str = "cg";
 pub const DISKS: [&str; 2] = ["d0", "d1"];
 pub const DISK_BYTES: u64 = 2 << 20;
 const SECTOR: u64 = 512;
-const NODES: [u64; 4] = [1, 2, 3, 4];
+pub const NODES: [u64; 4] = [1, 2, 3, 4];
 /// Client ids start here; a client's network address is its id.
 const CLIENT_BASE: u64 = 100;
 /// Seeds the generator of the fault kinds added later, and their injector.
@@ -64,6 +64,8 @@ pub struct Outcome {
     pub messages: u64,
     pub faults: BTreeMap<String, u64>,
     pub acked_batches: u64,
+    /// Replays over the network checked against the model.
+    pub replays: u64,
     pub plan: String,
     /// The last lines of the trace (on failure).
     pub tail: Vec<String>,
@@ -84,6 +86,8 @@ pub struct History {
     pub tap_ops: Vec<crate::tap::GuestOp>,
     /// (tap producer, seq) -> the batch's events.
     pub tap_batches: BTreeMap<(u64, u64), Vec<Event>>,
+    /// Replays over the network that came back whole, while faults ran.
+    pub replays: Vec<crate::replay::Replayed>,
 }
 
 pub type Shared = Rc<RefCell<History>>;
@@ -132,6 +136,7 @@ pub fn run_seed(opts: &Options) -> Outcome {
         messages: w.messages,
         faults: w.faults.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
         acked_batches: h.acked.len() as u64,
+        replays: h.replays.len() as u64,
         plan: plan_text,
         tail: w.tail(),
     }
@@ -723,6 +728,9 @@ async fn scenario(opts: Options, mut rng: Rng, history: Shared) -> Vec<String> {
     }
     if plan.slow_disks {
         rt::spawn_local(inject_slow_disks(extra.fork(6), fault_end));
+    }
+    if plan.replays {
+        rt::spawn_local(crate::replay::replayer(extra.fork(7), fault_end, history.clone()));
     }
     let observer = rt::spawn_local(observe(history.clone(), stop.clone()));
     let skews: Vec<Rc<RefCell<i64>>> = (0..opts.clients).map(|_| Rc::new(RefCell::new(0))).collect();

@@ -40,6 +40,8 @@ pub struct Plan {
     pub snapshot_errors: bool,
     /// A node's disk turns slow for a while (fsyncs 10-300x longer).
     pub slow_disks: bool,
+    /// Disks replayed over the network from any node while faults run.
+    pub replays: bool,
     /// Mean simulated time between two fault actions.
     pub fault_every_ms: u64,
 }
@@ -75,6 +77,7 @@ impl Plan {
             read_errors: false,
             snapshot_errors: false,
             slow_disks: false,
+            replays: false,
             fault_every_ms: rng.range(150, 1500),
         }
         .with_later_kinds(rng)
@@ -96,6 +99,7 @@ impl Plan {
         self.read_errors = rng.chance(0.3);
         self.snapshot_errors = rng.chance(0.3);
         self.slow_disks = rng.chance(0.3);
+        self.replays = rng.chance(0.5);
         self
     }
 }

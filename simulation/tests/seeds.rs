@@ -89,6 +89,7 @@ fn every_reintroduced_bug_is_caught() {
         ("leader-restore", 1500),
         ("membership-unguarded", 1500),
         ("tap-answer-before-commit", 300),
+        ("replay-before-applied", 300),
     ] {
         counts.push((bug, caught_after(bug, budget)));
     }
