@@ -2,18 +2,17 @@
 //! is safe to retry. Appends carry a producer id and sequence number, so a
 //! batch retried after a leader change is applied once.
 
-use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, bail, Context};
-use rewind_wire::event::{EventBatch, TimedEvent};
-use rewind_wire::limits::PRODUCER_WINDOW_MAX;
+use anyhow::{anyhow, bail};
 use rewind_wire::rpc::{DiskSpec, ErrorKind, NodeStatus, Request, Response};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 
 use crate::config::{ClientConfig, NodeAddr};
+pub use crate::producer::Producer;
+use crate::producer::{AppendLink, AppendStream, BoxFuture};
 use crate::raft_net::Network;
 
 /// How long a call keeps trying the site before it gives up.
@@ -21,9 +20,6 @@ pub const RETRY_DEADLINE: Duration = Duration::from_secs(30);
 /// How long one try waits for a reply.
 const CALL_TIMEOUT: Duration = Duration::from_secs(20);
 const RETRY_PAUSE: Duration = Duration::from_millis(100);
-/// An append stream whose oldest batch has had no answer for this long is
-/// abandoned, and its batches are sent again on a new one.
-const REPLY_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[derive(Clone)]
 pub struct Client {
@@ -174,242 +170,59 @@ pub fn fresh_client_id() -> u64 {
     u64::from_le_bytes(h.finalize().as_bytes()[..8].try_into().expect("8 bytes"))
 }
 
-/// One batch waiting for its answer.
-struct Submission {
-    batch: EventBatch,
-    done: oneshot::Sender<anyhow::Result<(u64, u64)>>,
-}
-
-/// What an append stream's reader task passes on.
-type Reply = Result<Response, crate::transport::TransportError>;
-
-/// An open append stream to one node.
-struct Stream {
+/// An append stream over QUIC: a reader task passes the replies on.
+struct QuicAppendStream {
     addr: SocketAddr,
     send: quinn::SendStream,
-    replies: mpsc::Receiver<Reply>,
+    replies: mpsc::Receiver<Result<Response, crate::transport::TransportError>>,
     reader: tokio::task::JoinHandle<()>,
-    /// How many of the pending batches were sent on this stream.
-    sent: usize,
-    /// When the stream last made progress (opened, or answered a batch).
-    answered_at: Instant,
 }
 
-impl Drop for Stream {
+impl Drop for QuicAppendStream {
     fn drop(&mut self) {
         self.reader.abort();
     }
 }
 
-/// Appends for one producer, pipelined and in order: batches are numbered,
-/// sent on one stream to the leader without waiting for each other, and
-/// answered in order. After a leader change or a lost connection every
-/// unanswered batch is sent again, in order, to the new leader; the site
-/// answers a batch it already applied with its first answer, so each is
-/// applied exactly once.
-pub struct Producer {
-    client_id: u64,
-    next_seq: u64,
-    tx: mpsc::Sender<Submission>,
-}
-
-impl Producer {
-    /// `window`: batches in flight at most (1 to `PRODUCER_WINDOW_MAX`).
-    pub fn new(client: Client, window: usize) -> Producer {
-        Producer::resume(client, window, fresh_client_id(), 1)
+impl AppendStream for QuicAppendStream {
+    fn peer(&self) -> String {
+        self.addr.to_string()
     }
 
-    /// A producer that goes on with a known identity from `next_seq`: an
-    /// async tap's shipper, whose numbers are kept in its journal.
-    pub fn resume(client: Client, window: usize, client_id: u64, next_seq: u64) -> Producer {
-        let window = window.clamp(1, PRODUCER_WINDOW_MAX);
-        let (tx, rx) = mpsc::channel(1);
-        tokio::spawn(pipeline(client, rx, window));
-        Producer { client_id, next_seq, tx }
+    fn send<'a>(&'a mut self, request: &'a Request) -> BoxFuture<'a, anyhow::Result<()>> {
+        Box::pin(async move { Ok(crate::transport::write_frame(&mut self.send, request).await?) })
     }
 
-    pub fn client_id(&self) -> u64 {
-        self.client_id
-    }
-
-    /// The sequence number the next batch will get.
-    pub fn next_seq(&self) -> u64 {
-        self.next_seq
-    }
-
-    /// Checks and numbers a batch and queues it; waits while the window is
-    /// full. The receiver gets the batch's LSN range once it is committed.
-    pub async fn submit(
-        &mut self,
-        group: &str,
-        events: Vec<TimedEvent>,
-    ) -> anyhow::Result<oneshot::Receiver<anyhow::Result<(u64, u64)>>> {
-        let batch = EventBatch { group: group.to_string(), client_id: self.client_id, seq: self.next_seq, events };
-        batch.check().context("check the batch")?;
-        self.next_seq += 1;
-        let (done, rx) = oneshot::channel();
-        self.tx.send(Submission { batch, done }).await.map_err(|_| anyhow!("the producer has stopped"))?;
-        Ok(rx)
-    }
-
-    /// Submits one batch and waits for its LSN range.
-    pub async fn append(&mut self, group: &str, events: Vec<TimedEvent>) -> anyhow::Result<(u64, u64)> {
-        let rx = self.submit(group, events).await?;
-        rx.await.map_err(|_| anyhow!("the producer has stopped"))?
+    fn recv(&mut self) -> BoxFuture<'_, Option<anyhow::Result<Response>>> {
+        Box::pin(async move { self.replies.recv().await.map(|r| r.map_err(anyhow::Error::from)) })
     }
 }
 
-async fn open_stream(client: &Client, rotate: &mut usize, window: usize) -> anyhow::Result<Stream> {
-    let addr = client.pick_node(rotate);
-    let (send, mut recv) = client.network.peer(addr).open().await?;
-    let (tx, replies) = mpsc::channel(window + 1);
-    let reader = tokio::spawn(async move {
-        loop {
-            let r = crate::transport::read_frame::<Response>(&mut recv).await;
-            let stop = r.is_err();
-            if tx.send(r).await.is_err() || stop {
-                return;
-            }
-        }
-    });
-    Ok(Stream { addr, send, replies, reader, sent: 0, answered_at: Instant::now() })
-}
-
-fn fail_all(pending: &mut VecDeque<Submission>, why: &str) {
-    for s in pending.drain(..) {
-        let _ = s.done.send(Err(anyhow!("{why}")));
-    }
-}
-
-/// The producer's task: keeps one stream to the leader, sends every pending
-/// batch on it in order, and matches replies to batches in order.
-async fn pipeline(client: Client, mut input: mpsc::Receiver<Submission>, window: usize) {
-    let mut pending: VecDeque<Submission> = VecDeque::new();
-    let mut stream: Option<Stream> = None;
-    let mut input_open = true;
-    let mut progress_at = Instant::now();
-    let mut rotate = 0usize;
-    let mut last_error = String::from("no node answered");
-    let mut broken: Option<String> = None;
-    loop {
-        if pending.is_empty() {
-            progress_at = Instant::now();
-            if !input_open {
-                return;
-            }
-        } else if progress_at.elapsed() > client.deadline {
-            let why = format!("no progress for {:?}: {last_error}", client.deadline);
-            tracing::error!("producer stops: {why}");
-            fail_all(&mut pending, &why);
-            broken = Some(why);
-            stream = None;
-        }
-        if !pending.is_empty() && stream.is_none() {
-            match open_stream(&client, &mut rotate, window).await {
-                Ok(s) => stream = Some(s),
-                Err(e) => {
-                    last_error = format!("{e:#}");
-                    *client.leader.lock().expect("leader lock") = None;
-                    tokio::time::sleep(RETRY_PAUSE).await;
-                    continue;
-                }
-            }
-        }
-        if let Some(s) = stream.as_mut() {
-            while s.sent < pending.len() {
-                if s.sent == 0 {
-                    // An idle stream: the reply clock starts with this batch.
-                    s.answered_at = Instant::now();
-                }
-                let request = Request::Append { batch: pending[s.sent].batch.clone() };
-                if let Err(e) = crate::transport::write_frame(&mut s.send, &request).await {
-                    last_error = format!("send to {}: {e}", s.addr);
-                    break;
-                }
-                s.sent += 1;
-            }
-            if s.sent < pending.len() {
-                stream = None;
-                *client.leader.lock().expect("leader lock") = None;
-                tokio::time::sleep(RETRY_PAUSE).await;
-                continue;
-            }
-        }
-        let waiting_reply = stream.as_ref().is_some_and(|s| s.sent > 0);
-        let reply_due = REPLY_TIMEOUT.saturating_sub(stream.as_ref().map_or(Duration::ZERO, |s| s.answered_at.elapsed()));
-        tokio::select! {
-            sub = input.recv(), if input_open && pending.len() < window => match sub {
-                Some(sub) => match &broken {
-                    Some(why) => { let _ = sub.done.send(Err(anyhow!("the producer failed earlier: {why}"))); }
-                    None => pending.push_back(sub),
-                },
-                None => input_open = false,
-            },
-            reply = next_reply(&mut stream), if waiting_reply => {
-                let addr = stream.as_ref().map(|s| s.addr);
-                match reply {
-                    Some(Ok(Response::Appended { lsn_first, lsn_last })) => {
-                        let s = pending.pop_front().expect("a reply matches a pending batch");
-                        let _ = s.done.send(Ok((lsn_first, lsn_last)));
-                        if let Some(st) = stream.as_mut() { st.sent -= 1; st.answered_at = Instant::now(); }
-                        *client.leader.lock().expect("leader lock") = addr;
-                        progress_at = Instant::now();
-                    }
-                    Some(Ok(Response::Error(e))) => match e.kind {
-                        ErrorKind::Refused => {
-                            let s = pending.pop_front().expect("a reply matches a pending batch");
-                            let _ = s.done.send(Err(Refused { kind: e.kind, message: e.message }.into()));
-                            if let Some(st) = stream.as_mut() { st.sent -= 1; }
-                            progress_at = Instant::now();
-                        }
-                        ErrorKind::BadRequest => {
-                            let why = format!("the site refused batch {}: {}", pending[0].batch.seq, e.message);
-                            fail_all(&mut pending, &why);
-                            broken = Some(why);
-                            stream = None;
-                        }
-                        ErrorKind::NotLeader => {
-                            *client.leader.lock().expect("leader lock") = e.leader.as_ref().and_then(|m| m.addr.parse().ok());
-                            last_error = e.to_string();
-                            stream = None;
-                            if e.leader.is_none() { tokio::time::sleep(RETRY_PAUSE).await; }
-                        }
-                        ErrorKind::Unavailable | ErrorKind::Internal => {
-                            last_error = format!("node at {}: {e}", addr.map(|a| a.to_string()).unwrap_or_default());
-                            *client.leader.lock().expect("leader lock") = None;
-                            stream = None;
-                            tokio::time::sleep(RETRY_PAUSE).await;
-                        }
-                    },
-                    Some(Ok(other)) => {
-                        last_error = format!("unexpected reply {other:?}");
-                        stream = None;
-                    }
-                    Some(Err(e)) => {
-                        last_error = format!("node at {}: {e}", addr.map(|a| a.to_string()).unwrap_or_default());
-                        *client.leader.lock().expect("leader lock") = None;
-                        stream = None;
-                        tokio::time::sleep(RETRY_PAUSE).await;
-                    }
-                    None => {
-                        stream = None;
+impl AppendLink for Client {
+    fn open<'a>(&'a self, rotate: &'a mut usize, window: usize) -> BoxFuture<'a, anyhow::Result<Box<dyn AppendStream>>> {
+        Box::pin(async move {
+            let addr = self.pick_node(rotate);
+            let (send, mut recv) = self.network.peer(addr).open().await?;
+            let (tx, replies) = mpsc::channel(window + 1);
+            let reader = tokio::spawn(async move {
+                loop {
+                    let r = crate::transport::read_frame::<Response>(&mut recv).await;
+                    let stop = r.is_err();
+                    if tx.send(r).await.is_err() || stop {
+                        return;
                     }
                 }
-            }
-            _ = tokio::time::sleep(reply_due), if waiting_reply => {
-                let addr = stream.as_ref().map(|s| s.addr.to_string()).unwrap_or_default();
-                last_error = format!("node at {addr} gave no answer for {REPLY_TIMEOUT:?}");
-                tracing::warn!("{last_error}; sending the pending batches again");
-                *client.leader.lock().expect("leader lock") = None;
-                stream = None;
-            }
-        }
+            });
+            let stream: Box<dyn AppendStream> = Box::new(QuicAppendStream { addr, send, replies, reader });
+            Ok(stream)
+        })
     }
-}
 
-async fn next_reply(stream: &mut Option<Stream>) -> Option<Reply> {
-    match stream.as_mut() {
-        Some(s) => s.replies.recv().await,
-        None => std::future::pending().await,
+    fn set_leader(&self, addr: Option<&str>) {
+        *self.leader.lock().expect("leader lock") = addr.and_then(|a| a.parse().ok());
+    }
+
+    fn deadline(&self) -> Duration {
+        self.deadline
     }
 }

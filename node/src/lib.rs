@@ -19,6 +19,7 @@ pub mod config;
 pub mod dev;
 pub mod export;
 pub mod load;
+pub mod producer;
 pub mod raft_net;
 pub mod replay;
 pub mod server;

@@ -24,7 +24,12 @@ pub struct ProducerSink {
 
 impl ProducerSink {
     pub fn new(client: Client, group: &str, window: usize) -> ProducerSink {
-        ProducerSink { group: group.to_string(), producer: tokio::sync::Mutex::new(Producer::new(client, window)) }
+        ProducerSink::over(Producer::new(client, window), group)
+    }
+
+    /// A sink over a producer made elsewhere (the simulation's).
+    pub fn over(producer: Producer, group: &str) -> ProducerSink {
+        ProducerSink { group: group.to_string(), producer: tokio::sync::Mutex::new(producer) }
     }
 }
 

@@ -16,6 +16,7 @@ pub mod rng;
 pub mod rt;
 pub mod site;
 pub mod sm;
+pub mod stream;
 pub mod tap;
 pub mod world;
 

@@ -712,7 +712,7 @@ async fn scenario(opts: Options, mut rng: Rng, history: Shared) -> Vec<String> {
     let fault_end = start + opts.fault_secs * 1_000_000_000;
     let stop = Rc::new(RefCell::new(false));
     let mut extra = Rng::new(opts.seed ^ EXTRA_SALT ^ 1);
-    let tap_site = plan.tap.then(|| tap::new_site(history.clone(), extra.fork(1), fault_end + 60_000_000_000));
+    let tap_site = plan.tap.then(|| tap::new_site(history.clone()));
     let guest = tap_site.as_ref().map(|t| {
         let depth = extra.range(1, 9) as usize;
         rt::spawn_local(tap::guest(t.clone(), opts.tap_ops, depth, extra.fork(2), fault_end + 60_000_000_000))
@@ -808,6 +808,9 @@ async fn scenario(opts: Options, mut rng: Rng, history: Shared) -> Vec<String> {
     failures.extend(check::check(&history.borrow(), &images, &mut rng.fork(9)));
     if let Some(t) = tap_site {
         let file = t.borrow().file.lock().expect("backing").bytes.clone();
+        let (batches, errors) = world::with(|w| (std::mem::take(&mut w.tap_batches), std::mem::take(&mut w.tap_errors)));
+        history.borrow_mut().tap_batches = batches;
+        failures.extend(errors);
         failures.extend(check::replicas_agree(tap::TAP_GROUP, &images));
         if let Some((_, image)) = images.iter().max_by_key(|(_, i)| i.groups.get(tap::TAP_GROUP).map_or(0, |g| g.last_lsn)) {
             failures.extend(tap::check(&history.borrow(), image, &file));

@@ -18,13 +18,15 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use rewind_cdp_ingest::tap::{self, Backing, BoxFuture, Committed, Export, LogSink, SinkError, Spawner, Tap, TapConfig};
-use rewind_wire::event::{EventBatch, TimedEvent};
-use rewind_wire::raft::{Command, CommandReply};
+use rewind_node::client::RETRY_DEADLINE;
+use rewind_node::producer::Producer;
+use rewind_node::tap::ProducerSink;
+use rewind_wire::event::TimedEvent;
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
 use crate::rng::Rng;
-use crate::site::{submit, Shared};
-use crate::{rt, world};
+use crate::site::Shared;
+use crate::{rt, stream, world};
 
 pub const TAP_GROUP: &str = "tg";
 pub const TAP_DISK: &str = "t0";
@@ -139,59 +141,36 @@ impl tap::Clock for SimClock {
     }
 }
 
-type Shipment = (Vec<TimedEvent>, oneshot::Sender<Result<(u64, u64), String>>);
-
-/// The tap's sink: hands batches to the producer task, in order.
-struct SimSink {
-    queue: mpsc::Sender<Shipment>,
+/// Production's sink over production's producer, noting each batch it is
+/// given under the sequence number the producer will give it (the
+/// producer numbers its batches 1, 2, ... in the order they are submitted).
+struct RecordingSink {
+    inner: ProducerSink,
+    producer: u64,
+    submitted: std::sync::atomic::AtomicU64,
 }
 
-impl LogSink for SimSink {
+impl LogSink for RecordingSink {
     fn submit(&self, events: Vec<TimedEvent>) -> BoxFuture<'_, Result<Committed, SinkError>> {
+        let seq = self.submitted.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+        let key = (self.producer, seq);
+        world::with(|w| w.tap_batches.insert(key, events.iter().map(|e| e.event.clone()).collect()));
+        let submitted = self.inner.submit(events);
         Box::pin(async move {
-            let (done, rx) = oneshot::channel();
-            self.queue.send((events, done)).await.map_err(|_| SinkError("the producer stopped".into()))?;
-            let committed: Committed = Box::pin(async move {
-                match rx.await {
-                    Ok(Ok(range)) => Ok(range),
-                    Ok(Err(e)) => Err(SinkError(e)),
-                    Err(_) => Err(SinkError("the producer stopped".into())),
-                }
-            });
-            Ok(committed)
+            let committed = submitted.await.inspect_err(|e| note_sink_error(key, &e.0))?;
+            let watched: Committed = Box::pin(async move { committed.await.inspect_err(|e| note_sink_error(key, &e.0)) });
+            Ok(watched)
         })
     }
 }
 
-/// Sends the tap's batches to the site one at a time, in order, each until
-/// some node answers it (the site dedupes a resent batch by its producer
-/// identity and sequence number). Once one fails, every later one fails.
-async fn producer(id: u64, mut queue: mpsc::Receiver<Shipment>, mut rng: Rng, deadline_ns: u64, history: Shared) {
-    let mut seq = 0;
-    let mut failed: Option<String> = None;
-    while let Some((events, done)) = queue.recv().await {
-        if let Some(why) = &failed {
-            let _ = done.send(Err(why.clone()));
-            continue;
-        }
-        seq += 1;
-        history.borrow_mut().tap_batches.insert((id, seq), events.iter().map(|e| e.event.clone()).collect());
-        let batch = EventBatch { group: TAP_GROUP.into(), client_id: id, seq, events };
-        match submit(TAP_ADDR, Command::Append(batch), &mut rng, deadline_ns).await {
-            Some(CommandReply::Appended { lsn_first, lsn_last }) => {
-                world::trace(format!("tap producer {id} seq {seq} committed: LSN {lsn_first}..={lsn_last}"));
-                let _ = done.send(Ok((lsn_first, lsn_last)));
-            }
-            other => {
-                let why = format!("tap producer {id} seq {seq}: {other:?}");
-                world::trace(&why);
-                if other.is_some() {
-                    history.borrow_mut().client_errors.push(format!("a valid tap batch was refused: {why}"));
-                }
-                let _ = done.send(Err(why.clone()));
-                failed = Some(why);
-            }
-        }
+/// A batch the producer could not get committed. Giving up after its
+/// deadline without progress is allowed (the tap then refuses writes until
+/// it is restarted); any other reason is a failure of the seed.
+fn note_sink_error((producer, seq): (u64, u64), why: &str) {
+    world::trace(format!("tap producer {producer} seq {seq} failed: {why}"));
+    if !why.contains("no progress for") && !why.contains("failed earlier") {
+        world::with(|w| w.tap_errors.push(format!("tap producer {producer} seq {seq}: {why}")));
     }
 }
 
@@ -223,15 +202,13 @@ pub struct TapSite {
     /// The connection to the running tap process; None while it is down.
     conn: Option<(u64, mpsc::Sender<Request>)>,
     history: Shared,
-    rng: Rng,
-    deadline_ns: u64,
 }
 
 pub type TapHandle = Rc<RefCell<TapSite>>;
 
-pub fn new_site(history: Shared, rng: Rng, deadline_ns: u64) -> TapHandle {
+pub fn new_site(history: Shared) -> TapHandle {
     let file = Arc::new(Mutex::new(SimFile { bytes: vec![0; TAP_DISK_BYTES as usize], started: 0, running: None }));
-    let site = Rc::new(RefCell::new(TapSite { file, conn: None, history, rng, deadline_ns }));
+    let site = Rc::new(RefCell::new(TapSite { file, conn: None, history }));
     start(&site);
     site
 }
@@ -247,14 +224,14 @@ pub fn start(site: &TapHandle) {
     };
     let producer_id = TAP_PRODUCER_BASE + instance;
     world::trace(format!("tap process {instance} starts (producer {producer_id})"));
-    let (queue, shipments) = mpsc::channel(WINDOW);
     let (conn, requests) = mpsc::channel(64);
-    let rng = s.rng.fork(instance);
-    let (history, deadline, file) = (s.history.clone(), s.deadline_ns, s.file.clone());
+    let file = s.file.clone();
     rt::with_node(Some(TAP_NODE), || {
-        rt::spawn_local(producer(producer_id, shipments, rng, deadline, history));
+        let link = stream::link(TAP_ADDR, RETRY_DEADLINE);
+        let producer = Producer::over(link, Arc::new(stream::SimProducerRuntime), WINDOW, producer_id, 1);
+        let sink = RecordingSink { inner: ProducerSink::over(producer, TAP_GROUP), producer: producer_id, submitted: Default::default() };
         let config = TapConfig { export: TAP_DISK.into(), size_bytes: TAP_DISK_BYTES, mode: tap::Mode::Sync, batch_bytes_max: 64 << 10 };
-        let tap = Tap::new(config, Arc::new(SimBacking { file, instance }), Arc::new(SimSink { queue }), Arc::new(SimClock), Arc::new(SimSpawner));
+        let tap = Tap::new(config, Arc::new(SimBacking { file, instance }), Arc::new(sink), Arc::new(SimClock), Arc::new(SimSpawner));
         rt::spawn_local(connection(tap, requests));
     });
     s.conn = Some((instance, conn));
@@ -338,6 +315,13 @@ pub async fn guest(site: TapHandle, ops: u64, depth: usize, mut rng: Rng, deadli
         if last {
             match waiter.await {
                 Ok(Some(0)) => break,
+                Ok(Some(code)) => {
+                    // A tap whose producer gave up refuses every write until
+                    // it is restarted: the operator restarts it.
+                    world::trace(format!("the guest's final flush: error {code}; the operator restarts the tap"));
+                    crash(&site);
+                    start(&site);
+                }
                 r => world::trace(format!("the guest's final flush: {r:?}; again")),
             }
             rt::sleep(Duration::from_millis(20)).await;

@@ -145,6 +145,10 @@ pub struct World {
     pub snapshot_misread: BTreeSet<u64>,
     /// Slow disks: node -> (until, fsync latency factor).
     pub slow: BTreeMap<u64, (u64, u64)>,
+    /// Batches the tap gave its producer: (producer, seq) -> events.
+    pub tap_batches: BTreeMap<(u64, u64), Vec<rewind_wire::event::Event>>,
+    /// Batches the tap's producer failed for a reason other than its deadline.
+    pub tap_errors: Vec<String>,
     /// Every trace line, when `REWIND_SIM_TRACE` names a file.
     full: Option<std::io::BufWriter<std::fs::File>>,
 }
@@ -210,6 +214,8 @@ impl World {
             misread: BTreeSet::new(),
             snapshot_misread: BTreeSet::new(),
             slow: BTreeMap::new(),
+            tap_batches: BTreeMap::new(),
+            tap_errors: Vec::new(),
             full: std::env::var_os("REWIND_SIM_TRACE").and_then(|p| std::fs::File::create(p).ok()).map(std::io::BufWriter::new),
         }
     }

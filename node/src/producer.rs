@@ -1,0 +1,306 @@
+//! The ordered producer: appends for one producer identity, pipelined and in
+//! order, resent after a leader change or a lost connection.
+//!
+//! The pipeline reaches the site through [`AppendLink`] (QUIC streams in
+//! production, [`Client`]'s implementation below; the simulation's network
+//! in `rewind-simulation`) and keeps time and spawns through
+//! [`ProducerRuntime`] (tokio here), so the simulation runs this same code.
+
+use std::collections::VecDeque;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{anyhow, Context};
+use rewind_wire::event::{EventBatch, TimedEvent};
+use rewind_wire::limits::PRODUCER_WINDOW_MAX;
+use rewind_wire::rpc::{ErrorKind, Request, Response};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::client::{fresh_client_id, Client, Refused};
+
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+const RETRY_PAUSE: Duration = Duration::from_millis(100);
+/// An append stream whose oldest batch has had no answer for this long is
+/// abandoned, and its batches are sent again on a new one.
+pub const REPLY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The way to the site's nodes for append streams.
+pub trait AppendLink: Send + Sync + 'static {
+    /// Opens an append stream to the leader as far as the link knows it,
+    /// or else to the next node in turn (`rotate` counts the turns).
+    fn open<'a>(&'a self, rotate: &'a mut usize, window: usize) -> BoxFuture<'a, anyhow::Result<Box<dyn AppendStream>>>;
+    /// What the producer learnt of the leader: a node's address (from an
+    /// answer, or a NotLeader hint), or None to forget it.
+    fn set_leader(&self, addr: Option<&str>);
+    /// How long the producer tries without progress before it fails every
+    /// pending batch.
+    fn deadline(&self) -> Duration;
+}
+
+/// One open append stream: requests go out in order, replies come back in
+/// the same order.
+pub trait AppendStream: Send {
+    /// The node at the other end, as [`AppendLink::set_leader`] takes it.
+    fn peer(&self) -> String;
+    fn send<'a>(&'a mut self, request: &'a Request) -> BoxFuture<'a, anyhow::Result<()>>;
+    /// The next reply; None once the stream is closed.
+    fn recv(&mut self) -> BoxFuture<'_, Option<anyhow::Result<Response>>>;
+}
+
+/// Time and tasks for the producer.
+pub trait ProducerRuntime: Send + Sync + 'static {
+    /// A monotonic clock.
+    fn now(&self) -> Duration;
+    fn sleep(&self, d: Duration) -> BoxFuture<'static, ()>;
+    fn spawn(&self, task: BoxFuture<'static, ()>);
+}
+
+/// tokio's clock and tasks.
+pub struct TokioRuntime {
+    origin: std::time::Instant,
+}
+
+impl Default for TokioRuntime {
+    fn default() -> Self {
+        TokioRuntime { origin: std::time::Instant::now() }
+    }
+}
+
+impl ProducerRuntime for TokioRuntime {
+    fn now(&self) -> Duration {
+        self.origin.elapsed()
+    }
+
+    fn sleep(&self, d: Duration) -> BoxFuture<'static, ()> {
+        Box::pin(tokio::time::sleep(d))
+    }
+
+    fn spawn(&self, task: BoxFuture<'static, ()>) {
+        tokio::spawn(task);
+    }
+}
+
+/// One batch waiting for its answer.
+struct Submission {
+    batch: EventBatch,
+    done: oneshot::Sender<anyhow::Result<(u64, u64)>>,
+}
+
+/// Appends for one producer, pipelined and in order: batches are numbered,
+/// sent on one stream to the leader without waiting for each other, and
+/// answered in order. After a leader change or a lost connection every
+/// unanswered batch is sent again, in order, to the new leader; the site
+/// answers a batch it already applied with its first answer, so each is
+/// applied exactly once.
+pub struct Producer {
+    client_id: u64,
+    next_seq: u64,
+    tx: mpsc::Sender<Submission>,
+}
+
+impl Producer {
+    /// `window`: batches in flight at most (1 to `PRODUCER_WINDOW_MAX`).
+    pub fn new(client: Client, window: usize) -> Producer {
+        Producer::resume(client, window, fresh_client_id(), 1)
+    }
+
+    /// A producer that goes on with a known identity from `next_seq`: an
+    /// async tap's shipper, whose numbers are kept in its journal.
+    pub fn resume(client: Client, window: usize, client_id: u64, next_seq: u64) -> Producer {
+        Producer::over(Arc::new(client), Arc::new(TokioRuntime::default()), window, client_id, next_seq)
+    }
+
+    /// A producer over any link and runtime.
+    pub fn over(link: Arc<dyn AppendLink>, runtime: Arc<dyn ProducerRuntime>, window: usize, client_id: u64, next_seq: u64) -> Producer {
+        let window = window.clamp(1, PRODUCER_WINDOW_MAX);
+        let (tx, rx) = mpsc::channel(1);
+        runtime.spawn(Box::pin(pipeline(link, runtime.clone(), rx, window)));
+        Producer { client_id, next_seq, tx }
+    }
+
+    pub fn client_id(&self) -> u64 {
+        self.client_id
+    }
+
+    /// The sequence number the next batch will get.
+    pub fn next_seq(&self) -> u64 {
+        self.next_seq
+    }
+
+    /// Checks and numbers a batch and queues it; waits while the window is
+    /// full. The receiver gets the batch's LSN range once it is committed.
+    pub async fn submit(
+        &mut self,
+        group: &str,
+        events: Vec<TimedEvent>,
+    ) -> anyhow::Result<oneshot::Receiver<anyhow::Result<(u64, u64)>>> {
+        let batch = EventBatch { group: group.to_string(), client_id: self.client_id, seq: self.next_seq, events };
+        batch.check().context("check the batch")?;
+        self.next_seq += 1;
+        let (done, rx) = oneshot::channel();
+        self.tx.send(Submission { batch, done }).await.map_err(|_| anyhow!("the producer has stopped"))?;
+        Ok(rx)
+    }
+
+    /// Submits one batch and waits for its LSN range.
+    pub async fn append(&mut self, group: &str, events: Vec<TimedEvent>) -> anyhow::Result<(u64, u64)> {
+        let rx = self.submit(group, events).await?;
+        rx.await.map_err(|_| anyhow!("the producer has stopped"))?
+    }
+}
+
+/// An open stream and how far it has got.
+struct Open {
+    stream: Box<dyn AppendStream>,
+    /// How many of the pending batches were sent on this stream.
+    sent: usize,
+    /// When the stream last made progress (opened, or answered a batch).
+    answered_at: Duration,
+}
+
+fn fail_all(pending: &mut VecDeque<Submission>, why: &str) {
+    for s in pending.drain(..) {
+        let _ = s.done.send(Err(anyhow!("{why}")));
+    }
+}
+
+/// The producer's task: keeps one stream to the leader, sends every pending
+/// batch on it in order, and matches replies to batches in order.
+async fn pipeline(link: Arc<dyn AppendLink>, rt: Arc<dyn ProducerRuntime>, mut input: mpsc::Receiver<Submission>, window: usize) {
+    let mut pending: VecDeque<Submission> = VecDeque::new();
+    let mut open: Option<Open> = None;
+    let mut input_open = true;
+    let mut progress_at = rt.now();
+    let mut rotate = 0usize;
+    let mut last_error = String::from("no node answered");
+    let mut broken: Option<String> = None;
+    let deadline = link.deadline();
+    loop {
+        if pending.is_empty() {
+            progress_at = rt.now();
+            if !input_open {
+                return;
+            }
+        } else if rt.now().saturating_sub(progress_at) > deadline {
+            let why = format!("no progress for {deadline:?}: {last_error}");
+            tracing::error!("producer stops: {why}");
+            fail_all(&mut pending, &why);
+            broken = Some(why);
+            open = None;
+        }
+        if !pending.is_empty() && open.is_none() {
+            match link.open(&mut rotate, window).await {
+                Ok(stream) => open = Some(Open { stream, sent: 0, answered_at: rt.now() }),
+                Err(e) => {
+                    last_error = format!("{e:#}");
+                    link.set_leader(None);
+                    rt.sleep(RETRY_PAUSE).await;
+                    continue;
+                }
+            }
+        }
+        if let Some(o) = open.as_mut() {
+            while o.sent < pending.len() {
+                if o.sent == 0 {
+                    // An idle stream: the reply clock starts with this batch.
+                    o.answered_at = rt.now();
+                }
+                let request = Request::Append { batch: pending[o.sent].batch.clone() };
+                if let Err(e) = o.stream.send(&request).await {
+                    last_error = format!("send to {}: {e:#}", o.stream.peer());
+                    break;
+                }
+                o.sent += 1;
+            }
+            if o.sent < pending.len() {
+                open = None;
+                link.set_leader(None);
+                rt.sleep(RETRY_PAUSE).await;
+                continue;
+            }
+        }
+        let waiting_reply = open.as_ref().is_some_and(|o| o.sent > 0);
+        let reply_due = REPLY_TIMEOUT.saturating_sub(open.as_ref().map_or(Duration::ZERO, |o| rt.now().saturating_sub(o.answered_at)));
+        // `biased`: the branches are polled in this order, so the producer
+        // draws nothing from tokio's generator (the simulation replays it).
+        tokio::select! {
+            biased;
+            reply = next_reply(&mut open), if waiting_reply => {
+                let peer = open.as_ref().map(|o| o.stream.peer()).unwrap_or_default();
+                match reply {
+                    Some(Ok(Response::Appended { lsn_first, lsn_last })) => {
+                        let s = pending.pop_front().expect("a reply matches a pending batch");
+                        let _ = s.done.send(Ok((lsn_first, lsn_last)));
+                        if let Some(o) = open.as_mut() { o.sent -= 1; o.answered_at = rt.now(); }
+                        link.set_leader(Some(&peer));
+                        progress_at = rt.now();
+                    }
+                    Some(Ok(Response::Error(e))) => match e.kind {
+                        ErrorKind::Refused => {
+                            let s = pending.pop_front().expect("a reply matches a pending batch");
+                            let _ = s.done.send(Err(Refused { kind: e.kind, message: e.message }.into()));
+                            if let Some(o) = open.as_mut() { o.sent -= 1; }
+                            progress_at = rt.now();
+                        }
+                        ErrorKind::BadRequest => {
+                            let why = format!("the site refused batch {}: {}", pending[0].batch.seq, e.message);
+                            fail_all(&mut pending, &why);
+                            broken = Some(why);
+                            open = None;
+                        }
+                        ErrorKind::NotLeader => {
+                            let hint = e.leader.as_ref().map(|m| m.addr.clone());
+                            link.set_leader(hint.as_deref());
+                            last_error = e.to_string();
+                            open = None;
+                            if hint.is_none() { rt.sleep(RETRY_PAUSE).await; }
+                        }
+                        ErrorKind::Unavailable | ErrorKind::Internal => {
+                            last_error = format!("node at {peer}: {e}");
+                            link.set_leader(None);
+                            open = None;
+                            rt.sleep(RETRY_PAUSE).await;
+                        }
+                    },
+                    Some(Ok(other)) => {
+                        last_error = format!("unexpected reply {other:?}");
+                        open = None;
+                    }
+                    Some(Err(e)) => {
+                        last_error = format!("node at {peer}: {e:#}");
+                        link.set_leader(None);
+                        open = None;
+                        rt.sleep(RETRY_PAUSE).await;
+                    }
+                    None => {
+                        open = None;
+                    }
+                }
+            }
+            sub = input.recv(), if input_open && pending.len() < window => match sub {
+                Some(sub) => match &broken {
+                    Some(why) => { let _ = sub.done.send(Err(anyhow!("the producer failed earlier: {why}"))); }
+                    None => pending.push_back(sub),
+                },
+                None => input_open = false,
+            },
+            _ = rt.sleep(reply_due), if waiting_reply => {
+                let peer = open.as_ref().map(|o| o.stream.peer()).unwrap_or_default();
+                last_error = format!("node at {peer} gave no answer for {REPLY_TIMEOUT:?}");
+                tracing::warn!("{last_error}; sending the pending batches again");
+                link.set_leader(None);
+                open = None;
+            }
+        }
+    }
+}
+
+async fn next_reply(open: &mut Option<Open>) -> Option<anyhow::Result<Response>> {
+    match open.as_mut() {
+        Some(o) => o.stream.recv().await,
+        None => std::future::pending().await,
+    }
+}

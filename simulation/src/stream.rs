@@ -1,0 +1,241 @@
+//! Append streams over the simulated network, for production's ordered
+//! producer (`rewind_node::producer`): the tap's batches reach the site
+//! through the same pipelining, resending and leader-following code as in
+//! production.
+//!
+//! A stream is reliable and ordered, like a QUIC stream: a lost frame is
+//! sent again 100-300 ms later (five tries), a cut link or a dead node
+//! breaks the stream, and frames arrive in the order they were sent, each
+//! after the network's delay. The node's end does what production's
+//! `serve_append_stream` does: it hands each batch to Raft in the order it
+//! arrives (`client_write_ff`), and answers in that order once each is
+//! committed and applied, mapping errors the way production does.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use openraft::impls::ProgressResponder;
+use openraft_rt::WatchReceiver;
+use rewind_node::producer::{AppendLink, AppendStream, BoxFuture, ProducerRuntime};
+use rewind_wire::raft::{Command, CommandReply};
+use rewind_wire::raft::Member;
+use rewind_wire::rpc::{ErrorKind, Request, Response, RpcError};
+use tokio::sync::mpsc;
+
+use crate::site::NODES;
+use crate::{rt, world, Raft};
+
+/// Tries of one frame on a lossy link before the stream breaks.
+const FRAME_TRIES: u32 = 5;
+
+fn error(kind: ErrorKind, message: impl Into<String>) -> Response {
+    Response::Error(RpcError { kind, message: message.into(), leader: None })
+}
+
+/// When a frame sent now from `from` reaches `to`, after `after` (the
+/// previous frame's arrival: a stream keeps order); None when the stream
+/// breaks (a cut link, or every try lost).
+fn frame_arrival(from: u64, to: u64, after: u64) -> Option<u64> {
+    let mut extra = 0u64;
+    for _ in 0..FRAME_TRIES {
+        if world::with(|w| w.blocked.contains(&(from, to))) {
+            return None;
+        }
+        match world::with(|w| w.route(from, to)) {
+            // Strictly after the previous frame, so two never arrive at once.
+            Some((delay, _)) => return Some((rt::now_ns() + extra + delay.as_nanos() as u64).max(after + 1)),
+            None => extra += world::with(|w| w.net_rng.range(100, 300)) * 1_000_000,
+        }
+    }
+    None
+}
+
+/// The producer's way to the simulated site.
+pub struct SimLink {
+    /// The client's network address.
+    pub from: u64,
+    pub leader: Mutex<Option<u64>>,
+    pub deadline: Duration,
+}
+
+struct SimStream {
+    from: u64,
+    to: u64,
+    up: mpsc::UnboundedSender<(u64, Request)>,
+    /// When the last frame sent up arrives.
+    up_at: u64,
+    replies: mpsc::Receiver<anyhow::Result<Response>>,
+    broken: bool,
+}
+
+impl AppendLink for SimLink {
+    fn open<'a>(&'a self, rotate: &'a mut usize, window: usize) -> BoxFuture<'a, anyhow::Result<Box<dyn AppendStream>>> {
+        let to = match *self.leader.lock().expect("leader") {
+            Some(l) => l,
+            None => {
+                *rotate += 1;
+                NODES[*rotate % NODES.len()]
+            }
+        };
+        let from = self.from;
+        // The handshake: one round trip.
+        let there = frame_arrival(from, to, 0);
+        let back = there.and_then(|t| frame_arrival(to, from, t));
+        Box::pin(async move {
+            let Some(back) = back else {
+                rt::sleep(Duration::from_secs(1)).await;
+                anyhow::bail!("connect to n{to}: timed out");
+            };
+            rt::Sleep::until_global(back).await;
+            if world::with(|w| w.raft(to)).is_none() {
+                anyhow::bail!("connect to n{to}: refused (the node is down)");
+            }
+            let (up, requests) = mpsc::unbounded_channel();
+            let (reply_tx, replies) = mpsc::channel(window + 1);
+            rt::with_node(Some(to), || rt::spawn_local(serve(to, from, requests, reply_tx)));
+            let stream: Box<dyn AppendStream> = Box::new(SimStream { from, to, up, up_at: 0, replies, broken: false });
+            Ok(stream)
+        })
+    }
+
+    fn set_leader(&self, addr: Option<&str>) {
+        *self.leader.lock().expect("leader") = addr.and_then(|a| a.strip_prefix('n')).and_then(|n| n.parse().ok());
+    }
+
+    fn deadline(&self) -> Duration {
+        self.deadline
+    }
+}
+
+impl AppendStream for SimStream {
+    fn peer(&self) -> String {
+        format!("n{}", self.to)
+    }
+
+    fn send<'a>(&'a mut self, request: &'a Request) -> BoxFuture<'a, anyhow::Result<()>> {
+        Box::pin(async move {
+            match frame_arrival(self.from, self.to, self.up_at) {
+                Some(at) if !self.broken => {
+                    self.up_at = at;
+                    self.up.send((at, request.clone())).map_err(|_| anyhow::anyhow!("stream to n{} closed", self.to))
+                }
+                _ => {
+                    // The node never gets it; the producer learns when no
+                    // reply comes.
+                    self.broken = true;
+                    Ok(())
+                }
+            }
+        })
+    }
+
+    fn recv(&mut self) -> BoxFuture<'_, Option<anyhow::Result<Response>>> {
+        Box::pin(async move {
+            if self.broken {
+                // A connection that lost a frame for good times out.
+                rt::sleep(Duration::from_secs(1)).await;
+                return Some(Err(anyhow::anyhow!("connection to n{} lost", self.to)));
+            }
+            self.replies.recv().await
+        })
+    }
+}
+
+/// A batch handed to Raft, or an answer known at once.
+enum Pending {
+    Ready(Response),
+    Waiting(Raft, openraft::alias::OneshotReceiverOf<crate::SimConfig, openraft::raft::ClientWriteResult<crate::SimConfig>>),
+}
+
+/// The node's end of one stream, run as the node's task (a crash of the
+/// node ends it): submits in arrival order, answers in that order.
+async fn serve(node: u64, client: u64, mut requests: mpsc::UnboundedReceiver<(u64, Request)>, replies: mpsc::Sender<anyhow::Result<Response>>) {
+    let (pending_tx, mut pending_rx) = mpsc::channel::<Pending>(rewind_wire::limits::PRODUCER_WINDOW_MAX);
+    rt::spawn_local(async move {
+        let mut down_at = 0u64;
+        while let Some(p) = pending_rx.recv().await {
+            let response = finish(node, p).await;
+            let Some(at) = frame_arrival(node, client, down_at) else {
+                return;
+            };
+            down_at = at;
+            let replies = replies.clone();
+            // The reply travels while the next one is made; order is kept
+            // by the arrival times.
+            rt::spawn_local(async move {
+                rt::Sleep::until_global(at).await;
+                let _ = replies.send(Ok(response)).await;
+            });
+        }
+    });
+    while let Some((at, request)) = requests.recv().await {
+        rt::Sleep::until_global(at).await;
+        let pending = match request {
+            Request::Append { batch } => submit(node, batch).await,
+            _ => Pending::Ready(error(ErrorKind::BadRequest, "an append stream carries only appends")),
+        };
+        if pending_tx.send(pending).await.is_err() {
+            return;
+        }
+    }
+}
+
+async fn submit(node: u64, batch: rewind_wire::event::EventBatch) -> Pending {
+    if let Err(e) = batch.check() {
+        return Pending::Ready(error(ErrorKind::BadRequest, e.to_string()));
+    }
+    let Some(raft) = world::with(|w| w.raft(node)) else {
+        return Pending::Ready(error(ErrorKind::Unavailable, format!("node {node} is down")));
+    };
+    let (responder, rx) = ProgressResponder::complete_only();
+    match raft.client_write_ff(Command::Append(batch), Some(responder)).await {
+        Ok(()) => Pending::Waiting(raft, rx),
+        Err(fatal) => Pending::Ready(error(ErrorKind::Internal, fatal.to_string())),
+    }
+}
+
+async fn finish(node: u64, pending: Pending) -> Response {
+    let (raft, rx) = match pending {
+        Pending::Ready(r) => return r,
+        Pending::Waiting(raft, rx) => (raft, rx),
+    };
+    match rx.await {
+        Err(_) => error(ErrorKind::Unavailable, "raft stopped before answering; resend"),
+        Ok(Ok(r)) => match r.data {
+            CommandReply::Appended { lsn_first, lsn_last } => Response::Appended { lsn_first, lsn_last },
+            CommandReply::Refused { reason } => error(ErrorKind::Refused, reason),
+            CommandReply::OutOfOrder { expected_seq } => error(ErrorKind::Unavailable, format!("out of order: resend from sequence {expected_seq}")),
+            CommandReply::Created => Response::Done,
+        },
+        Ok(Err(e)) => match &e {
+            openraft::errors::ClientWriteError::ForwardToLeader(f) => {
+                let m = raft.metrics().borrow_watched().membership_config.clone();
+                let leader = f.leader_id.and_then(|l| m.membership().get_node(&l).map(|n| Member { id: l, addr: n.addr.clone() }));
+                Response::Error(RpcError { kind: ErrorKind::NotLeader, message: format!("node {node} is not the leader"), leader })
+            }
+            _ => error(ErrorKind::Unavailable, e.to_string()),
+        },
+    }
+}
+
+/// The producer's clock and tasks on the simulated executor.
+pub struct SimProducerRuntime;
+
+impl ProducerRuntime for SimProducerRuntime {
+    fn now(&self) -> Duration {
+        Duration::from_nanos(rt::local_now_ns())
+    }
+
+    fn sleep(&self, d: Duration) -> BoxFuture<'static, ()> {
+        Box::pin(rt::sleep(d))
+    }
+
+    fn spawn(&self, task: BoxFuture<'static, ()>) {
+        rt::spawn_local(task);
+    }
+}
+
+/// The link's leader guess, shared so the tap can start with it.
+pub fn link(from: u64, deadline: Duration) -> Arc<SimLink> {
+    Arc::new(SimLink { from, leader: Mutex::new(None), deadline })
+}
