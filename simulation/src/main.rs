@@ -20,11 +20,14 @@ use rewind_simulation::{run_seed, Bug, Outcome};
     name = "rewind-simulation",
     about = "Deterministic simulation of a rewind site under injected faults.",
     long_about = "Runs seeds of a simulated 4-node site (3 voters and a spare): clients write \
-batches while faults are injected (message loss, duplication and delay, partitions, crashes that \
-lose unsynced writes, power loss, pauses, fsync errors, a rotten log entry on one replica, \
-membership changes, client clock jumps). Every seed ends with the checkers: no acknowledged write \
-lost, no phantom or duplicate, replicas equal, replay equal to a byte model, one leader per term, \
-committed entries never change, progress after the faults stop.\n\n\
+batches, and in half the seeds a guest writes through production's sync-mode tap, while faults are \
+injected (message loss, duplication and delay, partitions, crashes that lose unsynced writes, power \
+loss, pauses, fsync errors, a rotten log entry or misdirected write on one replica, log reads and \
+snapshots that arrive corrupt, slow disks, membership changes, node and client clock skew and jumps, \
+crashes of the tap's process); disks are replayed over the network from any node meanwhile. Every \
+seed ends with the checkers: no acknowledged write lost, no phantom or duplicate, replicas equal, \
+replay equal to a byte model, the tap's backing file equal to its log, committed entries never \
+change, leader completeness, progress after the faults stop.\n\n\
 Exit status: 0 when every seed passed (with --bug: when the bug was caught), 1 when a seed \
 failed (with --bug: when it was not caught), 2 on a usage error.",
     after_help = "Examples:\n  rewind-simulation --seeds 100\n  rewind-simulation --seed 42          # reproduce one seed, with its trace tail\n  rewind-simulation --minutes 60 --seeds 1000000\n  rewind-simulation --bug ack-before-fsync --seeds 500   # stops at the first seed that catches it\n  rewind-simulation --seeds 20 --twice # run each seed twice: the trace hashes must match"
