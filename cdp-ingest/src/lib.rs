@@ -12,7 +12,9 @@
 //!   before a write is answered, trimmed as the site commits.
 //!
 //! The tap appends through the [`tap::LogSink`] trait, which `node`
-//! implements over QUIC; this crate never sees Raft or the network.
+//! implements over QUIC; this crate never sees Raft or the network. It
+//! reaches its backing file through [`tap::Backing`] and spawns through
+//! [`tap::Spawner`], so the simulation runs the same tap in memory.
 //!
 //! Invariants kept here:
 //! * every WRITE, WRITE_ZEROES and TRIM is in the backing file and queued

@@ -542,6 +542,17 @@ impl Node {
         }
         let voters: BTreeSet<u64> = voters.into_iter().collect();
         self.membership_guard(raft)?;
+        let m = raft.metrics().borrow_watched().clone();
+        if let Some(to) = rewind_raft_store::self_removal_handover(&m, &voters) {
+            // Hand leadership over first; the client follows the hint and
+            // the next leader makes the change.
+            raft.trigger().transfer_leader(to).await.map_err(|e| error(ErrorKind::Internal, e.to_string()))?;
+            return Err(Response::Error(RpcError {
+                kind: ErrorKind::NotLeader,
+                message: format!("node {} leads and is leaving the voters: it hands leadership to node {to}, which makes the change", self.id),
+                leader: self.leader_hint(raft, Some(to)),
+            }));
+        }
         raft.change_membership(voters, false).await.map_err(|e| self.map_write_error(raft, e))?;
         Ok(Response::Done)
     }

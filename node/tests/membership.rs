@@ -126,3 +126,35 @@ async fn a_stopped_dev_site_comes_back_with_its_data() {
     producer.append("g", vec![write(0)]).await.unwrap();
     assert_eq!(site.settled("g", 3).await.0, before.0 + 1);
 }
+
+/// A leader asked to leave the voters hands leadership over first; the CLI
+/// follows the hint to the next leader, which makes the change.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_asked_to_leave_hands_over_first() {
+    let (site, mut producer) = site_with_writes(20).await;
+    let old = site.leader().await.id;
+    let voters: Vec<u64> = [1, 2, 3].into_iter().filter(|v| *v != old).collect();
+    // Asked directly, the leader does not remove itself: it hands over and
+    // names the next leader.
+    let addr = site.site().nodes.into_iter().find(|n| n.id == old).unwrap().addr;
+    match site.client.call_node(addr, &rewind_wire::rpc::Request::ChangeVoters { voters: voters.clone() }).await.unwrap() {
+        rewind_wire::rpc::Response::Error(e) => {
+            assert_eq!(e.kind, rewind_wire::rpc::ErrorKind::NotLeader, "{e:?}");
+            let next = e.leader.expect("a hint names the next leader");
+            assert!(voters.contains(&next.id), "handed to {next:?}");
+        }
+        other => panic!("the leader removed itself: {other:?}"),
+    }
+    // The CLI follows the hint; the next leader makes the change.
+    let out = site.cli(&["cluster", "remove", "--id", &old.to_string()]);
+    assert!(out.status.success(), "remove the leader: {}", String::from_utf8_lossy(&out.stderr));
+    let leader = site.leader().await;
+    assert_ne!(leader.id, old, "the leader that left still leads");
+    let mut voters = leader.shards[0].voters.clone();
+    voters.sort();
+    let expected: Vec<u64> = [1, 2, 3].into_iter().filter(|v| *v != old).collect();
+    assert_eq!(voters, expected);
+    producer.append("g", vec![write(0)]).await.unwrap();
+    let digests = site.converged("g", 21, 2).await;
+    assert!(digests.iter().all(|d| d.0 != old && d.1 == digests[0].1), "{digests:?}");
+}

@@ -83,3 +83,22 @@ where
         format!("node {} was removed from the voters and is handing over leadership: send the change to the next leader", m.id)
     })
 }
+
+/// A leader asked to drop itself from the voters hands leadership over
+/// first, to the returned voter of the new set, and the change goes to
+/// that node. A leader that removes itself and crashes before the change
+/// commits can leave the site without a leader for good: the others hold
+/// the joint configuration, which still needs its vote, while it holds the
+/// new one, in which it is no voter and so never stands for election (the
+/// simulation found this with one replica lost to corruption).
+pub fn self_removal_handover<C>(m: &openraft::RaftMetrics<C>, voters: &std::collections::BTreeSet<u64>) -> Option<u64>
+where
+    C: openraft::RaftTypeConfig<NodeId = u64>,
+{
+    if m.state != openraft::ServerState::Leader || voters.contains(&m.id) {
+        return None;
+    }
+    // Prefer a voter that is already one, and so up to date.
+    let now: std::collections::BTreeSet<u64> = m.membership_config.voter_ids().collect();
+    voters.iter().copied().find(|v| now.contains(v)).or_else(|| voters.iter().copied().next())
+}

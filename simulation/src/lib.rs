@@ -56,12 +56,17 @@ pub enum Bug {
     /// without an election. With entries lost in the crash it writes new
     /// entries under log ids its followers already hold (found here).
     LeaderRestore,
-    /// Membership changes skip production's guard, so a leader that has
-    /// removed itself is asked for another change (openraft panics).
+    /// Membership changes skip production's guards (the refusal and the
+    /// handover), so a leader that has removed itself is asked for another
+    /// change (openraft panics).
     MembershipUnguarded,
     /// The real tap (`cdp-ingest`), in sync mode, answers a write once its
     /// batch is queued for the site rather than once it is committed.
     TapAnswerBeforeCommit,
+    /// A leader removes itself from the voters rather than hand leadership
+    /// over first (production's `self_removal_handover`); a crash before the
+    /// change commits can leave the site without a leader for good.
+    LeaderRemovesItself,
     /// A node serves a replay read at an LSN it has not applied yet (the
     /// check production's `ReadDisk` makes is skipped).
     ReplayBeforeApplied,

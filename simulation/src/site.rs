@@ -615,6 +615,17 @@ async fn inject(mut rng: Rng, end_ns: u64, skews: Vec<Rc<RefCell<i64>>>) {
                 } else {
                     let list: Vec<u64> = voters.iter().copied().collect();
                     let Some(gone) = pick(&mut rng, &list) else { continue };
+                    let mut v = voters.clone();
+                    v.remove(&gone);
+                    // Production's rule: a leader leaving the voters hands
+                    // leadership over, and the next leader makes the change.
+                    let handover = rewind_raft_store::self_removal_handover(&raft.metrics().borrow_watched().clone(), &v);
+                    let unguarded = world::with(|w| w.is_bug(Bug::LeaderRemovesItself) || w.is_bug(Bug::MembershipUnguarded));
+                    if let Some(to) = handover.filter(|_| !unguarded) {
+                        world::trace(format!("n{lid} is asked to leave the voters: it hands leadership to n{to}"));
+                        let _ = raft.trigger().transfer_leader(to).await;
+                        continue;
+                    }
                     world::trace(format!("n{lid}: remove n{gone} from the voters"));
                     rt::spawn_local(async move {
                         let mut v = voters.clone();

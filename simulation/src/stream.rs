@@ -33,9 +33,10 @@ fn error(kind: ErrorKind, message: impl Into<String>) -> Response {
 }
 
 /// When a frame sent now from `from` reaches `to`, after `after` (the
-/// previous frame's arrival: a stream keeps order); None when the stream
+/// previous frame's arrival: a stream keeps order), and whether it needed
+/// a retransmission (which only a live sender makes); None when the stream
 /// breaks (a cut link, or every try lost).
-fn frame_arrival(from: u64, to: u64, after: u64) -> Option<u64> {
+fn frame_arrival(from: u64, to: u64, after: u64) -> Option<(u64, bool)> {
     let mut extra = 0u64;
     for _ in 0..FRAME_TRIES {
         if world::with(|w| w.blocked.contains(&(from, to))) {
@@ -43,7 +44,7 @@ fn frame_arrival(from: u64, to: u64, after: u64) -> Option<u64> {
         }
         match world::with(|w| w.route(from, to)) {
             // Strictly after the previous frame, so two never arrive at once.
-            Some((delay, _)) => return Some((rt::now_ns() + extra + delay.as_nanos() as u64).max(after + 1)),
+            Some((delay, _)) => return Some(((rt::now_ns() + extra + delay.as_nanos() as u64).max(after + 1), extra > 0)),
             None => extra += world::with(|w| w.net_rng.range(100, 300)) * 1_000_000,
         }
     }
@@ -58,10 +59,16 @@ pub struct SimLink {
     pub deadline: Duration,
 }
 
+/// A frame on its way up: when it arrives, and, if it needed a
+/// retransmission, the sender's liveness (a dead sender resends nothing).
+type UpFrame = (u64, Option<std::sync::Weak<()>>, Request);
+
 struct SimStream {
     from: u64,
     to: u64,
-    up: mpsc::UnboundedSender<(u64, Request)>,
+    up: mpsc::UnboundedSender<UpFrame>,
+    /// Alive while the stream's sender is: its process holds the stream.
+    alive: Arc<()>,
     /// When the last frame sent up arrives.
     up_at: u64,
     replies: mpsc::Receiver<anyhow::Result<Response>>,
@@ -80,7 +87,7 @@ impl AppendLink for SimLink {
         let from = self.from;
         // The handshake: one round trip.
         let there = frame_arrival(from, to, 0);
-        let back = there.and_then(|t| frame_arrival(to, from, t));
+        let back = there.and_then(|(t, _)| frame_arrival(to, from, t)).map(|(t, _)| t);
         Box::pin(async move {
             let Some(back) = back else {
                 rt::sleep(Duration::from_secs(1)).await;
@@ -93,7 +100,7 @@ impl AppendLink for SimLink {
             let (up, requests) = mpsc::unbounded_channel();
             let (reply_tx, replies) = mpsc::channel(window + 1);
             rt::with_node(Some(to), || rt::spawn_local(serve(to, from, requests, reply_tx)));
-            let stream: Box<dyn AppendStream> = Box::new(SimStream { from, to, up, up_at: 0, replies, broken: false });
+            let stream: Box<dyn AppendStream> = Box::new(SimStream { from, to, up, alive: Arc::new(()), up_at: 0, replies, broken: false });
             Ok(stream)
         })
     }
@@ -115,9 +122,10 @@ impl AppendStream for SimStream {
     fn send<'a>(&'a mut self, request: &'a Request) -> BoxFuture<'a, anyhow::Result<()>> {
         Box::pin(async move {
             match frame_arrival(self.from, self.to, self.up_at) {
-                Some(at) if !self.broken => {
+                Some((at, resent)) if !self.broken => {
                     self.up_at = at;
-                    self.up.send((at, request.clone())).map_err(|_| anyhow::anyhow!("stream to n{} closed", self.to))
+                    let sender = resent.then(|| Arc::downgrade(&self.alive));
+                    self.up.send((at, sender, request.clone())).map_err(|_| anyhow::anyhow!("stream to n{} closed", self.to))
                 }
                 _ => {
                     // The node never gets it; the producer learns when no
@@ -149,13 +157,13 @@ enum Pending {
 
 /// The node's end of one stream, run as the node's task (a crash of the
 /// node ends it): submits in arrival order, answers in that order.
-async fn serve(node: u64, client: u64, mut requests: mpsc::UnboundedReceiver<(u64, Request)>, replies: mpsc::Sender<anyhow::Result<Response>>) {
+async fn serve(node: u64, client: u64, mut requests: mpsc::UnboundedReceiver<UpFrame>, replies: mpsc::Sender<anyhow::Result<Response>>) {
     let (pending_tx, mut pending_rx) = mpsc::channel::<Pending>(rewind_wire::limits::PRODUCER_WINDOW_MAX);
     rt::spawn_local(async move {
         let mut down_at = 0u64;
         while let Some(p) = pending_rx.recv().await {
             let response = finish(node, p).await;
-            let Some(at) = frame_arrival(node, client, down_at) else {
+            let Some((at, _)) = frame_arrival(node, client, down_at) else {
                 return;
             };
             down_at = at;
@@ -168,8 +176,13 @@ async fn serve(node: u64, client: u64, mut requests: mpsc::UnboundedReceiver<(u6
             });
         }
     });
-    while let Some((at, request)) = requests.recv().await {
+    while let Some((at, sender, request)) = requests.recv().await {
         rt::Sleep::until_global(at).await;
+        if sender.is_some_and(|s| s.upgrade().is_none()) {
+            // Its first copy was lost and the sender died before resending:
+            // it never arrives, and neither does anything after it.
+            return;
+        }
         let pending = match request {
             Request::Append { batch } => submit(node, batch).await,
             _ => Pending::Ready(error(ErrorKind::BadRequest, "an append stream carries only appends")),

@@ -427,6 +427,17 @@ pub fn check(history: &crate::site::History, image: &crate::sm::SmImage, file: &
             let at = (sector * SECTOR) as usize;
             if block[(s * SECTOR) as usize..((s + 1) * SECTOR) as usize] != file[at..at + SECTOR as usize] {
                 failures.push(format!("tap disk sector {sector}: the replay at LSN {} differs from the backing file", group.last_lsn));
+                // What touched it, for the report: the guest's requests, and the log's events.
+                for (i, op) in history.tap_ops.iter().enumerate().filter(|(_, o)| o.kind.sectors().contains(&sector)) {
+                    failures.push(format!("  request {i} to tap process {}: {:?}, answer {:?}", op.instance, op.kind, op.answer));
+                }
+                for e in events.iter().filter(|e| touches(&e.event, sector)) {
+                    let tag = match &e.event {
+                        rewind_wire::event::Event::Write { data, .. } => write_tag(data).map(|t| format!(" (guest request {t})")).unwrap_or_default(),
+                        _ => String::new(),
+                    };
+                    failures.push(format!("  log LSN {}: {}{tag}", e.lsn, short(&e.event)));
+                }
                 return failures;
             }
         }
@@ -438,4 +449,25 @@ pub fn check(history: &crate::site::History, image: &crate::sm::SmImage, file: &
         TAP_DISK_BYTES / SECTOR
     ));
     failures
+}
+
+/// Whether an event changes `sector` of the tap's disk.
+fn touches(event: &rewind_wire::event::Event, sector: u64) -> bool {
+    use rewind_wire::event::Event;
+    let (offset, len) = match event {
+        Event::Write { offset, data, .. } => (*offset, data.len() as u64),
+        Event::WriteZeroes { offset, len, .. } | Event::Trim { offset, len, .. } => (*offset, *len),
+        _ => return false,
+    };
+    (offset / SECTOR..(offset + len).div_ceil(SECTOR)).contains(&sector)
+}
+
+fn short(event: &rewind_wire::event::Event) -> String {
+    use rewind_wire::event::Event;
+    match event {
+        Event::Write { offset, data, .. } => format!("write {offset}+{}", data.len()),
+        Event::WriteZeroes { offset, len, .. } => format!("zeroes {offset}+{len}"),
+        Event::Trim { offset, len, .. } => format!("trim {offset}+{len}"),
+        other => format!("{other:?}"),
+    }
 }
