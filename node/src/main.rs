@@ -135,7 +135,8 @@ enum ClusterCommand {
         #[arg(long)]
         addr: String,
     },
-    /// Remove a node from the site.
+    /// Remove a node from the site. Removing the leader is safe: it hands
+    /// leadership to another voter first, and that node makes the change.
     Remove {
         #[command(flatten)]
         client: ClientArgs,
