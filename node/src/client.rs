@@ -12,14 +12,13 @@ use tokio::sync::mpsc;
 
 use crate::config::{ClientConfig, NodeAddr};
 pub use crate::producer::Producer;
-use crate::producer::{AppendLink, AppendStream, BoxFuture};
+use crate::producer::{AppendLink, AppendStream, BoxFuture, RETRY_PAUSE};
 use crate::raft_net::Network;
 
 /// How long a call keeps trying the site before it gives up.
 pub const RETRY_DEADLINE: Duration = Duration::from_secs(30);
 /// How long one try waits for a reply.
 const CALL_TIMEOUT: Duration = Duration::from_secs(20);
-const RETRY_PAUSE: Duration = Duration::from_millis(100);
 
 #[derive(Clone)]
 pub struct Client {

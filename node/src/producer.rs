@@ -22,7 +22,8 @@ use crate::client::{fresh_client_id, Client, Refused};
 
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
-const RETRY_PAUSE: Duration = Duration::from_millis(100);
+/// How long a retry waits after a failed try.
+pub(crate) const RETRY_PAUSE: Duration = Duration::from_millis(100);
 /// An append stream whose oldest batch has had no answer for this long is
 /// abandoned, and its batches are sent again on a new one.
 pub const REPLY_TIMEOUT: Duration = Duration::from_secs(5);

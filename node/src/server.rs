@@ -558,7 +558,8 @@ impl Node {
     }
 }
 
-fn reply_response(reply: CommandReply) -> Response {
+/// The client's answer for a state machine's reply.
+pub fn reply_response(reply: CommandReply) -> Response {
     match reply {
         CommandReply::Created => Response::Done,
         CommandReply::Appended { lsn_first, lsn_last } => Response::Appended { lsn_first, lsn_last },

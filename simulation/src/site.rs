@@ -97,7 +97,6 @@ pub fn run_seed(opts: &Options) -> Outcome {
     // Kinds added later are drawn from a generator of their own, so a seed
     // with all of them off runs as it did before they existed.
     let plan = Plan::draw(&mut rng).with_extra_kinds(&mut Rng::new(opts.seed ^ EXTRA_SALT));
-    #[allow(clippy::needless_bool)]
     rewind_cdp_ingest::tap::bugs::ANSWER_BEFORE_COMMIT.store(opts.bug == Some(Bug::TapAnswerBeforeCommit), std::sync::atomic::Ordering::Relaxed);
     let plan_text = format!("{plan:?}");
     world::install(World::new(opts.seed, opts.bug, plan, &mut rng));
@@ -628,8 +627,6 @@ async fn inject(mut rng: Rng, end_ns: u64, skews: Vec<Rc<RefCell<i64>>>) {
                     }
                     world::trace(format!("n{lid}: remove n{gone} from the voters"));
                     rt::spawn_local(async move {
-                        let mut v = voters.clone();
-                        v.remove(&gone);
                         let r = rt::timeout(Duration::from_secs(10), raft.change_membership(v, false)).await;
                         world::trace(format!("remove n{gone}: {}", match r {
                             Ok(Ok(_)) => "done".to_string(),
@@ -681,6 +678,18 @@ fn short<T, E: std::fmt::Display, F: std::fmt::Display>(r: &Result<Result<T, E>,
     }
 }
 
+/// Creates a group through the site; `what` names it in the trace.
+async fn create_group(group: &str, disks: Vec<DiskSpec>, what: &str, rng: &mut Rng, deadline_ns: u64) -> Result<(), String> {
+    let create = Command::CreateGroup { group: group.into(), disks, time_ns: 0 };
+    match submit(CLIENT_BASE, create, rng, deadline_ns).await {
+        Some(CommandReply::Created) => world::trace(format!("{what} created")),
+        // A retry after a lost answer finds the group the first try made.
+        Some(CommandReply::Refused { reason }) if reason.contains("already exists") => world::trace(format!("{what} created (found on retry)")),
+        other => return Err(format!("creating the {what} failed: {other:?}")),
+    }
+    Ok(())
+}
+
 async fn scenario(opts: Options, mut rng: Rng, history: Shared) -> Vec<String> {
     let mut failures = Vec::new();
     for id in NODES {
@@ -702,21 +711,14 @@ async fn scenario(opts: Options, mut rng: Rng, history: Shared) -> Vec<String> {
     }
     drop(raft1);
     let disks = DISKS.iter().map(|d| DiskSpec { name: d.to_string(), size_bytes: DISK_BYTES, sector_bytes: SECTOR as u32 }).collect();
-    let create = Command::CreateGroup { group: GROUP.into(), disks, time_ns: 0 };
-    match submit(CLIENT_BASE, create, &mut rng, 30_000_000_000).await {
-        Some(CommandReply::Created) => world::trace("group created"),
-        // A retry after a lost answer finds the group the first try made.
-        Some(CommandReply::Refused { reason }) if reason.contains("already exists") => world::trace("group created (found on retry)"),
-        other => return vec![format!("creating the group failed: {other:?}")],
+    if let Err(e) = create_group(GROUP, disks, "group", &mut rng, 30_000_000_000).await {
+        return vec![e];
     }
     let plan = world::with(|w| w.plan.clone());
     if plan.tap {
         let disks = vec![DiskSpec { name: tap::TAP_DISK.into(), size_bytes: tap::TAP_DISK_BYTES, sector_bytes: tap::SECTOR as u32 }];
-        let create = Command::CreateGroup { group: tap::TAP_GROUP.into(), disks, time_ns: 0 };
-        match submit(CLIENT_BASE, create, &mut rng, rt::now_ns() + 30_000_000_000).await {
-            Some(CommandReply::Created) => world::trace("tap group created"),
-            Some(CommandReply::Refused { reason }) if reason.contains("already exists") => world::trace("tap group created (found on retry)"),
-            other => return vec![format!("creating the tap's group failed: {other:?}")],
+        if let Err(e) = create_group(tap::TAP_GROUP, disks, "tap group", &mut rng, rt::now_ns() + 30_000_000_000).await {
+            return vec![e];
         }
     }
     let start = rt::now_ns();

@@ -17,8 +17,7 @@ use std::time::Duration;
 use openraft::impls::ProgressResponder;
 use openraft_rt::WatchReceiver;
 use rewind_node::producer::{AppendLink, AppendStream, BoxFuture, ProducerRuntime};
-use rewind_wire::raft::{Command, CommandReply};
-use rewind_wire::raft::Member;
+use rewind_wire::raft::{Command, Member};
 use rewind_wire::rpc::{ErrorKind, Request, Response, RpcError};
 use tokio::sync::mpsc;
 
@@ -214,12 +213,7 @@ async fn finish(node: u64, pending: Pending) -> Response {
     };
     match rx.await {
         Err(_) => error(ErrorKind::Unavailable, "raft stopped before answering; resend"),
-        Ok(Ok(r)) => match r.data {
-            CommandReply::Appended { lsn_first, lsn_last } => Response::Appended { lsn_first, lsn_last },
-            CommandReply::Refused { reason } => error(ErrorKind::Refused, reason),
-            CommandReply::OutOfOrder { expected_seq } => error(ErrorKind::Unavailable, format!("out of order: resend from sequence {expected_seq}")),
-            CommandReply::Created => Response::Done,
-        },
+        Ok(Ok(r)) => rewind_node::server::reply_response(r.data),
         Ok(Err(e)) => match &e {
             openraft::errors::ClientWriteError::ForwardToLeader(f) => {
                 let m = raft.metrics().borrow_watched().membership_config.clone();
@@ -248,7 +242,7 @@ impl ProducerRuntime for SimProducerRuntime {
     }
 }
 
-/// The link's leader guess, shared so the tap can start with it.
+/// A link from network address `from`, with no leader known yet.
 pub fn link(from: u64, deadline: Duration) -> Arc<SimLink> {
     Arc::new(SimLink { from, leader: Mutex::new(None), deadline })
 }
