@@ -200,6 +200,10 @@ async fn a_corrupt_chunk_on_one_node_is_an_error_there_and_the_others_replay() {
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     }
     let victim = (1..=3u64).find(|n| *n != leader.id).unwrap();
+    // Stop the victim while its files are edited: a running node's blob
+    // garbage collection may delete or rewrite a blob file under the test.
+    let victim_pid = site.site().nodes.iter().find(|n| n.id == victim).unwrap().pid;
+    kill9(victim_pid);
     let db = site.path().join(format!("node-{victim}")).join("data").join("shard-1").join("db");
     let mut flipped = 0;
     for entry in std::fs::read_dir(&db).unwrap() {
@@ -218,6 +222,7 @@ async fn a_corrupt_chunk_on_one_node_is_an_error_there_and_the_others_replay() {
         }
     }
     assert!(flipped > 0, "no copy of the distinctive write found in node {victim}'s blob files under {}", db.display());
+    rewind_node::dev::start_node(site.path(), victim).await.unwrap();
     // The corrupt node refuses, naming the problem; it never hands out wrong bytes.
     let bad = d.join("bad.raw");
     let out = site.cli(&["replay", "g", "--disk", "d0", "--at", &lsn.to_string(), "--node", &victim.to_string(), "--out", bad.to_str().unwrap()]);
