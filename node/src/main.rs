@@ -201,6 +201,13 @@ struct TapArgs {
     /// Batches in flight to the site at once (back-pressure beyond this).
     #[arg(long, default_value_t = 64)]
     window: usize,
+    /// Sync mode: the file that keeps the tap's producer identity and epoch
+    /// (default: the backing file's path with `.tap-id` added). Each start
+    /// takes the next epoch, whose first batch makes the site refuse any
+    /// batch the previous process left on its way; keep it with the backing
+    /// file.
+    #[arg(long)]
+    identity: Option<PathBuf>,
     /// Async mode: the journal folder (default: the backing file's path
     /// with `.journal` added). A restarted tap ships what it holds first.
     #[arg(long)]
@@ -420,9 +427,17 @@ async fn run(command: Command) -> anyhow::Result<()> {
                     if a.journal.is_some() {
                         bail!("--journal is for --mode async; a sync tap keeps no journal");
                     }
-                    rewind_node::tap::TapMode::Sync
+                    let identity = a.identity.clone().unwrap_or_else(|| {
+                        let mut p = a.backing.clone().into_os_string();
+                        p.push(".tap-id");
+                        PathBuf::from(p)
+                    });
+                    rewind_node::tap::TapMode::Sync { identity }
                 }
                 TapMode::Async => {
+                    if a.identity.is_some() {
+                        bail!("--identity is for --mode sync; an async tap keeps its identity in its journal");
+                    }
                     let journal = a.journal.clone().unwrap_or_else(|| {
                         let mut p = a.backing.clone().into_os_string();
                         p.push(".journal");
@@ -433,7 +448,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 }
             };
             let mode_text = match &mode {
-                rewind_node::tap::TapMode::Sync => "sync mode".to_string(),
+                rewind_node::tap::TapMode::Sync { .. } => "sync mode".to_string(),
                 rewind_node::tap::TapMode::Async { journal, journal_bytes_max } => {
                     format!("async mode, journal {} of at most {} MiB", journal.display(), journal_bytes_max >> 20)
                 }

@@ -12,8 +12,8 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{anyhow, Context};
-use rewind_wire::event::{EventBatch, TimedEvent};
+use anyhow::{anyhow, bail, Context};
+use rewind_wire::event::{seq_epoch, EventBatch, TimedEvent};
 use rewind_wire::limits::PRODUCER_WINDOW_MAX;
 use rewind_wire::rpc::{ErrorKind, Request, Response};
 use tokio::sync::{mpsc, oneshot};
@@ -109,7 +109,8 @@ impl Producer {
     }
 
     /// A producer that goes on with a known identity from `next_seq`: an
-    /// async tap's shipper, whose numbers are kept in its journal.
+    /// async tap's shipper, whose numbers are kept in its journal, or a sync
+    /// tap's process in its epoch (see [`rewind_wire::event::EventBatch`]).
     pub fn resume(client: Client, window: usize, client_id: u64, next_seq: u64) -> Producer {
         Producer::over(Arc::new(client), Arc::new(TokioRuntime::default()), window, client_id, next_seq)
     }
@@ -140,6 +141,13 @@ impl Producer {
     ) -> anyhow::Result<oneshot::Receiver<anyhow::Result<(u64, u64)>>> {
         let batch = EventBatch { group: group.to_string(), client_id: self.client_id, seq: self.next_seq, events };
         batch.check().context("check the batch")?;
+        // A producer in an epoch above 0 is one that restarts under its
+        // identity; running into the next epoch would take numbers its next
+        // process will use.
+        let epoch = seq_epoch(self.next_seq);
+        if epoch > 0 && seq_epoch(self.next_seq + 1) != epoch {
+            bail!("producer {:016x} has used every sequence number of its epoch {epoch}; restart it to take the next epoch", self.client_id);
+        }
         self.next_seq += 1;
         let (done, rx) = oneshot::channel();
         self.tx.send(Submission { batch, done }).await.map_err(|_| anyhow!("the producer has stopped"))?;

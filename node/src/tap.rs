@@ -27,6 +27,13 @@ impl ProducerSink {
         ProducerSink::over(Producer::new(client, window), group)
     }
 
+    /// A sink whose producer is `client_id` in `epoch`: a sync tap's
+    /// process, whose first batch fences the batches of its identity's
+    /// earlier processes that may still be on their way.
+    pub fn in_epoch(client: Client, group: &str, window: usize, client_id: u64, epoch: u32) -> ProducerSink {
+        ProducerSink::over(Producer::resume(client, window, client_id, rewind_wire::event::seq_in_epoch(epoch, 1)), group)
+    }
+
     /// A sink over a producer made elsewhere (the simulation's).
     pub fn over(producer: Producer, group: &str) -> ProducerSink {
         ProducerSink { group: group.to_string(), producer: tokio::sync::Mutex::new(producer) }
@@ -61,8 +68,9 @@ pub enum Listen {
 }
 
 pub enum TapMode {
-    /// Answer a write once the site has committed it.
-    Sync,
+    /// Answer a write once the site has committed it. `identity`: the file
+    /// that keeps the tap's producer identity and epoch ([`next_identity`]).
+    Sync { identity: PathBuf },
     /// Answer once the journal in `journal` holds it; ship behind.
     Async { journal: PathBuf, journal_bytes_max: u64 },
 }
@@ -227,6 +235,48 @@ fn remember_disk(journal: &Path, group: &str, disk: &str, size_bytes: u64) -> an
 }
 
 /// Opens (or creates, sparse) the backing file; it must hold the whole disk.
+/// A sync tap's producer identity for this start: the client id kept in
+/// `path` (a fresh one, from `fresh`, when there is no file) and the epoch
+/// after the one kept there. The new epoch is written and fsync'd before it
+/// is used, so no two starts share one. Its first batch fences every batch
+/// of the earlier epochs that a dead process left on its way to the site
+/// (`rewind_wire::event::EventBatch`). Call it holding the backing file's
+/// lock. The file is one line: `<16 hex digits> <epoch>`.
+pub fn next_identity(path: &Path, fresh: impl FnOnce() -> u64) -> anyhow::Result<(u64, u32)> {
+    let (client_id, epoch) = match std::fs::read_to_string(path) {
+        Ok(text) => {
+            let mut words = text.split_whitespace();
+            let id = words.next().and_then(|w| (w.len() == 16).then(|| u64::from_str_radix(w, 16).ok()).flatten());
+            let epoch = words.next().and_then(|w| w.parse::<u32>().ok());
+            match (id, epoch, words.next()) {
+                (Some(id), Some(epoch), None) => (id, epoch),
+                _ => bail!(
+                    "tap identity file {} holds {:?}, not `<16 hex digits> <epoch>`; move it away to start the tap under a new identity",
+                    path.display(),
+                    text.chars().take(80).collect::<String>()
+                ),
+            }
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => (fresh(), 0),
+        Err(e) => return Err(e).with_context(|| format!("read tap identity file {}", path.display())),
+    };
+    let epoch = epoch.checked_add(1).with_context(|| format!("tap identity file {}: every epoch is used; move it away to start under a new identity", path.display()))?;
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    let write = || -> std::io::Result<()> {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&tmp)?;
+        writeln!(f, "{client_id:016x} {epoch}")?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)?;
+        let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        std::fs::File::open(dir)?.sync_all()
+    };
+    write().with_context(|| format!("write tap identity file {} (epoch {epoch})", path.display()))?;
+    Ok((client_id, epoch))
+}
+
 fn open_backing(path: &Path, size_bytes: u64) -> anyhow::Result<std::fs::File> {
     let file = std::fs::OpenOptions::new()
         .read(true)
@@ -261,7 +311,7 @@ pub async fn run(client: Client, opts: TapOptions, ready: impl FnOnce(&str)) -> 
     // can serve the guest while the site is down.
     let remembered = match &opts.mode {
         TapMode::Async { journal, .. } => remembered_disk(journal, &opts.group, &opts.disk)?,
-        TapMode::Sync => None,
+        TapMode::Sync { .. } => None,
     };
     let size_bytes = match remembered {
         Some(size) => size,
@@ -300,7 +350,11 @@ pub async fn run(client: Client, opts: TapOptions, ready: impl FnOnce(&str)) -> 
         Listen::Unix(path) => format!("nbd+unix:///{}?socket={}", opts.disk, path.display()),
     };
     let (sink, mode, shipper, journal): (Arc<dyn LogSink>, _, _, _) = match &opts.mode {
-        TapMode::Sync => (Arc::new(ProducerSink::new(client, &opts.group, opts.window)), tap::Mode::Sync, None, None),
+        TapMode::Sync { identity } => {
+            let (client_id, epoch) = next_identity(identity, crate::client::fresh_client_id)?;
+            tracing::info!(client_id = format!("{client_id:016x}"), epoch, "sync tap producer");
+            (Arc::new(ProducerSink::in_epoch(client, &opts.group, opts.window, client_id, epoch)), tap::Mode::Sync, None, None)
+        }
         TapMode::Async { journal, journal_bytes_max } => {
             let j = Journal::open(journal, &opts.group, *journal_bytes_max, crate::client::fresh_client_id)
                 .with_context(|| format!("open the tap's journal in {}", journal.display()))?;
@@ -380,5 +434,36 @@ async fn serve(
             let _ = std::fs::remove_file(&path);
             r
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::next_identity;
+
+    #[test]
+    fn each_start_takes_the_next_epoch_under_one_identity() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("d0.raw.tap-id");
+        assert_eq!(next_identity(&path, || 0xabc).unwrap(), (0xabc, 1));
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "0000000000000abc 1\n");
+        // The id is kept; a fresh one is never asked for again.
+        assert_eq!(next_identity(&path, || unreachable!()).unwrap(), (0xabc, 2));
+        assert_eq!(next_identity(&path, || unreachable!()).unwrap(), (0xabc, 3));
+        assert!(!dir.path().join("d0.raw.tap-id.tmp").exists());
+    }
+
+    #[test]
+    fn a_damaged_identity_file_is_refused_and_left_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("id");
+        for bad in ["", "xyz 1\n", "0000000000000abc\n", "0000000000000abc one\n", "abc 1\n", "0000000000000abc 1 extra\n"] {
+            std::fs::write(&path, bad).unwrap();
+            let err = next_identity(&path, || 1).unwrap_err().to_string();
+            assert!(err.contains("not `<16 hex digits> <epoch>`") && err.contains("move it away"), "{bad:?}: {err}");
+            assert_eq!(std::fs::read_to_string(&path).unwrap(), bad);
+        }
+        std::fs::write(&path, format!("0000000000000abc {}\n", u32::MAX)).unwrap();
+        assert!(next_identity(&path, || 1).unwrap_err().to_string().contains("every epoch is used"));
     }
 }

@@ -534,3 +534,64 @@ async fn a_client_that_disconnects_mid_request_loses_nothing_acknowledged() {
     run(Command::new("qemu-io").args(["-f", "raw", reference.to_str().unwrap(), "-c", "write -P 0xab 8192 4096"]));
     compare(&backing, &reference);
 }
+
+/// A sync tap keeps its producer identity beside the backing file, and each
+/// start (after SIGKILL too) ships in the next epoch of it, so the site
+/// refuses anything a dead process left on its way. A damaged identity
+/// file stops the tap with a message, and is left as it was.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_sync_tap_ships_in_the_next_epoch_of_its_identity() {
+    use rewind_wire::event::{seq_epoch, seq_number};
+    use rewind_wire::rpc::{Request, Response};
+    let (site, dir, backing) = site_with_disk().await;
+    let id_file = dir.path().join("d0.raw.tap-id");
+    let identity = || {
+        let text = std::fs::read_to_string(&id_file).unwrap();
+        let mut w = text.split_whitespace();
+        (u64::from_str_radix(w.next().unwrap(), 16).unwrap(), w.next().unwrap().parse::<u32>().unwrap())
+    };
+    let last_seq = |client_id| {
+        let client = site.client.clone();
+        async move {
+            match client.call_leader(&Request::ProducerState { group: "g".into(), client_id }).await.unwrap() {
+                Response::Producer { last_seq } => last_seq,
+                other => panic!("{other:?}"),
+            }
+        }
+    };
+    let write = |uri: &str, pattern: &str, at: &str| {
+        run(Command::new("qemu-io").args(["-f", "raw", uri, "-c", &format!("write -P {pattern} {at} 64k"), "-c", "flush"]));
+    };
+    let tap = start_tap_with(&site, "g", "d0", &backing, &[]);
+    write(&tap.uri, "0x31", "0");
+    let (client_id, epoch) = identity();
+    assert_eq!(epoch, 1);
+    let first = last_seq(client_id).await;
+    assert_eq!((seq_epoch(first), seq_number(first) >= 1), (1, true), "last_seq {first:#x}");
+    kill9(tap.child.id());
+    drop(tap);
+    for round in 2..=3u32 {
+        let tap = start_tap_with(&site, "g", "d0", &backing, &[]);
+        write(&tap.uri, &format!("0x3{round}"), &format!("{}k", 64 * round));
+        assert_eq!(identity(), (client_id, round), "the same identity, the next epoch");
+        let seq = last_seq(client_id).await;
+        assert_eq!(seq_epoch(seq), round, "last_seq {seq:#x}");
+        drop(tap);
+    }
+    let events = log_of(&site, "g").await;
+    let replayed = dir.path().join("replayed.raw");
+    replay_onto(&events, "d0", &replayed);
+    compare(&replayed, &backing);
+    // A damaged identity file: the tap refuses to start and leaves it alone.
+    std::fs::write(&id_file, "not an identity\n").unwrap();
+    let config = site.config();
+    let out = Command::new(REWIND)
+        .args(["tap", "--group", "g", "--disk", "d0", "--backing", backing.to_str().unwrap(), "--listen", "127.0.0.1:0", "--config", config.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("tap identity file") && err.contains("move it away"), "{err}");
+    assert_eq!(std::fs::read_to_string(&id_file).unwrap(), "not an identity\n");
+    eprintln!("three sync tap processes shipped as {client_id:016x} in epochs 1, 2 and 3; {} events replay to the backing file", events.len());
+}

@@ -2,7 +2,7 @@
 //! consistency group, with no I/O. The RocksDB adapter in `sm.rs` loads the
 //! records this needs, calls it, and writes what it returns.
 
-use rewind_wire::event::{check_disk_geometry, Event, EventBatch};
+use rewind_wire::event::{check_disk_geometry, seq_epoch, seq_in_epoch, seq_number, Event, EventBatch};
 use rewind_wire::limits::{PRODUCER_WINDOW_MAX, REASON_BYTES_MAX};
 use rewind_wire::raft::CommandReply;
 use rewind_wire::rpc::DiskSpec;
@@ -162,6 +162,9 @@ pub fn chain(prev: &[u8; 32], record: &[u8]) -> [u8; 32] {
 /// this group. Batches of one producer apply in sequence order: the next
 /// sequence is applied (or refused, which still uses up its number); a
 /// recent one gets its first reply again; a gap is answered `OutOfOrder`.
+/// Number 1 of a newer epoch is the next sequence whatever came before
+/// (a restarted producer's fence); from then on a batch of an older epoch
+/// is refused as fenced (see [`EventBatch`]).
 /// On `Sequenced`, `group` has been advanced if events were appended;
 /// otherwise it is unchanged. Returns the reply the client gets.
 pub fn apply_batch(
@@ -170,9 +173,18 @@ pub fn apply_batch(
     batch: &EventBatch,
 ) -> (BatchOutcome, CommandReply) {
     let mut producer = producer.unwrap_or_default();
+    let (epoch, last_epoch) = (seq_epoch(batch.seq), seq_epoch(producer.last_seq));
+    let opens_epoch = epoch > last_epoch && seq_number(batch.seq) == 1;
     if batch.seq <= producer.last_seq {
         let reply = match producer.recent.iter().find(|(s, _)| *s == batch.seq) {
             Some((_, reply)) => reply.clone(),
+            None if epoch < last_epoch => CommandReply::Refused {
+                reason: format!(
+                    "client {} sequence {} is fenced: epoch {last_epoch} of that client has started (a restarted producer); epoch {epoch} takes no more batches",
+                    batch.client_id,
+                    seq_number(batch.seq)
+                ),
+            },
             None => CommandReply::Refused {
                 reason: format!(
                     "client {} sequence {} is older than the {} replies kept (last applied {})",
@@ -182,8 +194,9 @@ pub fn apply_batch(
         };
         return (BatchOutcome::Unchanged, reply);
     }
-    if batch.seq > producer.last_seq + 1 {
-        return (BatchOutcome::Unchanged, CommandReply::OutOfOrder { expected_seq: producer.last_seq + 1 });
+    if !opens_epoch && batch.seq > producer.last_seq + 1 {
+        let expected_seq = if epoch > last_epoch { seq_in_epoch(epoch, 1) } else { producer.last_seq + 1 };
+        return (BatchOutcome::Unchanged, CommandReply::OutOfOrder { expected_seq });
     }
     let (events, reply) = match sequence_events(group, batch) {
         Ok((next, events)) => {
@@ -283,6 +296,49 @@ mod tests {
     }
 
     #[test]
+    fn a_new_epoch_fences_the_older_ones() {
+        let mut g = group();
+        let w = |off| vec![write(off, 512, 1)];
+        let e0 = |n| seq_in_epoch(0, n);
+        let e1 = |n| seq_in_epoch(1, n);
+        let mut p = None;
+        let step = |g: &mut GroupRecord, p: &mut Option<ProducerRecord>, seq: u64, off: u64| {
+            let (outcome, reply) = apply_batch(g, p.clone(), &batch(seq, w(off)));
+            if let BatchOutcome::Sequenced { producer, .. } = outcome {
+                *p = Some(producer);
+            }
+            reply
+        };
+        assert_eq!(step(&mut g, &mut p, e0(1), 0), CommandReply::Appended { lsn_first: 1, lsn_last: 1 });
+        assert_eq!(step(&mut g, &mut p, e0(2), 512), CommandReply::Appended { lsn_first: 2, lsn_last: 2 });
+        // A later epoch's number 2 before its number 1: out of order, resend from 1.
+        assert_eq!(step(&mut g, &mut p, e1(2), 0), CommandReply::OutOfOrder { expected_seq: e1(1) });
+        // Number 1 of epoch 1 opens it, although epoch 0 was at 2.
+        assert_eq!(step(&mut g, &mut p, e1(1), 1024), CommandReply::Appended { lsn_first: 3, lsn_last: 3 });
+        // Epoch 0's next batch, still on the wire from the dead process: fenced.
+        let fenced = step(&mut g, &mut p, e0(3), 1536);
+        assert!(matches!(&fenced, CommandReply::Refused { reason } if reason.contains("fenced")), "{fenced:?}");
+        assert_eq!(g.last_lsn, 3);
+        // A resend of a batch epoch 0 did get applied still gets its answer.
+        assert_eq!(step(&mut g, &mut p, e0(2), 512), CommandReply::Appended { lsn_first: 2, lsn_last: 2 });
+        // Epoch 1 goes on; a skipped epoch (a process that died before
+        // sending anything) opens just the same.
+        assert_eq!(step(&mut g, &mut p, e1(2), 0), CommandReply::Appended { lsn_first: 4, lsn_last: 4 });
+        assert_eq!(step(&mut g, &mut p, seq_in_epoch(3, 1), 0), CommandReply::Appended { lsn_first: 5, lsn_last: 5 });
+        assert_eq!(step(&mut g, &mut p, e1(3), 0), fenced_like());
+        // A fresh producer may start in any epoch.
+        let (_, reply) = apply_batch(&mut g, None, &batch(seq_in_epoch(7, 1), w(0)));
+        assert_eq!(reply, CommandReply::Appended { lsn_first: 6, lsn_last: 6 });
+    }
+
+    fn fenced_like() -> CommandReply {
+        CommandReply::Refused {
+            reason: "client 9 sequence 3 is fenced: epoch 3 of that client has started (a restarted producer); epoch 1 takes no more batches"
+                .into(),
+        }
+    }
+
+    #[test]
     fn refused_batch_uses_its_number_and_is_remembered() {
         let mut g = group();
         let bad = batch(1, vec![write((1 << 20) - 1, 512, 1)]);
@@ -317,6 +373,30 @@ mod tests {
     }
 
     proptest! {
+        /// Whatever order batches of several epochs arrive in, duplicated
+        /// or not: the applied ones are in increasing sequence order, each
+        /// applied once, and none of an epoch older than one applied before.
+        #[test]
+        fn epochs_never_go_back(arrivals in proptest::collection::vec((0u32..4, 1u32..5), 1..60)) {
+            let mut g = group();
+            let mut p: Option<ProducerRecord> = None;
+            let mut applied: Vec<u64> = Vec::new();
+            for (i, (epoch, n)) in arrivals.iter().enumerate() {
+                let seq = seq_in_epoch(*epoch, *n);
+                let (outcome, reply) = apply_batch(&mut g, p.clone(), &batch(seq, vec![write(0, 512, i as u64)]));
+                if let BatchOutcome::Sequenced { producer, events } = outcome {
+                    prop_assert_eq!(events.len(), 1);
+                    prop_assert!(applied.last().is_none_or(|last| *last < seq), "applied {:?} then {:#x}", applied, seq);
+                    prop_assert!(applied.last().is_none_or(|last| seq_epoch(*last) == *epoch || seq_number(seq) == 1));
+                    applied.push(seq);
+                    p = Some(producer);
+                } else {
+                    prop_assert!(!matches!(reply, CommandReply::Appended { .. }) || applied.contains(&seq), "{:?} for {:#x}", reply, seq);
+                }
+            }
+            prop_assert_eq!(g.last_lsn, applied.len() as u64);
+        }
+
         /// Splitting the same events into batches in any way gives the same
         /// LSNs and the same digest: the chain depends on the events only.
         #[test]

@@ -70,6 +70,11 @@ pub enum Bug {
     /// A node serves a replay read at an LSN it has not applied yet (the
     /// check production's `ReadDisk` makes is skipped).
     ReplayBeforeApplied,
+    /// Each tap process ships under a fresh producer identity (as before
+    /// fencing) rather than the next epoch of the tap's identity, so a
+    /// batch a dead process left on the wire can commit after the next
+    /// process's writes.
+    TapUnfenced,
 }
 
 pub use site::{run_seed, Outcome};

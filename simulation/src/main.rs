@@ -115,7 +115,6 @@ fn outcome_of(r: &mut Running) -> Outcome {
         faults: BTreeMap::new(),
         acked_batches: 0,
         replays: 0,
-        upstream_alarms: 0,
         plan: String::new(),
         tail: Vec::new(),
     })
@@ -221,7 +220,6 @@ fn report(cli: &Cli, results: &BTreeMap<u64, Vec<Outcome>>, caught: Option<u64>,
     let mut faults: BTreeMap<String, u64> = BTreeMap::new();
     let (mut sim_ns, mut messages, mut acked, mut seeds_with_fault) = (0u64, 0u64, 0u64, BTreeMap::<String, u64>::new());
     let mut replays = 0u64;
-    let (mut alarms, mut alarm_seeds) = (0u64, 0u64);
     let mut failed: Vec<&Outcome> = Vec::new();
     let mut nondeterministic = Vec::new();
     let mut all = blake3::Hasher::new();
@@ -231,8 +229,6 @@ fn report(cli: &Cli, results: &BTreeMap<u64, Vec<Outcome>>, caught: Option<u64>,
         messages += o.messages;
         acked += o.acked_batches;
         replays += o.replays;
-        alarms += o.upstream_alarms;
-        alarm_seeds += u64::from(o.upstream_alarms > 0);
         for (k, v) in &o.faults {
             *faults.entry(k.clone()).or_default() += v;
             *seeds_with_fault.entry(k.clone()).or_default() += 1;
@@ -289,9 +285,6 @@ fn report(cli: &Cli, results: &BTreeMap<u64, Vec<Outcome>>, caught: Option<u64>,
         seeds as f64 * 60.0 / wall_s,
         faults.values().sum::<u64>()
     );
-    if alarms > 0 {
-        println!("openraft false alarms (a deposed leader's replication task ended on the reversed-range debug assertion, as under tokio): {alarms} in {alarm_seeds} seeds");
-    }
     if cli.twice {
         println!("determinism: {} of {seeds} seeds gave the same trace hash twice", seeds - nondeterministic.len() as u64);
     }

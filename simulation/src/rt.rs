@@ -147,19 +147,6 @@ pub fn last_run() -> (u64, u64) {
     LAST_RUN.with(|c| c.get())
 }
 
-type PanicPolicy = Box<dyn Fn(Option<u64>, &str) -> bool>;
-
-thread_local! {
-    static PANIC_POLICY: RefCell<Option<PanicPolicy>> = const { RefCell::new(None) };
-}
-
-/// Sets which task panics end only their task, as under tokio, rather than
-/// the whole run: `policy(node, message)` returns true for those. Without a
-/// policy every panic ends the run.
-pub fn set_panic_policy(policy: impl Fn(Option<u64>, &str) -> bool + 'static) {
-    PANIC_POLICY.with(|p| *p.borrow_mut() = Some(Box::new(policy)));
-}
-
 /// The message a panic carried.
 pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
     payload
@@ -219,21 +206,7 @@ pub fn block_on<F: Future>(seed: u64, time_limit: Duration, poll_limit: u64, fut
                 });
                 let Some(mut future) = taken else { continue };
                 let w = waker(id, &ready);
-                let polled = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| future.as_mut().poll(&mut Context::from_waker(&w))));
-                let done = match polled {
-                    Ok(poll) => poll.is_ready(),
-                    // Like tokio, a panicking task ends and its joiner sees it
-                    // gone, but only for panics the policy names; any other
-                    // panic fails the whole run.
-                    Err(payload) => {
-                        let node = with_state(|s| s.current_node);
-                        let tolerated = PANIC_POLICY.with(|p| p.borrow().as_ref().is_some_and(|f| f(node, &panic_message(&*payload))));
-                        if !tolerated {
-                            std::panic::resume_unwind(payload);
-                        }
-                        true
-                    }
-                };
+                let done = future.as_mut().poll(&mut Context::from_waker(&w)).is_ready();
                 let finished = with_state(|s| {
                     s.current_node = None;
                     match s.tasks.get_mut(&id) {

@@ -66,9 +66,6 @@ pub struct Outcome {
     pub acked_batches: u64,
     /// Replays over the network checked against the model.
     pub replays: u64,
-    /// Tasks ended by a known false alarm of openraft's debug assertions.
-    #[serde(default)]
-    pub upstream_alarms: u64,
     pub plan: String,
     /// The last lines of the trace (on failure).
     pub tail: Vec<String>,
@@ -107,18 +104,7 @@ pub fn run_seed(opts: &Options) -> Outcome {
     let h2 = history.clone();
     let opts2 = opts.clone();
     // A panic anywhere (our code or openraft's) is a failure of the seed,
-    // reported with the trace that led to it, but for one known false alarm
-    // of openraft's that ends only its task (as it would under tokio).
-    rt::set_panic_policy(|node, msg| {
-        let at = PANIC_AT.with(|p| p.borrow().clone());
-        if !known_openraft_alarm(msg, &at) {
-            return false;
-        }
-        let who = node.map_or("a task".to_string(), |n| format!("n{n}"));
-        world::trace(format!("{who}: a deposed leader's replication task ends on openraft's reversed-range debug assertion ({})", msg.lines().next().unwrap_or("")));
-        world::with(|w| w.upstream_alarms += 1);
-        true
-    });
+    // reported with the trace that led to it.
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || {
         rt::block_on(opts2.seed, Duration::from_secs(600), 400_000_000, scenario(opts2.clone(), rng, h2))
     }));
@@ -146,44 +132,8 @@ pub fn run_seed(opts: &Options) -> Outcome {
         faults: w.faults.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
         acked_batches: h.acked.len() as u64,
         replays: h.replays.len() as u64,
-        upstream_alarms: w.upstream_alarms,
         plan: plan_text,
         tail: w.tail(),
-    }
-}
-
-/// openraft 0.10.0-alpha.34 (and .37) debug-asserts that a replication
-/// stream never asks for a reversed range of entries. A leader that has
-/// been deposed can still have a stream running; when the new leader's
-/// entries truncate its log, the stream clamps its range with
-/// `max(last, prev)`, which orders log ids by term first, so a newer-term
-/// entry at a lower index passes as "later" and the assertion fires. In
-/// release builds the range becomes a heartbeat that the stream then drops
-/// (it checks for a leader change before sending), and under tokio the
-/// panic ends only that task, whose result openraft ignores. It is a false
-/// alarm exactly when the range's first log id has the lower term and the
-/// higher index, which only a truncated log gives: a leader never
-/// truncates its own log.
-pub fn known_openraft_alarm(msg: &str, at: &str) -> bool {
-    if !at.contains("openraft-0.10.0-alpha.34/src/replication/stream_state.rs") || !msg.contains("read_log_entries received reversed range") {
-        return false;
-    }
-    // "... log_id_range: (T12-N4.218, T13-N3.217]"
-    let parse = |s: &str| -> Option<(u64, u64)> {
-        let s = s.trim().trim_start_matches('(').trim_end_matches(']');
-        let (term, rest) = s.strip_prefix('T')?.split_once('-')?;
-        let (_, index) = rest.split_once('.')?;
-        Some((term.parse().ok()?, index.parse().ok()?))
-    };
-    let Some(range) = msg.split("log_id_range: ").nth(1).and_then(|r| r.lines().next()) else {
-        return false;
-    };
-    let Some((prev, last)) = range.split_once(", ") else {
-        return false;
-    };
-    match (parse(prev), parse(last)) {
-        (Some((prev_term, prev_index)), Some((last_term, last_index))) => prev_term < last_term && prev_index > last_index,
-        _ => false,
     }
 }
 
@@ -921,27 +871,3 @@ async fn inject_slow_disks(mut rng: Rng, end_ns: u64) {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::known_openraft_alarm;
-
-    const AT: &str = "/root/.cargo/registry/src/index.crates.io-1949cf8c6b5b557f/openraft-0.10.0-alpha.34/src/replication/stream_state.rs:244";
-
-    fn msg(range: &str) -> String {
-        format!("assertion `left == right` failed: read_log_entries received reversed range: start(219) > end(218), log_id_range: {range}\n  left: 219\n right: 218")
-    }
-
-    #[test]
-    fn only_a_truncated_log_makes_the_reversed_range_a_false_alarm() {
-        // The newer term at the lower index: the log was truncated under a deposed leader.
-        assert!(known_openraft_alarm(&msg("(T12-N4.218, T13-N3.217]"), AT));
-        // Same term, reversed indexes: a real bug, not excused.
-        assert!(!known_openraft_alarm(&msg("(T13-N3.218, T13-N3.217]"), AT));
-        // An older term at the lower index cannot come from a truncation either.
-        assert!(!known_openraft_alarm(&msg("(T13-N4.218, T12-N3.217]"), AT));
-        // Elsewhere, or another message: not this alarm.
-        assert!(!known_openraft_alarm(&msg("(T12-N4.218, T13-N3.217]"), "src/replication/other.rs:1"));
-        assert!(!known_openraft_alarm("index out of bounds", AT));
-        assert!(!known_openraft_alarm(&msg("garbage"), AT));
-    }
-}

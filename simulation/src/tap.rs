@@ -5,7 +5,9 @@
 //! simulated network. A guest (the VM) sends it writes, zeroes, trims and
 //! flushes over one connection, several in flight. The tap's process can
 //! crash: its tasks die where they stand, its connection drops, and a new
-//! process (a new producer identity) takes the guest's requests from then on.
+//! process takes the guest's requests from then on, under the tap's
+//! producer identity in the next epoch (production keeps both in a file
+//! beside the backing file), so its first batch fences the old process's.
 //!
 //! What is not simulated: the NBD byte protocol (`cdp-ingest/src/nbd.rs` is
 //! fuzzed and the real server is tested with qemu-io, nbdcopy and fio in
@@ -21,7 +23,7 @@ use rewind_cdp_ingest::tap::{self, Backing, BoxFuture, Committed, Export, LogSin
 use rewind_node::client::RETRY_DEADLINE;
 use rewind_node::producer::Producer;
 use rewind_node::tap::ProducerSink;
-use rewind_wire::event::TimedEvent;
+use rewind_wire::event::{seq_epoch, seq_in_epoch, TimedEvent};
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
 use crate::rng::Rng;
@@ -36,7 +38,9 @@ pub const SECTOR: u64 = 512;
 pub const TAP_NODE: u64 = 50;
 /// The tap's network address.
 const TAP_ADDR: u64 = 150;
-/// A tap process's producer identity is this plus its instance number.
+/// The tap's producer identity; a process's epoch is its instance number.
+/// (With `--bug tap-unfenced` a process's identity is this plus its
+/// instance number, in epoch 0.)
 pub const TAP_PRODUCER_BASE: u64 = 1000;
 /// Batches the producer has queued or in flight at most.
 const WINDOW: usize = 4;
@@ -143,16 +147,27 @@ impl tap::Clock for SimClock {
 
 /// Production's sink over production's producer, noting each batch it is
 /// given under the sequence number the producer will give it (the
-/// producer numbers its batches 1, 2, ... in the order they are submitted).
+/// producer numbers its batches from its first one up, in the order they
+/// are submitted).
 struct RecordingSink {
     inner: ProducerSink,
     producer: u64,
-    submitted: std::sync::atomic::AtomicU64,
+    /// The sequence number of the next batch.
+    next_seq: std::sync::atomic::AtomicU64,
+}
+
+/// The tap process that sent a batch, from its (producer, seq) key.
+pub fn process_of((producer, seq): (u64, u64)) -> u64 {
+    if producer == TAP_PRODUCER_BASE {
+        u64::from(seq_epoch(seq))
+    } else {
+        producer - TAP_PRODUCER_BASE
+    }
 }
 
 impl LogSink for RecordingSink {
     fn submit(&self, events: Vec<TimedEvent>) -> BoxFuture<'_, Result<Committed, SinkError>> {
-        let seq = self.submitted.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+        let seq = self.next_seq.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let key = (self.producer, seq);
         world::with(|w| w.tap_batches.insert(key, events.iter().map(|e| e.event.clone()).collect()));
         let submitted = self.inner.submit(events);
@@ -222,14 +237,18 @@ pub fn start(site: &TapHandle) {
         f.running = Some(f.started);
         f.started
     };
-    let producer_id = TAP_PRODUCER_BASE + instance;
-    world::trace(format!("tap process {instance} starts (producer {producer_id})"));
+    let (producer_id, first_seq) = if world::with(|w| w.is_bug(crate::Bug::TapUnfenced)) {
+        (TAP_PRODUCER_BASE + instance, 1)
+    } else {
+        (TAP_PRODUCER_BASE, seq_in_epoch(instance as u32, 1))
+    };
+    world::trace(format!("tap process {instance} starts (producer {producer_id}, epoch {})", seq_epoch(first_seq)));
     let (conn, requests) = mpsc::channel(64);
     let file = s.file.clone();
     rt::with_node(Some(TAP_NODE), || {
         let link = stream::link(TAP_ADDR, RETRY_DEADLINE);
-        let producer = Producer::over(link, Arc::new(stream::SimProducerRuntime), WINDOW, producer_id, 1);
-        let sink = RecordingSink { inner: ProducerSink::over(producer, TAP_GROUP), producer: producer_id, submitted: Default::default() };
+        let producer = Producer::over(link, Arc::new(stream::SimProducerRuntime), WINDOW, producer_id, first_seq);
+        let sink = RecordingSink { inner: ProducerSink::over(producer, TAP_GROUP), producer: producer_id, next_seq: first_seq.into() };
         let config = TapConfig { export: TAP_DISK.into(), size_bytes: TAP_DISK_BYTES, mode: tap::Mode::Sync, batch_bytes_max: 64 << 10 };
         let tap = Tap::new(config, Arc::new(SimBacking { file, instance }), Arc::new(sink), Arc::new(SimClock), Arc::new(SimSpawner));
         rt::spawn_local(connection(tap, requests));
@@ -343,7 +362,11 @@ pub async fn inject(site: TapHandle, mut rng: Rng, end_ns: u64) {
         }
         world::count("tap crash");
         crash(&site);
-        rt::sleep(Duration::from_millis(rng.range(5, 500))).await;
+        // A supervisor restarts the process at once about a third of the
+        // time (within the network's delays: the old process's last
+        // batches may still be on the wire), else up to half a second later.
+        let pause_us = if rng.chance(0.3) { rng.range(0, 5_000) } else { rng.range(5_000, 500_000) };
+        rt::sleep(Duration::from_micros(pause_us)).await;
         start(&site);
     }
 }
@@ -360,17 +383,30 @@ pub fn check(history: &crate::site::History, image: &crate::sm::SmImage, file: &
         return vec![format!("the tap's group {TAP_GROUP} is missing")];
     };
     let events = image.events.get(TAP_GROUP).cloned().unwrap_or_default();
-    // The log as batches: at each point, the next batch of some producer.
-    let mut next: BTreeMap<u64, u64> = BTreeMap::new();
+    // The log as batches: at each point, the next batch of some process
+    // (its producer identity and epoch), and never a batch of a process
+    // older than one already in the log (the fence).
+    let mut streams: BTreeMap<(u64, u64), Vec<u64>> = BTreeMap::new();
+    for key in history.tap_batches.keys() {
+        streams.entry((key.0, process_of(*key))).or_default().push(key.1);
+    }
+    let mut next: BTreeMap<(u64, u64), usize> = BTreeMap::new();
+    let mut newest_process = 0u64;
     let mut logged_writes: BTreeMap<u64, u64> = BTreeMap::new();
     let mut pos = 0usize;
     'log: while pos < events.len() {
-        let producers: Vec<u64> = history.tap_batches.keys().map(|(p, _)| *p).collect::<std::collections::BTreeSet<_>>().into_iter().collect();
-        for p in producers {
-            let seq = next.get(&p).copied().unwrap_or(0) + 1;
-            let Some(sent) = history.tap_batches.get(&(p, seq)) else { continue };
+        for (stream, seqs) in &streams {
+            let Some(&seq) = seqs.get(next.get(stream).copied().unwrap_or(0)) else { continue };
+            let sent = &history.tap_batches[&(stream.0, seq)];
             let here = &events[pos..(pos + sent.len()).min(events.len())];
             if here.len() == sent.len() && here.iter().zip(sent).all(|(a, b)| a.event == *b) {
+                if stream.1 < newest_process {
+                    failures.push(format!(
+                        "tap log LSN {}: a batch of tap process {} is committed after one of process {newest_process}: a dead process's batch overtook its successor's writes",
+                        events[pos].lsn, stream.1
+                    ));
+                }
+                newest_process = newest_process.max(stream.1);
                 for e in here {
                     if let rewind_wire::event::Event::Write { data, .. } = &e.event {
                         if let Some(tag) = write_tag(data) {
@@ -380,12 +416,12 @@ pub fn check(history: &crate::site::History, image: &crate::sm::SmImage, file: &
                         }
                     }
                 }
-                next.insert(p, seq);
+                *next.entry(*stream).or_default() += 1;
                 pos += sent.len();
                 continue 'log;
             }
         }
-        failures.push(format!("tap log LSN {}: no producer's next batch starts here (phantom, duplicate or reordered)", events[pos].lsn));
+        failures.push(format!("tap log LSN {}: no tap process's next batch starts here (phantom, duplicate or reordered)", events[pos].lsn));
         break;
     }
     // Acknowledged writes are in the log, and so is every write sent to a
@@ -445,7 +481,7 @@ pub fn check(history: &crate::site::History, image: &crate::sm::SmImage, file: &
     world::trace(format!(
         "tap checked: {} requests, {} batches in the log, {compared} of {} sectors compared",
         history.tap_ops.len(),
-        next.values().sum::<u64>(),
+        next.values().sum::<usize>(),
         TAP_DISK_BYTES / SECTOR
     ));
     failures

@@ -149,9 +149,6 @@ pub struct World {
     pub tap_batches: BTreeMap<(u64, u64), Vec<rewind_wire::event::Event>>,
     /// Batches the tap's producer failed for a reason other than its deadline.
     pub tap_errors: Vec<String>,
-    /// Known false alarms of openraft's debug assertions that ended a task
-    /// (see `site::known_openraft_alarm`).
-    pub upstream_alarms: u64,
     /// Every trace line, when `REWIND_SIM_TRACE` names a file.
     full: Option<std::io::BufWriter<std::fs::File>>,
 }
@@ -219,7 +216,6 @@ impl World {
             slow: BTreeMap::new(),
             tap_batches: BTreeMap::new(),
             tap_errors: Vec::new(),
-            upstream_alarms: 0,
             full: std::env::var_os("REWIND_SIM_TRACE").and_then(|p| std::fs::File::create(p).ok()).map(std::io::BufWriter::new),
         }
     }

@@ -52,6 +52,13 @@ pub struct LoggedEvent {
 /// one Raft entry. `client_id` and `seq` make a retried batch apply once: a
 /// batch whose `seq` is not above the last one applied for that client gets
 /// the earlier answer again.
+///
+/// `seq` is an epoch (high 32 bits) and a number within it (low 32 bits,
+/// from 1; see [`seq_in_epoch`]). A producer that restarts under the same
+/// identity (a sync-mode tap's next process) takes the next epoch, and its
+/// first batch, number 1 of the new epoch, fences the older epochs: a batch
+/// of an older epoch that arrives after it is refused, never applied.
+/// Producers that never restart use epoch 0.
 #[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
 pub struct EventBatch {
     pub group: String,
@@ -164,6 +171,24 @@ pub fn check_disk_geometry(size_bytes: u64, sector_bytes: u32) -> Result<(), Inv
         return Err(InvalidInput::BadDiskSize { size_bytes, sector_bytes });
     }
     Ok(())
+}
+
+/// Bits of a batch's `seq` below its epoch.
+pub const SEQ_EPOCH_SHIFT: u32 = 32;
+
+/// The first sequence number of `epoch`.
+pub fn seq_in_epoch(epoch: u32, n: u32) -> u64 {
+    (u64::from(epoch) << SEQ_EPOCH_SHIFT) | u64::from(n)
+}
+
+/// The epoch of a sequence number.
+pub fn seq_epoch(seq: u64) -> u32 {
+    (seq >> SEQ_EPOCH_SHIFT) as u32
+}
+
+/// A sequence number's place within its epoch.
+pub fn seq_number(seq: u64) -> u32 {
+    seq as u32
 }
 
 impl EventBatch {
