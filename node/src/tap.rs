@@ -23,10 +23,6 @@ pub struct ProducerSink {
 }
 
 impl ProducerSink {
-    pub fn new(client: Client, group: &str, window: usize) -> ProducerSink {
-        ProducerSink::over(Producer::new(client, window), group)
-    }
-
     /// A sink whose producer is `client_id` in `epoch`: a sync tap's
     /// process, whose first batch fences the batches of its identity's
     /// earlier processes that may still be on their way.
@@ -234,7 +230,6 @@ fn remember_disk(journal: &Path, group: &str, disk: &str, size_bytes: u64) -> an
     Ok(())
 }
 
-/// Opens (or creates, sparse) the backing file; it must hold the whole disk.
 /// A sync tap's producer identity for this start: the client id kept in
 /// `path` (a fresh one, from `fresh`, when there is no file) and the epoch
 /// after the one kept there. The new epoch is written and fsync'd before it
@@ -277,6 +272,7 @@ pub fn next_identity(path: &Path, fresh: impl FnOnce() -> u64) -> anyhow::Result
     Ok((client_id, epoch))
 }
 
+/// Opens (or creates, sparse) the backing file; it must hold the whole disk.
 fn open_backing(path: &Path, size_bytes: u64) -> anyhow::Result<std::fs::File> {
     let file = std::fs::OpenOptions::new()
         .read(true)

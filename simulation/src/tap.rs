@@ -395,7 +395,10 @@ pub fn check(history: &crate::site::History, image: &crate::sm::SmImage, file: &
     let mut logged_writes: BTreeMap<u64, u64> = BTreeMap::new();
     let mut pos = 0usize;
     'log: while pos < events.len() {
-        for (stream, seqs) in &streams {
+        // Processes not older than the newest seen come first, so two
+        // processes' identical batches never read as a fence broken.
+        let ordered = streams.iter().filter(|(s, _)| s.1 >= newest_process).chain(streams.iter().filter(|(s, _)| s.1 < newest_process));
+        for (stream, seqs) in ordered {
             let Some(&seq) = seqs.get(next.get(stream).copied().unwrap_or(0)) else { continue };
             let sent = &history.tap_batches[&(stream.0, seq)];
             let here = &events[pos..(pos + sent.len()).min(events.len())];
