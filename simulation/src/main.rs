@@ -24,7 +24,7 @@ batches, and in half the seeds a guest writes through production's sync-mode tap
 injected (message loss, duplication and delay, partitions, crashes that lose unsynced writes, power \
 loss, pauses, fsync errors, a rotten log entry or misdirected write on one replica, log reads and \
 snapshots that arrive corrupt, slow disks, membership changes, node and client clock skew and jumps, \
-crashes of the tap's process); disks are replayed over the network from any node meanwhile. Every \
+crashes of the tap's process, stalled stream frames); disks are replayed over the network from any node meanwhile. Every \
 seed ends with the checkers: no acknowledged write lost, no phantom or duplicate, replicas equal, \
 replay equal to a byte model, the tap's backing file equal to its log, committed entries never \
 change, leader completeness, progress after the faults stop.\n\n\

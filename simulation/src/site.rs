@@ -756,6 +756,7 @@ async fn scenario(opts: Options, mut rng: Rng, history: Shared) -> Vec<String> {
         // The network heals: no more loss or duplication (delays stay).
         w.plan.loss = 0.0;
         w.plan.dup = 0.0;
+        w.plan.stalled_frames = false;
         w.blocked.clear();
         w.fsync_fail.clear();
         w.crash_at_io.clear();

@@ -43,7 +43,19 @@ fn frame_arrival(from: u64, to: u64, after: u64) -> Option<(u64, bool)> {
         }
         match world::with(|w| w.route(from, to)) {
             // Strictly after the previous frame, so two never arrive at once.
-            Some((delay, _)) => return Some(((rt::now_ns() + extra + delay.as_nanos() as u64).max(after + 1), extra > 0)),
+            Some((delay, _)) => {
+                // A stalled frame is on its way already: it arrives even if
+                // its sender dies meanwhile.
+                let stall = world::with(|w| {
+                    if w.plan.stalled_frames && w.net_rng.chance(0.02) {
+                        *w.faults.entry("frame stalled").or_default() += 1;
+                        w.net_rng.range(50, 500) * 1_000_000
+                    } else {
+                        0
+                    }
+                });
+                return Some(((rt::now_ns() + extra + stall + delay.as_nanos() as u64).max(after + 1), extra > 0));
+            }
             None => extra += world::with(|w| w.net_rng.range(100, 300)) * 1_000_000,
         }
     }

@@ -42,6 +42,9 @@ pub struct Plan {
     pub slow_disks: bool,
     /// Disks replayed over the network from any node while faults run.
     pub replays: bool,
+    /// Frames of append streams that sit in the network for 50-500 ms
+    /// (a queue, a route change), holding up the frames behind them.
+    pub stalled_frames: bool,
     /// Mean simulated time between two fault actions.
     pub fault_every_ms: u64,
 }
@@ -78,6 +81,7 @@ impl Plan {
             snapshot_errors: false,
             slow_disks: false,
             replays: false,
+            stalled_frames: false,
             fault_every_ms: rng.range(150, 1500),
         }
         .with_later_kinds(rng)
@@ -100,6 +104,7 @@ impl Plan {
         self.snapshot_errors = rng.chance(0.3);
         self.slow_disks = rng.chance(0.3);
         self.replays = rng.chance(0.5);
+        self.stalled_frames = rng.chance(0.5);
         self
     }
 }

@@ -61,6 +61,7 @@ fn a_budget_of_seeds_passes_twice_with_the_same_trace_hashes() {
         "snapshot corruption",
         "slow disk",
         "tap crash",
+        "frame stalled",
     ] {
         assert!(text.lines().any(|l| l.starts_with(&format!("{kind} | "))), "fault kind {kind:?} never fired:\n{text}");
     }
@@ -95,6 +96,7 @@ fn every_reintroduced_bug_is_caught() {
         ("leader-restore", 1500),
         ("tap-answer-before-commit", 300),
         ("replay-before-applied", 300),
+        ("tap-unfenced", 1000),
     ] {
         counts.push((bug, caught_after(bug, budget)));
     }
