@@ -137,6 +137,9 @@ enum ClusterCommand {
     },
     /// Remove a node from the site. Removing the leader is safe: it hands
     /// leadership to another voter first, and that node makes the change.
+    /// Then stop the removed node's process and take it out of the
+    /// clients' configs: no member talks to it any more, so if it missed
+    /// the change it can go on believing it leads an old term.
     Remove {
         #[command(flatten)]
         client: ClientArgs,
@@ -649,7 +652,7 @@ async fn cluster(c: ClusterCommand) -> anyhow::Result<()> {
             let client = Client::from_file(client.config.as_deref())?;
             let v: Vec<u64> = voters(&client).await?.into_iter().filter(|v| *v != id).collect();
             expect_done(client.call_leader(&Request::ChangeVoters { voters: v }).await?)?;
-            println!("node {id} removed");
+            println!("node {id} removed; stop its process and take it out of the clients' configs");
         }
     }
     Ok(())

@@ -455,6 +455,21 @@ fn membership() -> (BTreeSet<u64>, BTreeSet<u64>) {
     (BTreeSet::new(), BTreeSet::new())
 }
 
+/// The members as the leader of the highest term sees them: a removed node
+/// can still believe it leads an older term (nobody sends it anything), so
+/// the first node that says it leads is not enough at the end.
+fn newest_members() -> BTreeSet<u64> {
+    let mut best: Option<(u64, BTreeSet<u64>)> = None;
+    for id in up_nodes() {
+        let Some(raft) = world::with(|w| w.raft(id)) else { continue };
+        let m = raft.metrics().borrow_watched().clone();
+        if m.state == ServerState::Leader && best.as_ref().is_none_or(|(term, _)| m.current_term > *term) {
+            best = Some((m.current_term, m.membership_config.nodes().map(|(id, _)| *id).collect()));
+        }
+    }
+    best.map(|(_, members)| members).unwrap_or_default()
+}
+
 fn leader() -> Option<(u64, Raft)> {
     up_nodes().into_iter().find_map(|id| {
         let raft = world::with(|w| w.raft(id))?;
@@ -796,7 +811,7 @@ async fn scenario(opts: Options, mut rng: Rng, history: Shared) -> Vec<String> {
     // Every member catches up.
     let deadline = rt::now_ns() + 30_000_000_000;
     let members = loop {
-        let (_, members) = membership();
+        let members = newest_members();
         let up: Vec<u64> = members.iter().copied().filter(|id| is_up(*id)).collect();
         let caught_up = up.iter().all(|id| {
             world::with(|w| w.nodes[id].sm.as_ref().map(|s| s.lock().expect("sm").groups.get(GROUP).map_or(0, |g| g.last_lsn)))
