@@ -10,11 +10,12 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use rewind_cdp_ingest::journal::{Journal, JournalSink};
 use rewind_cdp_ingest::tap::{self, BoxFuture, Committed, LogSink, SinkError, Tap, TapConfig};
-use rewind_wire::event::TimedEvent;
+use rewind_wire::event::{EventBatch, TimedEvent};
 use rewind_wire::rpc::{Request, Response, TapReport};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::client::{Client, Producer};
+use crate::producer::{AppendLink, ProducerRuntime};
 
 /// The tap's log sink: one ordered producer into one group.
 pub struct ProducerSink {
@@ -89,55 +90,141 @@ const SHIP_DEADLINE: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
 const METRICS_EVERY: Duration = Duration::from_millis(250);
 const REPORT_EVERY: Duration = Duration::from_secs(1);
 
+/// The journal as the shipper sees it: [`Journal`] here, an in-memory one
+/// in the simulation, which runs [`ship_journal`] itself.
+pub trait ShipJournal: Clone + Send + Sync + 'static {
+    /// The producer identity its batches carry.
+    fn client_id(&self) -> u64;
+    /// The sequence number the next batch will get.
+    fn next_seq(&self) -> u64;
+    /// The sequence numbers still held: (first, last), or None when empty.
+    fn held(&self) -> Option<(u64, u64)>;
+    /// Forgets every batch up to `seq`: the site has committed them.
+    fn trim(&self, seq: u64);
+    /// The oldest batch above `after`, once it is durable.
+    fn next_after(&self, after: u64) -> BoxFuture<'_, anyhow::Result<EventBatch>>;
+    /// Where it lives, for messages.
+    fn place(&self) -> String;
+}
+
+impl ShipJournal for Journal {
+    fn client_id(&self) -> u64 {
+        Journal::client_id(self)
+    }
+
+    fn next_seq(&self) -> u64 {
+        self.stats().next_seq
+    }
+
+    fn held(&self) -> Option<(u64, u64)> {
+        Journal::held(self)
+    }
+
+    fn trim(&self, seq: u64) {
+        Journal::trim(self, seq)
+    }
+
+    fn next_after(&self, after: u64) -> BoxFuture<'_, anyhow::Result<EventBatch>> {
+        Box::pin(async move { Ok(Journal::next_after(self, after).await?) })
+    }
+
+    fn place(&self) -> String {
+        self.dir().display().to_string()
+    }
+}
+
+/// Where the site stands with a producer: the last batch it applied.
+pub trait ProducerStates: Send + Sync + 'static {
+    /// An error that is a [`crate::client::Refused`] ends the shipper; any
+    /// other is retried.
+    fn last_seq<'a>(&'a self, group: &'a str, client_id: u64) -> BoxFuture<'a, anyhow::Result<u64>>;
+}
+
+impl ProducerStates for Client {
+    fn last_seq<'a>(&'a self, group: &'a str, client_id: u64) -> BoxFuture<'a, anyhow::Result<u64>> {
+        Box::pin(async move {
+            match self.call_leader(&Request::ProducerState { group: group.to_string(), client_id }).await? {
+                Response::Producer { last_seq } => Ok(last_seq),
+                other => bail!("unexpected reply {other:?}"),
+            }
+        })
+    }
+}
+
+/// What a shipper needs: the journal, the way to the site, and its clock.
+pub struct Shipping<J> {
+    pub journal: J,
+    pub group: String,
+    pub window: usize,
+    pub link: Arc<dyn AppendLink>,
+    pub states: Arc<dyn ProducerStates>,
+    pub runtime: Arc<dyn ProducerRuntime>,
+    /// The site's LSN of the last batch shipped, for reports.
+    pub shipped_lsn: Arc<AtomicU64>,
+}
+
 /// Ships the journal to the site in order, with the journal's producer
 /// identity, and trims it as batches are committed. Returns only on an
 /// error that retrying cannot mend.
 async fn ship(client: Client, group: String, journal: Journal, window: usize, shipped_lsn: Arc<AtomicU64>) -> anyhow::Result<()> {
-    let client = client.with_deadline(SHIP_DEADLINE);
+    let client = Arc::new(client.with_deadline(SHIP_DEADLINE));
+    let runtime = Arc::new(crate::producer::TokioRuntime::default());
+    ship_journal(Shipping { journal, group, window, link: client.clone(), states: client, runtime, shipped_lsn }).await
+}
+
+/// The shipper over any journal, link and clock: asks the site where the
+/// journal's producer stands, trims what the site has, and resends the rest
+/// with the same numbers, so a batch shipped before a crash of the tap is
+/// applied once.
+pub async fn ship_journal<J: ShipJournal>(s: Shipping<J>) -> anyhow::Result<()> {
+    let Shipping { journal, group, window, link, states, runtime, shipped_lsn } = s;
     let client_id = journal.client_id();
     let last_seq = loop {
-        match client.call_leader(&Request::ProducerState { group: group.clone(), client_id }).await {
-            Ok(Response::Producer { last_seq }) => break last_seq,
-            Ok(other) => bail!("unexpected reply {other:?}"),
+        match states.last_seq(&group, client_id).await {
+            Ok(last_seq) => break last_seq,
             Err(e) if e.downcast_ref::<crate::client::Refused>().is_some() => return Err(e.context("ask the site where this tap's journal stands")),
             Err(e) => {
                 tracing::warn!("the site does not answer yet: {e:#}; writes stay in the journal");
-                tokio::time::sleep(Duration::from_secs(1)).await;
+                runtime.sleep(Duration::from_secs(1)).await;
             }
         }
     };
-    let next_seq = journal.stats().next_seq;
+    let next_seq = journal.next_seq();
     if last_seq >= next_seq {
         bail!(
             "the site has applied batch {last_seq} from this journal's producer {client_id:016x}, but the journal in {} ends before batch {next_seq}: it is not the journal this tap wrote",
-            journal.dir().display()
+            journal.place()
         );
     }
     if let Some((first, _)) = journal.held() {
         if first > last_seq + 1 {
-            bail!("the journal in {} starts at batch {first} but the site has only up to batch {last_seq}: batches in between are lost", journal.dir().display());
+            bail!("the journal in {} starts at batch {first} but the site has only up to batch {last_seq}: batches in between are lost", journal.place());
         }
     }
     journal.trim(last_seq);
-    let held = journal.stats();
-    tracing::info!(client_id = format!("{client_id:016x}"), site_has = last_seq, unshipped = held.batches, bytes = held.bytes, "shipping the journal");
-    let mut producer = Producer::resume(client, window, client_id, last_seq + 1);
+    tracing::info!(client_id = format!("{client_id:016x}"), site_has = last_seq, unshipped = journal.held().map_or(0, |(a, b)| b + 1 - a), "shipping the journal");
+    let mut producer = Producer::over(link, runtime.clone(), window, client_id, last_seq + 1);
     let (acks, mut acks_rx) = mpsc::channel::<(u64, oneshot::Receiver<anyhow::Result<(u64, u64)>>)>(window.max(1));
     let trimmer_journal = journal.clone();
-    let mut trimmer = tokio::spawn(async move {
-        while let Some((seq, rx)) = acks_rx.recv().await {
-            match rx.await {
-                Ok(Ok((_, lsn_last))) => {
-                    trimmer_journal.trim(seq);
-                    shipped_lsn.store(lsn_last, Ordering::Relaxed);
-                    metrics::counter!("rewind_tap_shipped_batches_total").increment(1);
+    let (trimmer_done, mut trimmer) = oneshot::channel::<anyhow::Result<()>>();
+    runtime.spawn(Box::pin(async move {
+        let r = async {
+            while let Some((seq, rx)) = acks_rx.recv().await {
+                match rx.await {
+                    Ok(Ok((_, lsn_last))) => {
+                        trimmer_journal.trim(seq);
+                        shipped_lsn.store(lsn_last, Ordering::Relaxed);
+                        metrics::counter!("rewind_tap_shipped_batches_total").increment(1);
+                    }
+                    Ok(Err(e)) => return Err(e.context(format!("the site did not take journal batch {seq}"))),
+                    Err(_) => bail!("the producer stopped"),
                 }
-                Ok(Err(e)) => return Err(e.context(format!("the site did not take journal batch {seq}"))),
-                Err(_) => bail!("the producer stopped"),
             }
+            Ok(())
         }
-        Ok(())
-    });
+        .await;
+        let _ = trimmer_done.send(r);
+    }));
     let mut cursor = last_seq;
     loop {
         tokio::select! {
@@ -148,14 +235,29 @@ async fn ship(client: Client, group: String, journal: Journal, window: usize, sh
                 }
                 let rx = producer.submit(&group, batch.events).await?;
                 cursor = batch.seq;
+                #[cfg(feature = "simulation-bugs")]
+                if bugs::TRIM_ON_SEND.load(Ordering::Relaxed) {
+                    journal.trim(cursor);
+                }
                 if acks.send((batch.seq, rx)).await.is_err() {
                     break;
                 }
             }
-            r = &mut trimmer => return r.map_err(|e| anyhow::anyhow!("shipper task: {e}"))?,
+            r = &mut trimmer => return r.unwrap_or_else(|_| Err(anyhow::anyhow!("the shipper's trimmer stopped"))),
         }
     }
-    trimmer.await.map_err(|e| anyhow::anyhow!("shipper task: {e}"))?
+    trimmer.await.unwrap_or_else(|_| Err(anyhow::anyhow!("the shipper's trimmer stopped")))
+}
+
+/// Known bugs the simulation puts back to show it finds them. Built only
+/// with the `simulation-bugs` feature; every switch is off unless set.
+#[cfg(feature = "simulation-bugs")]
+pub mod bugs {
+    use std::sync::atomic::AtomicBool;
+
+    /// The shipper trims a batch from the journal once it is sent, before
+    /// the site has committed it: a crash of the tap then loses it.
+    pub static TRIM_ON_SEND: AtomicBool = AtomicBool::new(false);
 }
 
 /// Publishes the journal's state as metrics four times a second, and

@@ -10,6 +10,7 @@
 
 pub mod check;
 pub mod disk;
+pub mod journal;
 pub mod net;
 pub mod replay;
 pub mod rng;
@@ -75,6 +76,10 @@ pub enum Bug {
     /// batch a dead process left on the wire can commit after the next
     /// process's writes.
     TapUnfenced,
+    /// The async tap's shipper trims a batch from its journal once it is
+    /// sent rather than once the site has committed it, so a crash of the
+    /// tap loses it.
+    ShipperTrimsOnSend,
 }
 
 pub use site::{run_seed, Outcome};

@@ -98,6 +98,7 @@ pub fn run_seed(opts: &Options) -> Outcome {
     // with all of them off runs as it did before they existed.
     let plan = Plan::draw(&mut rng).with_extra_kinds(&mut Rng::new(opts.seed ^ EXTRA_SALT));
     rewind_cdp_ingest::tap::bugs::ANSWER_BEFORE_COMMIT.store(opts.bug == Some(Bug::TapAnswerBeforeCommit), std::sync::atomic::Ordering::Relaxed);
+    rewind_node::tap::bugs::TRIM_ON_SEND.store(opts.bug == Some(Bug::ShipperTrimsOnSend), std::sync::atomic::Ordering::Relaxed);
     let plan_text = format!("{plan:?}");
     world::install(World::new(opts.seed, opts.bug, plan, &mut rng));
     let history: Shared = Rc::default();
@@ -790,6 +791,26 @@ async fn scenario(opts: Options, mut rng: Rng, history: Shared) -> Vec<String> {
     }
     if let Some(g) = guest {
         let _ = g.await;
+    }
+    // Async mode: the journal ships everything the guest was told is
+    // written, within a bounded time.
+    if let Some(journal) = tap_site.as_ref().and_then(|t| t.borrow().journal.clone()) {
+        let deadline = rt::now_ns() + 60_000_000_000;
+        loop {
+            let held = journal.lock().expect("journal").held();
+            if held == 0 {
+                world::trace("the tap's journal is drained");
+                break;
+            }
+            if world::with(|w| !w.tap_errors.is_empty()) {
+                break;
+            }
+            if rt::now_ns() > deadline {
+                failures.push(format!("the tap's journal still holds {held} batches 60 s after the guest's last flush"));
+                break;
+            }
+            rt::sleep(Duration::from_millis(50)).await;
+        }
     }
     let healed = rt::now_ns();
     // Liveness: a new write is acknowledged within a bounded time.

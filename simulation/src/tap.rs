@@ -1,17 +1,20 @@
-//! The tap in the simulated world: production's `cdp-ingest` [`Tap`] in
-//! sync mode (its ordered section, batcher and commit waiters, unchanged),
-//! over a simulated backing file, spawning on the simulated executor, and
-//! shipping through a producer that sends batches to the site over the
-//! simulated network. A guest (the VM) sends it writes, zeroes, trims and
+//! The tap in the simulated world: production's `cdp-ingest` [`Tap`] (its
+//! ordered section, batcher and commit waiters, unchanged), over a
+//! simulated backing file, spawning on the simulated executor. In sync mode
+//! it ships through a producer that sends batches to the site over the
+//! simulated network; in async mode (half the tap seeds) its sink is the
+//! journal of `journal.rs`, which production's shipper ships behind. A guest (the VM) sends it writes, zeroes, trims and
 //! flushes over one connection, several in flight. The tap's process can
 //! crash: its tasks die where they stand, its connection drops, and a new
-//! process takes the guest's requests from then on, under the tap's
-//! producer identity in the next epoch (production keeps both in a file
-//! beside the backing file), so its first batch fences the old process's.
+//! process takes the guest's requests from then on: in sync mode under the
+//! tap's producer identity in the next epoch (production keeps both in a
+//! file beside the backing file), so its first batch fences the old
+//! process's; in async mode over the same journal, whose shipper resumes
+//! where the site stands.
 //!
 //! What is not simulated: the NBD byte protocol (`cdp-ingest/src/nbd.rs` is
 //! fuzzed and the real server is tested with qemu-io, nbdcopy and fio in
-//! `node/tests`), and async mode's journal (real files and a writer thread).
+//! `node/tests`), and the journal's file format (see `journal.rs`).
 
 use std::cell::RefCell;
 use std::collections::BTreeMap;
@@ -26,6 +29,7 @@ use rewind_node::tap::ProducerSink;
 use rewind_wire::event::{seq_epoch, seq_in_epoch, TimedEvent};
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
+use crate::journal::{start_shipper, JournalFile, JournalSink, SimJournal, JOURNAL_PRODUCER};
 use crate::rng::Rng;
 use crate::site::Shared;
 use crate::{rt, stream, world};
@@ -158,7 +162,10 @@ struct RecordingSink {
 
 /// The tap process that sent a batch, from its (producer, seq) key.
 pub fn process_of((producer, seq): (u64, u64)) -> u64 {
-    if producer == TAP_PRODUCER_BASE {
+    if producer == JOURNAL_PRODUCER {
+        // One journal, one numbering, whichever process shipped it.
+        0
+    } else if producer == TAP_PRODUCER_BASE {
         u64::from(seq_epoch(seq))
     } else {
         producer - TAP_PRODUCER_BASE
@@ -217,18 +224,23 @@ pub struct TapSite {
     /// The connection to the running tap process; None while it is down.
     conn: Option<(u64, mpsc::Sender<Request>)>,
     history: Shared,
+    /// Async mode's journal, on the tap's host; None in sync mode.
+    pub journal: Option<Arc<Mutex<JournalFile>>>,
 }
 
 pub type TapHandle = Rc<RefCell<TapSite>>;
 
 pub fn new_site(history: Shared) -> TapHandle {
     let file = Arc::new(Mutex::new(SimFile { bytes: vec![0; TAP_DISK_BYTES as usize], started: 0, running: None }));
-    let site = Rc::new(RefCell::new(TapSite { file, conn: None, history }));
+    let journal = world::with(|w| w.plan.tap_async).then(JournalFile::new);
+    let site = Rc::new(RefCell::new(TapSite { file, conn: None, history, journal }));
     start(&site);
     site
 }
 
-/// Starts a tap process (the next instance) with a new producer identity.
+/// Starts a tap process (the next instance): in sync mode under the tap's
+/// producer identity in the next epoch; in async mode over the journal,
+/// with a shipper.
 pub fn start(site: &TapHandle) {
     let mut s = site.borrow_mut();
     let instance = {
@@ -245,12 +257,35 @@ pub fn start(site: &TapHandle) {
     world::trace(format!("tap process {instance} starts (producer {producer_id}, epoch {})", seq_epoch(first_seq)));
     let (conn, requests) = mpsc::channel(64);
     let file = s.file.clone();
+    let journal = s.journal.clone();
+    let this = site.clone();
     rt::with_node(Some(TAP_NODE), || {
-        let link = stream::link(TAP_ADDR, RETRY_DEADLINE);
-        let producer = Producer::over(link, Arc::new(stream::SimProducerRuntime), WINDOW, producer_id, first_seq);
-        let sink = RecordingSink { inner: ProducerSink::over(producer, TAP_GROUP), producer: producer_id, next_seq: first_seq.into() };
-        let config = TapConfig { export: TAP_DISK.into(), size_bytes: TAP_DISK_BYTES, mode: tap::Mode::Sync, batch_bytes_max: 64 << 10 };
-        let tap = Tap::new(config, Arc::new(SimBacking { file, instance }), Arc::new(sink), Arc::new(SimClock), Arc::new(SimSpawner));
+        let (sink, mode): (Arc<dyn LogSink>, _) = match journal {
+            Some(journal) => {
+                world::trace(format!("tap process {instance} opens the journal"));
+                let j = SimJournal::open(journal, instance);
+                // A failed shipper ends the tap's process, as in production.
+                let exit = Box::new(move || {
+                    rt::with_node(None, || {
+                        rt::spawn_local(async move {
+                            if this.borrow().file.lock().expect("backing").running == Some(instance) {
+                                world::trace(format!("tap process {instance} exits: its shipper failed"));
+                                crash(&this);
+                            }
+                        })
+                    });
+                });
+                start_shipper(j.clone(), exit);
+                (Arc::new(JournalSink(j)), tap::Mode::Async)
+            }
+            None => {
+                let link = stream::link(TAP_ADDR, RETRY_DEADLINE);
+                let producer = Producer::over(link, Arc::new(stream::SimProducerRuntime), WINDOW, producer_id, first_seq);
+                (Arc::new(RecordingSink { inner: ProducerSink::over(producer, TAP_GROUP), producer: producer_id, next_seq: first_seq.into() }), tap::Mode::Sync)
+            }
+        };
+        let config = TapConfig { export: TAP_DISK.into(), size_bytes: TAP_DISK_BYTES, mode, batch_bytes_max: 64 << 10 };
+        let tap = Tap::new(config, Arc::new(SimBacking { file, instance }), sink, Arc::new(SimClock), Arc::new(SimSpawner));
         rt::spawn_local(connection(tap, requests));
     });
     s.conn = Some((instance, conn));
@@ -262,6 +297,9 @@ pub fn crash(site: &TapHandle) {
     let instance = s.file.lock().expect("backing").running.take();
     s.conn = None;
     rt::kill_node(TAP_NODE);
+    if let Some(j) = &s.journal {
+        j.lock().expect("journal").close();
+    }
     world::trace(format!("tap process {instance:?} crashes"));
 }
 
@@ -426,6 +464,13 @@ pub fn check(history: &crate::site::History, image: &crate::sm::SmImage, file: &
         }
         failures.push(format!("tap log LSN {}: no tap process's next batch starts here (phantom, duplicate or reordered)", events[pos].lsn));
         break;
+    }
+    // Async mode: every batch the journal took reaches the log (the journal
+    // has drained; a crash of the tap's process keeps what it wrote).
+    let journaled = streams.get(&(JOURNAL_PRODUCER, 0)).map_or(0, |s| s.len());
+    let shipped = next.get(&(JOURNAL_PRODUCER, 0)).copied().unwrap_or(0);
+    if shipped < journaled {
+        failures.push(format!("journal batch {} and those after it ({} in all) were journaled but are not in the log", shipped + 1, journaled - shipped));
     }
     // Acknowledged writes are in the log, and so is every write sent to a
     // process before a flush it answered with success.

@@ -34,6 +34,9 @@ pub struct Plan {
     pub tap: bool,
     /// The tap's process crashes (only with a tap).
     pub tap_crashes: bool,
+    /// The tap runs in async mode: a journal on the tap's host, shipped
+    /// behind the guest (only with a tap).
+    pub tap_async: bool,
     /// Log reads that come back corrupt once.
     pub read_errors: bool,
     /// Snapshots that arrive corrupt (they fail their checksum).
@@ -77,6 +80,7 @@ impl Plan {
             io_crashes: false,
             tap: false,
             tap_crashes: false,
+            tap_async: false,
             read_errors: false,
             snapshot_errors: false,
             slow_disks: false,
@@ -105,6 +109,7 @@ impl Plan {
         self.slow_disks = rng.chance(0.3);
         self.replays = rng.chance(0.5);
         self.stalled_frames = rng.chance(0.5);
+        self.tap_async = self.tap && rng.chance(0.5);
         self
     }
 }

@@ -62,6 +62,7 @@ fn a_budget_of_seeds_passes_twice_with_the_same_trace_hashes() {
         "slow disk",
         "tap crash",
         "frame stalled",
+        "tap journal full (back-pressure, not a fault)",
     ] {
         assert!(text.lines().any(|l| l.starts_with(&format!("{kind} | "))), "fault kind {kind:?} never fired:\n{text}");
     }
@@ -97,6 +98,7 @@ fn every_reintroduced_bug_is_caught() {
         ("tap-answer-before-commit", 300),
         ("replay-before-applied", 300),
         ("tap-unfenced", 1000),
+        ("shipper-trims-on-send", 300),
     ] {
         counts.push((bug, caught_after(bug, budget)));
     }

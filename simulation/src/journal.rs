@@ -1,0 +1,321 @@
+//! The async tap's journal in the simulated world, and production's shipper
+//! over it.
+//!
+//! The journal here keeps production's rules (`cdp-ingest/src/journal.rs`)
+//! on an in-memory file: appends are journaled in the order the tap gives
+//! them, a writer takes what is queued as one round, "writes" it (the page
+//! cache: a crash of the tap's process keeps it), syncs once, and only then
+//! answers the round's appends and lets the shipper see them; the bytes not
+//! yet committed on the site are bounded, and a full journal holds the
+//! writer (and so the guest) until the shipper trims. What is not modelled
+//! is the file format (segments, checksums, a torn tail cut at open): that
+//! is tested on real files (`journal.rs`'s unit tests and proptest, and
+//! `node/tests/tap.rs`'s SIGKILL tests).
+//!
+//! The shipper is production's [`ship_journal`]: it asks a node where the
+//! journal's producer stands (a linearizable read on the leader, as
+//! production's `ProducerState`), trims, and ships the rest through
+//! production's `Producer` over the simulated append streams.
+
+use std::collections::VecDeque;
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use openraft::raft::ReadPolicy;
+use rewind_cdp_ingest::tap::{BoxFuture, Committed, LogSink, SinkError};
+use rewind_node::client::RETRY_DEADLINE;
+use rewind_node::tap::{ship_journal, ProducerStates, ShipJournal, Shipping};
+use rewind_wire::event::{EventBatch, TimedEvent};
+use tokio::sync::{mpsc, oneshot, Notify};
+
+use crate::net::deliver;
+use crate::site::NODES;
+use crate::tap::{TAP_GROUP, TAP_NODE};
+use crate::{rt, stream, world, Raft};
+
+/// The journal's producer identity (epoch 0: one journal, one numbering).
+pub const JOURNAL_PRODUCER: u64 = 2000;
+/// The bound on bytes not yet committed on the site: a few of the tap's
+/// batches, so an outage of the site stalls the guest.
+pub const JOURNAL_BYTES_MAX: u64 = 512 << 10;
+/// Counted with the faults, for coverage, but left out of their total.
+pub const JOURNAL_FULL: &str = "tap journal full (back-pressure, not a fault)";
+/// Appends queued for the writer at most.
+const WRITE_QUEUE_MAX: usize = 16;
+/// The shipper's network address.
+const SHIPPER_ADDR: u64 = 151;
+/// Batches the shipper's producer has in flight at most.
+const WINDOW: usize = 4;
+
+/// The journal's file, outliving the tap's processes.
+pub struct JournalFile {
+    /// Written batches not yet trimmed, in sequence order.
+    entries: VecDeque<(EventBatch, u64)>,
+    /// Bytes of those batches.
+    bytes: u64,
+    /// The sequence number the next batch gets.
+    next_seq: u64,
+    /// The last batch a sync has covered in the running process (at open,
+    /// every written batch: a crash of the process keeps the page cache).
+    synced: u64,
+    /// The process that has the journal open.
+    owner: Option<u64>,
+    /// Batches trimmed so far.
+    pub trimmed: u64,
+}
+
+impl JournalFile {
+    pub fn new() -> Arc<Mutex<JournalFile>> {
+        Arc::new(Mutex::new(JournalFile { entries: VecDeque::new(), bytes: 0, next_seq: 1, synced: 0, owner: None, trimmed: 0 }))
+    }
+
+    /// The process that had it open is gone.
+    pub fn close(&mut self) {
+        self.owner = None;
+    }
+
+    /// Batches not yet committed on the site.
+    pub fn held(&self) -> usize {
+        self.entries.len()
+    }
+}
+
+/// One tap process's handle on the journal.
+#[derive(Clone)]
+pub struct SimJournal {
+    file: Arc<Mutex<JournalFile>>,
+    instance: u64,
+    /// Woken when a round is synced, and when a trim makes room.
+    changed: Arc<Notify>,
+    writer: mpsc::Sender<(Vec<TimedEvent>, oneshot::Sender<u64>)>,
+}
+
+fn batch_bytes(events: &[TimedEvent]) -> u64 {
+    // The record's size, near enough: payloads plus a header per event.
+    events.iter().map(|e| e.event.payload_bytes() as u64 + 64).sum::<u64>() + 64
+}
+
+impl SimJournal {
+    /// Opens the journal for tap process `instance` and starts its writer
+    /// (a task of the tap's process).
+    pub fn open(file: Arc<Mutex<JournalFile>>, instance: u64) -> SimJournal {
+        {
+            let mut f = file.lock().expect("journal");
+            f.owner = Some(instance);
+            f.synced = f.next_seq - 1;
+        }
+        let (writer, rx) = mpsc::channel(WRITE_QUEUE_MAX);
+        let j = SimJournal { file, instance, changed: Arc::new(Notify::new()), writer };
+        rt::spawn_local(j.clone().write(rx));
+        j
+    }
+
+    fn mine(&self) -> bool {
+        self.file.lock().expect("journal").owner == Some(self.instance)
+    }
+
+    /// The writer: a round is whatever is queued; each batch waits for room
+    /// and is written, then one sync covers the round and its appends are
+    /// answered.
+    async fn write(self, mut rx: mpsc::Receiver<(Vec<TimedEvent>, oneshot::Sender<u64>)>) {
+        while let Some(first) = rx.recv().await {
+            let mut round = vec![first];
+            while let Ok(next) = rx.try_recv() {
+                round.push(next);
+            }
+            let mut answers = Vec::new();
+            for (events, done) in round {
+                let need = batch_bytes(&events);
+                let mut stalled = false;
+                loop {
+                    let changed = self.changed.notified();
+                    let (fits, unsynced) = {
+                        let f = self.file.lock().expect("journal");
+                        (f.bytes + need <= JOURNAL_BYTES_MAX || f.entries.is_empty(), f.next_seq - 1 > f.synced)
+                    };
+                    if fits {
+                        break;
+                    }
+                    if unsynced {
+                        // Publish what is written first, so the shipper can make room.
+                        self.sync(&mut answers).await;
+                        continue;
+                    }
+                    if !stalled {
+                        stalled = true;
+                        world::count(JOURNAL_FULL);
+                    }
+                    changed.await;
+                }
+                let latency = world::with(|w| w.disk_rng.range(10, 100));
+                rt::sleep(Duration::from_micros(latency)).await;
+                let seq = {
+                    let mut f = self.file.lock().expect("journal");
+                    let seq = f.next_seq;
+                    f.next_seq += 1;
+                    f.bytes += need;
+                    let batch = EventBatch { group: TAP_GROUP.into(), client_id: JOURNAL_PRODUCER, seq, events };
+                    world::with(|w| w.tap_batches.insert((JOURNAL_PRODUCER, seq), batch.events.iter().map(|e| e.event.clone()).collect()));
+                    f.entries.push_back((batch, need));
+                    seq
+                };
+                answers.push((seq, done));
+            }
+            self.sync(&mut answers).await;
+        }
+    }
+
+    /// fdatasync: afterwards the written batches are durable, visible to the
+    /// shipper, and answered.
+    async fn sync(&self, answers: &mut Vec<(u64, oneshot::Sender<u64>)>) {
+        let latency = world::with(|w| w.disk_rng.range(100, 2000));
+        rt::sleep(Duration::from_micros(latency)).await;
+        {
+            let mut f = self.file.lock().expect("journal");
+            f.synced = f.next_seq - 1;
+        }
+        self.changed.notify_waiters();
+        for (seq, done) in answers.drain(..) {
+            let _ = done.send(seq);
+        }
+    }
+}
+
+/// The tap's sink in async mode: a batch is done once the journal holds it.
+pub struct JournalSink(pub SimJournal);
+
+impl LogSink for JournalSink {
+    fn submit(&self, events: Vec<TimedEvent>) -> BoxFuture<'_, Result<Committed, SinkError>> {
+        Box::pin(async move {
+            let (done, rx) = oneshot::channel();
+            self.0.writer.send((events, done)).await.map_err(|_| SinkError("the journal writer stopped".into()))?;
+            let durable: Committed = Box::pin(async move { rx.await.map(|seq| (seq, seq)).map_err(|_| SinkError("the journal writer stopped".into())) });
+            Ok(durable)
+        })
+    }
+}
+
+impl ShipJournal for SimJournal {
+    fn client_id(&self) -> u64 {
+        JOURNAL_PRODUCER
+    }
+
+    fn next_seq(&self) -> u64 {
+        self.file.lock().expect("journal").next_seq
+    }
+
+    fn held(&self) -> Option<(u64, u64)> {
+        let f = self.file.lock().expect("journal");
+        Some((f.entries.front()?.0.seq, f.entries.back()?.0.seq))
+    }
+
+    fn trim(&self, seq: u64) {
+        if !self.mine() {
+            return;
+        }
+        let mut f = self.file.lock().expect("journal");
+        while f.entries.front().is_some_and(|(b, _)| b.seq <= seq) {
+            let (_, n) = f.entries.pop_front().expect("checked");
+            f.bytes -= n;
+            f.trimmed += 1;
+        }
+        drop(f);
+        self.changed.notify_waiters();
+    }
+
+    fn next_after(&self, after: u64) -> BoxFuture<'_, anyhow::Result<EventBatch>> {
+        Box::pin(async move {
+            loop {
+                let changed = self.changed.notified();
+                {
+                    let f = self.file.lock().expect("journal");
+                    if f.owner != Some(self.instance) {
+                        anyhow::bail!("the journal is closed");
+                    }
+                    if let Some((b, _)) = f.entries.iter().find(|(b, _)| b.seq > after && b.seq <= f.synced) {
+                        return Ok(b.clone());
+                    }
+                }
+                changed.await;
+            }
+        })
+    }
+
+    fn place(&self) -> String {
+        "the simulated tap host".into()
+    }
+}
+
+/// Where a node's state machine says the journal's producer stands, read
+/// the way production's `ProducerState` does: on the leader, after a
+/// linearizable read.
+async fn producer_state(raft: Raft, (group, client_id): (String, u64)) -> Result<u64, String> {
+    let id = openraft_rt::WatchReceiver::borrow_watched(&raft.metrics()).id;
+    raft.ensure_linearizable(ReadPolicy::ReadIndex).await.map_err(|e| format!("node {id}: {e}"))?;
+    let sm = world::with(|w| w.nodes.get(&id).and_then(|n| n.sm.clone())).ok_or_else(|| format!("node {id} is down"))?;
+    let image = sm.lock().expect("sm");
+    Ok(image.producers.get(&(client_id, group)).map_or(0, |p| p.last_seq))
+}
+
+/// The shipper's way to ask the site: each node in turn until one answers
+/// as the leader.
+struct SimStates;
+
+impl ProducerStates for SimStates {
+    fn last_seq<'a>(&'a self, group: &'a str, client_id: u64) -> BoxFuture<'a, anyhow::Result<u64>> {
+        let asks: Vec<_> = NODES
+            .iter()
+            .map(|node| {
+                let node = *node;
+                (node, deliver(SHIPPER_ADDR, node, "producer-state", (group.to_string(), client_id), Duration::from_secs(2), producer_state))
+            })
+            .collect();
+        // The network's futures stay on the executor's thread; the shipper
+        // gets a handle it can hold anywhere.
+        let answer = rt::spawn_local(async move {
+            let mut why = Vec::new();
+            for (node, ask) in asks {
+                match ask.await {
+                    Ok(last) => return Ok(last),
+                    Err(e) => why.push(format!("n{node}: {e}")),
+                }
+            }
+            Err(why.join("; "))
+        });
+        Box::pin(async move {
+            match answer.await {
+                Ok(Ok(last)) => Ok(last),
+                Ok(Err(e)) => Err(anyhow::anyhow!("no node answered as the leader: {e}")),
+                Err(e) => Err(anyhow::anyhow!("{e}")),
+            }
+        })
+    }
+}
+
+/// Starts production's shipper for tap process `journal.instance`, as a
+/// task of the tap's process. The shipper gives up only on what retrying
+/// cannot mend, so its error is a failure of the seed; then `failed` runs
+/// (production's tap process exits).
+pub fn start_shipper(journal: SimJournal, failed: Box<dyn FnOnce()>) {
+    let instance = journal.instance;
+    let shipping = Shipping {
+        journal,
+        group: TAP_GROUP.into(),
+        window: WINDOW,
+        link: stream::link(SHIPPER_ADDR, RETRY_DEADLINE * 1000),
+        states: Arc::new(SimStates),
+        runtime: Arc::new(stream::SimProducerRuntime),
+        shipped_lsn: Arc::new(AtomicU64::new(0)),
+    };
+    rt::with_node(Some(TAP_NODE), || {
+        rt::spawn_local(async move {
+            if let Err(e) = ship_journal(shipping).await {
+                let why = format!("the shipper of tap process {instance} failed: {e:#}");
+                world::trace(why.clone());
+                world::with(|w| w.tap_errors.push(why));
+                failed();
+            }
+        })
+    });
+}
