@@ -145,7 +145,8 @@ impl ProducerStates for Client {
         Box::pin(async move {
             match self.call_leader(&Request::ProducerState { group: group.to_string(), client_id }).await? {
                 Response::Producer { last_seq } => Ok(last_seq),
-                other => bail!("unexpected reply {other:?}"),
+                // Another protocol: retrying will not mend it.
+                other => Err(crate::client::Refused { kind: rewind_wire::rpc::ErrorKind::Internal, message: format!("unexpected reply {other:?}") }.into()),
             }
         })
     }
