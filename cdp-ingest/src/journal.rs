@@ -14,6 +14,12 @@
 //! Rules:
 //! * an append is acknowledged only after its bytes and the segment are
 //!   fdatasync'd; an fsync error stops the process (DESIGN.md invariant 1);
+//! * the shipper trims a batch once the site has committed it and the
+//!   backing file is synced past it; what the journal still holds is redone
+//!   onto the backing file at start (`rewind_node::tap::redo_journal`), so a
+//!   power loss cannot leave the guest's disk behind the log;
+//! * at open the newest segment is synced: batches a crashed process left in
+//!   the page cache are durable before the shipper may send them;
 //! * the bytes of batches not yet committed never exceed `bytes_max`: an
 //!   append waits for the shipper to trim (back-pressure on the guest); one
 //!   batch is always let in, so a batch larger than the bound cannot stall;
@@ -229,6 +235,12 @@ impl Journal {
                     }
                     Err(why) => return Err(JournalError::Corrupt { path, offset, why }),
                 }
+            }
+            if newest && offset > 0 {
+                // What a crash of the tap left in the page cache becomes
+                // durable before the shipper may send it: a power loss
+                // later must not take back a batch the site has.
+                file.sync_data().unwrap_or_else(|e| fatal_sync(&path, e));
             }
             let seg_bytes = offset;
             segments.push_back(Segment { first_seq, path, file: Arc::new(file), last_seq, bytes: seg_bytes });

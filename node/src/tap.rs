@@ -10,7 +10,7 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use rewind_cdp_ingest::journal::{Journal, JournalSink};
 use rewind_cdp_ingest::tap::{self, BoxFuture, Committed, LogSink, SinkError, Tap, TapConfig};
-use rewind_wire::event::{EventBatch, TimedEvent};
+use rewind_wire::event::{Event, EventBatch, TimedEvent};
 use rewind_wire::rpc::{Request, Response, TapReport};
 use tokio::sync::{mpsc, oneshot};
 
@@ -162,15 +162,17 @@ pub struct Shipping<J> {
     pub runtime: Arc<dyn ProducerRuntime>,
     /// The site's LSN of the last batch shipped, for reports.
     pub shipped_lsn: Arc<AtomicU64>,
+    /// The tap's backing file: synced before the journal is trimmed.
+    pub backing: Arc<dyn tap::Backing>,
 }
 
 /// Ships the journal to the site in order, with the journal's producer
 /// identity, and trims it as batches are committed. Returns only on an
 /// error that retrying cannot mend.
-async fn ship(client: Client, group: String, journal: Journal, window: usize, shipped_lsn: Arc<AtomicU64>) -> anyhow::Result<()> {
+async fn ship(client: Client, group: String, journal: Journal, window: usize, shipped_lsn: Arc<AtomicU64>, backing: Arc<dyn tap::Backing>) -> anyhow::Result<()> {
     let client = Arc::new(client.with_deadline(SHIP_DEADLINE));
     let runtime = Arc::new(crate::producer::TokioRuntime::default());
-    ship_journal(Shipping { journal, group, window, link: client.clone(), states: client, runtime, shipped_lsn }).await
+    ship_journal(Shipping { journal, group, window, link: client.clone(), states: client, runtime, shipped_lsn, backing }).await
 }
 
 /// The shipper over any journal, link and clock: asks the site where the
@@ -178,7 +180,7 @@ async fn ship(client: Client, group: String, journal: Journal, window: usize, sh
 /// with the same numbers, so a batch shipped before a crash of the tap is
 /// applied once.
 pub async fn ship_journal<J: ShipJournal>(s: Shipping<J>) -> anyhow::Result<()> {
-    let Shipping { journal, group, window, link, states, runtime, shipped_lsn } = s;
+    let Shipping { journal, group, window, link, states, runtime, shipped_lsn, backing } = s;
     let client_id = journal.client_id();
     let last_seq = loop {
         match states.last_seq(&group, client_id).await {
@@ -206,25 +208,55 @@ pub async fn ship_journal<J: ShipJournal>(s: Shipping<J>) -> anyhow::Result<()> 
     tracing::info!(client_id = format!("{client_id:016x}"), site_has = last_seq, unshipped = journal.held().map_or(0, |(a, b)| b + 1 - a), "shipping the journal");
     let mut producer = Producer::over(link, runtime.clone(), window, client_id, last_seq + 1);
     let (acks, mut acks_rx) = mpsc::channel::<(u64, oneshot::Receiver<anyhow::Result<(u64, u64)>>)>(window.max(1));
-    let trimmer_journal = journal.clone();
-    let (trimmer_done, mut trimmer) = oneshot::channel::<anyhow::Result<()>>();
+    // The waiter notes each batch the site commits, in order; the trimmer
+    // syncs the backing file past what is noted, then trims the journal to
+    // it (one fdatasync covers every batch committed meanwhile). A batch
+    // leaves the journal only once both the site and the backing file hold
+    // it, so after a power loss the journal can redo what the backing file
+    // lost ([`redo_journal`]).
+    let (failed, mut failed_rx) = mpsc::channel::<anyhow::Error>(2);
+    let (committed, mut committed_rx) = tokio::sync::watch::channel((last_seq, 0u64));
+    let waiter_failed = failed.clone();
     runtime.spawn(Box::pin(async move {
-        let r = async {
-            while let Some((seq, rx)) = acks_rx.recv().await {
-                match rx.await {
-                    Ok(Ok((_, lsn_last))) => {
-                        trimmer_journal.trim(seq);
-                        shipped_lsn.store(lsn_last, Ordering::Relaxed);
-                        metrics::counter!("rewind_tap_shipped_batches_total").increment(1);
-                    }
-                    Ok(Err(e)) => return Err(e.context(format!("the site did not take journal batch {seq}"))),
-                    Err(_) => bail!("the producer stopped"),
+        while let Some((seq, rx)) = acks_rx.recv().await {
+            let e = match rx.await {
+                Ok(Ok((_, lsn_last))) => {
+                    committed.send_replace((seq, lsn_last));
+                    metrics::counter!("rewind_tap_shipped_batches_total").increment(1);
+                    continue;
                 }
-            }
-            Ok(())
+                Ok(Err(e)) => e.context(format!("the site did not take journal batch {seq}")),
+                Err(_) => anyhow::anyhow!("the producer stopped"),
+            };
+            let _ = waiter_failed.send(e).await;
+            return;
         }
-        .await;
-        let _ = trimmer_done.send(r);
+    }));
+    let trimmer_journal = journal.clone();
+    runtime.spawn(Box::pin(async move {
+        let mut trimmed = last_seq;
+        loop {
+            let (seq, lsn) = *committed_rx.borrow_and_update();
+            if seq > trimmed {
+                #[cfg(feature = "simulation-bugs")]
+                let skip = bugs::TRIM_BEFORE_BACKING_SYNC.load(Ordering::Relaxed);
+                #[cfg(not(feature = "simulation-bugs"))]
+                let skip = false;
+                if !skip {
+                    if let Err(e) = backing.sync().await {
+                        let _ = failed.send(anyhow::anyhow!("fdatasync of the backing file failed: {e}; the journal keeps every batch it could not trim")).await;
+                        return;
+                    }
+                }
+                trimmer_journal.trim(seq);
+                shipped_lsn.store(lsn, Ordering::Relaxed);
+                trimmed = seq;
+                continue;
+            }
+            if committed_rx.changed().await.is_err() {
+                return;
+            }
+        }
     }));
     let mut cursor = last_seq;
     loop {
@@ -244,10 +276,38 @@ pub async fn ship_journal<J: ShipJournal>(s: Shipping<J>) -> anyhow::Result<()> 
                     break;
                 }
             }
-            r = &mut trimmer => return r.unwrap_or_else(|_| Err(anyhow::anyhow!("the shipper's trimmer stopped"))),
+            e = failed_rx.recv() => return Err(e.unwrap_or_else(|| anyhow::anyhow!("the shipper's tasks stopped"))),
         }
     }
-    trimmer.await.unwrap_or_else(|_| Err(anyhow::anyhow!("the shipper's trimmer stopped")))
+    Err(failed_rx.recv().await.unwrap_or_else(|| anyhow::anyhow!("the shipper's tasks stopped")))
+}
+
+/// Applies the journal's batches to the backing file in order, then syncs
+/// it; run at start, before the tap serves and before the shipper trims
+/// anything. After a power loss on the tap's host the backing file may
+/// have lost writes the journal holds (the journal keeps a batch until the
+/// backing file is synced past it), or kept writes the journal never took
+/// (never answered); both come back to what the journal says, so the
+/// guest's disk and the log agree again. Returns the batches applied.
+pub async fn redo_journal<J: ShipJournal>(journal: &J, backing: &dyn tap::Backing) -> anyhow::Result<u64> {
+    let Some((first, last)) = journal.held() else { return Ok(0) };
+    for seq in first..=last {
+        let batch = journal.next_after(seq - 1).await?;
+        if batch.seq != seq {
+            bail!("journal batch {} where {seq} was due", batch.seq);
+        }
+        for e in batch.events {
+            let done = match e.event {
+                Event::Write { offset, data, .. } => backing.write_at(offset, data).await,
+                Event::WriteZeroes { offset, len, .. } => backing.zero(offset, len, false).await,
+                Event::Trim { offset, len, .. } => backing.zero(offset, len, true).await,
+                _ => Ok(()),
+            };
+            done.with_context(|| format!("redo journal batch {seq} onto the backing file"))?;
+        }
+    }
+    backing.sync().await.context("fdatasync of the backing file after the redo")?;
+    Ok(last + 1 - first)
 }
 
 /// Known bugs the simulation puts back to show it finds them. Built only
@@ -259,6 +319,10 @@ pub mod bugs {
     /// The shipper trims a batch from the journal once it is sent, before
     /// the site has committed it: a crash of the tap then loses it.
     pub static TRIM_ON_SEND: AtomicBool = AtomicBool::new(false);
+    /// The shipper trims a committed batch from the journal without syncing
+    /// the backing file first: a power loss on the tap's host can then
+    /// lose an answered write from the guest's disk that the log keeps.
+    pub static TRIM_BEFORE_BACKING_SYNC: AtomicBool = AtomicBool::new(false);
 }
 
 /// Publishes the journal's state as metrics four times a second, and
@@ -434,7 +498,7 @@ pub async fn run(client: Client, opts: TapOptions, ready: impl FnOnce(&str)) -> 
         }
     };
     let disk = rewind_wire::rpc::DiskSpec { name: opts.disk.clone(), size_bytes, sector_bytes: 512 };
-    let backing = open_backing(&opts.backing, disk.size_bytes)?;
+    let backing: Arc<dyn tap::Backing> = Arc::new(tap::FileBacking(Arc::new(open_backing(&opts.backing, disk.size_bytes)?)));
     if let Some(addr) = opts.metrics_listen {
         if !addr.ip().is_loopback() {
             bail!("--metrics-listen {addr} is not a loopback address (127.0.0.0/8 or ::1)");
@@ -459,16 +523,17 @@ pub async fn run(client: Client, opts: TapOptions, ready: impl FnOnce(&str)) -> 
                 .with_context(|| format!("open the tap's journal in {}", journal.display()))?;
             let held = j.stats();
             if held.batches > 0 {
-                tracing::info!(batches = held.batches, bytes = held.bytes, "the journal holds batches from before; they ship first");
+                tracing::info!(batches = held.batches, bytes = held.bytes, "the journal holds batches from before: redoing them onto the backing file, then they ship first");
+                let redone = redo_journal(&j, backing.as_ref()).await.with_context(|| format!("bring {} up to the journal", opts.backing.display()))?;
+                tracing::info!(batches = redone, "backing file redone from the journal");
             }
             let shipped = Arc::new(AtomicU64::new(0));
-            let shipper = tokio::spawn(ship(client.clone(), opts.group.clone(), j.clone(), opts.window, shipped.clone()));
+            let shipper = tokio::spawn(ship(client.clone(), opts.group.clone(), j.clone(), opts.window, shipped.clone(), backing.clone()));
             tokio::spawn(report(client, j.clone(), opts.group.clone(), opts.disk.clone(), uri.clone(), shipped));
             (Arc::new(JournalSink(j.clone())), tap::Mode::Async, Some(shipper), Some(j))
         }
     };
     let config = TapConfig { export: opts.disk.clone(), size_bytes: disk.size_bytes, mode, batch_bytes_max: 1 << 20 };
-    let backing = Arc::new(tap::FileBacking(Arc::new(backing)));
     let tap = Tap::new(config, backing, sink, Arc::new(tap::SystemClock), Arc::new(tap::TokioSpawner));
     let served = serve(tap, opts.listen, &opts.disk, ready, shipper);
     let r = served.await;
@@ -538,7 +603,42 @@ async fn serve(
 
 #[cfg(test)]
 mod tests {
-    use super::next_identity;
+    use super::{next_identity, redo_journal};
+    use rewind_cdp_ingest::journal::{Journal, JOURNAL_BYTES_MIN};
+    use rewind_cdp_ingest::tap::FileBacking;
+    use rewind_wire::event::{Event, TimedEvent};
+    use std::sync::Arc;
+
+    #[tokio::test]
+    async fn redo_brings_the_backing_file_up_to_the_journal() {
+        let dir = tempfile::tempdir().unwrap();
+        let journal = Journal::open(&dir.path().join("journal"), "g", JOURNAL_BYTES_MIN, || 7).unwrap();
+        let at = |time_ns, event| TimedEvent { time_ns, event };
+        let d = || "d".to_string();
+        journal.append(vec![at(1, Event::Write { disk: d(), offset: 0, data: vec![0xaa; 4096] })]).await.unwrap();
+        journal.append(vec![at(2, Event::WriteZeroes { disk: d(), offset: 4096, len: 4096 })]).await.unwrap();
+        journal.append(vec![at(3, Event::Trim { disk: d(), offset: 8192, len: 4096 }), at(4, Event::Bookmark { name: "b".into(), app_consistent: false })]).await.unwrap();
+        journal.append(vec![at(5, Event::Write { disk: d(), offset: 512, data: vec![0xbb; 1024] })]).await.unwrap();
+        // The backing file lost every one of those writes, and kept one the
+        // journal never took (at 12288, never answered: it stays).
+        let path = dir.path().join("disk");
+        std::fs::write(&path, vec![0x55; 16384]).unwrap();
+        let backing = FileBacking(Arc::new(std::fs::OpenOptions::new().read(true).write(true).open(&path).unwrap()));
+        assert_eq!(redo_journal(&journal, &backing).await.unwrap(), 4);
+        let mut want = vec![0xaa; 4096];
+        want[512..1536].fill(0xbb);
+        want.extend(vec![0; 8192]);
+        want.extend(vec![0x55; 4096]);
+        assert_eq!(std::fs::read(&path).unwrap(), want);
+        // Batches the site and the backing file both hold are not redone.
+        journal.trim(3);
+        std::fs::write(&path, vec![0x55; 16384]).unwrap();
+        assert_eq!(redo_journal(&journal, &backing).await.unwrap(), 1);
+        let got = std::fs::read(&path).unwrap();
+        assert!(got[512..1536].iter().all(|b| *b == 0xbb) && got[..512].iter().all(|b| *b == 0x55));
+        journal.trim(4);
+        assert_eq!(redo_journal(&journal, &backing).await.unwrap(), 0);
+    }
 
     #[test]
     fn each_start_takes_the_next_epoch_under_one_identity() {

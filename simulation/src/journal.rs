@@ -4,7 +4,9 @@
 //! The journal here keeps production's rules (`cdp-ingest/src/journal.rs`)
 //! on an in-memory file: appends are journaled in the order the tap gives
 //! them, a writer takes what is queued as one round, "writes" it (the page
-//! cache: a crash of the tap's process keeps it), syncs once, and only then
+//! cache: a crash of the tap's process keeps it, a power loss on its host
+//! keeps only what a sync covered; the open after a crash syncs, as
+//! production's does), syncs once, and only then
 //! answers the round's appends and lets the shipper see them; the bytes not
 //! yet committed on the site are bounded, and a full journal holds the
 //! writer (and so the guest) until the shipper trims. What is not modelled
@@ -12,10 +14,13 @@
 //! is tested on real files (`journal.rs`'s unit tests and proptest, and
 //! `node/tests/tap.rs`'s SIGKILL tests).
 //!
-//! The shipper is production's [`ship_journal`]: it asks a node where the
-//! journal's producer stands (a linearizable read on the leader, as
-//! production's `ProducerState`), trims, and ships the rest through
-//! production's `Producer` over the simulated append streams.
+//! Each tap process first runs production's [`redo_journal`] (the journal's
+//! batches onto the backing file), then production's [`ship_journal`]: it
+//! asks a node where the journal's producer stands (a linearizable read on
+//! the leader, as production's `ProducerState`), trims, and ships the rest
+//! through production's `Producer` over the simulated append streams,
+//! trimming each batch once the site has committed it and the backing file
+//! is synced past it.
 
 use std::collections::VecDeque;
 use std::sync::atomic::AtomicU64;
@@ -23,9 +28,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use openraft::raft::ReadPolicy;
-use rewind_cdp_ingest::tap::{BoxFuture, Committed, LogSink, SinkError};
+use rewind_cdp_ingest::tap::{Backing, BoxFuture, Committed, LogSink, SinkError};
 use rewind_node::client::RETRY_DEADLINE;
-use rewind_node::tap::{ship_journal, ProducerStates, ShipJournal, Shipping};
+use rewind_node::tap::{redo_journal, ship_journal, ProducerStates, ShipJournal, Shipping};
 use rewind_wire::event::{EventBatch, TimedEvent};
 use tokio::sync::{mpsc, oneshot, Notify};
 
@@ -59,6 +64,9 @@ pub struct JournalFile {
     /// The last batch a sync has covered in the running process (at open,
     /// every written batch: a crash of the process keeps the page cache).
     synced: u64,
+    /// The last batch on the disk for good: a sync covered it, or the open
+    /// after a crash did (production syncs the newest segment at open).
+    durable: u64,
     /// The process that has the journal open.
     owner: Option<u64>,
     /// Batches trimmed so far.
@@ -67,12 +75,29 @@ pub struct JournalFile {
 
 impl JournalFile {
     pub fn new() -> Arc<Mutex<JournalFile>> {
-        Arc::new(Mutex::new(JournalFile { entries: VecDeque::new(), bytes: 0, next_seq: 1, synced: 0, owner: None, trimmed: 0 }))
+        Arc::new(Mutex::new(JournalFile { entries: VecDeque::new(), bytes: 0, next_seq: 1, synced: 0, durable: 0, owner: None, trimmed: 0 }))
     }
 
     /// The process that had it open is gone.
     pub fn close(&mut self) {
         self.owner = None;
+    }
+
+    /// The power fails on the tap's host: batches no sync covered are gone,
+    /// and their numbers will be given again.
+    pub fn power_loss(&mut self) {
+        self.owner = None;
+        let durable = self.durable;
+        while self.entries.back().is_some_and(|(b, _)| b.seq > durable) {
+            let (b, n) = self.entries.pop_back().expect("checked");
+            self.bytes -= n;
+            world::with(|w| w.tap_batches.remove(&(JOURNAL_PRODUCER, b.seq)));
+        }
+        if self.next_seq > durable + 1 {
+            world::trace(format!("the journal loses batches {}..={} (never synced)", durable + 1, self.next_seq - 1));
+        }
+        self.next_seq = durable + 1;
+        self.synced = durable;
     }
 
     /// Batches not yet committed on the site.
@@ -104,6 +129,7 @@ impl SimJournal {
             let mut f = file.lock().expect("journal");
             f.owner = Some(instance);
             f.synced = f.next_seq - 1;
+            f.durable = f.synced;
         }
         let (writer, rx) = mpsc::channel(WRITE_QUEUE_MAX);
         let j = SimJournal { file, instance, changed: Arc::new(Notify::new()), writer };
@@ -173,7 +199,11 @@ impl SimJournal {
         rt::sleep(Duration::from_micros(latency)).await;
         {
             let mut f = self.file.lock().expect("journal");
+            if f.owner != Some(self.instance) {
+                return;
+            }
             f.synced = f.next_seq - 1;
+            f.durable = f.synced;
         }
         self.changed.notify_waiters();
         for (seq, done) in answers.drain(..) {
@@ -296,9 +326,13 @@ impl ProducerStates for SimStates {
 /// Starts production's shipper for tap process `journal.instance`, as a
 /// task of the tap's process. The shipper gives up only on what retrying
 /// cannot mend, so its error is a failure of the seed; then `failed` runs
-/// (production's tap process exits).
-pub fn start_shipper(journal: SimJournal, failed: Box<dyn FnOnce()>) {
+/// (production's tap process exits). It first redoes the journal onto the
+/// backing file; the receiver resolves once that is done.
+pub fn start_shipper(journal: SimJournal, backing: Arc<dyn Backing>, failed: Box<dyn FnOnce()>) -> oneshot::Receiver<()> {
     let instance = journal.instance;
+    let (redone_tx, redone) = oneshot::channel();
+    let held = journal.clone();
+    let redo_backing = backing.clone();
     let shipping = Shipping {
         journal,
         group: TAP_GROUP.into(),
@@ -307,10 +341,21 @@ pub fn start_shipper(journal: SimJournal, failed: Box<dyn FnOnce()>) {
         states: Arc::new(SimStates),
         runtime: Arc::new(stream::SimProducerRuntime),
         shipped_lsn: Arc::new(AtomicU64::new(0)),
+        backing,
     };
     rt::with_node(Some(TAP_NODE), || {
         rt::spawn_local(async move {
-            if let Err(e) = ship_journal(shipping).await {
+            // As production's `run`: the backing file is brought up to the
+            // journal before the tap serves or the shipper trims.
+            let r = match redo_journal(&held, redo_backing.as_ref()).await {
+                Ok(n) => {
+                    world::trace(format!("tap process {instance} redid {n} journal batches onto the backing file"));
+                    let _ = redone_tx.send(());
+                    ship_journal(shipping).await
+                }
+                Err(e) => Err(e),
+            };
+            if let Err(e) = r {
                 let why = format!("the shipper of tap process {instance} failed: {e:#}");
                 world::trace(why.clone());
                 world::with(|w| w.tap_errors.push(why));
@@ -318,4 +363,5 @@ pub fn start_shipper(journal: SimJournal, failed: Box<dyn FnOnce()>) {
             }
         })
     });
+    redone
 }

@@ -80,6 +80,11 @@ pub enum Bug {
     /// sent rather than once the site has committed it, so a crash of the
     /// tap loses it.
     ShipperTrimsOnSend,
+    /// The async tap's shipper trims a committed batch from its journal
+    /// without syncing the backing file first, so a power loss on the
+    /// tap's host can take an answered write from the guest's disk while
+    /// the log keeps it.
+    TrimBeforeBackingSync,
 }
 
 pub use site::{run_seed, Outcome};

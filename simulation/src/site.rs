@@ -99,6 +99,7 @@ pub fn run_seed(opts: &Options) -> Outcome {
     let plan = Plan::draw(&mut rng).with_extra_kinds(&mut Rng::new(opts.seed ^ EXTRA_SALT));
     rewind_cdp_ingest::tap::bugs::ANSWER_BEFORE_COMMIT.store(opts.bug == Some(Bug::TapAnswerBeforeCommit), std::sync::atomic::Ordering::Relaxed);
     rewind_node::tap::bugs::TRIM_ON_SEND.store(opts.bug == Some(Bug::ShipperTrimsOnSend), std::sync::atomic::Ordering::Relaxed);
+    rewind_node::tap::bugs::TRIM_BEFORE_BACKING_SYNC.store(opts.bug == Some(Bug::TrimBeforeBackingSync), std::sync::atomic::Ordering::Relaxed);
     let plan_text = format!("{plan:?}");
     world::install(World::new(opts.seed, opts.bug, plan, &mut rng));
     let history: Shared = Rc::default();

@@ -63,6 +63,7 @@ fn a_budget_of_seeds_passes_twice_with_the_same_trace_hashes() {
         "tap crash",
         "frame stalled",
         "tap journal full (back-pressure, not a fault)",
+        "tap host power loss",
     ] {
         assert!(text.lines().any(|l| l.starts_with(&format!("{kind} | "))), "fault kind {kind:?} never fired:\n{text}");
     }
@@ -99,6 +100,7 @@ fn every_reintroduced_bug_is_caught() {
         ("replay-before-applied", 300),
         ("tap-unfenced", 1000),
         ("shipper-trims-on-send", 300),
+        ("trim-before-backing-sync", 300),
     ] {
         counts.push((bug, caught_after(bug, budget)));
     }
