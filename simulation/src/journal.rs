@@ -61,21 +61,17 @@ pub struct JournalFile {
     bytes: u64,
     /// The sequence number the next batch gets.
     next_seq: u64,
-    /// The last batch a sync has covered in the running process (at open,
-    /// every written batch: a crash of the process keeps the page cache).
+    /// The last batch on the disk for good, which the shipper may see: a
+    /// sync covered it, or the open after a crash did (production syncs the
+    /// newest segment at open, so what a crash left in the page cache counts).
     synced: u64,
-    /// The last batch on the disk for good: a sync covered it, or the open
-    /// after a crash did (production syncs the newest segment at open).
-    durable: u64,
     /// The process that has the journal open.
     owner: Option<u64>,
-    /// Batches trimmed so far.
-    pub trimmed: u64,
 }
 
 impl JournalFile {
     pub fn new() -> Arc<Mutex<JournalFile>> {
-        Arc::new(Mutex::new(JournalFile { entries: VecDeque::new(), bytes: 0, next_seq: 1, synced: 0, durable: 0, owner: None, trimmed: 0 }))
+        Arc::new(Mutex::new(JournalFile { entries: VecDeque::new(), bytes: 0, next_seq: 1, synced: 0, owner: None }))
     }
 
     /// The process that had it open is gone.
@@ -87,7 +83,7 @@ impl JournalFile {
     /// and their numbers will be given again.
     pub fn power_loss(&mut self) {
         self.owner = None;
-        let durable = self.durable;
+        let durable = self.synced;
         while self.entries.back().is_some_and(|(b, _)| b.seq > durable) {
             let (b, n) = self.entries.pop_back().expect("checked");
             self.bytes -= n;
@@ -97,7 +93,6 @@ impl JournalFile {
             world::trace(format!("the journal loses batches {}..={} (never synced)", durable + 1, self.next_seq - 1));
         }
         self.next_seq = durable + 1;
-        self.synced = durable;
     }
 
     /// Batches not yet committed on the site.
@@ -129,7 +124,6 @@ impl SimJournal {
             let mut f = file.lock().expect("journal");
             f.owner = Some(instance);
             f.synced = f.next_seq - 1;
-            f.durable = f.synced;
         }
         let (writer, rx) = mpsc::channel(WRITE_QUEUE_MAX);
         let j = SimJournal { file, instance, changed: Arc::new(Notify::new()), writer };
@@ -203,7 +197,6 @@ impl SimJournal {
                 return;
             }
             f.synced = f.next_seq - 1;
-            f.durable = f.synced;
         }
         self.changed.notify_waiters();
         for (seq, done) in answers.drain(..) {
@@ -248,7 +241,6 @@ impl ShipJournal for SimJournal {
         while f.entries.front().is_some_and(|(b, _)| b.seq <= seq) {
             let (_, n) = f.entries.pop_front().expect("checked");
             f.bytes -= n;
-            f.trimmed += 1;
         }
         drop(f);
         self.changed.notify_waiters();

@@ -353,16 +353,14 @@ pub async fn guest(site: TapHandle, ops: u64, depth: usize, mut rng: Rng, deadli
         let kind = if n >= ops {
             OpKind::Flush
         } else {
-            match rng.range(0, 20) {
-                // A lazy guest (a VM with a write cache it rarely flushes)
-                // writes where another would flush.
-                0..=14 | 18..=19 if lazy => {
-                    let len = rng.range(1, 65) * SECTOR;
-                    OpKind::Write { offset: rng.range(0, (TAP_DISK_BYTES - len) / SECTOR + 1) * SECTOR, len, fua: false }
-                }
+            let pick = rng.range(0, 20);
+            // A lazy guest (a VM with a write cache it rarely flushes)
+            // writes where another would flush, and never asks for FUA.
+            let pick = if lazy && pick >= 18 { 0 } else { pick };
+            match pick {
                 0..=14 => {
                     let len = rng.range(1, 65) * SECTOR;
-                    OpKind::Write { offset: rng.range(0, (TAP_DISK_BYTES - len) / SECTOR + 1) * SECTOR, len, fua: rng.chance(0.1) }
+                    OpKind::Write { offset: rng.range(0, (TAP_DISK_BYTES - len) / SECTOR + 1) * SECTOR, len, fua: !lazy && rng.chance(0.1) }
                 }
                 15..=17 => {
                     let len = rng.range(1, 129) * SECTOR;
