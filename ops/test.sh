@@ -1,13 +1,18 @@
 #!/usr/bin/env bash
-# The whole test suite: unit, property, storage-suite and integration tests
-# against real node processes and real NBD clients, then the fuzzers for a
-# bounded time. Installs what it needs first. Ends with one line of totals.
+# The whole test suite: clippy with warnings as errors, unit, property,
+# storage-suite and integration tests against real node processes and real
+# NBD clients, then the fuzzers for a bounded time. Installs what it needs
+# first. Ends with one line of totals.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . ops/env.sh
 bash ops/setup-debian.sh
 # The peers the benchmarks compare with (their smoke test runs below).
 bash ops/setup-peers.sh
+# Lints first: warnings are errors, and clippy.toml's bans (direct spawns
+# and clocks in the core crates) hold.
+rustup component list --installed 2>/dev/null | grep -q '^clippy' || rustup component add clippy
+cargo clippy --workspace --all-targets -- -D warnings
 log=$(mktemp)
 # Integration tests each run a 3-node site; one at a time on a 2-core machine.
 set +e

@@ -60,6 +60,13 @@ pub enum JournalError {
     TooSmall { got: u64 },
     #[error("journal {dir} is in use by another tap")]
     Busy { dir: PathBuf },
+    /// The writer thread has ended (the process is stopping, or an fsync
+    /// failed and it is aborting).
+    #[error("the journal writer stopped")]
+    WriterStopped,
+    /// This handle's process no longer has the journal open.
+    #[error("the journal is closed")]
+    Closed,
 }
 
 fn io_at(path: &Path) -> impl FnOnce(std::io::Error) -> JournalError + '_ {
@@ -140,11 +147,11 @@ struct Append {
 pub struct JournalSink(pub Journal);
 
 impl crate::tap::LogSink for JournalSink {
-    fn submit(&self, events: Vec<TimedEvent>) -> crate::tap::BoxFuture<'_, Result<crate::tap::Committed, crate::tap::SinkError>> {
+    fn submit(&self, events: Vec<TimedEvent>) -> crate::BoxFuture<'_, Result<crate::tap::Committed, crate::tap::SinkError>> {
         Box::pin(async move {
-            let rx = self.0.submit(events).await.map_err(crate::tap::SinkError)?;
+            let rx = self.0.submit(events).await?;
             let durable: crate::tap::Committed = Box::pin(async move {
-                rx.await.map(|seq| (seq, seq)).map_err(|_| crate::tap::SinkError("the journal writer stopped".into()))
+                rx.await.map(|seq| (seq, seq)).map_err(|_| JournalError::WriterStopped.into())
             });
             Ok(durable)
         })
@@ -280,27 +287,27 @@ impl Journal {
 
     /// Appends a batch; resolves with its sequence number once it is
     /// durable. Waits while the journal is full.
-    pub async fn append(&self, events: Vec<TimedEvent>) -> Result<u64, String> {
-        self.submit(events).await?.await.map_err(|_| "the journal writer stopped".to_string())
+    pub async fn append(&self, events: Vec<TimedEvent>) -> Result<u64, JournalError> {
+        self.submit(events).await?.await.map_err(|_| JournalError::WriterStopped)
     }
 
     /// Queues a batch for the writer, waiting while its queue is full; the
     /// receiver gets the batch's sequence number once it is durable.
     /// Batches are journaled in the order they are submitted.
-    pub async fn submit(&self, events: Vec<TimedEvent>) -> Result<oneshot::Receiver<u64>, String> {
+    pub async fn submit(&self, events: Vec<TimedEvent>) -> Result<oneshot::Receiver<u64>, JournalError> {
         let (done, rx) = oneshot::channel();
         let append = Append { events, done };
         // Fast path: room in the queue. Otherwise block off the workers.
         let append = match self.writer.try_send(append) {
             Ok(()) => return Ok(rx),
             Err(std::sync::mpsc::TrySendError::Full(a)) => a,
-            Err(std::sync::mpsc::TrySendError::Disconnected(_)) => return Err("the journal writer stopped".into()),
+            Err(std::sync::mpsc::TrySendError::Disconnected(_)) => return Err(JournalError::WriterStopped),
         };
         let writer = self.writer.clone();
         tokio::task::spawn_blocking(move || writer.send(append))
             .await
-            .map_err(|e| e.to_string())?
-            .map_err(|_| "the journal writer stopped".to_string())?;
+            .map_err(|_| JournalError::WriterStopped)?
+            .map_err(|_| JournalError::WriterStopped)?;
         Ok(rx)
     }
 
@@ -536,6 +543,9 @@ fn publish(shared: &Shared, written: &mut Vec<(Entry, oneshot::Sender<u64>)>) {
 /// Blocks until `need` more bytes fit under the bound (always when the
 /// journal holds nothing). What was written so far is published first, so
 /// the shipper can make the room.
+// The journal's files run only in production (the simulation models the
+// journal's rules in memory); the stall time it reads is a metric.
+#[allow(clippy::disallowed_methods)]
 fn wait_for_room(shared: &Shared, need: u64, written: &mut Vec<(Entry, oneshot::Sender<u64>)>) {
     let pending: u64 = written.iter().map(|(e, _)| u64::from(e.len) + ENTRY_HEADER_BYTES).sum();
     {
@@ -556,6 +566,7 @@ fn wait_for_room(shared: &Shared, need: u64, written: &mut Vec<(Entry, oneshot::
 }
 
 #[cfg(test)]
+#[allow(clippy::disallowed_methods)] // tests of real files run on tokio and the wall clock
 mod tests {
     use super::*;
     use rewind_wire::event::Event;

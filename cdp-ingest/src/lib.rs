@@ -2,17 +2,22 @@
 //! every write into the disk's consistency group, in order (the VAIO I/O
 //! filter's role in Veeam CDP).
 //!
-//! * [`nbd`]: the NBD protocol as pure functions over bytes.
-//! * [`server`]: the NBD server for any [`server::Export`]: handshake,
-//!   option haggling, bounds checks, transmission.
 //! * [`tap`]: the tap as an export: the ordered section that
 //!   writes the backing file and queues the event in one order, and the
 //!   batcher that hands batches to a [`tap::LogSink`].
 //! * [`journal`]: async mode's local journal, bounded in bytes, fsync'd
 //!   before a write is answered, trimmed as the site commits.
+//! * [`producer`]: the ordered, pipelined, idempotent producer that
+//!   appends batches for one producer identity, through an
+//!   [`producer::AppendLink`] (QUIC in `node`, the simulated network in
+//!   `simulation`).
+//! * [`shipper`]: the async tap's shipper and its redo at start, and the
+//!   sync tap's sink over the producer.
+//! * [`identity`]: a sync tap's producer identity and epochs.
 //!
-//! The tap appends through the [`tap::LogSink`] trait, which `node`
-//! implements over QUIC; this crate never sees Raft or the network. It
+//! The tap appends through the [`tap::LogSink`] trait: the producer's sink
+//! or the journal's; this crate never sees Raft, QUIC or a socket of its
+//! own (the NBD server is `rewind-nbd`'s). It
 //! reaches its backing file through [`tap::Backing`] and spawns through
 //! [`tap::Spawner`], so the simulation runs the same tap in memory.
 //!
@@ -30,7 +35,10 @@
 //!
 //! Not built yet: the CBT importer.
 
-pub mod nbd;
-pub mod server;
-pub mod tap;
+pub mod identity;
 pub mod journal;
+pub mod producer;
+pub mod shipper;
+pub mod tap;
+
+pub use futures::future::BoxFuture;

@@ -11,13 +11,20 @@ use rewind_wire::event::{split_write, Event, TimedEvent};
 use rewind_wire::limits::{BATCH_BYTES_MAX, BATCH_EVENTS_MAX};
 use tokio::sync::{mpsc, oneshot, Notify};
 
-use crate::nbd;
-pub use crate::server::{serve, Answer, BoxFuture, Export};
+use rewind_nbd::protocol as nbd;
+pub use rewind_nbd::server::{serve, Answer, Export};
+pub use crate::BoxFuture;
 
 /// Why the log did not take a batch.
-#[derive(Debug, Clone, thiserror::Error)]
-#[error("{0}")]
-pub struct SinkError(pub String);
+#[derive(Debug, thiserror::Error)]
+pub enum SinkError {
+    /// Sync mode: the producer did not get the batch committed.
+    #[error(transparent)]
+    Producer(#[from] crate::producer::ProducerError),
+    /// Async mode: the journal did not make the batch durable.
+    #[error(transparent)]
+    Journal(#[from] crate::journal::JournalError),
+}
 
 /// Where the tap's batches go: a consistency group's log.
 ///
@@ -46,6 +53,7 @@ pub trait Clock: Send + Sync + 'static {
 pub struct SystemClock;
 
 impl Clock for SystemClock {
+    #[allow(clippy::disallowed_methods)] // production's clock
     fn now_ns(&self) -> u64 {
         std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0)
     }
@@ -131,6 +139,7 @@ pub trait Spawner: Send + Sync + 'static {
 pub struct TokioSpawner;
 
 impl Spawner for TokioSpawner {
+    #[allow(clippy::disallowed_methods)] // production's spawner
     fn spawn(&self, task: BoxFuture<'static, ()>) {
         tokio::spawn(task);
     }
@@ -322,11 +331,11 @@ async fn batcher(
             }
             Ok(committed) => {
                 spawner.spawn(Box::pin(async move {
-                    let result = committed.await.map(|_| ()).map_err(|e| e.0);
+                    let result = committed.await.map(|_| ()).map_err(|e| e.to_string());
                     settle(result, waiters);
                 }));
             }
-            Err(e) => settle(Err(e.0), waiters),
+            Err(e) => settle(Err(e.to_string()), waiters),
         }
     }
 }

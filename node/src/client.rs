@@ -7,12 +7,14 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail};
+use rewind_cdp_ingest::producer::{AppendLink, AppendStream, LinkError, TokioRuntime, RETRY_PAUSE};
+pub use rewind_cdp_ingest::producer::{Producer, ProducerError};
+use rewind_cdp_ingest::shipper::{ProducerStates, StateError};
+use rewind_cdp_ingest::BoxFuture;
 use rewind_wire::rpc::{DiskSpec, ErrorKind, NodeStatus, Request, Response};
 use tokio::sync::mpsc;
 
 use crate::config::{ClientConfig, NodeAddr};
-pub use crate::producer::Producer;
-use crate::producer::{AppendLink, AppendStream, BoxFuture, RETRY_PAUSE};
 use crate::raft_net::Network;
 
 /// How long a call keeps trying the site before it gives up.
@@ -28,12 +30,15 @@ pub struct Client {
     deadline: Duration,
 }
 
-/// A refusal from the site that retrying will not change.
+/// Why a call to the site's leader failed.
 #[derive(Debug, thiserror::Error)]
-#[error("{message}")]
-pub struct Refused {
-    pub kind: ErrorKind,
-    pub message: String,
+pub enum CallError {
+    /// The site refused the request; retrying will not change that.
+    #[error("{message}")]
+    Refused { kind: ErrorKind, message: String },
+    /// No node answered as the leader before the deadline.
+    #[error("the site did not answer within {deadline:?}: {last}")]
+    NoAnswer { deadline: Duration, last: String },
 }
 
 impl Client {
@@ -75,7 +80,7 @@ impl Client {
 
     /// Sends to the leader, following redirects and retrying through leader
     /// changes until the deadline. A refusal is returned at once.
-    pub async fn call_leader(&self, request: &Request) -> anyhow::Result<Response> {
+    pub async fn call_leader(&self, request: &Request) -> Result<Response, CallError> {
         let started = Instant::now();
         let mut next = 0usize;
         let mut last_error = anyhow!("no node tried");
@@ -97,7 +102,7 @@ impl Client {
                         tokio::time::sleep(RETRY_PAUSE).await;
                     }
                     ErrorKind::BadRequest | ErrorKind::Refused => {
-                        return Err(Refused { kind: e.kind, message: e.message }.into())
+                        return Err(CallError::Refused { kind: e.kind, message: e.message })
                     }
                 },
                 Ok(r) => {
@@ -111,7 +116,7 @@ impl Client {
                 }
             }
         }
-        Err(last_error.context(format!("the site did not answer within {:?}", self.deadline)))
+        Err(CallError::NoAnswer { deadline: self.deadline, last: format!("{last_error:#}") })
     }
 
     pub async fn create_group(&self, group: &str, disks: Vec<DiskSpec>) -> anyhow::Result<()> {
@@ -142,7 +147,7 @@ impl Client {
         loop {
             for (_, s) in self.status_all().await {
                 if let Ok(s) = s {
-                    if s.shards.iter().any(|sh| sh.role == "leader") {
+                    if s.shards.iter().any(|sh| sh.role == rewind_wire::rpc::Role::Leader) {
                         return Ok(s.id);
                     }
                 }
@@ -188,22 +193,22 @@ impl AppendStream for QuicAppendStream {
         self.addr.to_string()
     }
 
-    fn send<'a>(&'a mut self, request: &'a Request) -> BoxFuture<'a, anyhow::Result<()>> {
+    fn send<'a>(&'a mut self, request: &'a Request) -> BoxFuture<'a, Result<(), LinkError>> {
         Box::pin(async move { Ok(crate::transport::write_frame(&mut self.send, request).await?) })
     }
 
-    fn recv(&mut self) -> BoxFuture<'_, Option<anyhow::Result<Response>>> {
-        Box::pin(async move { self.replies.recv().await.map(|r| r.map_err(anyhow::Error::from)) })
+    fn recv(&mut self) -> BoxFuture<'_, Option<Result<Response, LinkError>>> {
+        Box::pin(async move { self.replies.recv().await.map(|r| r.map_err(LinkError::from)) })
     }
 }
 
 impl AppendLink for Client {
-    fn open<'a>(&'a self, rotate: &'a mut usize, window: usize) -> BoxFuture<'a, anyhow::Result<Box<dyn AppendStream>>> {
+    fn open<'a>(&'a self, rotate: &'a mut usize, window: usize) -> BoxFuture<'a, Result<Box<dyn AppendStream>, LinkError>> {
         Box::pin(async move {
             let addr = self.pick_node(rotate);
             let (send, mut recv) = self.network.peer(addr).open().await?;
             let (tx, replies) = mpsc::channel(window + 1);
-            let reader = tokio::spawn(async move {
+            let reader = crate::spawn(async move {
                 loop {
                     let r = crate::transport::read_frame::<Response>(&mut recv).await;
                     let stop = r.is_err();
@@ -224,4 +229,28 @@ impl AppendLink for Client {
     fn deadline(&self) -> Duration {
         self.deadline
     }
+}
+
+impl ProducerStates for Client {
+    fn last_seq<'a>(&'a self, group: &'a str, client_id: u64) -> BoxFuture<'a, Result<u64, StateError>> {
+        Box::pin(async move {
+            match self.call_leader(&Request::ProducerState { group: group.to_string(), client_id }).await {
+                Ok(Response::Producer { last_seq }) => Ok(last_seq),
+                // Another protocol: retrying will not mend it.
+                Ok(other) => Err(StateError::Refused(format!("unexpected reply {other:?}"))),
+                Err(e @ CallError::Refused { .. }) => Err(StateError::Refused(e.to_string())),
+                Err(e @ CallError::NoAnswer { .. }) => Err(StateError::Unavailable(e.to_string())),
+            }
+        })
+    }
+}
+
+/// A producer with a fresh identity over this client, on tokio.
+pub fn producer(client: Client, window: usize) -> Producer {
+    producer_resuming(client, window, fresh_client_id(), 1)
+}
+
+/// A producer that goes on under a known identity from `next_seq`.
+pub fn producer_resuming(client: Client, window: usize, client_id: u64, next_seq: u64) -> Producer {
+    Producer::over(Arc::new(client), Arc::new(TokioRuntime::default()), window, client_id, next_seq)
 }

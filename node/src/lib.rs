@@ -17,21 +17,28 @@
 pub mod client;
 pub mod config;
 pub mod dev;
-pub mod export;
 pub mod load;
-pub mod producer;
 pub mod raft_net;
 pub mod replay;
 pub mod server;
 pub mod status;
 pub mod tap;
-pub mod timefmt;
 pub mod tls;
 pub mod transport;
 
 /// The one data shard a site runs today. Every RPC and address carries the
 /// shard id so that several Raft groups per node can come without a rewrite.
 pub const DATA_SHARD: rewind_wire::raft::ShardId = 1;
+
+/// Starts a task on tokio: the one place the node's tasks begin.
+#[allow(clippy::disallowed_methods)]
+pub fn spawn<F>(task: F) -> tokio::task::JoinHandle<F::Output>
+where
+    F: std::future::Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    tokio::spawn(task)
+}
 
 /// Nanoseconds since the Unix epoch, from the system clock.
 pub fn now_ns() -> u64 {

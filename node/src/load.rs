@@ -11,7 +11,7 @@ use hdrhistogram::Histogram;
 use rewind_wire::event::{Event, TimedEvent};
 use rewind_wire::limits::BATCH_BYTES_MAX;
 
-use crate::client::{Client, Producer};
+use crate::client::Client;
 
 #[derive(Debug, Clone)]
 pub struct LoadSpec {
@@ -79,7 +79,7 @@ pub fn event(spec: &LoadSpec, index: u64) -> TimedEvent {
 pub async fn run(client: Client, spec: &LoadSpec, mut progress: impl FnMut(u64, u64)) -> anyhow::Result<LoadReport> {
     anyhow::ensure!(!spec.sizes.is_empty() && spec.window > 0, "need at least one size and a window of 1 or more");
     let batch_bytes = spec.batch_bytes.clamp(1, BATCH_BYTES_MAX);
-    let mut producer = Producer::new(client, spec.window);
+    let mut producer = crate::client::producer(client, spec.window);
     let mut latency_us = Histogram::<u64>::new_with_bounds(1, 600_000_000, 3).context("histogram")?;
     let mut in_flight = VecDeque::new();
     let started = Instant::now();
@@ -107,7 +107,7 @@ pub async fn run(client: Client, spec: &LoadSpec, mut progress: impl FnMut(u64, 
             continue;
         }
         let Some((rx, sent_at, first_index, count, size)) = in_flight.pop_front() else { break };
-        match rx.await.map_err(|_| anyhow::anyhow!("the producer stopped")).and_then(|r| r) {
+        match rx.await.unwrap_or(Err(crate::client::ProducerError::Stopped)) {
             Ok((lsn_first, lsn_last)) => {
                 latency_us.record((sent_at.elapsed().as_micros() as u64).max(1)).ok();
                 events += count;
@@ -115,7 +115,7 @@ pub async fn run(client: Client, spec: &LoadSpec, mut progress: impl FnMut(u64, 
                 acked.push(Acked { lsn_first, lsn_last, first_index, count });
                 progress(events, bytes);
             }
-            Err(e) => errors.push(format!("{e:#}")),
+            Err(e) => errors.push(e.to_string()),
         }
     }
     Ok(LoadReport { events, bytes, elapsed: started.elapsed(), latency_us, acked, errors })

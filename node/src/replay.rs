@@ -13,6 +13,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
+use rewind_replay::{ReplayExport, SourceError};
 use rewind_wire::limits::READ_DISK_BYTES_MAX;
 use rewind_wire::rpc::{ErrorKind, GroupState, Request, Response, Target};
 
@@ -86,8 +87,8 @@ pub async fn resolve(client: &Client, group: &str, target: &Target, node: &NodeA
         Ok(Response::Resolved { lsn, time_ns }) => return Ok((lsn, time_ns, "the leader".into())),
         Ok(Response::Error(e)) => bail!("{}", e.message),
         Ok(other) => bail!("unexpected reply {other:?}"),
-        Err(e) if e.downcast_ref::<crate::client::Refused>().is_some() => return Err(e),
-        Err(e) => tracing::warn!("no leader answered ({e:#}); resolving the target on node {}", node.id),
+        Err(e @ crate::client::CallError::Refused { .. }) => return Err(e.into()),
+        Err(e @ crate::client::CallError::NoAnswer { .. }) => tracing::warn!("no leader answered ({e}); resolving the target on node {}", node.id),
     }
     let request = Request::Resolve { group: group.into(), target: target.clone(), on_leader: false };
     match client.call_node(node.addr, &request).await? {
@@ -137,18 +138,18 @@ impl rewind_replay::BlockSource for NodeSource {
         READ_DISK_BYTES_MAX
     }
 
-    fn read(&self, offset: u64, len: u64) -> rewind_replay::BoxFuture<'_, Result<rewind_replay::Piece, rewind_replay::SourceError>> {
+    fn read(&self, offset: u64, len: u64) -> rewind_replay::BoxFuture<'_, Result<rewind_replay::Piece, SourceError>> {
         Box::pin(async move {
             let request = Request::ReadDisk { group: self.group.clone(), disk: self.disk.clone(), lsn: self.lsn, offset, len };
             let id = self.node.id;
             match self.client.call_node(self.node.addr, &request).await {
                 Ok(Response::DiskPiece { len, runs }) => Ok(rewind_replay::Piece { len, runs }),
                 Ok(Response::Error(e)) if e.kind == ErrorKind::Internal => {
-                    Err(rewind_replay::SourceError(format!("{} (other nodes may still hold good copies: try --node)", e.message)))
+                    Err(SourceError::Damaged(format!("{} (other nodes may still hold good copies: try --node)", e.message)))
                 }
-                Ok(Response::Error(e)) => Err(rewind_replay::SourceError(format!("node {id}: {}", e.message))),
-                Ok(other) => Err(rewind_replay::SourceError(format!("node {id}: unexpected reply {other:?}"))),
-                Err(e) => Err(rewind_replay::SourceError(format!("node {id}: {e:#}"))),
+                Ok(Response::Error(e)) => Err(SourceError::Refused(format!("node {id}: {}", e.message))),
+                Ok(other) => Err(SourceError::BadPiece(format!("node {id}: unexpected reply {other:?}"))),
+                Err(e) => Err(SourceError::Unreachable(format!("node {id}: {e:#}"))),
             }
         })
     }
@@ -158,9 +159,7 @@ impl rewind_replay::BlockSource for NodeSource {
 /// applied it; with the target's event time and where it was resolved.
 async fn open_source(client: &Client, opts: &ReplayOptions, note: impl FnMut(&str)) -> anyhow::Result<(NodeSource, u64, String)> {
     let (node, group) = serving_node(client, &opts.group, opts.node).await?;
-    let disk = group.disks.iter().find(|d| d.name == opts.disk).with_context(|| {
-        format!("group {} has no disk {:?} (it has: {})", opts.group, opts.disk, group.disks.iter().map(|d| d.name.as_str()).collect::<Vec<_>>().join(", "))
-    })?;
+    let disk = group.disks.iter().find(|d| d.name == opts.disk).with_context(|| rewind_service::no_disk(&opts.group, &opts.disk, &group.disks))?;
     let (lsn, time_ns, resolved_on) = resolve(client, &opts.group, &opts.target, &node).await?;
     wait_applied(client, &node, &opts.group, lsn, opts.wait, note).await?;
     let source = NodeSource { client: client.clone(), node, group: opts.group.clone(), disk: opts.disk.clone(), lsn, size: disk.size_bytes };
@@ -194,92 +193,6 @@ pub struct ServeOptions {
     pub overlay: Option<PathBuf>,
     /// Keep the overlay (and its map) when the export stops.
     pub keep_overlay: bool,
-}
-
-/// The NBD export of a replayed disk: reads through the block index of the
-/// serving node, writes (when writable) into a local overlay only.
-struct ReplayExport {
-    name: String,
-    description: String,
-    source: NodeSource,
-    overlay: Option<rewind_replay::Overlay>,
-}
-
-use rewind_cdp_ingest::server::{Answer, BoxFuture as NbdFuture, Export};
-
-fn eio(what: &str, e: impl std::fmt::Display) -> u32 {
-    tracing::error!("{what}: {e}");
-    rewind_cdp_ingest::nbd::EIO
-}
-
-// `write` and `zero` return a future of a future on purpose: the outer one
-// is the ordering step, the inner one the reply (see `server::Export`).
-#[allow(clippy::async_yields_async)]
-impl Export for ReplayExport {
-    fn name(&self) -> &str {
-        &self.name
-    }
-
-    fn size(&self) -> u64 {
-        self.source.size
-    }
-
-    fn description(&self) -> &str {
-        &self.description
-    }
-
-    fn read_only(&self) -> bool {
-        self.overlay.is_none()
-    }
-
-    fn read(self: std::sync::Arc<Self>, offset: u64, len: u32) -> NbdFuture<'static, Result<Vec<u8>, u32>> {
-        Box::pin(async move {
-            let r = match &self.overlay {
-                Some(o) => o.read(&self.source, offset, u64::from(len)).await,
-                None => rewind_replay::read_bytes(&self.source, offset, u64::from(len)).await,
-            };
-            r.map_err(|e| eio("read of the replayed disk failed", e))
-        })
-    }
-
-    fn write(self: std::sync::Arc<Self>, offset: u64, data: Vec<u8>, fua: bool) -> NbdFuture<'static, Answer> {
-        Box::pin(async move {
-            let code = match &self.overlay {
-                None => rewind_cdp_ingest::nbd::EPERM,
-                Some(o) => match o.write(&self.source, offset, data.len() as u64, Some(&data)).await {
-                    Ok(()) if fua => o.sync().map_or_else(|e| eio("overlay sync failed", e), |_| 0),
-                    Ok(()) => 0,
-                    Err(e) => eio("overlay write failed", e),
-                },
-            };
-            let answer: Answer = Box::pin(async move { code });
-            answer
-        })
-    }
-
-    fn zero(self: std::sync::Arc<Self>, offset: u64, len: u64, _trim: bool, _punch: bool, fua: bool) -> NbdFuture<'static, Answer> {
-        Box::pin(async move {
-            let code = match &self.overlay {
-                None => rewind_cdp_ingest::nbd::EPERM,
-                Some(o) => match o.write(&self.source, offset, len, None).await {
-                    Ok(()) if fua => o.sync().map_or_else(|e| eio("overlay sync failed", e), |_| 0),
-                    Ok(()) => 0,
-                    Err(e) => eio("overlay write failed", e),
-                },
-            };
-            let answer: Answer = Box::pin(async move { code });
-            answer
-        })
-    }
-
-    fn flush(self: std::sync::Arc<Self>) -> Answer {
-        Box::pin(async move {
-            match &self.overlay {
-                Some(o) => o.sync().map_or_else(|e| eio("overlay sync failed", e), |_| 0),
-                None => 0,
-            }
-        })
-    }
 }
 
 /// What `serve` tells its caller once the export listens.
@@ -317,18 +230,18 @@ pub async fn serve(client: &Client, opts: &ReplayOptions, serve: &ServeOptions, 
         opts.group,
         if serve.writable { ", writable: writes go to a local overlay, never to the log" } else { ", read-only" }
     );
-    let export = std::sync::Arc::new(ReplayExport { name: opts.disk.clone(), description, source, overlay });
+    let export = std::sync::Arc::new(ReplayExport::new(&opts.disk, description, source, overlay));
     let listener = tokio::net::TcpListener::bind(serve.listen).await.with_context(|| format!("listen on {}", serve.listen))?;
     let uri = format!("nbd://{}/{}", listener.local_addr()?, opts.disk);
     ready(&Serving { uri, node, lsn, time_ns, resolved_on, ready_after: started.elapsed(), overlay: overlay_path });
     tokio::select! {
-        e = crate::export::accept_tcp(&listener, export.clone()) => return Err(anyhow::Error::new(e).context("accept an NBD client")),
-        r = crate::export::stop_signal() => r?,
+        e = rewind_nbd::listen::accept_tcp(&listener, export.clone()) => return Err(anyhow::Error::new(e).context("accept an NBD client")),
+        r = rewind_nbd::listen::stop_signal() => r?,
     }
     drop(listener);
     // Connections still open hold the export; the overlay is synced or
     // removed through whichever handle is last.
-    if let Some(o) = &export.overlay {
+    if let Some(o) = export.overlay() {
         if serve.keep_overlay {
             o.sync().with_context(|| format!("sync the overlay {}", o.path().display()))?;
             note(&format!("kept the overlay {} ({} blocks written; map in {})", o.path().display(), o.written_blocks().await, rewind_replay::Overlay::map_path(o.path()).display()));

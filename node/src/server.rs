@@ -1,37 +1,45 @@
-//! A running node: the QUIC endpoint, the shard's Raft, and the dispatch of
-//! every request that arrives.
+//! A running node: the QUIC endpoint, the shard's Raft, and the shell that
+//! hands each request to `rewind-service` (client requests, appends) or
+//! serves it here (Raft's own RPCs, snapshots, status, tap reports).
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use openraft::errors::{ClientWriteError, RaftError};
-use openraft::async_runtime::WatchReceiver;
-use openraft::BasicNode;
 use rewind_raft_store::{codec, SnapshotFile, StoreReader, TypeConfig};
+use rewind_service::{PendingAppend, Service, ServiceError, ServiceTypes};
 use rewind_wire::event::EventBatch;
 use rewind_wire::limits::{PRODUCER_WINDOW_MAX, SNAPSHOT_CHUNK_BYTES_MAX};
-use rewind_wire::raft::{self as w, Command, CommandReply, ShardId};
-use rewind_wire::raft::Member;
-use rewind_wire::rpc::{ErrorKind, Request, Response, RpcError};
+use rewind_wire::raft::{self as w, ShardId};
+use rewind_wire::rpc::{Request, Response};
 
 use crate::config::NodeConfig;
 use crate::raft_net::Network;
 use crate::transport::{read_frame, write_frame};
-use crate::DATA_SHARD;
+use crate::{spawn, DATA_SHARD};
 
 pub type Raft = openraft::Raft<TypeConfig, rewind_raft_store::StateMachine>;
+
+/// The production types the request service runs over.
+pub struct NodeTypes;
+
+impl ServiceTypes for NodeTypes {
+    type C = TypeConfig;
+    type SM = rewind_raft_store::StateMachine;
+    type Read = StoreReader;
+
+    fn responder() -> (openraft::alias::WriteResponderOf<TypeConfig>, rewind_service::WriteReceiver<TypeConfig>) {
+        openraft::impls::ProgressResponder::complete_only()
+    }
+}
 
 /// Largest snapshot a node accepts from a peer, 1 TiB.
 const SNAPSHOT_BYTES_MAX: u64 = 1 << 40;
 
-/// One Raft group on this node.
-pub struct Shard {
-    pub raft: Raft,
-    pub reader: StoreReader,
-}
+/// One Raft group on this node: its Raft, its store and their requests.
+pub type Shard = Service<NodeTypes>;
 
 pub struct Node {
     pub id: u64,
@@ -48,8 +56,8 @@ pub const TAP_REPORT_KEPT: Duration = Duration::from_secs(600);
 /// Taps remembered at most; the oldest report goes first.
 const TAPS_MAX: usize = 1024;
 
-fn error(kind: ErrorKind, message: impl Into<String>) -> Response {
-    Response::Error(RpcError { kind, message: message.into(), leader: None })
+fn bad_request(message: impl Into<String>) -> Response {
+    ServiceError::BadRequest(message.into()).into()
 }
 
 fn raft_config(c: &NodeConfig) -> anyhow::Result<Arc<openraft::Config>> {
@@ -96,7 +104,7 @@ pub async fn run(config: NodeConfig) -> anyhow::Result<()> {
         .context("start raft")?;
     watch_raft(raft.clone());
     let mut shards = BTreeMap::new();
-    shards.insert(DATA_SHARD, Shard { raft: raft.clone(), reader: store.reader });
+    shards.insert(DATA_SHARD, Service::new(config.id, raft.clone(), store.reader));
     let node = Arc::new(Node { id: config.id, addr: config.listen.to_string(), shards, taps: Default::default() });
     tracing::info!(id = config.id, listen = %config.listen, data = %config.data_dir.display(), "node started");
 
@@ -106,7 +114,7 @@ pub async fn run(config: NodeConfig) -> anyhow::Result<()> {
         async move {
             while let Some(incoming) = endpoint.accept().await {
                 let node = node.clone();
-                tokio::spawn(async move { serve_connection(node, incoming).await });
+                spawn(serve_connection(node, incoming));
             }
         }
     };
@@ -123,7 +131,8 @@ pub async fn run(config: NodeConfig) -> anyhow::Result<()> {
 
 /// Publishes Raft's progress as metrics: apply lag, leader changes, term.
 fn watch_raft(raft: Raft) {
-    tokio::spawn(async move {
+    use openraft::async_runtime::WatchReceiver;
+    spawn(async move {
         let mut rx = raft.metrics();
         let mut leader = None;
         loop {
@@ -158,7 +167,7 @@ async fn serve_connection(node: Arc<Node>, incoming: quinn::Incoming) {
             Err(_) => return,
         };
         let node = node.clone();
-        tokio::spawn(async move { serve_stream(node, remote, send, recv).await });
+        spawn(serve_stream(node, remote, send, recv));
     }
 }
 
@@ -168,7 +177,7 @@ async fn serve_stream(node: Arc<Node>, remote: std::net::SocketAddr, mut send: q
         Ok(request) => node.dispatch(request, &mut recv).await,
         Err(e) => {
             tracing::warn!(%remote, "refused a request: {e}");
-            error(ErrorKind::BadRequest, e.to_string())
+            bad_request(e.to_string())
         }
     };
     if let Err(e) = write_frame(&mut send, &response).await {
@@ -179,48 +188,34 @@ async fn serve_stream(node: Arc<Node>, remote: std::net::SocketAddr, mut send: q
 }
 
 impl Node {
-    fn shard(&self, id: ShardId) -> Result<&Shard, Response> {
-        self.shards.get(&id).ok_or_else(|| error(ErrorKind::BadRequest, format!("node {} has no shard {id}", self.id)))
+    fn shard(&self, id: ShardId) -> Result<&Shard, ServiceError> {
+        self.shards.get(&id).ok_or_else(|| ServiceError::BadRequest(format!("node {} has no shard {id}", self.id)))
+    }
+
+    fn data_shard(&self) -> Result<&Shard, ServiceError> {
+        self.shard(crate::DATA_SHARD)
     }
 
     async fn dispatch(&self, request: Request, recv: &mut quinn::RecvStream) -> Response {
         let result = match request {
             Request::RaftAppend { shard, req } => self.raft_append(shard, req).await,
             Request::RaftVote { shard, req, pre_vote } => self.raft_vote(shard, req, pre_vote).await,
-            Request::RaftSnapshot { shard, vote, meta, total_bytes } => {
-                self.raft_snapshot(shard, vote, meta, total_bytes, recv).await
-            }
-            Request::SnapshotChunk { .. } => Err(error(ErrorKind::BadRequest, "snapshot chunk without a snapshot header")),
-            Request::CreateGroup { group, disks, time_ns } => {
-                self.write(Command::CreateGroup { group, disks, time_ns }).await
-            }
-            Request::Append { .. } => Err(error(ErrorKind::BadRequest, "appends travel on their own stream")),
+            Request::RaftSnapshot { shard, vote, meta, total_bytes } => self.raft_snapshot(shard, vote, meta, total_bytes, recv).await,
             Request::Status => crate::status::node_status(self).await.map(Response::Status),
-            Request::GroupState { group } => self.group_state(&group),
-            Request::ReadEvents { group, lsn_first, count_max } => self.read_events(&group, lsn_first, count_max),
-            Request::ProducerState { group, client_id } => self.producer_state(&group, client_id).await,
             Request::TapReport(report) => self.tap_report(report),
-            Request::Points { group, on_leader } => match self.leader_read(on_leader).await {
-                Ok(()) => self.points(group).await,
+            other => match self.data_shard() {
+                Ok(shard) => Ok(shard.handle(other).await),
                 Err(e) => Err(e),
             },
-            Request::Resolve { group, target, on_leader } => match self.leader_read(on_leader).await {
-                Ok(()) => self.resolve(group, target).await,
-                Err(e) => Err(e),
-            },
-            Request::ReadDisk { group, disk, lsn, offset, len } => self.read_disk(group, disk, lsn, offset, len).await,
-            Request::ClusterInit { members } => self.init(members).await,
-            Request::AddLearner { member } => self.add_learner(member).await,
-            Request::ChangeVoters { voters } => self.change_voters(voters).await,
         };
-        result.unwrap_or_else(|e| e)
+        result.unwrap_or_else(Response::from)
     }
 
-    async fn raft_append(&self, shard: ShardId, req: w::AppendEntriesRequest) -> Result<Response, Response> {
+    async fn raft_append(&self, shard: ShardId, req: w::AppendEntriesRequest) -> Result<Response, ServiceError> {
         let raft = &self.shard(shard)?.raft;
         let mut entries = Vec::with_capacity(req.entries.len());
         for e in req.entries {
-            entries.push(codec::entry_from_wire(e).map_err(|e| error(ErrorKind::BadRequest, e.to_string()))?);
+            entries.push(codec::entry_from_wire(e).map_err(|e| ServiceError::BadRequest(e.to_string()))?);
         }
         let rpc = openraft::raft::AppendEntriesRequest {
             vote: codec::vote_from_wire(&req.vote),
@@ -228,7 +223,7 @@ impl Node {
             entries,
             leader_commit: codec::opt_log_id_from_wire(&req.leader_commit),
         };
-        let r = raft.append_entries(rpc).await.map_err(|e| error(ErrorKind::Unavailable, e.to_string()))?;
+        let r = raft.append_entries(rpc).await.map_err(|e| ServiceError::Unavailable(e.to_string()))?;
         use openraft::raft::AppendEntriesResponse as R;
         Ok(Response::RaftAppend(match r {
             R::Success => w::AppendEntriesResponse::Success,
@@ -238,7 +233,7 @@ impl Node {
         }))
     }
 
-    async fn raft_vote(&self, shard: ShardId, req: w::VoteRequest, pre_vote: bool) -> Result<Response, Response> {
+    async fn raft_vote(&self, shard: ShardId, req: w::VoteRequest, pre_vote: bool) -> Result<Response, ServiceError> {
         let raft = &self.shard(shard)?.raft;
         let rpc = openraft::raft::VoteRequest {
             vote: codec::vote_from_wire(&req.vote),
@@ -246,7 +241,7 @@ impl Node {
             leadership_transfer: req.leadership_transfer,
         };
         let r = if pre_vote { raft.pre_vote(rpc).await } else { raft.vote(rpc).await };
-        let r = r.map_err(|e| error(ErrorKind::Unavailable, e.to_string()))?;
+        let r = r.map_err(|e| ServiceError::Unavailable(e.to_string()))?;
         Ok(Response::RaftVote(w::VoteResponse {
             vote: codec::vote_to_wire(&r.vote),
             vote_granted: r.vote_granted,
@@ -263,242 +258,30 @@ impl Node {
         meta: w::SnapshotMeta,
         total_bytes: u64,
         recv: &mut quinn::RecvStream,
-    ) -> Result<Response, Response> {
+    ) -> Result<Response, ServiceError> {
         let s = self.shard(shard)?;
         if total_bytes > SNAPSHOT_BYTES_MAX {
-            return Err(error(ErrorKind::BadRequest, format!("snapshot of {total_bytes} bytes is over the limit")));
+            return Err(ServiceError::BadRequest(format!("snapshot of {total_bytes} bytes is over the limit")));
         }
-        let meta = codec::snapshot_meta_from_wire(&meta).map_err(|e| error(ErrorKind::BadRequest, e.to_string()))?;
+        let meta = codec::snapshot_meta_from_wire(&meta).map_err(|e| ServiceError::BadRequest(e.to_string()))?;
         let path = s.reader.incoming_snapshot_path(crate::now_ns());
         let received = receive_file(&path, total_bytes, recv).await;
         if let Err(e) = received {
             let _ = std::fs::remove_file(&path);
-            return Err(error(ErrorKind::BadRequest, format!("snapshot transfer failed: {e}")));
+            return Err(ServiceError::BadRequest(format!("snapshot transfer failed: {e}")));
         }
         let snapshot = openraft::alias::SnapshotOf::<TypeConfig, SnapshotFile> { meta, snapshot: SnapshotFile { path: path.clone() } };
         let r = s.raft.install_full_snapshot(codec::vote_from_wire(&vote), snapshot).await;
         let _ = std::fs::remove_file(&path);
-        let r = r.map_err(|e| error(ErrorKind::Internal, e.to_string()))?;
+        let r = r.map_err(|e| ServiceError::Internal(e.to_string()))?;
         Ok(Response::RaftSnapshot { vote: codec::vote_to_wire(&r.vote) })
     }
 
-    fn leader_hint(&self, raft: &Raft, leader: Option<u64>) -> Option<Member> {
-        let leader = leader?;
-        let m = raft.metrics().borrow_watched().membership_config.clone();
-        m.membership().get_node(&leader).map(|n| Member { id: leader, addr: n.addr.clone() })
-    }
-
-    fn map_write_error<E>(&self, raft: &Raft, e: RaftError<TypeConfig, E>) -> Response
-    where
-        E: std::fmt::Display + std::fmt::Debug + openraft::TryAsRef<openraft::errors::ForwardToLeader<TypeConfig>>,
-    {
-        if let Some(f) = e.forward_to_leader() {
-            return Response::Error(RpcError {
-                kind: ErrorKind::NotLeader,
-                message: format!("node {} is not the leader", self.id),
-                leader: self.leader_hint(raft, f.leader_id),
-            });
-        }
-        match e {
-            RaftError::APIError(e) => error(ErrorKind::Unavailable, e.to_string()),
-            RaftError::Fatal(e) => error(ErrorKind::Internal, e.to_string()),
-        }
-    }
-
-    async fn write(&self, command: Command) -> Result<Response, Response> {
-        let raft = &self.shard(crate::DATA_SHARD)?.raft;
-        let r = raft.client_write(command).await.map_err(|e: RaftError<TypeConfig, ClientWriteError<TypeConfig>>| self.map_write_error(raft, e))?;
-        Ok(reply_response(r.data))
-    }
-
-    /// Validates a batch and hands it to Raft without waiting for the commit.
-    /// Called in stream order, so a producer's batches enter the log in order.
-    async fn submit_append(&self, batch: EventBatch) -> PendingReply {
-        if let Err(e) = batch.check() {
-            return PendingReply::Ready(error(ErrorKind::BadRequest, e.to_string()));
-        }
-        let raft = match self.shard(crate::DATA_SHARD) {
-            Ok(s) => s.raft.clone(),
-            Err(r) => return PendingReply::Ready(r),
-        };
-        let bytes = batch.payload_bytes() as u64;
-        let (responder, rx) = openraft::impls::ProgressResponder::complete_only();
-        match raft.client_write_ff(Command::Append(batch), Some(responder)).await {
-            Ok(()) => PendingReply::Waiting { rx, raft, started: Instant::now(), bytes },
-            Err(fatal) => PendingReply::Ready(error(ErrorKind::Internal, fatal.to_string())),
-        }
-    }
-
-    /// The reply to one submitted batch, once Raft has answered.
-    async fn finish_append(&self, pending: PendingReply) -> Response {
-        let (rx, raft, started, bytes) = match pending {
-            PendingReply::Ready(r) => return r,
-            PendingReply::Waiting { rx, raft, started, bytes } => (rx, raft, started, bytes),
-        };
-        let result = match rx.await {
-            Ok(r) => r,
-            Err(_) => return error(ErrorKind::Unavailable, "raft stopped before answering; resend"),
-        };
-        match result {
-            Ok(r) => {
-                let response = reply_response(r.data);
-                if matches!(response, Response::Appended { .. }) {
-                    metrics::histogram!("rewind_commit_latency_seconds").record(started.elapsed().as_secs_f64());
-                    metrics::counter!("rewind_ingested_bytes_total").increment(bytes);
-                }
-                response
-            }
-            Err(e) => self.map_write_error(&raft, RaftError::APIError(e)),
-        }
-    }
-
-    fn group_state(&self, group: &str) -> Result<Response, Response> {
-        let s = self.shard(crate::DATA_SHARD)?;
-        match s.reader.group(group) {
-            Ok(Some(g)) => Ok(Response::Group(crate::status::group_state(&g))),
-            Ok(None) => Err(error(ErrorKind::Refused, format!("no consistency group {group:?}"))),
-            Err(e) => Err(error(ErrorKind::Internal, format!("read group {group:?}: {e}"))),
-        }
-    }
-
-    fn read_events(&self, group: &str, lsn_first: u64, count_max: u32) -> Result<Response, Response> {
-        use rewind_wire::limits::{READ_EVENTS_BYTES_MAX, READ_EVENTS_MAX};
-        let s = self.shard(crate::DATA_SHARD)?;
-        let count = (count_max as usize).clamp(1, READ_EVENTS_MAX);
-        match s.reader.events(group, lsn_first, count, READ_EVENTS_BYTES_MAX) {
-            Ok(events) => Ok(Response::Events(events)),
-            Err(e) => Err(error(ErrorKind::Internal, format!("read events of {group:?}: {e}"))),
-        }
-    }
-
-    async fn producer_state(&self, group: &str, client_id: u64) -> Result<Response, Response> {
-        self.leader_read(true).await?;
-        let s = self.shard(crate::DATA_SHARD)?;
-        match s.reader.producer(client_id, group) {
-            Ok(p) => Ok(Response::Producer { last_seq: p.map_or(0, |p| p.last_seq) }),
-            Err(e) => Err(error(ErrorKind::Internal, format!("read producer {client_id:x} of {group:?}: {e}"))),
-        }
-    }
-
-    /// Runs a blocking read of the store off the async workers.
-    async fn blocking<T: Send + 'static>(&self, f: impl FnOnce(StoreReader) -> Result<T, Response> + Send + 'static) -> Result<T, Response> {
-        let reader = self.shard(crate::DATA_SHARD)?.reader.clone();
-        tokio::task::spawn_blocking(move || f(reader)).await.map_err(|e| error(ErrorKind::Internal, format!("read task: {e}")))?
-    }
-
-    /// For a read that must reflect every acknowledged write: refuses on a
-    /// follower (with the leader's address), and on the leader waits until
-    /// everything committed before the read is applied.
-    async fn leader_read(&self, on_leader: bool) -> Result<(), Response> {
-        if !on_leader {
-            return Ok(());
-        }
-        let raft = &self.shard(crate::DATA_SHARD)?.raft;
-        raft.ensure_linearizable(openraft::raft::ReadPolicy::ReadIndex).await.map_err(|e| self.map_write_error(raft, e))?;
-        Ok(())
-    }
-
-    async fn points(&self, group: String) -> Result<Response, Response> {
-        let id = self.id;
-        self.blocking(move |r| {
-            let internal = |e: std::io::Error| error(ErrorKind::Internal, format!("node {id}: read group {group:?}: {e}"));
-            let g = r.group(&group).map_err(internal)?.ok_or_else(|| error(ErrorKind::Refused, format!("no consistency group {group:?}")))?;
-            let (first_lsn, first_time_ns, last_time_ns) = if g.last_lsn == 0 {
-                (0, 0, 0)
-            } else {
-                (1, r.time_of(&group, 1).map_err(internal)?.unwrap_or(0), r.time_of(&group, g.last_lsn).map_err(internal)?.unwrap_or(0))
-            };
-            let mut bookmarks: Vec<w_rpc::BookmarkInfo> = r
-                .bookmarks(&group, rewind_wire::limits::POINTS_BOOKMARKS_MAX)
-                .map_err(internal)?
-                .into_iter()
-                .map(|b| w_rpc::BookmarkInfo { name: b.name, lsn: b.lsn, time_ns: b.time_ns, app_consistent: b.app_consistent })
-                .collect();
-            bookmarks.reverse();
-            Ok(Response::Points(w_rpc::PointsInfo { group, first_lsn, last_lsn: g.last_lsn, first_time_ns, last_time_ns, bookmarks, disks: g.disks }))
-        })
-        .await
-    }
-
-    async fn resolve(&self, group: String, target: w_rpc::Target) -> Result<Response, Response> {
-        let id = self.id;
-        let leads = self.shard(crate::DATA_SHARD)?.raft.metrics().borrow_watched().current_leader == Some(id);
-        self.blocking(move |r| {
-            let internal = |e: std::io::Error| error(ErrorKind::Internal, format!("node {id}: {e}"));
-            let g = r.group(&group).map_err(internal)?.ok_or_else(|| error(ErrorKind::Refused, format!("no consistency group {group:?}")))?;
-            let window = if g.last_lsn == 0 { "it has no events yet".to_string() } else { format!("its window is LSN 1..={}", g.last_lsn) };
-            let lsn = match &target {
-                w_rpc::Target::Latest if g.last_lsn == 0 => return Err(error(ErrorKind::Refused, format!("group {group:?} has no events yet"))),
-                w_rpc::Target::Latest => g.last_lsn,
-                w_rpc::Target::Lsn(0) => return Err(error(ErrorKind::Refused, format!("LSNs start at 1; {window}"))),
-                w_rpc::Target::Lsn(n) if *n > g.last_lsn && leads => {
-                    return Err(error(ErrorKind::Refused, format!("LSN {n} is beyond the log of group {group:?} ({window})")))
-                }
-                w_rpc::Target::Lsn(n) if *n > g.last_lsn => {
-                    return Err(error(ErrorKind::Unavailable, format!("LSN {n} is beyond what node {id} has applied of group {group:?} ({window})")))
-                }
-                w_rpc::Target::Lsn(n) => *n,
-                w_rpc::Target::TimeNs(t) => match r.lsn_at_time(&group, *t).map_err(internal)? {
-                    Some(l) => l,
-                    None => {
-                        let first = if g.last_lsn > 0 { r.time_of(&group, 1).map_err(internal)? } else { None };
-                        let msg = match first {
-                            Some(f) => format!(
-                                "time {} is before the window of group {group:?}: its first event is at {} ({window})",
-                                crate::timefmt::format_time_ns(*t),
-                                crate::timefmt::format_time_ns(f)
-                            ),
-                            None => format!("group {group:?} has no events yet"),
-                        };
-                        return Err(error(ErrorKind::Refused, msg));
-                    }
-                },
-                w_rpc::Target::Bookmark(name) => {
-                    let marks = r.bookmarks(&group, usize::MAX).map_err(internal)?;
-                    match marks.iter().rev().find(|b| &b.name == name) {
-                        Some(b) => b.lsn,
-                        None => return Err(error(ErrorKind::Refused, format!("group {group:?} has no bookmark {name:?} ({} bookmarks; see `rewind points {group}`)", marks.len()))),
-                    }
-                }
-            };
-            let time_ns = r.time_of(&group, lsn).map_err(internal)?.unwrap_or(0);
-            Ok(Response::Resolved { lsn, time_ns })
-        })
-        .await
-    }
-
-    async fn read_disk(&self, group: String, disk: String, lsn: u64, offset: u64, len: u64) -> Result<Response, Response> {
-        use rewind_wire::limits::READ_DISK_BYTES_MAX;
-        if len == 0 || len > READ_DISK_BYTES_MAX {
-            return Err(error(ErrorKind::BadRequest, format!("read of {len} bytes; 1..={READ_DISK_BYTES_MAX} per request")));
-        }
-        let id = self.id;
-        self.blocking(move |r| {
-            let internal = |e: std::io::Error| error(ErrorKind::Internal, format!("node {id}: {e}"));
-            let g = r.group(&group).map_err(internal)?.ok_or_else(|| error(ErrorKind::Refused, format!("no consistency group {group:?}")))?;
-            let spec = g.disks.iter().find(|d| d.name == disk).ok_or_else(|| {
-                error(ErrorKind::Refused, format!("group {group:?} has no disk {disk:?} (it has: {})", g.disks.iter().map(|d| d.name.as_str()).collect::<Vec<_>>().join(", ")))
-            })?;
-            if lsn > g.last_lsn {
-                return Err(error(ErrorKind::Unavailable, format!("node {id} has applied group {group:?} to LSN {}, not yet {lsn}", g.last_lsn)));
-            }
-            if offset.checked_add(len).is_none_or(|end| end > spec.size_bytes) {
-                return Err(error(ErrorKind::BadRequest, format!("range {offset}+{len} is past the end of disk {disk:?} ({} bytes)", spec.size_bytes)));
-            }
-            let runs = r.read_disk(&group, &disk, lsn, offset, len).map_err(|e| {
-                tracing::error!("read of disk {disk:?} in group {group:?} at LSN {lsn} failed: {e}");
-                internal(e)
-            })?;
-            Ok(Response::DiskPiece { len, runs })
-        })
-        .await
-    }
-
-    fn tap_report(&self, report: w_rpc::TapReport) -> Result<Response, Response> {
-        rewind_wire::event::check_name(&report.group).map_err(|e| error(ErrorKind::BadRequest, e.to_string()))?;
-        rewind_wire::event::check_name(&report.disk).map_err(|e| error(ErrorKind::BadRequest, e.to_string()))?;
+    fn tap_report(&self, report: w_rpc::TapReport) -> Result<Response, ServiceError> {
+        rewind_wire::event::check_name(&report.group).map_err(|e| ServiceError::BadRequest(e.to_string()))?;
+        rewind_wire::event::check_name(&report.disk).map_err(|e| ServiceError::BadRequest(e.to_string()))?;
         if report.uri.len() > 4096 {
-            return Err(error(ErrorKind::BadRequest, "tap URI longer than 4096 bytes"));
+            return Err(ServiceError::BadRequest("tap URI longer than 4096 bytes".into()));
         }
         let mut taps = self.taps.lock().expect("taps lock");
         taps.retain(|_, (_, at)| at.elapsed() < TAP_REPORT_KEPT);
@@ -511,74 +294,6 @@ impl Node {
         taps.insert((report.group.clone(), report.disk.clone()), (report, Instant::now()));
         Ok(Response::Done)
     }
-
-    async fn init(&self, members: Vec<Member>) -> Result<Response, Response> {
-        let raft = &self.shard(crate::DATA_SHARD)?.raft;
-        let nodes: BTreeMap<u64, BasicNode> = members.iter().map(|m| (m.id, BasicNode { addr: m.addr.clone() })).collect();
-        raft.initialize(nodes).await.map_err(|e| error(ErrorKind::Refused, format!("initialize: {e}")))?;
-        Ok(Response::Done)
-    }
-
-    /// Refuses a membership change this node must not start now.
-    fn membership_guard(&self, raft: &Raft) -> Result<(), Response> {
-        let m = raft.metrics().borrow_watched().clone();
-        match rewind_raft_store::membership_change_refusal(&m) {
-            Some(why) => Err(Response::Error(RpcError { kind: ErrorKind::NotLeader, message: why, leader: None })),
-            None => Ok(()),
-        }
-    }
-
-    async fn add_learner(&self, member: Member) -> Result<Response, Response> {
-        let raft = &self.shard(crate::DATA_SHARD)?.raft;
-        self.membership_guard(raft)?;
-        raft.add_learner(member.id, BasicNode { addr: member.addr }, true).await.map_err(|e| self.map_write_error(raft, e))?;
-        Ok(Response::Done)
-    }
-
-    async fn change_voters(&self, voters: Vec<u64>) -> Result<Response, Response> {
-        let raft = &self.shard(crate::DATA_SHARD)?.raft;
-        if voters.is_empty() {
-            return Err(error(ErrorKind::BadRequest, "a site needs at least one voter"));
-        }
-        let voters: BTreeSet<u64> = voters.into_iter().collect();
-        self.membership_guard(raft)?;
-        let m = raft.metrics().borrow_watched().clone();
-        if let Some(to) = rewind_raft_store::self_removal_handover(&m, &voters) {
-            // Hand leadership over first; the client follows the hint and
-            // the next leader makes the change.
-            raft.trigger().transfer_leader(to).await.map_err(|e| error(ErrorKind::Internal, e.to_string()))?;
-            return Err(Response::Error(RpcError {
-                kind: ErrorKind::NotLeader,
-                message: format!("node {} leads and is leaving the voters: it hands leadership to node {to}, which makes the change", self.id),
-                leader: self.leader_hint(raft, Some(to)),
-            }));
-        }
-        raft.change_membership(voters, false).await.map_err(|e| self.map_write_error(raft, e))?;
-        Ok(Response::Done)
-    }
-}
-
-/// The client's answer for a state machine's reply.
-pub fn reply_response(reply: CommandReply) -> Response {
-    match reply {
-        CommandReply::Created => Response::Done,
-        CommandReply::Appended { lsn_first, lsn_last } => Response::Appended { lsn_first, lsn_last },
-        CommandReply::Refused { reason } => error(ErrorKind::Refused, reason),
-        CommandReply::OutOfOrder { expected_seq } => {
-            error(ErrorKind::Unavailable, format!("out of order: resend from sequence {expected_seq}"))
-        }
-    }
-}
-
-/// A batch handed to Raft, or an answer known at once.
-enum PendingReply {
-    Ready(Response),
-    Waiting {
-        rx: openraft::alias::OneshotReceiverOf<TypeConfig, openraft::raft::ClientWriteResult<TypeConfig>>,
-        raft: Raft,
-        started: Instant,
-        bytes: u64,
-    },
 }
 
 /// Batches one append stream may have submitted and not yet answered.
@@ -594,11 +309,18 @@ async fn serve_append_stream(
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
 ) {
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<PendingReply>(APPEND_STREAM_IN_FLIGHT_MAX);
-    let writer_node = node.clone();
-    let writer = tokio::spawn(async move {
+    let shard = match node.data_shard() {
+        Ok(s) => s.clone(),
+        Err(e) => {
+            let _ = write_frame(&mut send, &Response::from(e)).await;
+            return;
+        }
+    };
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<PendingAppend<NodeTypes>>(APPEND_STREAM_IN_FLIGHT_MAX);
+    let writer_shard = shard.clone();
+    let writer = spawn(async move {
         while let Some(pending) = rx.recv().await {
-            let response = writer_node.finish_append(pending).await;
+            let response = writer_shard.finish_append(pending).await;
             if write_frame(&mut send, &response).await.is_err() {
                 return;
             }
@@ -613,46 +335,24 @@ async fn serve_append_stream(
             None => match read_frame::<Request>(&mut recv).await {
                 Ok(Request::Append { batch }) => batch,
                 Ok(other) => {
-                    let _ = tx.send(PendingReply::Ready(error(ErrorKind::BadRequest, format!("an append stream carries only appends, not {}", request_name(&other))))).await;
+                    let _ = tx.send(PendingAppend::Ready(bad_request(format!("an append stream carries only appends, not {}", other.name())))).await;
                     break;
                 }
                 Err(crate::transport::TransportError::Closed) => break,
                 Err(e) => {
                     tracing::warn!(%remote, "refused a request: {e}");
-                    let _ = tx.send(PendingReply::Ready(error(ErrorKind::BadRequest, e.to_string()))).await;
+                    let _ = tx.send(PendingAppend::Ready(bad_request(e.to_string()))).await;
                     break;
                 }
             },
         };
-        let pending = node.submit_append(batch).await;
+        let pending = shard.submit_append(batch).await;
         if tx.send(pending).await.is_err() {
             break;
         }
     }
     drop(tx);
     let _ = writer.await;
-}
-
-fn request_name(r: &Request) -> &'static str {
-    match r {
-        Request::RaftAppend { .. } => "raft-append",
-        Request::RaftVote { .. } => "raft-vote",
-        Request::RaftSnapshot { .. } => "raft-snapshot",
-        Request::SnapshotChunk { .. } => "snapshot-chunk",
-        Request::CreateGroup { .. } => "create-group",
-        Request::Append { .. } => "append",
-        Request::Status => "status",
-        Request::GroupState { .. } => "group-state",
-        Request::ReadEvents { .. } => "read-events",
-        Request::ProducerState { .. } => "producer-state",
-        Request::TapReport(_) => "tap-report",
-        Request::Points { .. } => "points",
-        Request::Resolve { .. } => "resolve",
-        Request::ReadDisk { .. } => "read-disk",
-        Request::ClusterInit { .. } => "cluster-init",
-        Request::AddLearner { .. } => "add-learner",
-        Request::ChangeVoters { .. } => "change-voters",
-    }
 }
 
 async fn receive_file(path: &std::path::Path, total_bytes: u64, recv: &mut quinn::RecvStream) -> anyhow::Result<()> {

@@ -1,24 +1,12 @@
 //! What `rewind status` reports, built from Raft's metrics and the store.
 
-use rewind_raft_store::apply::GroupRecord;
 use openraft::async_runtime::WatchReceiver;
 use rewind_wire::raft::Member;
-use rewind_wire::rpc::{ErrorKind, GroupState, NodeStatus, Response, RpcError, ShardStatus, TapStatus};
+use rewind_wire::rpc::{NodeStatus, Role, ShardStatus, TapStatus};
 
 use crate::server::Node;
 
-pub fn group_state(g: &GroupRecord) -> GroupState {
-    GroupState {
-        name: g.name.clone(),
-        last_lsn: g.last_lsn,
-        digest_hex: blake3::Hash::from_bytes(g.digest).to_hex().to_string(),
-        disks: g.disks.clone(),
-        events: g.events,
-        payload_bytes: g.payload_bytes,
-    }
-}
-
-pub async fn node_status(node: &Node) -> Result<NodeStatus, Response> {
+pub async fn node_status(node: &Node) -> Result<NodeStatus, rewind_service::ServiceError> {
     let mut shards = Vec::new();
     for (id, shard) in &node.shards {
         let m = shard.raft.metrics().borrow_watched().clone();
@@ -26,12 +14,16 @@ pub async fn node_status(node: &Node) -> Result<NodeStatus, Response> {
         let voters: Vec<u64> = membership.voter_ids().collect();
         let learners: Vec<u64> = membership.learner_ids().collect();
         let members = membership.nodes().map(|(id, n)| Member { id: *id, addr: n.addr.clone() }).collect();
-        let groups = shard.reader.groups().map_err(|e| {
-            Response::Error(RpcError { kind: ErrorKind::Internal, message: format!("read groups: {e}"), leader: None })
-        })?;
+        let groups = shard.reader.groups().map_err(|e| rewind_service::ServiceError::Internal(format!("read groups: {e}")))?;
         shards.push(ShardStatus {
             shard: *id,
-            role: format!("{:?}", m.state).to_lowercase(),
+            role: match m.state {
+                openraft::ServerState::Leader => Role::Leader,
+                openraft::ServerState::Candidate => Role::Candidate,
+                openraft::ServerState::Follower => Role::Follower,
+                openraft::ServerState::Learner => Role::Learner,
+                openraft::ServerState::Shutdown => Role::ShuttingDown,
+            },
             term: m.current_term,
             leader: m.current_leader,
             last_log_index: m.last_log_index,
@@ -42,7 +34,7 @@ pub async fn node_status(node: &Node) -> Result<NodeStatus, Response> {
             voters,
             learners,
             members,
-            groups: groups.iter().map(group_state).collect(),
+            groups: groups.iter().map(rewind_service::group_state).collect(),
         });
     }
     let taps = node

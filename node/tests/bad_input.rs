@@ -31,7 +31,7 @@ async fn bad_frames_certificates_and_configs_are_refused() {
     let site = Site::up(&["--nodes", "3"]);
     let disks = vec![DiskSpec { name: "d0".into(), size_bytes: 1 << 20, sector_bytes: 512 }];
     site.client.create_group("g", disks).await.unwrap();
-    let mut producer = rewind_node::client::Producer::new(site.client.clone(), 4);
+    let mut producer = rewind_node::client::producer(site.client.clone(), 4);
     let write = |offset| TimedEvent { time_ns: 1, event: Event::Write { disk: "d0".into(), offset, data: vec![7; 4096] } };
     producer.append("g", vec![write(0), write(4096)]).await.unwrap();
     let before = site.converged("g", 2, 3).await;

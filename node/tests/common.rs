@@ -64,7 +64,7 @@ impl Site {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             for s in self.statuses().await.into_iter().flatten() {
-                if s.shards[0].role == "leader" {
+                if s.shards[0].role == rewind_wire::rpc::Role::Leader {
                     return s;
                 }
             }

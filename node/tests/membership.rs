@@ -18,7 +18,7 @@ fn write(offset: u64) -> TimedEvent {
 async fn site_with_writes(writes: u64) -> (Site, Producer) {
     let site = Site::up(&[]);
     site.client.create_group("g", vec![DiskSpec { name: "d0".into(), size_bytes: 1 << 24, sector_bytes: 512 }]).await.unwrap();
-    let mut producer = Producer::new(site.client.clone(), 4);
+    let mut producer = rewind_node::client::producer(site.client.clone(), 4);
     for i in 0..writes {
         producer.append("g", vec![write(i * 8192)]).await.unwrap();
     }
@@ -122,7 +122,7 @@ async fn a_stopped_dev_site_comes_back_with_its_data() {
     let out = rewind(&["dev", "up", "--dir", &dir]);
     assert!(out.status.success(), "dev up again: {}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(site.settled("g", 3).await, before);
-    let mut producer = Producer::new(site.client.clone(), 4);
+    let mut producer = rewind_node::client::producer(site.client.clone(), 4);
     producer.append("g", vec![write(0)]).await.unwrap();
     assert_eq!(site.settled("g", 3).await.0, before.0 + 1);
 }

@@ -27,7 +27,7 @@ fn last_lsn(site: &Site, group: &str) -> u64 {
 }
 
 fn now_rfc3339() -> String {
-    rewind_node::timefmt::format_time_ns(rewind_node::now_ns())
+    rewind_wire::timefmt::format_time_ns(rewind_node::now_ns())
 }
 
 /// Replays `disk` of `group` with `target` from `node` and checks the image

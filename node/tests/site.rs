@@ -5,6 +5,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::*;
+use rewind_wire::rpc::Role;
 use rewind_node::load::{self, Acked, LoadSpec};
 use rewind_wire::event::{Event, LoggedEvent};
 use rewind_wire::rpc::DiskSpec;
@@ -73,9 +74,9 @@ async fn three_nodes_replicate_ten_thousand_mixed_events() {
     let site = Site::up(&[]);
     let leader = site.leader().await;
     let statuses = site.statuses().await;
-    let roles: Vec<String> = statuses.iter().flatten().map(|s| s.shards[0].role.clone()).collect();
-    assert_eq!(roles.iter().filter(|r| *r == "leader").count(), 1, "roles {roles:?}");
-    assert_eq!(roles.iter().filter(|r| *r == "follower").count(), 2, "roles {roles:?}");
+    let roles: Vec<Role> = statuses.iter().flatten().map(|s| s.shards[0].role).collect();
+    assert_eq!(roles.iter().filter(|r| **r == Role::Leader).count(), 1, "roles {roles:?}");
+    assert_eq!(roles.iter().filter(|r| **r == Role::Follower).count(), 2, "roles {roles:?}");
     // The CLI agrees.
     let out = site.cli(&["status", "--json"]);
     assert!(out.status.success());
@@ -109,7 +110,7 @@ async fn leader_killed_mid_stream_loses_and_duplicates_nothing() {
     let max_gap = std::sync::Arc::new(std::sync::Mutex::new(Duration::ZERO));
     let (la, mg) = (last_ack.clone(), max_gap.clone());
     let spec2 = spec.clone();
-    let load = tokio::spawn(async move {
+    let load = rewind_node::spawn(async move {
         load::run(client, &spec2, move |_, _| {
             let mut l = la.lock().unwrap();
             let gap = l.elapsed();

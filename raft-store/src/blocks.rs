@@ -150,6 +150,59 @@ pub fn index_event<E>(disk: &str, event: &Event, mut before: impl FnMut(u64) -> 
     Ok(puts)
 }
 
+/// Where the read side finds versions: the store's column families, or a
+/// simulated node's memory. [`block_or_zero`] and [`read_runs`] are the
+/// rules; an implementation only looks things up.
+pub trait VersionIndex {
+    type Error;
+    /// The newest version of `block` at or below `lsn`, with its LSN.
+    fn version(&mut self, block: u64, lsn: u64) -> Result<Option<(u64, Version)>, Self::Error>;
+    /// Whether an extent with an LSN in `after + 1..=upto` zeroes `block`.
+    fn zeroed_by_extent(&mut self, block: u64, after: u64, upto: u64) -> Result<bool, Self::Error>;
+    /// Bytes `offset..offset + BLOCK_BYTES` of the payload of the write at
+    /// `lsn`, checked; an error if that event holds no such bytes.
+    fn write_bytes(&mut self, lsn: u64, offset: u32) -> Result<Vec<u8>, Self::Error>;
+}
+
+/// Block `block` as of `lsn`; None when it reads as zeroes (never written,
+/// zeroed or trimmed): the newest version at or below `lsn`, unless an
+/// extent newer than that version and not newer than `lsn` covers it.
+pub fn block_or_zero<I: VersionIndex>(index: &mut I, block: u64, lsn: u64) -> Result<Option<Vec<u8>>, I::Error> {
+    let version = index.version(block, lsn)?;
+    let since = version.as_ref().map_or(0, |(l, _)| *l);
+    if since < lsn && index.zeroed_by_extent(block, since, lsn)? {
+        return Ok(None);
+    }
+    match version {
+        None | Some((_, Version::Zero)) => Ok(None),
+        Some((_, Version::Data(d))) => Ok(Some(d)),
+        Some((vlsn, Version::Ref { offset })) => index.write_bytes(vlsn, offset).map(Some),
+    }
+}
+
+/// `len` bytes of a disk from `offset` as of `lsn`, as runs of bytes that
+/// may be non-zero: (offset from `offset`, bytes), in order, adjacent runs
+/// joined; the rest reads as zeroes.
+pub fn read_runs<I: VersionIndex>(index: &mut I, lsn: u64, offset: u64, len: u64) -> Result<Vec<(u64, Vec<u8>)>, I::Error> {
+    let mut runs: Vec<(u64, Vec<u8>)> = Vec::new();
+    let end = offset + len;
+    let mut pos = offset;
+    while pos < end {
+        let b = pos / BLOCK_BYTES;
+        let to = (end - b * BLOCK_BYTES).min(BLOCK_BYTES) as usize;
+        if let Some(block) = block_or_zero(index, b, lsn)? {
+            let from = (pos - b * BLOCK_BYTES) as usize;
+            let at = pos - offset;
+            match runs.last_mut() {
+                Some((start, bytes)) if *start + bytes.len() as u64 == at => bytes.extend_from_slice(&block[from..to]),
+                _ => runs.push((at, block[from..to].to_vec())),
+            }
+        }
+        pos = b * BLOCK_BYTES + to as u64;
+    }
+    Ok(runs)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -240,7 +240,7 @@ impl<'a> BlockReader<'a> {
     }
 
     /// The newest version of `block` at or below `lsn`: (its LSN, encoded).
-    fn version(&mut self, block: u64, lsn: u64) -> std::io::Result<Option<(u64, Vec<u8>)>> {
+    fn encoded_version(&mut self, block: u64, lsn: u64) -> std::io::Result<Option<(u64, Vec<u8>)>> {
         let key = block_key(self.group, self.disk, block, lsn);
         let block_prefix = &key[..self.prefix.len() + 8];
         let db = self.db;
@@ -265,6 +265,50 @@ impl<'a> BlockReader<'a> {
             }
         }
         Ok(found)
+    }
+
+    fn write_event(&mut self, lsn: u64) -> std::io::Result<Arc<StoredEvent>> {
+        if let Some((_, e)) = self.recent.iter().find(|(l, _)| *l == lsn) {
+            return Ok(e.clone());
+        }
+        let key = event_key(self.group, lsn);
+        let event = match self.overlay.and_then(|o| o.writes.get(&key)) {
+            Some(e) => e.clone(),
+            None => {
+                let bytes = self
+                    .db
+                    .get_cf(cf(self.db, CF_EVENTS), &key)
+                    .map_err(io_err)?
+                    .ok_or_else(|| corrupt("block index", format!("block refers to LSN {lsn}, which the store does not hold")))?;
+                let e: StoredEvent = rewind_wire::frame::decode_record(&bytes)
+                    .map_err(|e| corrupt(&format!("event record at LSN {lsn} of group {}", self.group), e))?;
+                Arc::new(e)
+            }
+        };
+        if self.recent.len() == RECENT_EVENTS {
+            self.recent.pop_front();
+        }
+        self.recent.push_back((lsn, event.clone()));
+        Ok(event)
+    }
+
+    fn what(&self, block: u64, vlsn: u64) -> String {
+        format!("block {block} of disk {} in group {} (version at LSN {vlsn})", self.disk, self.group)
+    }
+
+    /// Block `block` of the disk as of `lsn` (BLOCK_BYTES bytes), checked.
+    pub(crate) fn block_at(&mut self, block: u64, lsn: u64) -> std::io::Result<Vec<u8>> {
+        Ok(crate::blocks::block_or_zero(self, block, lsn)?.unwrap_or_else(|| vec![0u8; crate::blocks::BLOCK_BYTES as usize]))
+    }
+}
+
+impl crate::blocks::VersionIndex for BlockReader<'_> {
+    type Error = std::io::Error;
+
+    fn version(&mut self, block: u64, lsn: u64) -> std::io::Result<Option<(u64, crate::blocks::Version)>> {
+        let Some((vlsn, bytes)) = self.encoded_version(block, lsn)? else { return Ok(None) };
+        let version = crate::blocks::Version::decode(&bytes).map_err(|e| corrupt(&self.what(block, vlsn), e))?;
+        Ok(Some((vlsn, version)))
     }
 
     /// Whether an extent with LSN in `after+1..=upto` zeroes `block`.
@@ -307,60 +351,14 @@ impl<'a> BlockReader<'a> {
         Ok(false)
     }
 
-    fn write_event(&mut self, lsn: u64) -> std::io::Result<Arc<StoredEvent>> {
-        if let Some((_, e)) = self.recent.iter().find(|(l, _)| *l == lsn) {
-            return Ok(e.clone());
-        }
-        let key = event_key(self.group, lsn);
-        let event = match self.overlay.and_then(|o| o.writes.get(&key)) {
-            Some(e) => e.clone(),
-            None => {
-                let bytes = self
-                    .db
-                    .get_cf(cf(self.db, CF_EVENTS), &key)
-                    .map_err(io_err)?
-                    .ok_or_else(|| corrupt("block index", format!("block refers to LSN {lsn}, which the store does not hold")))?;
-                let e: StoredEvent = rewind_wire::frame::decode_record(&bytes)
-                    .map_err(|e| corrupt(&format!("event record at LSN {lsn} of group {}", self.group), e))?;
-                Arc::new(e)
+    fn write_bytes(&mut self, lsn: u64, offset: u32) -> std::io::Result<Vec<u8>> {
+        use crate::blocks::BLOCK_BYTES;
+        let event = self.write_event(lsn)?;
+        match &event.event {
+            rewind_wire::event::Event::Write { data, .. } if (offset as usize) + BLOCK_BYTES as usize <= data.len() => {
+                Ok(data[offset as usize..offset as usize + BLOCK_BYTES as usize].to_vec())
             }
-        };
-        if self.recent.len() == RECENT_EVENTS {
-            self.recent.pop_front();
-        }
-        self.recent.push_back((lsn, event.clone()));
-        Ok(event)
-    }
-
-    /// Block `block` of the disk as of `lsn` (BLOCK_BYTES bytes), checked.
-    pub(crate) fn block_at(&mut self, block: u64, lsn: u64) -> std::io::Result<Vec<u8>> {
-        Ok(self.block_or_zero(block, lsn)?.unwrap_or_else(|| vec![0u8; crate::blocks::BLOCK_BYTES as usize]))
-    }
-
-    /// Block `block` as of `lsn`, checked; None when the index says it
-    /// reads as zeroes (never written, zeroed or trimmed).
-    pub(crate) fn block_or_zero(&mut self, block: u64, lsn: u64) -> std::io::Result<Option<Vec<u8>>> {
-        use crate::blocks::{Version, BLOCK_BYTES};
-        let version = self.version(block, lsn)?;
-        let since = version.as_ref().map_or(0, |(l, _)| *l);
-        if self.zeroed_by_extent(block, since, lsn)? {
-            return Ok(None);
-        }
-        let Some((vlsn, bytes)) = version else { return Ok(None) };
-        let (disk, group) = (self.disk, self.group);
-        let what = move || format!("block {block} of disk {disk} in group {group} (version at LSN {vlsn})");
-        match Version::decode(&bytes).map_err(|e| corrupt(&what(), e))? {
-            Version::Zero => Ok(None),
-            Version::Data(d) => Ok(Some(d)),
-            Version::Ref { offset } => {
-                let event = self.write_event(vlsn)?;
-                match &event.event {
-                    rewind_wire::event::Event::Write { data, .. } if (offset as usize) + BLOCK_BYTES as usize <= data.len() => {
-                        Ok(Some(data[offset as usize..offset as usize + BLOCK_BYTES as usize].to_vec()))
-                    }
-                    _ => Err(corrupt(&what(), "the version refers to bytes its event does not hold")),
-                }
-            }
+            _ => Err(corrupt(&format!("a block of disk {} in group {} (version at LSN {lsn})", self.disk, self.group), "the version refers to bytes its event does not hold")),
         }
     }
 }
@@ -438,25 +436,7 @@ impl StoreReader {
     /// rest reads as zeroes. Each block is checked against its checksum (or
     /// its event's). The caller bounds `len`.
     pub fn read_disk(&self, group: &str, disk: &str, lsn: u64, offset: u64, len: u64) -> std::io::Result<Vec<(u64, Vec<u8>)>> {
-        use crate::blocks::BLOCK_BYTES;
-        let mut reader = BlockReader::new(&self.db, None, group, disk);
-        let mut runs: Vec<(u64, Vec<u8>)> = Vec::new();
-        let end = offset + len;
-        let mut pos = offset;
-        while pos < end {
-            let b = pos / BLOCK_BYTES;
-            let to = (end - b * BLOCK_BYTES).min(BLOCK_BYTES) as usize;
-            if let Some(block) = reader.block_or_zero(b, lsn)? {
-                let from = (pos - b * BLOCK_BYTES) as usize;
-                let at = pos - offset;
-                match runs.last_mut() {
-                    Some((start, bytes)) if *start + bytes.len() as u64 == at => bytes.extend_from_slice(&block[from..to]),
-                    _ => runs.push((at, block[from..to].to_vec())),
-                }
-            }
-            pos = b * BLOCK_BYTES + to as u64;
-        }
-        Ok(runs)
+        crate::blocks::read_runs(&mut BlockReader::new(&self.db, None, group, disk), lsn, offset, len)
     }
 
     /// The bookmarks of `group`, oldest first (by LSN), at most `max`

@@ -29,11 +29,13 @@ pub mod blocks;
 pub mod codec;
 mod db;
 mod log;
+pub mod read;
 mod sm;
 mod snapshot;
 
 pub use db::{open, Bookmark, Store, StoreReader};
 pub use log::LogStore;
+pub use read::ReadState;
 pub use sm::StateMachine;
 pub use snapshot::SnapshotFile;
 

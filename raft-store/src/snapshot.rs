@@ -170,6 +170,9 @@ fn read_membership(db: &DB) -> io::Result<rewind_wire::raft::SnapshotMeta> {
 
 /// Builds a snapshot: a checkpoint of the database, whose applied index and
 /// membership are read from the checkpoint itself so they match its data.
+// The clock only makes a temporary file's name unique; no time reaches the
+// state.
+#[allow(clippy::disallowed_methods)]
 fn build_blocking(db: &DB, dir: &Path) -> io::Result<SnapshotOf<TypeConfig, SnapshotFile>> {
     // Durable state first: openraft purges the log behind this snapshot.
     crate::db::flush_state_machine(db)?;

@@ -8,26 +8,44 @@
 //! source checks every block against its blake3 before handing it over.
 //!
 //! Built: [`write_image`], a raw image file (sparse where the disk reads as
-//! zeroes) with a blake3 of the whole image; [`read_bytes`] for an export
-//! that serves the disk over NBD (`node` serves it with `cdp-ingest`'s NBD
+//! zeroes) with a blake3 of the whole image; [`read_bytes`];
+//! [`ReplayExport`], the disk as an NBD export (served by `rewind-nbd`'s
 //! server); and [`Overlay`], the copy-on-write layer that makes such an
 //! export writable without touching the log.
 //!
-//! Replay never writes the log, and does no network I/O of its own.
+//! Replay never writes the log, never resolves a target (the node's
+//! request handler does), and does no network I/O of its own.
 
-use std::future::Future;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
-use std::pin::Pin;
 
+pub use futures::future::BoxFuture;
 use futures::StreamExt;
 
-pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+pub mod export;
+pub use export::ReplayExport;
 
 /// Why a read of the disk failed.
-#[derive(Debug, Clone, thiserror::Error)]
-#[error("{0}")]
-pub struct SourceError(pub String);
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    /// The source will not serve this read (the LSN is not applied there
+    /// yet, the disk is unknown, ...): another source, or later, may.
+    #[error("{0}")]
+    Refused(String),
+    /// The source's copy failed its checks: other copies may be good.
+    #[error("{0}")]
+    Damaged(String),
+    /// The source did not answer.
+    #[error("{0}")]
+    Unreachable(String),
+    /// The source answered with a piece that does not fit the read.
+    #[error("{0}")]
+    BadPiece(String),
+    #[error("write {offset}+{len} is past the end of the disk ({size} bytes)")]
+    OutOfRange { offset: u64, len: u64, size: u64 },
+    #[error("overlay {path}: {source}")]
+    Overlay { path: String, source: std::io::Error },
+}
 
 /// `len` bytes of a disk: runs (offset in the piece, bytes) that may be
 /// non-zero, in order and not overlapping; the rest reads as zeroes.
@@ -45,7 +63,7 @@ impl Piece {
             let end = offset.checked_add(bytes.len() as u64).filter(|e| *e <= self.len);
             match end {
                 Some(end) if *offset >= at => at = end,
-                _ => return Err(SourceError(format!("run at {offset} of {} bytes does not fit a piece of {} bytes in order", bytes.len(), self.len))),
+                _ => return Err(SourceError::BadPiece(format!("run at {offset} of {} bytes does not fit a piece of {} bytes in order", bytes.len(), self.len))),
             }
         }
         Ok(())
@@ -139,7 +157,7 @@ pub async fn read_bytes(source: &dyn BlockSource, offset: u64, len: u64) -> Resu
         let p = source.read(offset + at, n).await?;
         p.check()?;
         if p.len != n {
-            return Err(SourceError(format!("the source sent a piece of {} bytes for a read of {n}", p.len)));
+            return Err(SourceError::BadPiece(format!("the source sent a piece of {} bytes for a read of {n}", p.len)));
         }
         for (run_at, bytes) in &p.runs {
             let start = (at + run_at) as usize;
@@ -188,6 +206,10 @@ impl Overlay {
         &self.path
     }
 
+    fn io_error(&self, source: std::io::Error) -> SourceError {
+        SourceError::Overlay { path: self.path.display().to_string(), source }
+    }
+
     /// Blocks written so far.
     pub async fn written_blocks(&self) -> usize {
         self.written.lock().await.len()
@@ -204,7 +226,7 @@ impl Overlay {
             let from = bstart.max(offset);
             let to = (bstart + OVERLAY_BLOCK_BYTES).min(offset + len);
             let dst = &mut out[(from - offset) as usize..(to - offset) as usize];
-            self.file.read_exact_at(dst, from).map_err(|e| SourceError(format!("overlay {}: {e}", self.path.display())))?;
+            self.file.read_exact_at(dst, from).map_err(|e| self.io_error(e))?;
         }
         Ok(out)
     }
@@ -214,9 +236,9 @@ impl Overlay {
     /// source, so the overlay always holds whole blocks.
     pub async fn write(&self, source: &dyn BlockSource, offset: u64, len: u64, data: Option<&[u8]>) -> Result<(), SourceError> {
         if offset.checked_add(len).is_none_or(|e| e > self.size) {
-            return Err(SourceError(format!("write {offset}+{len} is past the end of the disk ({} bytes)", self.size)));
+            return Err(SourceError::OutOfRange { offset, len, size: self.size });
         }
-        let io = |e: std::io::Error| SourceError(format!("overlay {}: {e}", self.path.display()));
+        let io = |e: std::io::Error| self.io_error(e);
         let mut written = self.written.lock().await;
         let first = offset / OVERLAY_BLOCK_BYTES;
         let end = (offset + len).div_ceil(OVERLAY_BLOCK_BYTES);
@@ -288,7 +310,7 @@ mod tests {
         fn read(&self, offset: u64, len: u64) -> BoxFuture<'_, Result<Piece, SourceError>> {
             Box::pin(async move {
                 if self.bad_at.is_some_and(|b| (offset..offset + len).contains(&b)) {
-                    return Err(SourceError("checksum mismatch".into()));
+                    return Err(SourceError::Damaged("checksum mismatch".into()));
                 }
                 // Runs of 4 KiB blocks that hold a non-zero byte.
                 let mut runs: Vec<(u64, Vec<u8>)> = Vec::new();

@@ -5,7 +5,7 @@ use openraft::EntryPayload;
 use rewind_wire::event::Event;
 
 use crate::rng::Rng;
-use crate::site::{read_tag, History, DISKS, DISK_BYTES, GROUP};
+use crate::model::{read_tag, History, DISKS, DISK_BYTES, GROUP};
 use crate::sm::SmImage;
 use crate::Entry;
 

@@ -27,29 +27,20 @@ use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use openraft::raft::ReadPolicy;
-use rewind_cdp_ingest::tap::{Backing, BoxFuture, Committed, LogSink, SinkError};
-use rewind_node::client::RETRY_DEADLINE;
-use rewind_node::tap::{redo_journal, ship_journal, ProducerStates, ShipJournal, Shipping};
+use rewind_cdp_ingest::journal::JournalError;
+use rewind_cdp_ingest::shipper::{redo_journal, ship_journal, ProducerStates, ShipJournal, Shipping, StateError};
+use rewind_cdp_ingest::tap::{Backing, Committed, LogSink, SinkError};
+use rewind_cdp_ingest::BoxFuture;
 use rewind_wire::event::{EventBatch, TimedEvent};
+use rewind_wire::rpc::{Request, Response};
 use tokio::sync::{mpsc, oneshot, Notify};
 
+use crate::model::{JOURNAL_BYTES_MAX, JOURNAL_FULL, JOURNAL_PRODUCER, NODES, PRODUCER_DEADLINE, SHIPPER_ADDR, TAP_GROUP, TAP_NODE};
 use crate::net::deliver;
-use crate::site::NODES;
-use crate::tap::{TAP_GROUP, TAP_NODE};
-use crate::{rt, stream, world, Raft};
+use crate::{rt, service_of, stream, world, Raft};
 
-/// The journal's producer identity (epoch 0: one journal, one numbering).
-pub const JOURNAL_PRODUCER: u64 = 2000;
-/// The bound on bytes not yet committed on the site: a few of the tap's
-/// batches, so an outage of the site stalls the guest.
-pub const JOURNAL_BYTES_MAX: u64 = 512 << 10;
-/// Counted with the faults, for coverage, but left out of their total.
-pub const JOURNAL_FULL: &str = "tap journal full (back-pressure, not a fault)";
 /// Appends queued for the writer at most.
 const WRITE_QUEUE_MAX: usize = 16;
-/// The shipper's network address.
-const SHIPPER_ADDR: u64 = 151;
 /// Batches the shipper's producer has in flight at most.
 const WINDOW: usize = 4;
 
@@ -212,8 +203,8 @@ impl LogSink for JournalSink {
     fn submit(&self, events: Vec<TimedEvent>) -> BoxFuture<'_, Result<Committed, SinkError>> {
         Box::pin(async move {
             let (done, rx) = oneshot::channel();
-            self.0.writer.send((events, done)).await.map_err(|_| SinkError("the journal writer stopped".into()))?;
-            let durable: Committed = Box::pin(async move { rx.await.map(|seq| (seq, seq)).map_err(|_| SinkError("the journal writer stopped".into())) });
+            self.0.writer.send((events, done)).await.map_err(|_| SinkError::Journal(JournalError::WriterStopped))?;
+            let durable: Committed = Box::pin(async move { rx.await.map(|seq| (seq, seq)).map_err(|_| SinkError::Journal(JournalError::WriterStopped)) });
             Ok(durable)
         })
     }
@@ -246,14 +237,14 @@ impl ShipJournal for SimJournal {
         self.changed.notify_waiters();
     }
 
-    fn next_after(&self, after: u64) -> BoxFuture<'_, anyhow::Result<EventBatch>> {
+    fn next_after(&self, after: u64) -> BoxFuture<'_, Result<EventBatch, JournalError>> {
         Box::pin(async move {
             loop {
                 let changed = self.changed.notified();
                 {
                     let f = self.file.lock().expect("journal");
                     if f.owner != Some(self.instance) {
-                        anyhow::bail!("the journal is closed");
+                        return Err(JournalError::Closed);
                     }
                     if let Some((b, _)) = f.entries.iter().find(|(b, _)| b.seq > after && b.seq <= f.synced) {
                         return Ok(b.clone());
@@ -269,15 +260,16 @@ impl ShipJournal for SimJournal {
     }
 }
 
-/// Where a node's state machine says the journal's producer stands, read
-/// the way production's `ProducerState` does: on the leader, after a
-/// linearizable read.
+/// Where the site says the journal's producer stands: production's
+/// request service answers `ProducerState` (on the leader, after a
+/// linearizable read).
 async fn producer_state(raft: Raft, (group, client_id): (String, u64)) -> Result<u64, String> {
-    let id = openraft_rt::WatchReceiver::borrow_watched(&raft.metrics()).id;
-    raft.ensure_linearizable(ReadPolicy::ReadIndex).await.map_err(|e| format!("node {id}: {e}"))?;
-    let sm = world::with(|w| w.nodes.get(&id).and_then(|n| n.sm.clone())).ok_or_else(|| format!("node {id} is down"))?;
-    let image = sm.lock().expect("sm");
-    Ok(image.producers.get(&(client_id, group)).map_or(0, |p| p.last_seq))
+    let service = service_of(raft)?;
+    match service.handle(Request::ProducerState { group, client_id }).await {
+        Response::Producer { last_seq } => Ok(last_seq),
+        Response::Error(e) => Err(format!("node {}: {}", service.id, e.message)),
+        other => Err(format!("node {}: unexpected reply {other:?}", service.id)),
+    }
 }
 
 /// The shipper's way to ask the site: each node in turn until one answers
@@ -285,7 +277,7 @@ async fn producer_state(raft: Raft, (group, client_id): (String, u64)) -> Result
 struct SimStates;
 
 impl ProducerStates for SimStates {
-    fn last_seq<'a>(&'a self, group: &'a str, client_id: u64) -> BoxFuture<'a, anyhow::Result<u64>> {
+    fn last_seq<'a>(&'a self, group: &'a str, client_id: u64) -> BoxFuture<'a, Result<u64, StateError>> {
         let asks: Vec<_> = NODES
             .iter()
             .map(|node| {
@@ -308,8 +300,8 @@ impl ProducerStates for SimStates {
         Box::pin(async move {
             match answer.await {
                 Ok(Ok(last)) => Ok(last),
-                Ok(Err(e)) => Err(anyhow::anyhow!("no node answered as the leader: {e}")),
-                Err(e) => Err(anyhow::anyhow!("{e}")),
+                Ok(Err(e)) => Err(StateError::Unavailable(format!("no node answered as the leader: {e}"))),
+                Err(e) => Err(StateError::Unavailable(e.to_string())),
             }
         })
     }
@@ -329,7 +321,7 @@ pub fn start_shipper(journal: SimJournal, backing: Arc<dyn Backing>, failed: Box
         journal,
         group: TAP_GROUP.into(),
         window: WINDOW,
-        link: stream::link(SHIPPER_ADDR, RETRY_DEADLINE * 1000),
+        link: stream::link(SHIPPER_ADDR, PRODUCER_DEADLINE * 1000),
         states: Arc::new(SimStates),
         runtime: Arc::new(stream::SimProducerRuntime),
         shipped_lsn: Arc::new(AtomicU64::new(0)),

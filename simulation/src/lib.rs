@@ -1,7 +1,8 @@
 //! Deterministic simulation of a whole rewind site in one process.
 //!
 //! One seed draws a fault plan, then runs nodes (openraft's real core with
-//! production's pure apply core and block index), clients and a fault
+//! production's pure apply core and block index, and production's request
+//! service, `rewind-service`), clients and a fault
 //! injector on a deterministic executor with simulated time (`rt.rs`),
 //! network (`net.rs`) and disks (`disk.rs`). Checkers (`check.rs`) run at
 //! the end of every seed; the trace of everything that happened is hashed,
@@ -11,6 +12,7 @@
 pub mod check;
 pub mod disk;
 pub mod journal;
+pub mod model;
 pub mod net;
 pub mod replay;
 pub mod rng;
@@ -34,6 +36,30 @@ openraft::declare_raft_types!(
 );
 
 pub type Raft = openraft::Raft<SimConfig, sm::SimSm>;
+
+/// A simulated node's types for production's request service.
+pub struct SimTypes;
+
+impl rewind_service::ServiceTypes for SimTypes {
+    type C = SimConfig;
+    type SM = sm::SimSm;
+    type Read = sm::SimState;
+
+    fn responder() -> (openraft::alias::WriteResponderOf<SimConfig>, rewind_service::WriteReceiver<SimConfig>) {
+        openraft::impls::ProgressResponder::complete_only()
+    }
+}
+
+/// Production's request handling on one simulated node.
+pub type SimService = rewind_service::Service<SimTypes>;
+
+/// The request service of the node whose Raft this is, or why there is
+/// none (the node is down).
+pub fn service_of(raft: Raft) -> Result<SimService, String> {
+    let id = openraft_rt::WatchReceiver::borrow_watched(&raft.metrics()).id;
+    let sm = world::with(|w| w.nodes.get(&id).and_then(|n| n.sm.clone())).ok_or_else(|| format!("node {id} is down"))?;
+    Ok(rewind_service::Service::new(id, raft, sm::SimState(sm)))
+}
 pub type Entry = openraft::alias::EntryOf<SimConfig>;
 pub type LogId = openraft::alias::LogIdOf<SimConfig>;
 pub type Vote = openraft::alias::VoteOf<SimConfig>;

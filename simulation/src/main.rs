@@ -5,6 +5,10 @@
 //! reasons: openraft's `select!` draws from a generator seeded by a
 //! process-wide counter, so only a fresh process replays a seed exactly;
 //! and a seed that hangs or panics is killed and reported, not fatal.
+//!
+//! This runner bounds and reports wall time, so it reads the system clock;
+//! the simulated world (the library) never does.
+#![allow(clippy::disallowed_methods)]
 
 use std::collections::BTreeMap;
 use std::io::Read;
@@ -284,7 +288,7 @@ fn report(cli: &Cli, results: &BTreeMap<u64, Vec<Outcome>>, caught: Option<u64>,
         sim_ns as f64 / 1e9,
         sim_ns as f64 / 1e9 / wall_s,
         seeds as f64 * 60.0 / wall_s,
-        faults.iter().filter(|(k, _)| k.as_str() != rewind_simulation::journal::JOURNAL_FULL).map(|(_, v)| v).sum::<u64>()
+        faults.iter().filter(|(k, _)| k.as_str() != rewind_simulation::model::JOURNAL_FULL).map(|(_, v)| v).sum::<u64>()
     );
     if cli.twice {
         println!("determinism: {} of {seeds} seeds gave the same trace hash twice", seeds - nondeterministic.len() as u64);

@@ -1,23 +1,22 @@
 //! Replay over the network while the faults run: production's replay
 //! reader (`rewind_replay::read_bytes`, which asks for the disk in pieces and
 //! checks each) reads a whole disk as of an acknowledged LSN from any node,
-//! through the simulated network. The node answers as production's
-//! `ReadDisk` does: it refuses an LSN it has not applied yet, and otherwise
-//! sends the runs of the blocks its block index gives. The bytes are checked
-//! against the byte model at the end of the seed (`check::replays`).
+//! through the simulated network. The node answers with production's
+//! request service (`ReadDisk`): it refuses an LSN it has not applied yet,
+//! and otherwise sends the runs of the blocks its block index gives. The
+//! bytes are checked against the byte model at the end of the seed
+//! (`check::replays`).
 
 use std::time::Duration;
 
-use openraft_rt::WatchReceiver;
 use rewind_replay::{read_bytes, BlockSource, BoxFuture, Piece, SourceError};
+use rewind_wire::rpc::{ErrorKind, Request, Response};
 
+use crate::model::{Shared, DISKS, DISK_BYTES, GROUP, NODES, REPLAY_ADDR};
 use crate::net::deliver;
 use crate::rng::Rng;
-use crate::site::{Shared, DISKS, DISK_BYTES, GROUP, NODES};
-use crate::{rt, world, Raft};
+use crate::{rt, service_of, world, Raft};
 
-/// The replaying client's network address.
-const REPLAY_ADDR: u64 = 160;
 /// Bytes one read asks for (production's limit is larger; smaller pieces
 /// make more messages to lose).
 const PIECE_BYTES: u64 = 256 << 10;
@@ -30,33 +29,16 @@ struct SimSource {
     lsn: u64,
 }
 
-/// A node's answer to a read: the non-zero blocks of the range as runs.
-async fn read_piece(raft: Raft, disk: &'static str, lsn: u64, offset: u64, len: u64) -> Result<Piece, String> {
-    let id = raft.metrics().borrow_watched().id;
-    let sm = world::with(|w| w.nodes.get(&id).and_then(|n| n.sm.clone())).ok_or_else(|| format!("node {id} is down"))?;
-    let image = sm.lock().expect("sm");
-    let group = image.groups.get(GROUP).ok_or_else(|| format!("node {id}: no consistency group {GROUP:?}"))?;
-    // The bug switch skips production's refusal: the node serves its disk
-    // as of what it has applied, which is not yet the LSN asked for.
-    if lsn > group.last_lsn && !world::with(|w| w.is_bug(crate::Bug::ReplayBeforeApplied)) {
-        return Err(format!("node {id} has applied group {GROUP:?} to LSN {}, not yet {lsn}", group.last_lsn));
+/// A node's answer to a read, from production's request service.
+async fn read_piece(raft: Raft, disk: &'static str, lsn: u64, offset: u64, len: u64) -> Result<Piece, SourceError> {
+    let service = service_of(raft).map_err(SourceError::Unreachable)?;
+    let request = Request::ReadDisk { group: GROUP.into(), disk: disk.into(), lsn, offset, len };
+    match service.handle(request).await {
+        Response::DiskPiece { len, runs } => Ok(Piece { len, runs }),
+        Response::Error(e) if e.kind == ErrorKind::Internal => Err(SourceError::Damaged(e.message)),
+        Response::Error(e) => Err(SourceError::Refused(e.message)),
+        other => Err(SourceError::BadPiece(format!("unexpected reply {other:?}"))),
     }
-    if !offset.is_multiple_of(BLOCK) || !len.is_multiple_of(BLOCK) || offset + len > DISK_BYTES {
-        return Err(format!("range {offset}+{len} is not whole blocks of the disk"));
-    }
-    let mut runs: Vec<(u64, Vec<u8>)> = Vec::new();
-    for b in offset / BLOCK..(offset + len) / BLOCK {
-        let data = image.block_at(GROUP, disk, b, lsn);
-        if data.iter().all(|x| *x == 0) {
-            continue;
-        }
-        let at = b * BLOCK - offset;
-        match runs.last_mut() {
-            Some((start, bytes)) if *start + bytes.len() as u64 == at => bytes.extend_from_slice(&data),
-            _ => runs.push((at, data)),
-        }
-    }
-    Ok(Piece { len, runs })
 }
 
 impl BlockSource for SimSource {
@@ -77,8 +59,8 @@ impl BlockSource for SimSource {
         Box::pin(async move {
             match answer.await {
                 Ok(Ok(piece)) => Ok(piece),
-                Ok(Err(e)) => Err(SourceError(format!("node {node}: {e}"))),
-                Err(e) => Err(SourceError(e.to_string())),
+                Ok(Err(e)) => Err(SourceError::Refused(format!("node {node}: {e}"))),
+                Err(e) => Err(SourceError::Unreachable(e.to_string())),
             }
         })
     }

@@ -20,15 +20,9 @@ use crate::net::{deliver, SimNet, Undelivered};
 use crate::rng::Rng;
 use crate::sm::SimSm;
 use crate::world::{self, NodeSlot, Plan, World};
+use crate::model::{Shared, CLIENT_BASE, DISKS, DISK_BYTES, GROUP, NODES, SECTOR, TAP_DISK, TAP_DISK_BYTES, TAP_GROUP};
 use crate::{check, rt, tap, Bug, Raft};
 
-pub const GROUP: &str = "cg";
-pub const DISKS: [&str; 2] = ["d0", "d1"];
-pub const DISK_BYTES: u64 = 2 << 20;
-const SECTOR: u64 = 512;
-pub const NODES: [u64; 4] = [1, 2, 3, 4];
-/// Client ids start here; a client's network address is its id.
-const CLIENT_BASE: u64 = 100;
 /// Seeds the generator of the fault kinds added later, and their injector.
 const EXTRA_SALT: u64 = 0x7A95_EED5_0000_0001;
 
@@ -71,35 +65,15 @@ pub struct Outcome {
     pub tail: Vec<String>,
 }
 
-/// Batches sent and answered, for the checkers.
-#[derive(Default)]
-pub struct History {
-    /// (client, seq) -> the batch's events.
-    pub submitted: BTreeMap<(u64, u64), Vec<Event>>,
-    /// (client, seq, lsn_first, lsn_last); LSN 0: acknowledged without one.
-    pub acked: Vec<(u64, u64, u64, u64)>,
-    /// Problems a client saw (a valid batch refused, a sequence gap).
-    pub client_errors: Vec<String>,
-    /// Raft safety violations seen while running.
-    pub safety: Vec<String>,
-    /// The guest's requests to the tap, in the order it sent them.
-    pub tap_ops: Vec<crate::tap::GuestOp>,
-    /// (tap producer, seq) -> the batch's events.
-    pub tap_batches: BTreeMap<(u64, u64), Vec<Event>>,
-    /// Replays over the network that came back whole, while faults ran.
-    pub replays: Vec<crate::replay::Replayed>,
-}
-
-pub type Shared = Rc<RefCell<History>>;
-
 pub fn run_seed(opts: &Options) -> Outcome {
     let mut rng = Rng::new(opts.seed);
     // Kinds added later are drawn from a generator of their own, so a seed
     // with all of them off runs as it did before they existed.
     let plan = Plan::draw(&mut rng).with_extra_kinds(&mut Rng::new(opts.seed ^ EXTRA_SALT));
     rewind_cdp_ingest::tap::bugs::ANSWER_BEFORE_COMMIT.store(opts.bug == Some(Bug::TapAnswerBeforeCommit), std::sync::atomic::Ordering::Relaxed);
-    rewind_node::tap::bugs::TRIM_ON_SEND.store(opts.bug == Some(Bug::ShipperTrimsOnSend), std::sync::atomic::Ordering::Relaxed);
-    rewind_node::tap::bugs::TRIM_BEFORE_BACKING_SYNC.store(opts.bug == Some(Bug::TrimBeforeBackingSync), std::sync::atomic::Ordering::Relaxed);
+    rewind_cdp_ingest::shipper::bugs::TRIM_ON_SEND.store(opts.bug == Some(Bug::ShipperTrimsOnSend), std::sync::atomic::Ordering::Relaxed);
+    rewind_cdp_ingest::shipper::bugs::TRIM_BEFORE_BACKING_SYNC.store(opts.bug == Some(Bug::TrimBeforeBackingSync), std::sync::atomic::Ordering::Relaxed);
+    rewind_service::bugs::REPLAY_BEFORE_APPLIED.store(opts.bug == Some(Bug::ReplayBeforeApplied), std::sync::atomic::Ordering::Relaxed);
     let plan_text = format!("{plan:?}");
     world::install(World::new(opts.seed, opts.bug, plan, &mut rng));
     let history: Shared = Rc::default();
@@ -267,17 +241,6 @@ fn tag(client: u64, seq: u64) -> [u8; 16] {
     t[..8].copy_from_slice(&client.to_le_bytes());
     t[8..].copy_from_slice(&seq.to_le_bytes());
     t
-}
-
-/// The (client, seq) a batch's first event carries.
-pub fn read_tag(event: &Event) -> Option<(u64, u64)> {
-    match event {
-        Event::Write { data, .. } if data.len() >= 16 => Some((
-            u64::from_le_bytes(data[..8].try_into().expect("8")),
-            u64::from_le_bytes(data[8..16].try_into().expect("8")),
-        )),
-        _ => None,
-    }
 }
 
 fn sectors(rng: &mut Rng, lo: u64, hi: u64) -> u64 {
@@ -729,8 +692,8 @@ async fn scenario(opts: Options, mut rng: Rng, history: Shared) -> Vec<String> {
     }
     let plan = world::with(|w| w.plan.clone());
     if plan.tap {
-        let disks = vec![DiskSpec { name: tap::TAP_DISK.into(), size_bytes: tap::TAP_DISK_BYTES, sector_bytes: tap::SECTOR as u32 }];
-        if let Err(e) = create_group(tap::TAP_GROUP, disks, "tap group", &mut rng, rt::now_ns() + 30_000_000_000).await {
+        let disks = vec![DiskSpec { name: TAP_DISK.into(), size_bytes: TAP_DISK_BYTES, sector_bytes: SECTOR as u32 }];
+        if let Err(e) = create_group(TAP_GROUP, disks, "tap group", &mut rng, rt::now_ns() + 30_000_000_000).await {
             return vec![e];
         }
     }
@@ -861,8 +824,8 @@ async fn scenario(opts: Options, mut rng: Rng, history: Shared) -> Vec<String> {
         let (batches, errors) = world::with(|w| (std::mem::take(&mut w.tap_batches), std::mem::take(&mut w.tap_errors)));
         history.borrow_mut().tap_batches = batches;
         failures.extend(errors);
-        failures.extend(check::replicas_agree(tap::TAP_GROUP, &images));
-        if let Some((_, image)) = images.iter().max_by_key(|(_, i)| i.groups.get(tap::TAP_GROUP).map_or(0, |g| g.last_lsn)) {
+        failures.extend(check::replicas_agree(TAP_GROUP, &images));
+        if let Some((_, image)) = images.iter().max_by_key(|(_, i)| i.groups.get(TAP_GROUP).map_or(0, |g| g.last_lsn)) {
             failures.extend(tap::check(&history.borrow(), image, &file));
         }
     }

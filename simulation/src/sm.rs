@@ -1,5 +1,7 @@
 //! The state machine of a simulated node: production's pure apply core
-//! (`rewind_raft_store::apply`) and block index (`blocks`) over memory.
+//! (`rewind_raft_store::apply`) and block index (`blocks`: indexing, and
+//! the rules that read a block and a range back) over memory, read by
+//! production's request service through [`SimState`], its `ReadState`.
 //! It is volatile, like production's (which writes without a WAL): a crash
 //! loses it, and the node rebuilds it from its snapshot and its log.
 
@@ -10,8 +12,9 @@ use std::sync::{Arc, Mutex};
 use futures::{Stream, TryStreamExt};
 use openraft::storage::{EntryResponder, RaftStateMachine};
 use openraft::{EntryPayload, OptionalSend, RaftSnapshotBuilder};
-use rewind_raft_store::apply::{apply_batch, create_group, BatchOutcome, GroupRecord, ProducerRecord};
-use rewind_raft_store::blocks::{index_event, IndexPut, Version, BLOCK_BYTES};
+use rewind_raft_store::apply::{apply_batch, create_group, BatchOutcome, GroupRecord, ProducerRecord, StoredEvent};
+use rewind_raft_store::blocks::{block_or_zero, index_event, read_runs, IndexPut, Version, VersionIndex, BLOCK_BYTES};
+use rewind_raft_store::{Bookmark, ReadState};
 use rewind_wire::event::{Event, LoggedEvent};
 use rewind_wire::raft::{Command, CommandReply};
 
@@ -34,25 +37,10 @@ pub struct SmImage {
 }
 
 impl SmImage {
-    /// Block `b` of a disk as of LSN `lsn`, read the way the store reads it.
+    /// Block `b` of a disk as of LSN `lsn`, read by production's rules.
     pub fn block_at(&self, group: &str, disk: &str, b: u64, lsn: u64) -> Vec<u8> {
-        let zero = vec![0u8; BLOCK_BYTES as usize];
-        let versions = self.blocks.get(&(group.to_string(), disk.to_string(), b));
-        let found = versions.and_then(|v| v.range(..=lsn).next_back());
-        let since = found.map_or(0, |(l, _)| *l);
-        if let Some(ext) = self.extents.get(&(group.to_string(), disk.to_string())) {
-            if since < lsn && ext.range(since + 1..=lsn).any(|(_, (f, e))| (*f..*e).contains(&b)) {
-                return zero;
-            }
-        }
-        match found {
-            None | Some((_, Version::Zero)) => zero,
-            Some((_, Version::Data(d))) => d.clone(),
-            Some((l, Version::Ref { offset })) => match &self.events[group][*l as usize - 1].event {
-                Event::Write { data, .. } => data[*offset as usize..*offset as usize + BLOCK_BYTES as usize].to_vec(),
-                other => panic!("a Ref version points at {other:?}"),
-            },
-        }
+        let found = block_or_zero(&mut ImageIndex { image: self, group, disk }, b, lsn).expect("the simulation's index refers only to its own writes");
+        found.unwrap_or_else(|| vec![0u8; BLOCK_BYTES as usize])
     }
 
     fn apply_command(&mut self, command: &Command) -> CommandReply {
@@ -98,6 +86,106 @@ impl SmImage {
                 }
             }
         }
+    }
+}
+
+/// One disk's block index in a state machine image, as production's read
+/// rules (`blocks::block_or_zero`) look things up.
+struct ImageIndex<'a> {
+    image: &'a SmImage,
+    group: &'a str,
+    disk: &'a str,
+}
+
+impl VersionIndex for ImageIndex<'_> {
+    type Error = io::Error;
+
+    fn version(&mut self, block: u64, lsn: u64) -> io::Result<Option<(u64, Version)>> {
+        let versions = self.image.blocks.get(&(self.group.to_string(), self.disk.to_string(), block));
+        Ok(versions.and_then(|v| v.range(..=lsn).next_back()).map(|(l, v)| (*l, v.clone())))
+    }
+
+    fn zeroed_by_extent(&mut self, block: u64, after: u64, upto: u64) -> io::Result<bool> {
+        let Some(ext) = self.image.extents.get(&(self.group.to_string(), self.disk.to_string())) else { return Ok(false) };
+        Ok(after < upto && ext.range(after + 1..=upto).any(|(_, (f, e))| (*f..*e).contains(&block)))
+    }
+
+    fn write_bytes(&mut self, lsn: u64, offset: u32) -> io::Result<Vec<u8>> {
+        let event = self.image.events.get(self.group).and_then(|e| e.get(lsn as usize - 1));
+        match event.map(|e| &e.event) {
+            Some(Event::Write { data, .. }) if offset as usize + BLOCK_BYTES as usize <= data.len() => {
+                Ok(data[offset as usize..offset as usize + BLOCK_BYTES as usize].to_vec())
+            }
+            other => Err(io::Error::new(io::ErrorKind::InvalidData, format!("a Ref version at LSN {lsn} points at {other:?}"))),
+        }
+    }
+}
+
+/// A node's applied state as production's request service reads it.
+#[derive(Clone)]
+pub struct SimState(pub Arc<Mutex<SmImage>>);
+
+impl SimState {
+    fn image(&self) -> std::sync::MutexGuard<'_, SmImage> {
+        self.0.lock().expect("sm")
+    }
+}
+
+impl ReadState for SimState {
+    fn group(&self, name: &str) -> io::Result<Option<GroupRecord>> {
+        Ok(self.image().groups.get(name).cloned())
+    }
+
+    fn producer(&self, client_id: u64, group: &str) -> io::Result<Option<ProducerRecord>> {
+        Ok(self.image().producers.get(&(client_id, group.to_string())).cloned())
+    }
+
+    fn events(&self, group: &str, lsn_first: u64, count_max: usize, bytes_max: usize) -> io::Result<Vec<StoredEvent>> {
+        let image = self.image();
+        let mut out = Vec::new();
+        let mut bytes = 0usize;
+        for e in image.events.get(group).into_iter().flatten().skip(lsn_first.saturating_sub(1) as usize).take(count_max) {
+            bytes += e.event.payload_bytes();
+            out.push(e.clone());
+            if bytes >= bytes_max {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    fn read_disk(&self, group: &str, disk: &str, lsn: u64, offset: u64, len: u64) -> io::Result<Vec<(u64, Vec<u8>)>> {
+        read_runs(&mut ImageIndex { image: &self.image(), group, disk }, lsn, offset, len)
+    }
+
+    fn bookmarks(&self, group: &str, max: usize) -> io::Result<Vec<Bookmark>> {
+        let image = self.image();
+        let mut out: Vec<Bookmark> = image
+            .events
+            .get(group)
+            .into_iter()
+            .flatten()
+            .filter_map(|e| match &e.event {
+                Event::Bookmark { name, app_consistent } => Some(Bookmark { name: name.clone(), lsn: e.lsn, time_ns: e.time_ns, app_consistent: *app_consistent }),
+                _ => None,
+            })
+            .collect();
+        if out.len() > max {
+            out.drain(..out.len() - max);
+        }
+        Ok(out)
+    }
+
+    fn time_of(&self, group: &str, lsn: u64) -> io::Result<Option<u64>> {
+        Ok(self.image().events.get(group).and_then(|e| e.get(lsn.checked_sub(1)? as usize)).map(|e| e.time_ns))
+    }
+
+    fn lsn_at_time(&self, group: &str, time_ns: u64) -> io::Result<Option<u64>> {
+        let image = self.image();
+        let Some(events) = image.events.get(group) else { return Ok(None) };
+        // Event times never go backwards within a group.
+        let n = events.partition_point(|e| e.time_ns <= time_ns);
+        Ok(n.checked_sub(1).map(|i| events[i].lsn))
     }
 }
 

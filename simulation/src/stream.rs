@@ -1,35 +1,29 @@
 //! Append streams over the simulated network, for production's ordered
-//! producer (`rewind_node::producer`): the tap's batches reach the site
+//! producer (`rewind_cdp_ingest::producer`): the tap's batches reach the site
 //! through the same pipelining, resending and leader-following code as in
 //! production.
 //!
 //! A stream is reliable and ordered, like a QUIC stream: a lost frame is
 //! sent again 100-300 ms later (five tries), a cut link or a dead node
 //! breaks the stream, and frames arrive in the order they were sent, each
-//! after the network's delay. The node's end does what production's
-//! `serve_append_stream` does: it hands each batch to Raft in the order it
-//! arrives (`client_write_ff`), and answers in that order once each is
-//! committed and applied, mapping errors the way production does.
+//! after the network's delay. The node's end runs production's request
+//! service (`rewind_service`): it submits each batch to Raft in the order it
+//! arrives, and answers in that order once each is committed and applied.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use openraft::impls::ProgressResponder;
-use openraft_rt::WatchReceiver;
-use rewind_node::producer::{AppendLink, AppendStream, BoxFuture, ProducerRuntime};
-use rewind_wire::raft::{Command, Member};
-use rewind_wire::rpc::{ErrorKind, Request, Response, RpcError};
+use rewind_cdp_ingest::producer::{AppendLink, AppendStream, LinkError, ProducerRuntime};
+use rewind_cdp_ingest::BoxFuture;
+use rewind_service::{PendingAppend, ServiceError};
+use rewind_wire::rpc::{Request, Response};
 use tokio::sync::mpsc;
 
-use crate::site::NODES;
-use crate::{rt, world, Raft};
+use crate::model::NODES;
+use crate::{rt, service_of, world, SimService, SimTypes};
 
 /// Tries of one frame on a lossy link before the stream breaks.
 const FRAME_TRIES: u32 = 5;
-
-fn error(kind: ErrorKind, message: impl Into<String>) -> Response {
-    Response::Error(RpcError { kind, message: message.into(), leader: None })
-}
 
 /// When a frame sent now from `from` reaches `to`, after `after` (the
 /// previous frame's arrival: a stream keeps order), and whether it needed
@@ -82,12 +76,12 @@ struct SimStream {
     alive: Arc<()>,
     /// When the last frame sent up arrives.
     up_at: u64,
-    replies: mpsc::Receiver<anyhow::Result<Response>>,
+    replies: mpsc::Receiver<Result<Response, LinkError>>,
     broken: bool,
 }
 
 impl AppendLink for SimLink {
-    fn open<'a>(&'a self, rotate: &'a mut usize, window: usize) -> BoxFuture<'a, anyhow::Result<Box<dyn AppendStream>>> {
+    fn open<'a>(&'a self, rotate: &'a mut usize, window: usize) -> BoxFuture<'a, Result<Box<dyn AppendStream>, LinkError>> {
         let to = match *self.leader.lock().expect("leader") {
             Some(l) => l,
             None => {
@@ -102,11 +96,11 @@ impl AppendLink for SimLink {
         Box::pin(async move {
             let Some(back) = back else {
                 rt::sleep(Duration::from_secs(1)).await;
-                anyhow::bail!("connect to n{to}: timed out");
+                return Err(format!("connect to n{to}: timed out").into());
             };
             rt::Sleep::until_global(back).await;
             if world::with(|w| w.raft(to)).is_none() {
-                anyhow::bail!("connect to n{to}: refused (the node is down)");
+                return Err(format!("connect to n{to}: refused (the node is down)").into());
             }
             let (up, requests) = mpsc::unbounded_channel();
             let (reply_tx, replies) = mpsc::channel(window + 1);
@@ -130,13 +124,13 @@ impl AppendStream for SimStream {
         format!("n{}", self.to)
     }
 
-    fn send<'a>(&'a mut self, request: &'a Request) -> BoxFuture<'a, anyhow::Result<()>> {
+    fn send<'a>(&'a mut self, request: &'a Request) -> BoxFuture<'a, Result<(), LinkError>> {
         Box::pin(async move {
             match frame_arrival(self.from, self.to, self.up_at) {
                 Some((at, resent)) if !self.broken => {
                     self.up_at = at;
                     let sender = resent.then(|| Arc::downgrade(&self.alive));
-                    self.up.send((at, sender, request.clone())).map_err(|_| anyhow::anyhow!("stream to n{} closed", self.to))
+                    self.up.send((at, sender, request.clone())).map_err(|_| format!("stream to n{} closed", self.to).into())
                 }
                 _ => {
                     // The node never gets it; the producer learns when no
@@ -148,32 +142,35 @@ impl AppendStream for SimStream {
         })
     }
 
-    fn recv(&mut self) -> BoxFuture<'_, Option<anyhow::Result<Response>>> {
+    fn recv(&mut self) -> BoxFuture<'_, Option<Result<Response, LinkError>>> {
         Box::pin(async move {
             if self.broken {
                 // A connection that lost a frame for good times out.
                 rt::sleep(Duration::from_secs(1)).await;
-                return Some(Err(anyhow::anyhow!("connection to n{} lost", self.to)));
+                return Some(Err(format!("connection to n{} lost", self.to).into()));
             }
             self.replies.recv().await
         })
     }
 }
 
-/// A batch handed to Raft, or an answer known at once.
+/// A batch handed to Raft by the node's service, or an answer known at once.
 enum Pending {
     Ready(Response),
-    Waiting(Raft, openraft::alias::OneshotReceiverOf<crate::SimConfig, openraft::raft::ClientWriteResult<crate::SimConfig>>),
+    Submitted(SimService, PendingAppend<SimTypes>),
 }
 
 /// The node's end of one stream, run as the node's task (a crash of the
 /// node ends it): submits in arrival order, answers in that order.
-async fn serve(node: u64, client: u64, mut requests: mpsc::UnboundedReceiver<UpFrame>, replies: mpsc::Sender<anyhow::Result<Response>>) {
+async fn serve(node: u64, client: u64, mut requests: mpsc::UnboundedReceiver<UpFrame>, replies: mpsc::Sender<Result<Response, LinkError>>) {
     let (pending_tx, mut pending_rx) = mpsc::channel::<Pending>(rewind_wire::limits::PRODUCER_WINDOW_MAX);
     rt::spawn_local(async move {
         let mut down_at = 0u64;
         while let Some(p) = pending_rx.recv().await {
-            let response = finish(node, p).await;
+            let response = match p {
+                Pending::Ready(r) => r,
+                Pending::Submitted(service, pending) => service.finish_append(pending).await,
+            };
             let Some((at, _)) = frame_arrival(node, client, down_at) else {
                 return;
             };
@@ -194,46 +191,17 @@ async fn serve(node: u64, client: u64, mut requests: mpsc::UnboundedReceiver<UpF
             // it never arrives, and neither does anything after it.
             return;
         }
-        let pending = match request {
-            Request::Append { batch } => submit(node, batch).await,
-            _ => Pending::Ready(error(ErrorKind::BadRequest, "an append stream carries only appends")),
+        let pending = match (request, world::with(|w| w.raft(node)).map(service_of)) {
+            (Request::Append { batch }, Some(Ok(service))) => {
+                let submitted = service.submit_append(batch).await;
+                Pending::Submitted(service, submitted)
+            }
+            (Request::Append { .. }, _) => Pending::Ready(ServiceError::Unavailable(format!("node {node} is down")).into()),
+            (other, _) => Pending::Ready(ServiceError::BadRequest(format!("an append stream carries only appends, not {}", other.name())).into()),
         };
         if pending_tx.send(pending).await.is_err() {
             return;
         }
-    }
-}
-
-async fn submit(node: u64, batch: rewind_wire::event::EventBatch) -> Pending {
-    if let Err(e) = batch.check() {
-        return Pending::Ready(error(ErrorKind::BadRequest, e.to_string()));
-    }
-    let Some(raft) = world::with(|w| w.raft(node)) else {
-        return Pending::Ready(error(ErrorKind::Unavailable, format!("node {node} is down")));
-    };
-    let (responder, rx) = ProgressResponder::complete_only();
-    match raft.client_write_ff(Command::Append(batch), Some(responder)).await {
-        Ok(()) => Pending::Waiting(raft, rx),
-        Err(fatal) => Pending::Ready(error(ErrorKind::Internal, fatal.to_string())),
-    }
-}
-
-async fn finish(node: u64, pending: Pending) -> Response {
-    let (raft, rx) = match pending {
-        Pending::Ready(r) => return r,
-        Pending::Waiting(raft, rx) => (raft, rx),
-    };
-    match rx.await {
-        Err(_) => error(ErrorKind::Unavailable, "raft stopped before answering; resend"),
-        Ok(Ok(r)) => rewind_node::server::reply_response(r.data),
-        Ok(Err(e)) => match &e {
-            openraft::errors::ClientWriteError::ForwardToLeader(f) => {
-                let m = raft.metrics().borrow_watched().membership_config.clone();
-                let leader = f.leader_id.and_then(|l| m.membership().get_node(&l).map(|n| Member { id: l, addr: n.addr.clone() }));
-                Response::Error(RpcError { kind: ErrorKind::NotLeader, message: format!("node {node} is not the leader"), leader })
-            }
-            _ => error(ErrorKind::Unavailable, e.to_string()),
-        },
     }
 }
 

@@ -22,30 +22,18 @@ use std::rc::Rc;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use rewind_cdp_ingest::tap::{self, Backing, BoxFuture, Committed, Export, LogSink, SinkError, Spawner, Tap, TapConfig};
-use rewind_node::client::RETRY_DEADLINE;
-use rewind_node::producer::Producer;
-use rewind_node::tap::ProducerSink;
+use rewind_cdp_ingest::producer::{Producer, ProducerError};
+use rewind_cdp_ingest::shipper::ProducerSink;
+use rewind_cdp_ingest::tap::{self, Backing, Committed, Export, LogSink, SinkError, Spawner, Tap, TapConfig};
+use rewind_cdp_ingest::BoxFuture;
 use rewind_wire::event::{seq_epoch, seq_in_epoch, TimedEvent};
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
-use crate::journal::{start_shipper, JournalFile, JournalSink, SimJournal, JOURNAL_PRODUCER};
+use crate::journal::{start_shipper, JournalFile, JournalSink, SimJournal};
 use crate::rng::Rng;
-use crate::site::Shared;
+use crate::model::{History, Shared, JOURNAL_PRODUCER, PRODUCER_DEADLINE, SECTOR, TAP_ADDR, TAP_DISK, TAP_DISK_BYTES, TAP_GROUP, TAP_NODE, TAP_PRODUCER_BASE};
 use crate::{rt, stream, world};
 
-pub const TAP_GROUP: &str = "tg";
-pub const TAP_DISK: &str = "t0";
-pub const TAP_DISK_BYTES: u64 = 1 << 20;
-pub const SECTOR: u64 = 512;
-/// The tap's process in the executor: its tasks die together.
-pub const TAP_NODE: u64 = 50;
-/// The tap's network address.
-const TAP_ADDR: u64 = 150;
-/// The tap's producer identity; a process's epoch is its instance number.
-/// (With `--bug tap-unfenced` a process's identity is this plus its
-/// instance number, in epoch 0.)
-pub const TAP_PRODUCER_BASE: u64 = 1000;
 /// Batches the producer has queued or in flight at most.
 const WINDOW: usize = 4;
 /// Marks the first bytes of every guest write, followed by its op number.
@@ -182,8 +170,8 @@ impl LogSink for RecordingSink {
         world::with(|w| w.tap_batches.insert(key, events.iter().map(|e| e.event.clone()).collect()));
         let submitted = self.inner.submit(events);
         Box::pin(async move {
-            let committed = submitted.await.inspect_err(|e| note_sink_error(key, &e.0))?;
-            let watched: Committed = Box::pin(async move { committed.await.inspect_err(|e| note_sink_error(key, &e.0)) });
+            let committed = submitted.await.inspect_err(|e| note_sink_error(key, e))?;
+            let watched: Committed = Box::pin(async move { committed.await.inspect_err(|e| note_sink_error(key, e)) });
             Ok(watched)
         })
     }
@@ -192,9 +180,10 @@ impl LogSink for RecordingSink {
 /// A batch the producer could not get committed. Giving up after its
 /// deadline without progress is allowed (the tap then refuses writes until
 /// it is restarted); any other reason is a failure of the seed.
-fn note_sink_error((producer, seq): (u64, u64), why: &str) {
+fn note_sink_error((producer, seq): (u64, u64), why: &SinkError) {
     world::trace(format!("tap producer {producer} seq {seq} failed: {why}"));
-    if !why.contains("no progress for") && !why.contains("failed earlier") {
+    let allowed = matches!(why, SinkError::Producer(ProducerError::GaveUp(_) | ProducerError::FailedEarlier(_)));
+    if !allowed {
         world::with(|w| w.tap_errors.push(format!("tap producer {producer} seq {seq}: {why}")));
     }
 }
@@ -290,7 +279,7 @@ pub fn start(site: &TapHandle) {
                 (Arc::new(JournalSink(j)), tap::Mode::Async)
             }
             None => {
-                let link = stream::link(TAP_ADDR, RETRY_DEADLINE);
+                let link = stream::link(TAP_ADDR, PRODUCER_DEADLINE);
                 let producer = Producer::over(link, Arc::new(stream::SimProducerRuntime), WINDOW, producer_id, first_seq);
                 (Arc::new(RecordingSink { inner: ProducerSink::over(producer, TAP_GROUP), producer: producer_id, next_seq: first_seq.into() }), tap::Mode::Sync)
             }
@@ -463,7 +452,7 @@ pub async fn inject(site: TapHandle, mut rng: Rng, end_ns: u64) {
 /// before a successful flush); and the backing file equals the replay of
 /// the log, except where a request the guest never heard back about may or
 /// may not have reached the log.
-pub fn check(history: &crate::site::History, image: &crate::sm::SmImage, file: &[u8]) -> Vec<String> {
+pub fn check(history: &History, image: &crate::sm::SmImage, file: &[u8]) -> Vec<String> {
     let mut failures = Vec::new();
     let Some(group) = image.groups.get(TAP_GROUP) else {
         return vec![format!("the tap's group {TAP_GROUP} is missing")];

@@ -9,6 +9,7 @@
 //!   socket or a disk unvalidated.
 //! * [`rpc`]: requests and replies between nodes and from clients.
 //! * [`frame`]: length-prefixed, versioned, checksummed rkyv frames.
+//! * [`timefmt`]: event times as people write them (RFC 3339 in and out).
 //!
 //! Invariants kept here:
 //! * decoding never panics on any input: a bad frame is a typed
@@ -25,6 +26,7 @@ pub mod frame;
 pub mod limits;
 pub mod raft;
 pub mod rpc;
+pub mod timefmt;
 
 pub use event::{Event, EventBatch, LoggedEvent, TimedEvent};
 pub use frame::{decode_body, decode_frame, encode_frame, Decode, Encode, FrameError, FrameHeader};

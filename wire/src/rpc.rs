@@ -12,7 +12,7 @@ use crate::raft::{
 
 /// The protocol version every frame carries. A peer with another version is
 /// refused at the first frame.
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
 
 #[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
 pub struct DiskSpec {
@@ -96,11 +96,65 @@ pub struct PointsInfo {
     pub disks: Vec<DiskSpec>,
 }
 
+impl Request {
+    /// The request's name, for messages.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Request::RaftAppend { .. } => "raft-append",
+            Request::RaftVote { .. } => "raft-vote",
+            Request::RaftSnapshot { .. } => "raft-snapshot",
+            Request::SnapshotChunk { .. } => "snapshot-chunk",
+            Request::CreateGroup { .. } => "create-group",
+            Request::Append { .. } => "append",
+            Request::Status => "status",
+            Request::GroupState { .. } => "group-state",
+            Request::ReadEvents { .. } => "read-events",
+            Request::ProducerState { .. } => "producer-state",
+            Request::TapReport(_) => "tap-report",
+            Request::Points { .. } => "points",
+            Request::Resolve { .. } => "resolve",
+            Request::ReadDisk { .. } => "read-disk",
+            Request::ClusterInit { .. } => "cluster-init",
+            Request::AddLearner { .. } => "add-learner",
+            Request::ChangeVoters { .. } => "change-voters",
+        }
+    }
+}
+
+/// A node's part in one shard's Raft group.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Leader,
+    Candidate,
+    Follower,
+    Learner,
+    ShuttingDown,
+}
+
+impl Role {
+    /// The word `rewind status` shows.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Leader => "leader",
+            Role::Candidate => "candidate",
+            Role::Follower => "follower",
+            Role::Learner => "learner",
+            Role::ShuttingDown => "shutting-down",
+        }
+    }
+}
+
+impl std::fmt::Display for Role {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.pad(self.as_str())
+    }
+}
+
 /// One node's view of one shard.
 #[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
 pub struct ShardStatus {
     pub shard: ShardId,
-    pub role: String,
+    pub role: Role,
     pub term: u64,
     pub leader: Option<NodeId>,
     pub last_log_index: Option<u64>,

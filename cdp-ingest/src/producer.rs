@@ -2,28 +2,60 @@
 //! order, resent after a leader change or a lost connection.
 //!
 //! The pipeline reaches the site through [`AppendLink`] (QUIC streams in
-//! production, [`Client`]'s implementation below; the simulation's network
-//! in `rewind-simulation`) and keeps time and spawns through
-//! [`ProducerRuntime`] (tokio here), so the simulation runs this same code.
+//! production, implemented by `node`'s client; the simulation's network in
+//! `rewind-simulation`) and keeps time and spawns through
+//! [`ProducerRuntime`] ([`TokioRuntime`] in production), so the simulation
+//! runs this same code.
 
 use std::collections::VecDeque;
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{anyhow, bail, Context};
 use rewind_wire::event::{seq_epoch, EventBatch, TimedEvent};
 use rewind_wire::limits::PRODUCER_WINDOW_MAX;
 use rewind_wire::rpc::{ErrorKind, Request, Response};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::client::{fresh_client_id, Client, Refused};
-
-pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+pub use crate::BoxFuture;
 
 /// How long a retry waits after a failed try.
-pub(crate) const RETRY_PAUSE: Duration = Duration::from_millis(100);
+pub const RETRY_PAUSE: Duration = Duration::from_millis(100);
+
+/// An error of the way to the site (a connection, a stream): only shown,
+/// never matched, so it keeps whatever type the link had.
+pub type LinkError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Why a batch was not appended.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ProducerError {
+    /// The batch breaks a rule of the log (limits, names, ranges); nothing
+    /// was sent.
+    #[error("check the batch: {0}")]
+    Invalid(String),
+    /// The producer has used every sequence number of its epoch.
+    #[error("producer {client_id:016x} has used every sequence number of its epoch {epoch}; restart it to take the next epoch")]
+    EpochUsed { client_id: u64, epoch: u32 },
+    /// The site refused this batch for good (an unknown group or disk, a
+    /// fenced epoch); later batches go on.
+    #[error("{0}")]
+    Refused(String),
+    /// No progress within the producer's deadline; it gave up, and every
+    /// later batch fails too.
+    #[error("{0}")]
+    GaveUp(String),
+    /// The site refused a batch as malformed; every later batch fails too.
+    #[error("{0}")]
+    Rejected(String),
+    /// The producer failed on an earlier batch (the reason given).
+    #[error("the producer failed earlier: {0}")]
+    FailedEarlier(String),
+    /// The producer's task has ended.
+    #[error("the producer has stopped")]
+    Stopped,
+}
+
+/// The answer to one batch: its LSN range once committed.
+pub type Appended = Result<(u64, u64), ProducerError>;
 /// An append stream whose oldest batch has had no answer for this long is
 /// abandoned, and its batches are sent again on a new one.
 pub const REPLY_TIMEOUT: Duration = Duration::from_secs(5);
@@ -32,7 +64,7 @@ pub const REPLY_TIMEOUT: Duration = Duration::from_secs(5);
 pub trait AppendLink: Send + Sync + 'static {
     /// Opens an append stream to the leader as far as the link knows it,
     /// or else to the next node in turn (`rotate` counts the turns).
-    fn open<'a>(&'a self, rotate: &'a mut usize, window: usize) -> BoxFuture<'a, anyhow::Result<Box<dyn AppendStream>>>;
+    fn open<'a>(&'a self, rotate: &'a mut usize, window: usize) -> BoxFuture<'a, Result<Box<dyn AppendStream>, LinkError>>;
     /// What the producer learnt of the leader: a node's address (from an
     /// answer, or a NotLeader hint), or None to forget it.
     fn set_leader(&self, addr: Option<&str>);
@@ -46,9 +78,9 @@ pub trait AppendLink: Send + Sync + 'static {
 pub trait AppendStream: Send {
     /// The node at the other end, as [`AppendLink::set_leader`] takes it.
     fn peer(&self) -> String;
-    fn send<'a>(&'a mut self, request: &'a Request) -> BoxFuture<'a, anyhow::Result<()>>;
+    fn send<'a>(&'a mut self, request: &'a Request) -> BoxFuture<'a, Result<(), LinkError>>;
     /// The next reply; None once the stream is closed.
-    fn recv(&mut self) -> BoxFuture<'_, Option<anyhow::Result<Response>>>;
+    fn recv(&mut self) -> BoxFuture<'_, Option<Result<Response, LinkError>>>;
 }
 
 /// Time and tasks for the producer.
@@ -65,6 +97,7 @@ pub struct TokioRuntime {
 }
 
 impl Default for TokioRuntime {
+    #[allow(clippy::disallowed_methods)] // production's clock
     fn default() -> Self {
         TokioRuntime { origin: std::time::Instant::now() }
     }
@@ -79,6 +112,7 @@ impl ProducerRuntime for TokioRuntime {
         Box::pin(tokio::time::sleep(d))
     }
 
+    #[allow(clippy::disallowed_methods)] // the production runtime is where tasks start
     fn spawn(&self, task: BoxFuture<'static, ()>) {
         tokio::spawn(task);
     }
@@ -87,7 +121,7 @@ impl ProducerRuntime for TokioRuntime {
 /// One batch waiting for its answer.
 struct Submission {
     batch: EventBatch,
-    done: oneshot::Sender<anyhow::Result<(u64, u64)>>,
+    done: oneshot::Sender<Appended>,
 }
 
 /// Appends for one producer, pipelined and in order: batches are numbered,
@@ -103,19 +137,12 @@ pub struct Producer {
 }
 
 impl Producer {
-    /// `window`: batches in flight at most (1 to `PRODUCER_WINDOW_MAX`).
-    pub fn new(client: Client, window: usize) -> Producer {
-        Producer::resume(client, window, fresh_client_id(), 1)
-    }
-
-    /// A producer that goes on with a known identity from `next_seq`: an
-    /// async tap's shipper, whose numbers are kept in its journal, or a sync
-    /// tap's process in its epoch (see [`rewind_wire::event::EventBatch`]).
-    pub fn resume(client: Client, window: usize, client_id: u64, next_seq: u64) -> Producer {
-        Producer::over(Arc::new(client), Arc::new(TokioRuntime::default()), window, client_id, next_seq)
-    }
-
-    /// A producer over any link and runtime.
+    /// A producer over any link and runtime, for identity `client_id`,
+    /// whose next batch gets `next_seq`: 1 for a new identity; an async
+    /// tap's shipper goes on from the numbers its journal keeps, a sync
+    /// tap's process from number 1 of its epoch (see
+    /// [`rewind_wire::event::EventBatch`]). `window`: batches in flight at
+    /// most (1 to `PRODUCER_WINDOW_MAX`).
     pub fn over(link: Arc<dyn AppendLink>, runtime: Arc<dyn ProducerRuntime>, window: usize, client_id: u64, next_seq: u64) -> Producer {
         let window = window.clamp(1, PRODUCER_WINDOW_MAX);
         let (tx, rx) = mpsc::channel(1);
@@ -138,26 +165,26 @@ impl Producer {
         &mut self,
         group: &str,
         events: Vec<TimedEvent>,
-    ) -> anyhow::Result<oneshot::Receiver<anyhow::Result<(u64, u64)>>> {
+    ) -> Result<oneshot::Receiver<Appended>, ProducerError> {
         let batch = EventBatch { group: group.to_string(), client_id: self.client_id, seq: self.next_seq, events };
-        batch.check().context("check the batch")?;
+        batch.check().map_err(|e| ProducerError::Invalid(e.to_string()))?;
         // A producer in an epoch above 0 is one that restarts under its
         // identity; running into the next epoch would take numbers its next
         // process will use.
         let epoch = seq_epoch(self.next_seq);
         if epoch > 0 && seq_epoch(self.next_seq + 1) != epoch {
-            bail!("producer {:016x} has used every sequence number of its epoch {epoch}; restart it to take the next epoch", self.client_id);
+            return Err(ProducerError::EpochUsed { client_id: self.client_id, epoch });
         }
         self.next_seq += 1;
         let (done, rx) = oneshot::channel();
-        self.tx.send(Submission { batch, done }).await.map_err(|_| anyhow!("the producer has stopped"))?;
+        self.tx.send(Submission { batch, done }).await.map_err(|_| ProducerError::Stopped)?;
         Ok(rx)
     }
 
     /// Submits one batch and waits for its LSN range.
-    pub async fn append(&mut self, group: &str, events: Vec<TimedEvent>) -> anyhow::Result<(u64, u64)> {
+    pub async fn append(&mut self, group: &str, events: Vec<TimedEvent>) -> Appended {
         let rx = self.submit(group, events).await?;
-        rx.await.map_err(|_| anyhow!("the producer has stopped"))?
+        rx.await.map_err(|_| ProducerError::Stopped)?
     }
 }
 
@@ -170,9 +197,9 @@ struct Open {
     answered_at: Duration,
 }
 
-fn fail_all(pending: &mut VecDeque<Submission>, why: &str) {
+fn fail_all(pending: &mut VecDeque<Submission>, why: &ProducerError) {
     for s in pending.drain(..) {
-        let _ = s.done.send(Err(anyhow!("{why}")));
+        let _ = s.done.send(Err(why.clone()));
     }
 }
 
@@ -194,17 +221,17 @@ async fn pipeline(link: Arc<dyn AppendLink>, rt: Arc<dyn ProducerRuntime>, mut i
                 return;
             }
         } else if rt.now().saturating_sub(progress_at) > deadline {
-            let why = format!("no progress for {deadline:?}: {last_error}");
+            let why = ProducerError::GaveUp(format!("no progress for {deadline:?}: {last_error}"));
             tracing::error!("producer stops: {why}");
             fail_all(&mut pending, &why);
-            broken = Some(why);
+            broken = Some(why.to_string());
             open = None;
         }
         if !pending.is_empty() && open.is_none() {
             match link.open(&mut rotate, window).await {
                 Ok(stream) => open = Some(Open { stream, sent: 0, answered_at: rt.now() }),
                 Err(e) => {
-                    last_error = format!("{e:#}");
+                    last_error = e.to_string();
                     link.set_leader(None);
                     rt.sleep(RETRY_PAUSE).await;
                     continue;
@@ -219,7 +246,7 @@ async fn pipeline(link: Arc<dyn AppendLink>, rt: Arc<dyn ProducerRuntime>, mut i
                 }
                 let request = Request::Append { batch: pending[o.sent].batch.clone() };
                 if let Err(e) = o.stream.send(&request).await {
-                    last_error = format!("send to {}: {e:#}", o.stream.peer());
+                    last_error = format!("send to {}: {e}", o.stream.peer());
                     break;
                 }
                 o.sent += 1;
@@ -250,14 +277,14 @@ async fn pipeline(link: Arc<dyn AppendLink>, rt: Arc<dyn ProducerRuntime>, mut i
                     Some(Ok(Response::Error(e))) => match e.kind {
                         ErrorKind::Refused => {
                             let s = pending.pop_front().expect("a reply matches a pending batch");
-                            let _ = s.done.send(Err(Refused { kind: e.kind, message: e.message }.into()));
+                            let _ = s.done.send(Err(ProducerError::Refused(e.message)));
                             if let Some(o) = open.as_mut() { o.sent -= 1; }
                             progress_at = rt.now();
                         }
                         ErrorKind::BadRequest => {
-                            let why = format!("the site refused batch {}: {}", pending[0].batch.seq, e.message);
+                            let why = ProducerError::Rejected(format!("the site refused batch {}: {}", pending[0].batch.seq, e.message));
                             fail_all(&mut pending, &why);
-                            broken = Some(why);
+                            broken = Some(why.to_string());
                             open = None;
                         }
                         ErrorKind::NotLeader => {
@@ -279,7 +306,7 @@ async fn pipeline(link: Arc<dyn AppendLink>, rt: Arc<dyn ProducerRuntime>, mut i
                         open = None;
                     }
                     Some(Err(e)) => {
-                        last_error = format!("node at {peer}: {e:#}");
+                        last_error = format!("node at {peer}: {e}");
                         link.set_leader(None);
                         open = None;
                         rt.sleep(RETRY_PAUSE).await;
@@ -291,7 +318,7 @@ async fn pipeline(link: Arc<dyn AppendLink>, rt: Arc<dyn ProducerRuntime>, mut i
             }
             sub = input.recv(), if input_open && pending.len() < window => match sub {
                 Some(sub) => match &broken {
-                    Some(why) => { let _ = sub.done.send(Err(anyhow!("the producer failed earlier: {why}"))); }
+                    Some(why) => { let _ = sub.done.send(Err(ProducerError::FailedEarlier(why.clone()))); }
                     None => pending.push_back(sub),
                 },
                 None => input_open = false,
@@ -307,7 +334,7 @@ async fn pipeline(link: Arc<dyn AppendLink>, rt: Arc<dyn ProducerRuntime>, mut i
     }
 }
 
-async fn next_reply(open: &mut Option<Open>) -> Option<anyhow::Result<Response>> {
+async fn next_reply(open: &mut Option<Open>) -> Option<Result<Response, LinkError>> {
     match open.as_mut() {
         Some(o) => o.stream.recv().await,
         None => std::future::pending().await,

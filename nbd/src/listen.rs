@@ -1,9 +1,9 @@
-//! Serving an NBD export (`cdp-ingest`'s server) on a listener, one task per
+//! Serving an NBD export on a listener, one task per
 //! connection, until the caller stops selecting on it.
 
 use std::sync::Arc;
 
-use rewind_cdp_ingest::server::{serve, Export};
+use crate::server::{serve, Export};
 
 /// Accepts TCP clients for `export` forever; returns only the error that
 /// stopped it.
@@ -17,7 +17,7 @@ pub async fn accept_tcp(listener: &tokio::net::TcpListener, export: Arc<dyn Expo
             return e;
         }
         let export = export.clone();
-        tokio::spawn(async move {
+        crate::spawn(async move {
             if let Err(e) = serve(export, stream, peer.to_string()).await {
                 tracing::warn!(%peer, "NBD connection ended: {e}");
             }
@@ -34,7 +34,7 @@ pub async fn accept_unix(listener: &tokio::net::UnixListener, export: Arc<dyn Ex
             Err(e) => return e,
         };
         let export = export.clone();
-        tokio::spawn(async move {
+        crate::spawn(async move {
             if let Err(e) = serve(export, stream, "unix".into()).await {
                 tracing::warn!("NBD connection ended: {e}");
             }

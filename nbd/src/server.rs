@@ -10,16 +10,12 @@
 //!   its reply is sent when the answer future resolves;
 //! * writes to a read-only export are refused with EPERM.
 
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use crate::nbd::{self, Request};
-
-/// A boxed future.
-pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+use crate::protocol::{self as nbd, Request};
+pub use crate::BoxFuture;
 
 /// The reply to a mutation: 0, or the NBD error code.
 pub type Answer = BoxFuture<'static, u32>;
@@ -187,7 +183,7 @@ async fn send_read<W: AsyncWrite + Unpin>(wr: &Writer<W>, structured: bool, req:
 
 /// Sends a mutation's reply once its answer resolves.
 fn spawn_reply<W: AsyncWrite + Unpin + Send + 'static>(wr: Writer<W>, structured: bool, handle: u64, answer: Answer, what: &'static str) {
-    tokio::spawn(async move {
+    crate::spawn(async move {
         let error = answer.await;
         if let Err(e) = send_reply(&wr, structured, handle, error, what).await {
             tracing::debug!("reply not delivered: {e}");
@@ -266,7 +262,7 @@ where
                 }
                 let wr = wr.clone();
                 let read = export.clone().read(req.offset, req.len);
-                tokio::spawn(async move {
+                crate::spawn(async move {
                     let r = match read.await {
                         Ok(data) => send_read(&wr, structured, &req, &data).await,
                         Err(code) => send_reply(&wr, structured, req.handle, code, "read failed").await,

@@ -1,0 +1,194 @@
+//! `rewind node`'s neighbours: certificates, membership (`cluster`) and
+//! the local dev site (`dev`).
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::Subcommand;
+use rewind_node::client::Client;
+use rewind_node::config::RaftTuning;
+use rewind_node::dev;
+use rewind_wire::raft::Member;
+use rewind_wire::rpc::{Request, Response};
+
+use super::ClientArgs;
+
+#[derive(Subcommand)]
+pub enum ClusterCommand {
+    /// Initialise a new site with the nodes listed in the client config as voters.
+    Init {
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Add a node as a learner (it receives the log but does not vote).
+    AddLearner {
+        #[command(flatten)]
+        client: ClientArgs,
+        #[arg(long)]
+        id: u64,
+        /// The node's QUIC address, e.g. 127.0.0.1:7104.
+        #[arg(long)]
+        addr: String,
+    },
+    /// Make a learner a voter.
+    Promote {
+        #[command(flatten)]
+        client: ClientArgs,
+        #[arg(long)]
+        id: u64,
+    },
+    /// Add a node as a learner, wait for it to catch up, then promote it.
+    Join {
+        #[command(flatten)]
+        client: ClientArgs,
+        #[arg(long)]
+        id: u64,
+        #[arg(long)]
+        addr: String,
+    },
+    /// Remove a node from the site. Removing the leader is safe: it hands
+    /// leadership to another voter first, and that node makes the change.
+    /// Then stop the removed node's process and take it out of the
+    /// clients' configs: no member talks to it any more, so if it missed
+    /// the change it can go on believing it leads an old term.
+    Remove {
+        #[command(flatten)]
+        client: ClientArgs,
+        #[arg(long)]
+        id: u64,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum DevCommand {
+    /// Start a local site: certificates, configs, N node processes, init.
+    Up {
+        #[arg(long, default_value_t = 3)]
+        nodes: usize,
+        #[arg(long, default_value = ".rewind")]
+        dir: PathBuf,
+        /// Build a snapshot (and purge the log) after this many entries.
+        #[arg(long, default_value_t = 2000)]
+        snapshot_every: u64,
+        /// Entries kept in the log behind a snapshot for lagging followers.
+        #[arg(long, default_value_t = 500)]
+        logs_kept: u64,
+    },
+    /// Stop the local site (SIGTERM, then SIGKILL after 10 s).
+    Down {
+        #[arg(long, default_value = ".rewind")]
+        dir: PathBuf,
+        /// Also delete the site's folder and data.
+        #[arg(long)]
+        purge: bool,
+    },
+    /// Start one stopped node of the local site again.
+    StartNode {
+        id: u64,
+        #[arg(long, default_value = ".rewind")]
+        dir: PathBuf,
+    },
+}
+
+pub fn certs(dir: &Path, name: &str) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    if !dir.join("ca.pem").exists() {
+        rewind_node::tls::make_ca(dir, name)?;
+        println!("made CA {}", dir.join("ca.pem").display());
+    }
+    rewind_node::tls::make_leaf(dir, name)?;
+    println!("made {}", dir.join(format!("{name}.pem")).display());
+    Ok(())
+}
+
+fn expect_done(r: Response) -> anyhow::Result<()> {
+    match r {
+        Response::Done => Ok(()),
+        Response::Error(e) => bail!("{e}"),
+        other => bail!("unexpected reply {other:?}"),
+    }
+}
+
+async fn voters(client: &Client) -> anyhow::Result<Vec<u64>> {
+    for (_, s) in client.status_all().await {
+        if let Ok(s) = s {
+            if let Some(sh) = s.shards.first() {
+                if sh.role == rewind_wire::rpc::Role::Leader {
+                    return Ok(sh.voters.clone());
+                }
+            }
+        }
+    }
+    bail!("no leader answered; cannot read the current voters")
+}
+
+pub async fn cluster(c: ClusterCommand) -> anyhow::Result<()> {
+    match c {
+        ClusterCommand::Init { client } => {
+            let client = client.client()?;
+            let members = client.nodes().iter().map(|n| Member { id: n.id, addr: n.addr.to_string() }).collect();
+            expect_done(client.call_node(client.nodes()[0].addr, &Request::ClusterInit { members }).await?)?;
+            let leader = client.wait_for_leader(Duration::from_secs(30)).await?;
+            println!("site initialised; node {leader} leads");
+        }
+        ClusterCommand::AddLearner { client, id, addr } => {
+            let client = client.client()?;
+            expect_done(client.call_leader(&Request::AddLearner { member: Member { id, addr } }).await?)?;
+            println!("node {id} added as a learner");
+        }
+        ClusterCommand::Join { client, id, addr } => {
+            let client = client.client()?;
+            expect_done(client.call_leader(&Request::AddLearner { member: Member { id, addr } }).await?)?;
+            let mut v = voters(&client).await?;
+            v.push(id);
+            expect_done(client.call_leader(&Request::ChangeVoters { voters: v }).await?)?;
+            println!("node {id} joined as a voter");
+        }
+        ClusterCommand::Promote { client, id } => {
+            let client = client.client()?;
+            let mut v = voters(&client).await?;
+            if !v.contains(&id) {
+                v.push(id);
+            }
+            expect_done(client.call_leader(&Request::ChangeVoters { voters: v }).await?)?;
+            println!("node {id} is a voter");
+        }
+        ClusterCommand::Remove { client, id } => {
+            let client = client.client()?;
+            let v: Vec<u64> = voters(&client).await?.into_iter().filter(|v| *v != id).collect();
+            expect_done(client.call_leader(&Request::ChangeVoters { voters: v }).await?)?;
+            println!("node {id} removed; stop its process and take it out of the clients' configs");
+        }
+    }
+    Ok(())
+}
+
+pub async fn dev(c: DevCommand) -> anyhow::Result<()> {
+    match c {
+        DevCommand::Up { nodes, dir, snapshot_every, logs_kept } => {
+            let raft = RaftTuning { snapshot_every_entries: snapshot_every, logs_kept_after_snapshot: logs_kept, ..RaftTuning::default() };
+            let exe = std::env::current_exe().context("find the rewind binary")?;
+            let opts = dev::UpOptions { exe, nodes, dir: dir.clone(), raft };
+            let client_path = dev::up(&opts).await?;
+            let site = dev::DevSite::load(&dir)?;
+            println!("dev site up: {} nodes in {}", site.nodes.len(), dir.display());
+            for n in &site.nodes {
+                println!("  node {} quic {} metrics http://{}/metrics pid {} log {}", n.id, n.addr, n.metrics, n.pid, n.log.display());
+            }
+            println!("use it with:\n  export REWIND_CONFIG={}", client_path.display());
+            println!("stop it with:\n  rewind dev down --dir {}", dir.display());
+            Ok(())
+        }
+        DevCommand::Down { dir, purge } => {
+            let n = dev::down(&dir, purge)?;
+            println!("stopped {n} node(s) of the dev site in {}", dir.display());
+            Ok(())
+        }
+        DevCommand::StartNode { id, dir } => {
+            let pid = dev::start_node(&dir, id).await?;
+            println!("started node {id} (pid {pid})");
+            Ok(())
+        }
+    }
+}

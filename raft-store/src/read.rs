@@ -1,0 +1,77 @@
+//! What a node's request handler reads of the applied state, as a trait:
+//! [`crate::StoreReader`] implements it over RocksDB, the simulation over
+//! its in-memory state machine, and `rewind-service` runs the same request
+//! handling over either.
+
+use std::io;
+
+use futures::future::BoxFuture;
+
+use crate::apply::{GroupRecord, ProducerRecord, StoredEvent};
+use crate::db::Bookmark;
+
+/// Read access to one shard replica's applied state.
+///
+/// Rules: every method returns what has been applied on this replica (no
+/// more, and nothing older than what an earlier call returned); every
+/// record is checked before it is returned, and a bad one is an
+/// `InvalidData` error, never data.
+pub trait ReadState: Clone + Send + Sync + 'static {
+    fn group(&self, name: &str) -> io::Result<Option<GroupRecord>>;
+    /// What one producer has had applied in one group.
+    fn producer(&self, client_id: u64, group: &str) -> io::Result<Option<ProducerRecord>>;
+    /// Events of `group` from `lsn_first` on, in LSN order: at most
+    /// `count_max`, and no more once `bytes_max` payload bytes are gathered.
+    fn events(&self, group: &str, lsn_first: u64, count_max: usize, bytes_max: usize) -> io::Result<Vec<StoredEvent>>;
+    /// `len` bytes of `disk` from `offset` as of `lsn`, as runs of bytes
+    /// that may be non-zero (`blocks::read_runs`). The caller checks the
+    /// range and that `lsn` is applied.
+    fn read_disk(&self, group: &str, disk: &str, lsn: u64, offset: u64, len: u64) -> io::Result<Vec<(u64, Vec<u8>)>>;
+    /// The bookmarks of `group`, oldest first (by LSN), at most `max` (the
+    /// newest ones).
+    fn bookmarks(&self, group: &str, max: usize) -> io::Result<Vec<Bookmark>>;
+    /// The event time of `lsn` in `group`, if this replica holds that event.
+    fn time_of(&self, group: &str, lsn: u64) -> io::Result<Option<u64>>;
+    /// The last LSN of `group` whose event time is <= `time_ns`.
+    fn lsn_at_time(&self, group: &str, time_ns: u64) -> io::Result<Option<u64>>;
+    /// Runs `f`, which reads, where blocking is allowed: inline unless the
+    /// implementation reads real disks, which moves it off the async
+    /// workers.
+    fn run_blocking<T: Send + 'static>(self, f: impl FnOnce(Self) -> T + Send + 'static) -> BoxFuture<'static, io::Result<T>> {
+        Box::pin(async move { Ok(f(self)) })
+    }
+}
+
+impl ReadState for crate::StoreReader {
+    fn group(&self, name: &str) -> io::Result<Option<GroupRecord>> {
+        crate::StoreReader::group(self, name)
+    }
+
+    fn producer(&self, client_id: u64, group: &str) -> io::Result<Option<ProducerRecord>> {
+        crate::StoreReader::producer(self, client_id, group)
+    }
+
+    fn events(&self, group: &str, lsn_first: u64, count_max: usize, bytes_max: usize) -> io::Result<Vec<StoredEvent>> {
+        crate::StoreReader::events(self, group, lsn_first, count_max, bytes_max)
+    }
+
+    fn read_disk(&self, group: &str, disk: &str, lsn: u64, offset: u64, len: u64) -> io::Result<Vec<(u64, Vec<u8>)>> {
+        crate::StoreReader::read_disk(self, group, disk, lsn, offset, len)
+    }
+
+    fn bookmarks(&self, group: &str, max: usize) -> io::Result<Vec<Bookmark>> {
+        crate::StoreReader::bookmarks(self, group, max)
+    }
+
+    fn time_of(&self, group: &str, lsn: u64) -> io::Result<Option<u64>> {
+        crate::StoreReader::time_of(self, group, lsn)
+    }
+
+    fn lsn_at_time(&self, group: &str, time_ns: u64) -> io::Result<Option<u64>> {
+        crate::StoreReader::lsn_at_time(self, group, time_ns)
+    }
+
+    fn run_blocking<T: Send + 'static>(self, f: impl FnOnce(Self) -> T + Send + 'static) -> BoxFuture<'static, io::Result<T>> {
+        Box::pin(async move { tokio::task::spawn_blocking(move || f(self)).await.map_err(|e| io::Error::other(format!("read task: {e}"))) })
+    }
+}
