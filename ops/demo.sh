@@ -90,7 +90,7 @@ say "replay disk0 to the end of phase 1 by bookmark, by time and by LSN, each fr
 node=1
 for target in "--at-bookmark end-of-phase-1" "--at-time $T1" "--at $LSN1"; do
   # shellcheck disable=SC2086
-  "$REWIND_BIN" replay vm1 --disk disk0 $target --node "$node" --out "$DIR/replay-phase1.raw" | sed 's/^/   /'
+  "$REWIND_BIN" replay vm1 --disk disk0 $target --node "$node" --out "$DIR/replay-phase1.raw" --force | sed 's/^/   /'
   qemu-img compare -f raw -F raw "$DIR/replay-phase1.raw" "$DIR/reference-phase1.raw" | sed 's/^/   /'
   node=$((node % 3 + 1))
 done

@@ -57,6 +57,7 @@ pub(crate) async fn run(cli: &Cli, out: &mut Report) -> anyhow::Result<()> {
                     disk: "d0".into(),
                     target: rewind_wire::rpc::Target::Latest,
                     out: image.clone(),
+                    existing: rewind_replay::Existing::Replace,
                     node: Some(3),
                     wait: Duration::from_secs(120),
                 };

@@ -16,16 +16,18 @@
 //!   fdatasync'd; an fsync error stops the process (DESIGN.md invariant 1);
 //! * the shipper trims a batch once the site has committed it and the
 //!   backing file is synced past it; what the journal still holds is redone
-//!   onto the backing file at start (`rewind_node::tap::redo_journal`), so a
+//!   onto the backing file at start (`crate::shipper::redo_journal`), so a
 //!   power loss cannot leave the guest's disk behind the log;
 //! * at open the newest segment is synced: batches a crashed process left in
 //!   the page cache are durable before the shipper may send them;
 //! * the bytes of batches not yet committed never exceed `bytes_max`: an
 //!   append waits for the shipper to trim (back-pressure on the guest); one
 //!   batch is always let in, so a batch larger than the bound cannot stall;
-//! * at open, a torn entry at the end of the newest segment (a crash during
-//!   an append that was never acknowledged) is cut off; damage anywhere
-//!   else is an error that names the file and offset.
+//! * at open, only a torn tail is cut: an entry at the end of the newest
+//!   segment whose header or bytes run past the end of the file (a crash
+//!   during an append, which was never acknowledged). A whole entry that
+//!   fails its checksum, anywhere, may be an acknowledged write: the open is
+//!   refused with the file and offset, and nothing is cut ([`recovery`]).
 
 use std::collections::VecDeque;
 use std::fs::{File, OpenOptions};
@@ -52,7 +54,7 @@ const ENTRY_HEADER_BYTES: u64 = 4;
 pub enum JournalError {
     #[error("journal {path}: {source}")]
     Io { path: PathBuf, source: std::io::Error },
-    #[error("journal {path} is corrupt at byte {offset}: {why}; the unshipped writes from there on cannot be recovered")]
+    #[error("journal {path} is damaged at byte {offset}: {why}. The tap will not start: the journal may hold acknowledged writes the site does not have yet, and nothing was cut. Keep the folder for inspection; to start without what it holds from there on, move the folder away (those writes are then lost)")]
     Corrupt { path: PathBuf, offset: u64, why: String },
     #[error("journal {dir} belongs to group {found:?}, not {wanted:?}; give another --journal folder")]
     OtherGroup { dir: PathBuf, found: String, wanted: String },
@@ -234,13 +236,18 @@ impl Journal {
                         next_seq += 1;
                         offset += u64::from(size) + ENTRY_HEADER_BYTES;
                     }
-                    Err(why) if newest => {
-                        tracing::warn!("journal {}: cutting a torn entry at byte {offset} ({why}); it was never acknowledged", path.display());
-                        file.set_len(offset).map_err(io_at(&path))?;
-                        file.sync_all().unwrap_or_else(|e| fatal_sync(&path, e));
-                        break;
-                    }
-                    Err(why) => return Err(JournalError::Corrupt { path, offset, why }),
+                    Err(bad) => match recovery(&bad, newest) {
+                        Recovery::Cut => {
+                            tracing::warn!("journal {}: cutting a torn entry at byte {offset} ({bad:?}); it was never acknowledged", path.display());
+                            file.set_len(offset).map_err(io_at(&path))?;
+                            file.sync_all().unwrap_or_else(|e| fatal_sync(&path, e));
+                            break;
+                        }
+                        Recovery::Refuse => {
+                            let (BadEntry::Torn(why) | BadEntry::Damaged(why)) = bad;
+                            return Err(JournalError::Corrupt { path, offset, why });
+                        }
+                    },
                 }
             }
             if newest && offset > 0 {
@@ -430,22 +437,70 @@ fn create_segment(dir: &Path, path: &Path) -> Result<File, JournalError> {
 
 /// Reads and checks the entry at `offset`: the batch and its record's
 /// length. The error says why the entry is bad.
-fn read_entry(file: &File, offset: u64, file_len: u64) -> Result<(EventBatch, u32), String> {
+/// An entry that did not read back whole.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BadEntry {
+    /// Its header or bytes run past the end of the file: an append a crash
+    /// cut short, which was never acknowledged.
+    Torn(String),
+    /// It is all there but fails its checks (checksum, validation, a
+    /// length no batch can have): damage to what may be an acknowledged
+    /// write.
+    Damaged(String),
+}
+
+/// What opening a journal does with a bad entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Recovery {
+    /// Cut the segment at the entry: a torn tail.
+    Cut,
+    /// Refuse to open, naming the file and offset.
+    Refuse,
+}
+
+/// The rule for a bad entry: only a torn entry in the newest segment, which
+/// can only be the unacknowledged tail, is cut; damage anywhere, and a
+/// torn entry in an older segment, refuse the open. (The simulation's
+/// journal applies this same rule.)
+pub fn recovery(bad: &BadEntry, newest_segment: bool) -> Recovery {
+    #[cfg(feature = "simulation-bugs")]
+    if newest_segment && bugs::CUT_DAMAGED_ENTRY.load(std::sync::atomic::Ordering::Relaxed) {
+        return Recovery::Cut;
+    }
+    match bad {
+        BadEntry::Torn(_) if newest_segment => Recovery::Cut,
+        _ => Recovery::Refuse,
+    }
+}
+
+/// Known bugs the simulation puts back to show it finds them. Built only
+/// with the `simulation-bugs` feature; every switch is off unless set.
+#[cfg(feature = "simulation-bugs")]
+pub mod bugs {
+    use std::sync::atomic::AtomicBool;
+
+    /// Open cuts the newest segment at its first bad entry, torn or
+    /// damaged (as before session 7): a flipped bit in an acknowledged
+    /// entry then drops it and every entry after it.
+    pub static CUT_DAMAGED_ENTRY: AtomicBool = AtomicBool::new(false);
+}
+
+fn read_entry(file: &File, offset: u64, file_len: u64) -> Result<(EventBatch, u32), BadEntry> {
     if offset + ENTRY_HEADER_BYTES > file_len {
-        return Err(format!("{} bytes left, less than an entry header", file_len - offset));
+        return Err(BadEntry::Torn(format!("{} bytes left, less than an entry header", file_len - offset)));
     }
     let mut head = [0u8; 4];
-    file.read_exact_at(&mut head, offset).map_err(|e| e.to_string())?;
+    file.read_exact_at(&mut head, offset).map_err(|e| BadEntry::Damaged(e.to_string()))?;
     let len = u64::from(u32::from_le_bytes(head));
     if len > (FRAME_BODY_BYTES_MAX as u64) * 2 {
-        return Err(format!("entry length {len} is past any batch's size"));
+        return Err(BadEntry::Damaged(format!("entry length {len} is past any batch's size")));
     }
     if offset + ENTRY_HEADER_BYTES + len > file_len {
-        return Err(format!("entry of {len} bytes runs past the end of the file"));
+        return Err(BadEntry::Torn(format!("entry of {len} bytes runs past the end of the file")));
     }
     let mut buf = vec![0u8; len as usize];
-    file.read_exact_at(&mut buf, offset + ENTRY_HEADER_BYTES).map_err(|e| e.to_string())?;
-    let batch = decode_record::<EventBatch>(&buf).map_err(|e| e.to_string())?;
+    file.read_exact_at(&mut buf, offset + ENTRY_HEADER_BYTES).map_err(|e| BadEntry::Damaged(e.to_string()))?;
+    let batch = decode_record::<EventBatch>(&buf).map_err(|e| BadEntry::Damaged(format!("entry of {len} bytes fails its checks: {e}")))?;
     Ok((batch, len as u32))
 }
 
@@ -638,6 +693,54 @@ mod tests {
             Err(JournalError::Corrupt { offset, .. }) => assert!(offset > 0 && offset < len),
             other => panic!("expected corruption, got {:?}", other.map(|_| ())),
         }
+    }
+
+    /// Three acknowledged appends, then one byte flipped inside each entry
+    /// in turn (the newest segment, the first and the last entry too): the
+    /// open is refused with the file and the entry's offset, and the
+    /// segment is left as it was, byte for byte.
+    #[tokio::test]
+    async fn a_damaged_whole_entry_refuses_the_open_and_cuts_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = Journal::open(dir.path(), "g", JOURNAL_BYTES_MIN, || 7).unwrap();
+        let mut ends = vec![0u64];
+        let seg = dir.path().join(segment_name(1));
+        for i in 0..3u8 {
+            j.append(events(2, i)).await.unwrap();
+            ends.push(std::fs::metadata(&seg).unwrap().len());
+        }
+        drop(j);
+        let good = std::fs::read(&seg).unwrap();
+        for entry in 0..3 {
+            let (start, end) = (ends[entry], ends[entry + 1]);
+            let mut bad = good.clone();
+            // Past the header and the checksum: a payload byte.
+            let at = (start + ENTRY_HEADER_BYTES + 20 + (end - start) / 2) as usize;
+            bad[at.min(end as usize - 1)] ^= 0x40;
+            std::fs::write(&seg, &bad).unwrap();
+            match reopen(dir.path(), "g") {
+                Err(e @ JournalError::Corrupt { .. }) => {
+                    let JournalError::Corrupt { ref path, offset, .. } = e else { unreachable!() };
+                    assert_eq!((path.as_path(), offset), (seg.as_path(), start), "entry {entry}");
+                    let text = e.to_string();
+                    assert!(text.contains("will not start") && text.contains(&format!("byte {start}")), "{text}");
+                }
+                other => panic!("entry {entry}: expected a refusal, got {:?}", other.map(|j| j.held())),
+            }
+            assert_eq!(std::fs::read(&seg).unwrap(), bad, "entry {entry}: the segment must be left alone");
+        }
+        std::fs::write(&seg, &good).unwrap();
+        assert_eq!(reopen(dir.path(), "g").unwrap().held(), Some((1, 3)));
+    }
+
+    #[test]
+    fn only_a_torn_entry_of_the_newest_segment_is_cut() {
+        let torn = BadEntry::Torn("short".into());
+        let damaged = BadEntry::Damaged("checksum".into());
+        assert_eq!(recovery(&torn, true), Recovery::Cut);
+        assert_eq!(recovery(&torn, false), Recovery::Refuse);
+        assert_eq!(recovery(&damaged, true), Recovery::Refuse);
+        assert_eq!(recovery(&damaged, false), Recovery::Refuse);
     }
 
     proptest::proptest! {

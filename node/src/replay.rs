@@ -9,7 +9,7 @@
 //! against its blake3 on the node before it is sent.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
@@ -26,6 +26,8 @@ pub struct ReplayOptions {
     pub target: Target,
     /// The image file to write (unused by `serve`).
     pub out: PathBuf,
+    /// What to do when `out` exists.
+    pub existing: rewind_replay::Existing,
     /// Which node serves the replay; any that answers if none.
     pub node: Option<u64>,
     /// How long to wait for the serving node to apply the target LSN.
@@ -45,6 +47,9 @@ pub struct ReplayReport {
     /// Where the LSN was resolved: "leader (node N)" or "node N".
     pub resolved_on: String,
 }
+
+/// Where a writable export's overlay goes unless `--overlay` names a file.
+const OVERLAY_DIR: &str = "/var/tmp";
 
 /// Pieces read at once from the serving node.
 const READS_IN_FLIGHT: usize = 4;
@@ -171,7 +176,7 @@ async fn open_source(client: &Client, opts: &ReplayOptions, note: impl FnMut(&st
 pub async fn run(client: &Client, opts: &ReplayOptions, progress: impl FnMut(u64, u64), mut note: impl FnMut(&str)) -> anyhow::Result<ReplayReport> {
     let started = Instant::now();
     let (source, time_ns, resolved_on) = open_source(client, opts, &mut note).await?;
-    let image = rewind_replay::write_image(&source, &opts.out, READS_IN_FLIGHT, progress).await?;
+    let image = rewind_replay::write_image(&source, &opts.out, opts.existing, READS_IN_FLIGHT, progress).await?;
     Ok(ReplayReport {
         node: source.node.id,
         lsn: source.lsn,
@@ -207,19 +212,33 @@ pub struct Serving {
     pub overlay: Option<PathBuf>,
 }
 
-/// Serves the disk as of the target over NBD until SIGINT or SIGTERM.
+/// Serves the disk as of the target over NBD until SIGINT or SIGTERM. The
+/// listener is bound first; the overlay (when writable) is a new file, never
+/// an existing one, and it is removed on every way out unless kept.
 pub async fn serve(client: &Client, opts: &ReplayOptions, serve: &ServeOptions, ready: impl FnOnce(&Serving), mut note: impl FnMut(&str)) -> anyhow::Result<()> {
     let started = Instant::now();
     if !serve.listen.ip().is_loopback() {
         bail!("--serve {} is not a loopback address (127.0.0.0/8 or ::1)", serve.listen);
     }
+    let listener = tokio::net::TcpListener::bind(serve.listen).await.with_context(|| format!("listen on {}", serve.listen))?;
     let (source, time_ns, resolved_on) = open_source(client, opts, &mut note).await?;
     let (lsn, node, size) = (source.lsn, source.node.id, source.size);
     let overlay = if serve.writable {
-        let path = serve.overlay.clone().unwrap_or_else(|| {
-            PathBuf::from(format!("/var/tmp/rewind-overlay-{}-{}-{lsn}-{}.raw", opts.group, opts.disk, std::process::id()))
-        });
-        Some(rewind_replay::Overlay::create(&path, size).with_context(|| format!("create the overlay {}", path.display()))?)
+        let made = match &serve.overlay {
+            Some(path) => rewind_replay::Overlay::create(path, size).map_err(|e| match e.kind() {
+                std::io::ErrorKind::AlreadyExists => anyhow::anyhow!(
+                    "--overlay {} (or its map {}) exists; an overlay is always a new file: give another path",
+                    path.display(),
+                    rewind_replay::Overlay::map_path(path).display()
+                ),
+                _ => anyhow::Error::new(e).context(format!("create the overlay {}", path.display())),
+            })?,
+            None => {
+                let stem = format!("rewind-overlay-{}-{}-{lsn}", opts.group, opts.disk);
+                rewind_replay::Overlay::create_in(Path::new(OVERLAY_DIR), &stem, size).with_context(|| format!("create an overlay in {OVERLAY_DIR}"))?
+            }
+        };
+        Some(made)
     } else {
         None
     };
@@ -231,13 +250,15 @@ pub async fn serve(client: &Client, opts: &ReplayOptions, serve: &ServeOptions, 
         if serve.writable { ", writable: writes go to a local overlay, never to the log" } else { ", read-only" }
     );
     let export = std::sync::Arc::new(ReplayExport::new(&opts.disk, description, source, overlay));
-    let listener = tokio::net::TcpListener::bind(serve.listen).await.with_context(|| format!("listen on {}", serve.listen))?;
-    let uri = format!("nbd://{}/{}", listener.local_addr()?, opts.disk);
-    ready(&Serving { uri, node, lsn, time_ns, resolved_on, ready_after: started.elapsed(), overlay: overlay_path });
-    tokio::select! {
-        e = rewind_nbd::listen::accept_tcp(&listener, export.clone()) => return Err(anyhow::Error::new(e).context("accept an NBD client")),
-        r = rewind_nbd::listen::stop_signal() => r?,
+    let served = async {
+        let uri = format!("nbd://{}/{}", listener.local_addr()?, opts.disk);
+        ready(&Serving { uri, node, lsn, time_ns, resolved_on, ready_after: started.elapsed(), overlay: overlay_path });
+        tokio::select! {
+            e = rewind_nbd::listen::accept_tcp(&listener, export.clone()) => Err(anyhow::Error::new(e).context("accept an NBD client")),
+            r = rewind_nbd::listen::stop_signal() => Ok(r?),
+        }
     }
+    .await;
     drop(listener);
     // Connections still open hold the export; the overlay is synced or
     // removed through whichever handle is last.
@@ -251,5 +272,5 @@ pub async fn serve(client: &Client, opts: &ReplayOptions, serve: &ServeOptions, 
             note(&format!("discarded the overlay ({} blocks written)", o.written_blocks().await));
         }
     }
-    Ok(())
+    served
 }

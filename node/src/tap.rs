@@ -157,9 +157,63 @@ fn open_backing(path: &Path, size_bytes: u64) -> anyhow::Result<std::fs::File> {
     Ok(file)
 }
 
+/// A listener bound before the tap touches any file.
+enum Bound {
+    Tcp(tokio::net::TcpListener),
+    /// The socket, its path, and its inode (the path is removed at exit
+    /// only while it is still this socket).
+    Unix(tokio::net::UnixListener, PathBuf, u64),
+}
+
+/// Checks the listen arguments and binds: a TCP address must be on
+/// loopback; a Unix socket path may replace only a stale socket, never a
+/// file of another kind (a backing file, a user's file).
+async fn bind(listen: &Listen) -> anyhow::Result<Bound> {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    match listen {
+        Listen::Tcp(addr) => {
+            if !addr.ip().is_loopback() {
+                bail!("--listen {addr} is not a loopback address (127.0.0.0/8 or ::1)");
+            }
+            Ok(Bound::Tcp(tokio::net::TcpListener::bind(addr).await.with_context(|| format!("listen on {addr}"))?))
+        }
+        Listen::Unix(path) => {
+            match std::fs::symlink_metadata(path) {
+                Ok(m) if m.file_type().is_socket() => {
+                    std::fs::remove_file(path).with_context(|| format!("remove the stale socket {}", path.display()))?;
+                }
+                Ok(_) => bail!("--socket {} exists and is not a socket; a tap never replaces a file (give another path)", path.display()),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e).with_context(|| format!("look at --socket {}", path.display())),
+            }
+            let listener = tokio::net::UnixListener::bind(path).with_context(|| format!("listen on {}", path.display()))?;
+            let ino = std::fs::symlink_metadata(path).with_context(|| format!("look at {}", path.display()))?.ino();
+            Ok(Bound::Unix(listener, path.clone(), ino))
+        }
+    }
+}
+
+impl Drop for Bound {
+    fn drop(&mut self) {
+        use std::os::unix::fs::{FileTypeExt, MetadataExt};
+        if let Bound::Unix(_, path, ino) = self {
+            if std::fs::symlink_metadata(&*path).is_ok_and(|m| m.file_type().is_socket() && m.ino() == *ino) {
+                let _ = std::fs::remove_file(&*path);
+            }
+        }
+    }
+}
+
 /// Runs a tap until SIGINT or SIGTERM. `ready` is called with the address
-/// once it listens.
+/// once it listens. Arguments are checked and the listener bound before
+/// any file is created or changed.
 pub async fn run(client: Client, opts: TapOptions, ready: impl FnOnce(&str)) -> anyhow::Result<()> {
+    if let Some(addr) = opts.metrics_listen {
+        if !addr.ip().is_loopback() {
+            bail!("--metrics-listen {addr} is not a loopback address (127.0.0.0/8 or ::1)");
+        }
+    }
+    let bound = bind(&opts.listen).await?;
     // An async tap remembers its disk's size in its journal folder, so it
     // can serve the guest while the site is down.
     let remembered = match &opts.mode {
@@ -183,9 +237,6 @@ pub async fn run(client: Client, opts: TapOptions, ready: impl FnOnce(&str)) -> 
     let disk = rewind_wire::rpc::DiskSpec { name: opts.disk.clone(), size_bytes, sector_bytes: 512 };
     let backing: Arc<dyn tap::Backing> = Arc::new(tap::FileBacking(Arc::new(open_backing(&opts.backing, disk.size_bytes)?)));
     if let Some(addr) = opts.metrics_listen {
-        if !addr.ip().is_loopback() {
-            bail!("--metrics-listen {addr} is not a loopback address (127.0.0.0/8 or ::1)");
-        }
         metrics_exporter_prometheus::PrometheusBuilder::new()
             .with_http_listener(addr)
             .install()
@@ -219,7 +270,7 @@ pub async fn run(client: Client, opts: TapOptions, ready: impl FnOnce(&str)) -> 
     };
     let config = TapConfig { export: opts.disk.clone(), size_bytes: disk.size_bytes, mode, batch_bytes_max: 1 << 20 };
     let tap = Tap::new(config, backing, sink, Arc::new(tap::SystemClock), Arc::new(tap::TokioSpawner));
-    let served = serve(tap, opts.listen, &opts.disk, ready, shipper);
+    let served = serve(tap, bound, &opts.disk, ready, shipper);
     let r = served.await;
     if let Some(j) = journal {
         let s = j.stats();
@@ -238,7 +289,7 @@ pub async fn run(client: Client, opts: TapOptions, ready: impl FnOnce(&str)) -> 
 /// Accepts NBD clients until SIGINT or SIGTERM, or until the shipper fails.
 async fn serve(
     tap: Arc<Tap>,
-    listen: Listen,
+    bound: Bound,
     disk: &str,
     ready: impl FnOnce(&str),
     shipper: Option<tokio::task::JoinHandle<Result<(), ShipError>>>,
@@ -256,31 +307,23 @@ async fn serve(
     tokio::pin!(shipper_failed);
     let opts_disk = disk.to_string();
     let export: Arc<dyn rewind_nbd::server::Export> = tap;
-    match listen {
-        Listen::Tcp(addr) => {
-            if !addr.ip().is_loopback() {
-                bail!("--listen {addr} is not a loopback address (127.0.0.0/8 or ::1)");
-            }
-            let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("listen on {addr}"))?;
+    match &bound {
+        Bound::Tcp(listener) => {
             let local = listener.local_addr()?;
             ready(&format!("nbd://{local}/{opts_disk}"));
             tokio::select! {
-                e = rewind_nbd::listen::accept_tcp(&listener, export) => Err(anyhow::Error::new(e).context("accept an NBD client")),
+                e = rewind_nbd::listen::accept_tcp(listener, export) => Err(anyhow::Error::new(e).context("accept an NBD client")),
                 r = rewind_nbd::listen::stop_signal() => Ok(r?),
                 e = &mut shipper_failed => Err(e),
             }
         }
-        Listen::Unix(path) => {
-            let _ = std::fs::remove_file(&path);
-            let listener = tokio::net::UnixListener::bind(&path).with_context(|| format!("listen on {}", path.display()))?;
+        Bound::Unix(listener, path, _) => {
             ready(&format!("nbd+unix:///{opts_disk}?socket={}", path.display()));
-            let r = tokio::select! {
-                e = rewind_nbd::listen::accept_unix(&listener, export) => Err(anyhow::Error::new(e).context("accept an NBD client")),
+            tokio::select! {
+                e = rewind_nbd::listen::accept_unix(listener, export) => Err(anyhow::Error::new(e).context("accept an NBD client")),
                 r = rewind_nbd::listen::stop_signal() => Ok(r?),
                 e = &mut shipper_failed => Err(e),
-            };
-            let _ = std::fs::remove_file(&path);
-            r
+            }
         }
     }
 }

@@ -18,6 +18,32 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
+/// Names the CA's files take: a leaf may not use them.
+const RESERVED_NAMES: [&str; 1] = ["ca"];
+
+/// Refuses a certificate name that could write outside its folder, over
+/// the CA, or over an existing certificate: 1-64 of [A-Za-z0-9._-], not
+/// starting with a dot, not `ca`, and no `NAME.pem` or `NAME.key` in `dir`.
+pub fn check_leaf_name(dir: &Path, name: &str) -> anyhow::Result<()> {
+    let shape_ok = !name.is_empty()
+        && name.len() <= 64
+        && !name.starts_with('.')
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-');
+    if !shape_ok {
+        return Err(anyhow!("certificate name {name:?}: use 1-64 of A-Z a-z 0-9 . _ -, not starting with a dot"));
+    }
+    if RESERVED_NAMES.contains(&name) {
+        return Err(anyhow!("certificate name {name:?} is the site CA's; pick another name"));
+    }
+    for ext in ["pem", "key"] {
+        let path = dir.join(format!("{name}.{ext}"));
+        if std::fs::symlink_metadata(&path).is_ok() {
+            return Err(anyhow!("{} exists; a certificate is never overwritten (remove it first to reissue {name:?})", path.display()));
+        }
+    }
+    Ok(())
+}
+
 /// Writes a new CA (`ca.pem`, `ca.key`) into `dir`.
 pub fn make_ca(dir: &Path, name: &str) -> anyhow::Result<()> {
     let key = KeyPair::generate().context("generate CA key")?;
@@ -26,14 +52,16 @@ pub fn make_ca(dir: &Path, name: &str) -> anyhow::Result<()> {
     params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
     let cert = params.self_signed(&key).context("self-sign CA")?;
-    write_private(&dir.join("ca.key"), &key.serialize_pem())?;
-    std::fs::write(dir.join("ca.pem"), cert.pem()).context("write ca.pem")?;
+    write_file(&dir.join("ca.key"), &key.serialize_pem(), 0o600)?;
+    write_file(&dir.join("ca.pem"), &cert.pem(), 0o644)?;
     Ok(())
 }
 
 /// Writes `<name>.pem` and `<name>.key`, signed by the CA in `dir`, valid as
-/// both server and client on loopback.
+/// both server and client on loopback. The name is checked first
+/// ([`check_leaf_name`]).
 pub fn make_leaf(dir: &Path, name: &str) -> anyhow::Result<()> {
+    check_leaf_name(dir, name)?;
     let ca_key_pem = std::fs::read_to_string(dir.join("ca.key")).context("read ca.key")?;
     let ca_pem = std::fs::read_to_string(dir.join("ca.pem")).context("read ca.pem")?;
     let ca_key = KeyPair::from_pem(&ca_key_pem).context("parse ca.key")?;
@@ -44,22 +72,33 @@ pub fn make_leaf(dir: &Path, name: &str) -> anyhow::Result<()> {
     params.distinguished_name.push(DnType::CommonName, name);
     params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
     let cert = params.signed_by(&key, &issuer).context("sign certificate")?;
-    write_private(&dir.join(format!("{name}.key")), &key.serialize_pem())?;
-    std::fs::write(dir.join(format!("{name}.pem")), cert.pem()).with_context(|| format!("write {name}.pem"))?;
+    write_file(&dir.join(format!("{name}.key")), &key.serialize_pem(), 0o600)?;
+    write_file(&dir.join(format!("{name}.pem")), &cert.pem(), 0o644)?;
     Ok(())
 }
 
-fn write_private(path: &Path, pem: &str) -> anyhow::Result<()> {
-    use std::os::unix::fs::OpenOptionsExt;
+/// Writes `text` to `path` with `mode`, atomically: a new temporary file
+/// beside it (created exclusively, with the mode from the start), fsync'd,
+/// renamed over `path`, and the folder fsync'd. A key is never readable by
+/// others, not even for a moment, and never half written.
+fn write_file(path: &Path, text: &str, mode: u32) -> anyhow::Result<()> {
     use std::io::Write;
-    let mut f = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(true)
-        .write(true)
-        .mode(0o600)
-        .open(path)
-        .with_context(|| format!("create {}", path.display()))?;
-    f.write_all(pem.as_bytes()).with_context(|| format!("write {}", path.display()))
+    use std::os::unix::fs::OpenOptionsExt;
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(format!(".{}.tmp", std::process::id()));
+    let tmp = std::path::PathBuf::from(tmp);
+    let write = || -> std::io::Result<()> {
+        let mut f = std::fs::OpenOptions::new().create_new(true).write(true).mode(mode).open(&tmp)?;
+        f.write_all(text.as_bytes())?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)?;
+        std::fs::File::open(dir)?.sync_all()
+    };
+    write().inspect_err(|_| {
+        let _ = std::fs::remove_file(&tmp);
+    })
+    .with_context(|| format!("write {}", path.display()))
 }
 
 fn load_certs(path: &Path) -> anyhow::Result<Vec<CertificateDer<'static>>> {

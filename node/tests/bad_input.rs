@@ -98,3 +98,110 @@ async fn bad_frames_certificates_and_configs_are_refused() {
     producer.append("g", vec![write(8192)]).await.unwrap();
     site.converged("g", 3, 3).await;
 }
+
+/// Runs `rewind ARGS` (with the site's config) that must fail with exit 1
+/// and a message containing `mention`.
+fn refused(site: &Site, args: &[&str], mention: &str) {
+    expect_refusal(site.cli(args), args, mention);
+}
+
+fn expect_refusal(out: std::process::Output, args: &[&str], mention: &str) {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{args:?} should fail with exit 1: {stderr}");
+    assert!(stderr.contains(mention), "{args:?}: {stderr:?} should mention {mention:?}");
+    assert!(!stderr.contains("panicked"), "{args:?} panicked: {stderr}");
+}
+
+fn mode(path: &std::path::Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(path).unwrap().permissions().mode() & 0o777
+}
+
+/// Paths that point at files the user or a running tap owns: each command
+/// is refused with the reason, and every file is left as it was; the tap's
+/// acknowledged writes are still in the log and on its disk.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn paths_at_users_files_are_refused_and_nothing_is_touched() {
+    let site = Site::up(&["--nodes", "3"]);
+    let disks = vec![DiskSpec { name: "d0".into(), size_bytes: 4 << 20, sector_bytes: 512 }];
+    site.client.create_group("g", disks).await.unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let backing = work.path().join("disk.raw");
+    let tap = start_tap_with(&site, "g", "d0", &backing, &[]);
+    run(std::process::Command::new("qemu-io").args(["-f", "raw", "-c", "write -P 0x5a 0 1M", "-c", "flush", &tap.uri]));
+    let disk_before = std::fs::read(&backing).unwrap();
+    let (lsn, _) = site.settled("g", 3).await;
+    assert!(lsn >= 1);
+    let b = backing.to_str().unwrap();
+
+    // replay --out at the running tap's backing file: refused, even with --force.
+    refused(&site, &["replay", "g", "--disk", "d0", "--at", "1", "--out", b], "locked by another program");
+    refused(&site, &["replay", "g", "--disk", "d0", "--at", "1", "--out", b, "--force"], "locked by another program");
+    // At a user's file: refused without --force; nothing beside it.
+    let user = work.path().join("notes.txt");
+    std::fs::write(&user, b"my notes").unwrap();
+    refused(&site, &["replay", "g", "--disk", "d0", "--latest", "--out", user.to_str().unwrap()], "--force");
+    assert_eq!(std::fs::read(&user).unwrap(), b"my notes");
+    // A failed replay (a target outside the window) leaves no file.
+    let fresh = work.path().join("fresh.raw");
+    refused(&site, &["replay", "g", "--disk", "d0", "--at", "999999", "--out", fresh.to_str().unwrap()], "beyond the log");
+    assert!(!fresh.exists());
+    // With --force a user's file is replaced by the whole image, mode 0600.
+    let out = site.cli(&["replay", "g", "--disk", "d0", "--latest", "--out", user.to_str().unwrap(), "--force"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(std::fs::read(&user).unwrap(), disk_before);
+    assert_eq!(mode(&user), 0o600);
+
+    // tap --socket at a regular file (here the live backing file): refused.
+    refused(&site, &["tap", "--group", "g", "--disk", "d0", "--backing", work.path().join("other.raw").to_str().unwrap(), "--socket", b], "is not a socket");
+    // tap --listen off loopback: refused before any file is made.
+    let never = work.path().join("never.raw");
+    refused(&site, &["tap", "--group", "g", "--disk", "d0", "--backing", never.to_str().unwrap(), "--listen", "192.0.2.1:10809"], "not a loopback address");
+    assert!(!never.exists() && !work.path().join("never.raw.tap-id").exists());
+
+    // replay --serve --writable --overlay at an existing file: refused.
+    refused(
+        &site,
+        &["replay", "g", "--disk", "d0", "--latest", "--serve", "127.0.0.1:0", "--writable", "--overlay", user.to_str().unwrap()],
+        "an overlay is always a new file",
+    );
+    assert_eq!(std::fs::read(&user).unwrap(), disk_before);
+    // A new overlay is made with mode 0600, and removed at the end.
+    let overlay = work.path().join("ov.raw");
+    let config = site.config();
+    {
+        let serving = spawn_serving(std::process::Command::new(REWIND).args([
+            "replay", "g", "--disk", "d0", "--latest", "--serve", "127.0.0.1:0", "--writable", "--overlay", overlay.to_str().unwrap(), "--config", config.to_str().unwrap(),
+        ]));
+        assert_eq!((mode(&overlay), mode(&work.path().join("ov.raw.map"))), (0o600, 0o600));
+        drop(serving);
+    }
+    assert!(!overlay.exists() && !work.path().join("ov.raw.map").exists());
+
+    // certs: the CA's name, a path out of the folder, an existing name.
+    let certs = site.path().join("certs");
+    let ca_before = std::fs::read(certs.join("ca.pem")).unwrap();
+    let d = certs.to_str().unwrap();
+    for (name, mention) in [("ca", "site CA's"), ("../x", "certificate name"), ("client", "never overwritten")] {
+        let args = ["certs", "--dir", d, "--name", name];
+        expect_refusal(rewind(&args), &args, mention);
+    }
+    assert_eq!(std::fs::read(certs.join("ca.pem")).unwrap(), ca_before);
+    assert!(!site.path().join("x.pem").exists());
+    let out = rewind(&["certs", "--dir", d, "--name", "backup-1"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(mode(&certs.join("backup-1.key")), 0o600);
+
+    // --at-time: overflow, a multi-byte character, a day that does not exist.
+    for (t, mention) in [("2600-01-01T00:00:00Z", "after 2554"), ("2026-11-22T05:09:40\u{e9}Z", "expected RFC 3339"), ("2026-02-31T00:00:00Z", "has no day 31")] {
+        refused(&site, &["replay", "g", "--disk", "d0", "--at-time", t, "--out", fresh.to_str().unwrap()], mention);
+    }
+
+    // The tap served on; its disk and the log agree.
+    assert_eq!(std::fs::read(&backing).unwrap(), disk_before);
+    let replayed = work.path().join("check.raw");
+    let out = site.cli(&["replay", "g", "--disk", "d0", "--latest", "--out", replayed.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    compare(&replayed, &backing);
+    drop(tap);
+}

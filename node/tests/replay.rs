@@ -35,7 +35,7 @@ fn now_rfc3339() -> String {
 fn replay_equals(site: &Site, dir: &Path, group: &str, target: &[&str], node: u64, reference: &Path) {
     let out_path = dir.join(format!("replay-{node}.raw"));
     let node_s = node.to_string();
-    let mut args = vec!["replay", group, "--disk", "d0", "--node", &node_s, "--out", out_path.to_str().unwrap()];
+    let mut args = vec!["replay", group, "--disk", "d0", "--node", &node_s, "--out", out_path.to_str().unwrap(), "--force"];
     args.extend_from_slice(target);
     let out = site.cli(&args);
     assert!(out.status.success(), "replay {target:?} from node {node}: {}", String::from_utf8_lossy(&out.stderr));

@@ -88,6 +88,85 @@ pub enum ExportError {
     Short { got: u64, want: u64 },
     #[error("{path}: {why}")]
     Io { path: String, why: std::io::Error },
+    #[error("{path} exists; give another path, or --force to replace it")]
+    Exists { path: String },
+    #[error("{path} is locked by another program (a running tap serves it as its backing file); a replay never replaces it, even with --force")]
+    InUse { path: String },
+    #[error("{path} is not a regular file; a replay writes only regular files")]
+    NotAFile { path: String },
+}
+
+/// What `write_image` does when its output path already holds a file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Existing {
+    /// Refuse (the default: a path may point at a user's file).
+    Refuse,
+    /// Replace it, once the new image is whole and synced; a file another
+    /// program holds a lock on (a tap's backing file) is refused anyway.
+    Replace,
+}
+
+/// Holds a shared lock on the file at `path`, if there is one: refuses a
+/// file a tap (or any program) holds an exclusive lock on, and keeps a tap
+/// from taking it until the lock is dropped.
+fn lock_existing(path: &Path, existing: Existing) -> Result<Option<std::fs::File>, ExportError> {
+    use std::os::fd::AsRawFd;
+    let display = || path.display().to_string();
+    let meta = match std::fs::symlink_metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(why) => return Err(ExportError::Io { path: display(), why }),
+    };
+    if !meta.file_type().is_file() {
+        return Err(ExportError::NotAFile { path: display() });
+    }
+    let file = std::fs::File::open(path).map_err(|why| ExportError::Io { path: display(), why })?;
+    // SAFETY: flock on a descriptor this function owns.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_SH | libc::LOCK_NB) } != 0 {
+        let why = std::io::Error::last_os_error();
+        if why.raw_os_error() == Some(libc::EWOULDBLOCK) {
+            return Err(ExportError::InUse { path: display() });
+        }
+        return Err(ExportError::Io { path: display(), why });
+    }
+    match existing {
+        Existing::Refuse => Err(ExportError::Exists { path: display() }),
+        Existing::Replace => Ok(Some(file)),
+    }
+}
+
+/// A new file beside `out` that only this process can have made (created
+/// exclusively, mode 0600), removed when dropped unless kept.
+struct TempImage {
+    path: std::path::PathBuf,
+    file: std::fs::File,
+    keep: bool,
+}
+
+impl TempImage {
+    fn create(out: &Path) -> Result<TempImage, ExportError> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let dir = out.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        let name = out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "image".into());
+        let mut last = None;
+        for attempt in 0..16u32 {
+            let path = dir.join(format!(".{name}.rewind-{}-{attempt}.tmp", std::process::id()));
+            match std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&path) {
+                Ok(file) => return Ok(TempImage { path, file, keep: false }),
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => last = Some(e),
+                Err(why) => return Err(ExportError::Io { path: path.display().to_string(), why }),
+            }
+        }
+        Err(ExportError::Io { path: dir.display().to_string(), why: last.unwrap_or_else(|| std::io::Error::other("no free temporary name")) })
+    }
+}
+
+impl Drop for TempImage {
+    fn drop(&mut self) {
+        if !self.keep {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -99,14 +178,21 @@ pub struct ImageReport {
     pub blake3_hex: String,
 }
 
-/// Writes the disk to a raw image at `out` (created or truncated), with
-/// `in_flight` reads at once. Pieces of zeroes stay holes. `progress(done,
-/// total)` is called as pieces land.
-pub async fn write_image(source: &dyn BlockSource, out: &Path, in_flight: usize, mut progress: impl FnMut(u64, u64)) -> Result<ImageReport, ExportError> {
+/// Writes the disk to a raw image at `out` (mode 0600), with `in_flight`
+/// reads at once. Pieces of zeroes stay holes. `progress(done, total)` is
+/// called as pieces land. The image is written to a new file beside `out`,
+/// synced, renamed over `out` and the folder synced: `out` holds either
+/// what it held before or the whole image, and a failed replay leaves
+/// nothing behind. An existing `out` is refused unless `existing` says
+/// replace, and a file another program holds locked (a tap's backing
+/// file) is never replaced.
+pub async fn write_image(source: &dyn BlockSource, out: &Path, existing: Existing, in_flight: usize, mut progress: impl FnMut(u64, u64)) -> Result<ImageReport, ExportError> {
+    let _held = lock_existing(out, existing)?;
+    let mut tmp = TempImage::create(out)?;
     let io = |why: std::io::Error| ExportError::Io { path: out.display().to_string(), why };
     let size = source.size();
     let piece = source.piece_bytes().max(1);
-    let file = std::fs::OpenOptions::new().write(true).create(true).truncate(true).open(out).map_err(io)?;
+    let file = &tmp.file;
     file.set_len(size).map_err(io)?;
     let reads = (0..size.div_ceil(piece)).map(|i| {
         let offset = i * piece;
@@ -143,6 +229,10 @@ pub async fn write_image(source: &dyn BlockSource, out: &Path, in_flight: usize,
         progress(done, size);
     }
     file.sync_all().map_err(io)?;
+    std::fs::rename(&tmp.path, out).map_err(io)?;
+    tmp.keep = true;
+    let dir = out.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(|why| ExportError::Io { path: dir.display().to_string(), why })?;
     Ok(ImageReport { image_bytes: size, data_bytes, blake3_hex: hasher.finalize().to_hex().to_string() })
 }
 
@@ -188,12 +278,43 @@ pub struct Overlay {
 }
 
 impl Overlay {
-    /// Creates (or truncates) the overlay file at `path` for a disk of `size`.
+    /// Creates the overlay file at `path` (and its map beside it) for a
+    /// disk of `size`: new files only, mode 0600. An existing file at
+    /// either path is refused (`AlreadyExists`), never truncated; if the
+    /// map cannot be made, the overlay file is removed again.
     pub fn create(path: &Path, size: u64) -> std::io::Result<Overlay> {
-        let file = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(path)?;
-        file.set_len(size)?;
-        let map = std::fs::OpenOptions::new().write(true).create(true).truncate(true).open(Self::map_path(path))?;
-        Ok(Overlay { path: path.to_path_buf(), file, size, written: Default::default(), map: std::sync::Mutex::new(map) })
+        use std::os::unix::fs::OpenOptionsExt;
+        let new = || {
+            let mut o = std::fs::OpenOptions::new();
+            o.read(true).write(true).create_new(true).mode(0o600);
+            o
+        };
+        let file = new().open(path)?;
+        let made = file.set_len(size).and_then(|_| new().open(Self::map_path(path)));
+        match made {
+            Ok(map) => Ok(Overlay { path: path.to_path_buf(), file, size, written: Default::default(), map: std::sync::Mutex::new(map) }),
+            Err(e) => {
+                let _ = std::fs::remove_file(path);
+                Err(e)
+            }
+        }
+    }
+
+    /// Creates an overlay in `dir` under a name no one can guess ahead
+    /// (`STEM-<random>.raw`), so a shared folder such as /var/tmp cannot
+    /// hold a trap laid for it.
+    pub fn create_in(dir: &Path, stem: &str, size: u64) -> std::io::Result<Overlay> {
+        use std::hash::BuildHasher;
+        let mut last = None;
+        for attempt in 0u64..16 {
+            // RandomState is seeded from the operating system's generator.
+            let tag = std::collections::hash_map::RandomState::new().hash_one((std::process::id(), attempt));
+            match Overlay::create(&dir.join(format!("{stem}-{tag:016x}.raw")), size) {
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => last = Some(e),
+                r => return r,
+            }
+        }
+        Err(last.unwrap_or_else(|| std::io::Error::other("no free overlay name")))
     }
 
     pub fn map_path(path: &Path) -> std::path::PathBuf {
@@ -366,14 +487,43 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let out = dir.path().join("img");
         let mut calls = 0;
-        let r = write_image(&Mem { bytes: bytes.clone(), bad_at: None }, &out, 3, |_, _| calls += 1).await.unwrap();
+        let r = write_image(&Mem { bytes: bytes.clone(), bad_at: None }, &out, Existing::Refuse, 3, |_, _| calls += 1).await.unwrap();
         assert_eq!(std::fs::read(&out).unwrap(), bytes);
         assert_eq!(r.blake3_hex, blake3::hash(&bytes).to_hex().to_string());
         assert_eq!((r.image_bytes, r.data_bytes, calls), (bytes.len() as u64, 8192 + 4096, 9));
         assert!(Piece { len: 10, runs: vec![(5, vec![1; 6])] }.check().is_err());
         assert!(Piece { len: 10, runs: vec![(4, vec![1; 2]), (5, vec![1])] }.check().is_err());
         assert!(std::fs::metadata(&out).unwrap().blocks() * 512 < 4 << 20, "zero pieces are holes");
-        let bad = write_image(&Mem { bytes, bad_at: Some(3 << 20) }, &out, 3, |_, _| {}).await;
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(std::fs::metadata(&out).unwrap().permissions().mode() & 0o777, 0o600);
+        let bad = write_image(&Mem { bytes: bytes.clone(), bad_at: Some(3 << 20) }, &out, Existing::Replace, 3, |_, _| {}).await;
         assert!(matches!(bad, Err(ExportError::Read { offset, .. }) if offset == 3 << 20), "{bad:?}");
+        // The failed replay left the old image whole and nothing beside it.
+        assert_eq!(std::fs::read(&out).unwrap(), bytes);
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+
+    #[tokio::test]
+    async fn an_existing_file_is_kept_unless_replaced_and_a_locked_one_always() {
+        use std::os::fd::AsRawFd;
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("user.raw");
+        std::fs::write(&out, b"the user's file").unwrap();
+        let disk = || Mem { bytes: vec![5u8; 8192], bad_at: None };
+        let r = write_image(&disk(), &out, Existing::Refuse, 2, |_, _| {}).await;
+        assert!(matches!(&r, Err(ExportError::Exists { .. })) && r.as_ref().unwrap_err().to_string().contains("--force"), "{r:?}");
+        assert_eq!(std::fs::read(&out).unwrap(), b"the user's file");
+        // A tap holds its backing file with an exclusive lock.
+        let held = std::fs::OpenOptions::new().read(true).write(true).open(&out).unwrap();
+        assert_eq!(unsafe { libc::flock(held.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) }, 0);
+        let r = write_image(&disk(), &out, Existing::Replace, 2, |_, _| {}).await;
+        assert!(matches!(r, Err(ExportError::InUse { .. })), "{r:?}");
+        assert_eq!(std::fs::read(&out).unwrap(), b"the user's file");
+        drop(held);
+        write_image(&disk(), &out, Existing::Replace, 2, |_, _| {}).await.unwrap();
+        assert_eq!(std::fs::read(&out).unwrap(), vec![5u8; 8192]);
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+        let r = write_image(&disk(), dir.path(), Existing::Replace, 2, |_, _| {}).await;
+        assert!(matches!(r, Err(ExportError::NotAFile { .. })), "{r:?}");
     }
 }

@@ -49,11 +49,15 @@ pub enum Command {
         config: PathBuf,
     },
     /// Make the site's CA (if DIR has none) and a certificate signed by it.
+    /// Keys are written with mode 0600, atomically; an existing certificate
+    /// is never overwritten.
     Certs {
-        /// Folder for ca.pem/ca.key and NAME.pem/NAME.key.
+        /// Folder for ca.pem/ca.key and NAME.pem/NAME.key (created with mode
+        /// 0700 if missing).
         #[arg(long)]
         dir: PathBuf,
-        /// Certificate name, e.g. node-4 or client-backup.
+        /// Certificate name, e.g. node-4 or client-backup: 1-64 of
+        /// A-Z a-z 0-9 . _ -, not `ca` and not one DIR already holds.
         #[arg(long)]
         name: String,
     },

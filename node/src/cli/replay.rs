@@ -32,9 +32,15 @@ pub struct ReplayArgs {
     /// Replay to the group's newest LSN.
     #[arg(long, group = "target")]
     latest: bool,
-    /// The raw image to write (sparse where the disk reads as zeroes).
+    /// The raw image to write (sparse where the disk reads as zeroes, mode
+    /// 0600). It is written beside FILE and renamed over it once whole and
+    /// synced; an existing FILE is refused unless --force, and a file a
+    /// tap holds (its backing file) is refused always.
     #[arg(long, group = "output")]
     out: Option<PathBuf>,
+    /// With --out: replace an existing file.
+    #[arg(long, requires = "out")]
+    force: bool,
     /// Serve the disk at that point as an NBD export on this loopback
     /// address (e.g. 127.0.0.1:10810) instead of writing a file: instant
     /// access, no copy first. Runs until SIGINT or SIGTERM.
@@ -44,8 +50,10 @@ pub struct ReplayArgs {
     /// recovery: boot and change the disk); the log is never touched.
     #[arg(long, requires = "serve")]
     writable: bool,
-    /// With --writable: the overlay file (default under /var/tmp). Its map
-    /// of written blocks is kept beside it as FILE.map.
+    /// With --writable: the overlay file, created new with mode 0600 (an
+    /// existing file is refused, never truncated). Its map of written
+    /// blocks is kept beside it as FILE.map. Default: a new file with a
+    /// random name under /var/tmp.
     #[arg(long, requires = "writable")]
     overlay: Option<PathBuf>,
     /// With --writable: keep the overlay when the export stops (default:
@@ -75,6 +83,7 @@ pub async fn run(a: ReplayArgs) -> anyhow::Result<()> {
         disk: a.disk.clone(),
         target,
         out: a.out.clone().unwrap_or_default(),
+        existing: if a.force { rewind_replay::Existing::Replace } else { rewind_replay::Existing::Refuse },
         node: a.node,
         wait: std::time::Duration::from_secs(a.wait),
     };

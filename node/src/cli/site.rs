@@ -92,7 +92,9 @@ pub enum DevCommand {
 }
 
 pub fn certs(dir: &Path, name: &str) -> anyhow::Result<()> {
-    std::fs::create_dir_all(dir)?;
+    // Everything is checked before anything is written.
+    rewind_node::tls::check_leaf_name(dir, name)?;
+    create_private_dir(dir)?;
     if !dir.join("ca.pem").exists() {
         rewind_node::tls::make_ca(dir, name)?;
         println!("made CA {}", dir.join("ca.pem").display());
@@ -121,6 +123,12 @@ async fn voters(client: &Client) -> anyhow::Result<Vec<u64>> {
         }
     }
     bail!("no leader answered; cannot read the current voters")
+}
+
+/// Creates `dir` (and its parents) if missing, the new folders with mode 0700.
+fn create_private_dir(dir: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).with_context(|| format!("create {}", dir.display()))
 }
 
 pub async fn cluster(c: ClusterCommand) -> anyhow::Result<()> {
