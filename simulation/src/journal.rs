@@ -27,7 +27,7 @@ use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use rewind_cdp_ingest::journal::JournalError;
+use rewind_cdp_ingest::journal::{recovery, BadEntry, JournalError, Recovery};
 use rewind_cdp_ingest::shipper::{redo_journal, ship_journal, ProducerStates, ShipJournal, Shipping, StateError};
 use rewind_cdp_ingest::tap::{Backing, Committed, LogSink, SinkError};
 use rewind_cdp_ingest::BoxFuture;
@@ -58,11 +58,14 @@ pub struct JournalFile {
     synced: u64,
     /// The process that has the journal open.
     owner: Option<u64>,
+    /// A held batch whose entry rotted on the tap host's disk, and when the
+    /// operator restores it (from a copy of the journal).
+    damaged: Option<(u64, u64)>,
 }
 
 impl JournalFile {
     pub fn new() -> Arc<Mutex<JournalFile>> {
-        Arc::new(Mutex::new(JournalFile { entries: VecDeque::new(), bytes: 0, next_seq: 1, synced: 0, owner: None }))
+        Arc::new(Mutex::new(JournalFile { entries: VecDeque::new(), bytes: 0, next_seq: 1, synced: 0, owner: None, damaged: None }))
     }
 
     /// The process that had it open is gone.
@@ -90,6 +93,49 @@ impl JournalFile {
     pub fn held(&self) -> usize {
         self.entries.len()
     }
+
+    /// One held, synced entry rots on the tap host's disk (the process is
+    /// down); the operator restores it at `mend_at_ns`. False when nothing
+    /// synced is held.
+    pub fn damage(&mut self, pick: u64, mend_at_ns: u64) -> bool {
+        let synced: Vec<u64> = self.entries.iter().map(|(b, _)| b.seq).filter(|s| *s <= self.synced).collect();
+        if synced.is_empty() {
+            return false;
+        }
+        let seq = synced[(pick % synced.len() as u64) as usize];
+        world::trace(format!("journal batch {seq} rots on the tap host's disk (restored {} ms from now)", (mend_at_ns.saturating_sub(rt::now_ns())) / 1_000_000));
+        self.damaged = Some((seq, mend_at_ns));
+        true
+    }
+
+    /// What opening finds: production's rule (`journal::recovery`) decides
+    /// about a damaged entry. Err: the open is refused.
+    pub fn recover(&mut self) -> Result<(), String> {
+        let Some((seq, mend_at)) = self.damaged else { return Ok(()) };
+        if rt::now_ns() >= mend_at {
+            world::trace(format!("the operator restored journal batch {seq}"));
+            self.damaged = None;
+            return Ok(());
+        }
+        let bad = BadEntry::Damaged(format!("batch {seq} fails its checksum"));
+        match recovery(&bad, true) {
+            Recovery::Refuse => Err(format!("journal batch {seq} fails its checksum")),
+            Recovery::Cut => {
+                // Everything from the bad entry on is dropped, and its
+                // numbers are given again.
+                while self.entries.back().is_some_and(|(b, _)| b.seq >= seq) {
+                    let (b, n) = self.entries.pop_back().expect("checked");
+                    self.bytes -= n;
+                    world::with(|w| w.tap_batches.remove(&(JOURNAL_PRODUCER, b.seq)));
+                }
+                world::trace(format!("the journal is cut at batch {seq}: batches {seq}..={} are gone", self.next_seq - 1));
+                self.next_seq = seq;
+                self.synced = self.synced.min(seq - 1);
+                self.damaged = None;
+                Ok(())
+            }
+        }
+    }
 }
 
 /// One tap process's handle on the journal.
@@ -109,17 +155,18 @@ fn batch_bytes(events: &[TimedEvent]) -> u64 {
 
 impl SimJournal {
     /// Opens the journal for tap process `instance` and starts its writer
-    /// (a task of the tap's process).
-    pub fn open(file: Arc<Mutex<JournalFile>>, instance: u64) -> SimJournal {
+    /// (a task of the tap's process); refused over a damaged entry.
+    pub fn open(file: Arc<Mutex<JournalFile>>, instance: u64) -> Result<SimJournal, String> {
         {
             let mut f = file.lock().expect("journal");
+            f.recover()?;
             f.owner = Some(instance);
             f.synced = f.next_seq - 1;
         }
         let (writer, rx) = mpsc::channel(WRITE_QUEUE_MAX);
         let j = SimJournal { file, instance, changed: Arc::new(Notify::new()), writer };
         rt::spawn_local(j.clone().write(rx));
-        j
+        Ok(j)
     }
 
     fn mine(&self) -> bool {

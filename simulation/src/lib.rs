@@ -111,6 +111,10 @@ pub enum Bug {
     /// tap's host can take an answered write from the guest's disk while
     /// the log keeps it.
     TrimBeforeBackingSync,
+    /// Opening the async journal cuts it at a damaged entry (as a torn
+    /// tail) rather than refusing: the entry and every one after it, all
+    /// acknowledged, are lost.
+    CutDamagedJournalEntry,
 }
 
 pub use site::{run_seed, Outcome};

@@ -42,8 +42,12 @@ pub const JOURNAL_PRODUCER: u64 = 2000;
 /// The journal's bound on bytes not yet committed on the site: a few of
 /// the tap's batches, so an outage of the site stalls the guest.
 pub const JOURNAL_BYTES_MAX: u64 = 512 << 10;
-/// Counted with the faults, for coverage, but left out of their total.
+/// Counted with the faults, for coverage, but left out of their total
+/// (as is every kind whose name says "not a fault").
 pub const JOURNAL_FULL: &str = "tap journal full (back-pressure, not a fault)";
+/// A tap that would not start over a damaged journal: the answer to a
+/// fault, counted for coverage.
+pub const JOURNAL_REFUSED: &str = "tap refused a damaged journal (an answer, not a fault)";
 /// How long a producer tries without progress before it fails its batches
 /// (production's client deadline).
 pub const PRODUCER_DEADLINE: Duration = Duration::from_secs(30);

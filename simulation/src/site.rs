@@ -73,6 +73,7 @@ pub fn run_seed(opts: &Options) -> Outcome {
     rewind_cdp_ingest::tap::bugs::ANSWER_BEFORE_COMMIT.store(opts.bug == Some(Bug::TapAnswerBeforeCommit), std::sync::atomic::Ordering::Relaxed);
     rewind_cdp_ingest::shipper::bugs::TRIM_ON_SEND.store(opts.bug == Some(Bug::ShipperTrimsOnSend), std::sync::atomic::Ordering::Relaxed);
     rewind_cdp_ingest::shipper::bugs::TRIM_BEFORE_BACKING_SYNC.store(opts.bug == Some(Bug::TrimBeforeBackingSync), std::sync::atomic::Ordering::Relaxed);
+    rewind_cdp_ingest::journal::bugs::CUT_DAMAGED_ENTRY.store(opts.bug == Some(Bug::CutDamagedJournalEntry), std::sync::atomic::Ordering::Relaxed);
     rewind_service::bugs::REPLAY_BEFORE_APPLIED.store(opts.bug == Some(Bug::ReplayBeforeApplied), std::sync::atomic::Ordering::Relaxed);
     let plan_text = format!("{plan:?}");
     world::install(World::new(opts.seed, opts.bug, plan, &mut rng));

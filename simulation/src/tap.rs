@@ -232,15 +232,24 @@ pub fn new_site(history: Shared) -> TapHandle {
     let file = Arc::new(Mutex::new(SimFile { bytes: vec![0; TAP_DISK_BYTES as usize], durable: vec![0; TAP_DISK_BYTES as usize], started: 0, running: None }));
     let journal = world::with(|w| w.plan.tap_async).then(JournalFile::new);
     let site = Rc::new(RefCell::new(TapSite { file, conn: None, history, journal }));
-    start(&site);
+    assert!(start(&site), "a new journal is whole");
     site
 }
 
 /// Starts a tap process (the next instance): in sync mode under the tap's
 /// producer identity in the next epoch; in async mode over the journal,
-/// with a shipper.
-pub fn start(site: &TapHandle) {
+/// with a shipper. False when the process refused to start (a damaged
+/// journal).
+pub fn start(site: &TapHandle) -> bool {
     let mut s = site.borrow_mut();
+    if let Some(journal) = &s.journal {
+        // Production's open checks the journal before the tap serves.
+        if let Err(why) = journal.lock().expect("journal").recover() {
+            world::trace(format!("the tap refuses to start: {why}; the journal is left as it is"));
+            world::count(crate::model::JOURNAL_REFUSED);
+            return false;
+        }
+    }
     let instance = {
         let mut f = s.file.lock().expect("backing");
         f.started += 1;
@@ -263,7 +272,7 @@ pub fn start(site: &TapHandle) {
         let (sink, mode): (Arc<dyn LogSink>, _) = match journal {
             Some(journal) => {
                 world::trace(format!("tap process {instance} opens the journal"));
-                let j = SimJournal::open(journal, instance);
+                let j = SimJournal::open(journal, instance).expect("checked above");
                 // A failed shipper ends the tap's process, as in production.
                 let exit = Box::new(move || {
                     rt::with_node(None, || {
@@ -289,6 +298,15 @@ pub fn start(site: &TapHandle) {
         rt::spawn_local(connection(tap, requests, redone));
     });
     s.conn = Some((instance, conn));
+    true
+}
+
+/// Starts the tap, trying again every half second while it refuses (the
+/// operator mends what it refused); gives up at `deadline_ns`.
+pub async fn start_until_up(site: &TapHandle, deadline_ns: u64) {
+    while !start(site) && rt::now_ns() < deadline_ns {
+        rt::sleep(Duration::from_millis(500)).await;
+    }
 }
 
 /// The tap's process dies where it stands; the guest's connection drops.
@@ -405,7 +423,7 @@ pub async fn guest(site: TapHandle, ops: u64, depth: usize, mut rng: Rng, deadli
                     // it is restarted: the operator restarts it.
                     world::trace(format!("the guest's final flush: error {code}; the operator restarts the tap"));
                     crash(&site);
-                    start(&site);
+                    start_until_up(&site, deadline_ns).await;
                 }
                 r => world::trace(format!("the guest's final flush: {r:?}; again")),
             }
@@ -423,6 +441,9 @@ pub async fn guest(site: TapHandle, ops: u64, depth: usize, mut rng: Rng, deadli
 pub async fn inject(site: TapHandle, mut rng: Rng, end_ns: u64) {
     // A generator of its own, so sync-mode seeds keep their histories.
     let mut power = Rng::new(world::with(|w| w.seed) ^ 0x7461_7070_6f77_6572);
+    // And one for journal damage, so the seeds from before it keep theirs
+    // where it does not fire.
+    let mut rot = Rng::new(world::with(|w| w.seed) ^ 0x6a6e_6c72_6f74_0001);
     while rt::now_ns() < end_ns {
         rt::sleep(Duration::from_millis(rng.range(300, 3000))).await;
         if rt::now_ns() >= end_ns {
@@ -437,12 +458,23 @@ pub async fn inject(site: TapHandle, mut rng: Rng, end_ns: u64) {
             world::count("tap crash");
             crash(&site);
         }
+        // In async mode an entry the journal holds may rot on the tap
+        // host's disk while the process is down; the operator restores it
+        // within 0.3-2 s.
+        if let Some(journal) = site.borrow().journal.clone() {
+            if rot.chance(0.15) {
+                let mend_at = rt::now_ns() + rot.range(300, 2000) * 1_000_000;
+                if journal.lock().expect("journal").damage(rot.range(0, 1 << 30), mend_at) {
+                    world::count("tap journal entry damaged");
+                }
+            }
+        }
         // A supervisor restarts the process at once about a third of the
         // time (within the network's delays: the old process's last
         // batches may still be on the wire), else up to half a second later.
         let pause_us = if rng.chance(0.3) { rng.range(0, 5_000) } else { rng.range(5_000, 500_000) };
         rt::sleep(Duration::from_micros(pause_us)).await;
-        start(&site);
+        start_until_up(&site, u64::MAX).await;
     }
 }
 

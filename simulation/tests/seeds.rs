@@ -64,6 +64,8 @@ fn a_budget_of_seeds_passes_twice_with_the_same_trace_hashes() {
         "frame stalled",
         "tap journal full (back-pressure, not a fault)",
         "tap host power loss",
+        "tap journal entry damaged",
+        "tap refused a damaged journal (an answer, not a fault)",
     ] {
         assert!(text.lines().any(|l| l.starts_with(&format!("{kind} | "))), "fault kind {kind:?} never fired:\n{text}");
     }
@@ -101,6 +103,7 @@ fn every_reintroduced_bug_is_caught() {
         ("tap-unfenced", 1000),
         ("shipper-trims-on-send", 300),
         ("trim-before-backing-sync", 300),
+        ("cut-damaged-journal-entry", 300),
     ] {
         counts.push((bug, caught_after(bug, budget)));
     }
