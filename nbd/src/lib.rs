@@ -8,7 +8,14 @@
 //! * [`server`]: serves any [`server::Export`] on one connection:
 //!   handshake, bounds checks, read-only refusals, and the rule that a
 //!   mutation is ordered before the next request is read.
-//! * [`listen`]: accept loops on TCP and Unix sockets, and the stop signal.
+//! * [`listen`]: accept loops on TCP and Unix sockets (accept errors are
+//!   survived, connections capped), and the stop signal.
+//!
+//! Bounds: connections per listener (`--max-connections`), the handshake's
+//! time ([`server::HANDSHAKE_TIMEOUT`]), requests and payload bytes in
+//! flight per connection ([`server::REQUESTS_IN_FLIGHT_MAX`],
+//! [`server::BYTES_IN_FLIGHT_MAX`]), options per handshake, and the size of
+//! one request.
 //!
 //! This crate never knows what an export stores, never sees the log, Raft
 //! or QUIC, and never opens a file of its own.

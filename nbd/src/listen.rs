@@ -1,43 +1,92 @@
-//! Serving an NBD export on a listener, one task per
-//! connection, until the caller stops selecting on it.
+//! Serving an NBD export on a listener, one task per connection, until the
+//! caller stops selecting on it.
+//!
+//! An accept error (a full file table, a connection reset before it was
+//! taken) is logged and the loop backs off and goes on: one local process
+//! that floods the listener cannot end the tap or the export. Connections
+//! beyond `connections_max` are closed as soon as they are accepted, and a
+//! connection that has not finished its handshake within
+//! [`crate::server::HANDSHAKE_TIMEOUT`] is dropped.
 
+use std::convert::Infallible;
 use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::Semaphore;
 
 use crate::server::{serve, Export};
 
-/// Accepts TCP clients for `export` forever; returns only the error that
-/// stopped it.
-pub async fn accept_tcp(listener: &tokio::net::TcpListener, export: Arc<dyn Export>) -> std::io::Error {
+/// Connections served at once by default (`--max-connections`).
+pub const CONNECTIONS_MAX_DEFAULT: usize = 64;
+/// How long the accept loop waits after an accept error.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+
+/// Whether an accept error is worth a warning (resource exhaustion) or just
+/// a connection that went away before it was taken.
+fn log_accept_error(e: &std::io::Error) {
+    // EMFILE and ENFILE: this process's or the system's file table is full.
+    match e.raw_os_error() {
+        Some(24 | 23) => {
+            tracing::warn!("accept: {e}: too many open files; new NBD clients wait until some close");
+        }
+        _ => tracing::info!("accept: {e}; going on"),
+    }
+}
+
+/// Accepts TCP clients for `export` forever, at most `connections_max` at
+/// once.
+pub async fn accept_tcp(listener: &tokio::net::TcpListener, export: Arc<dyn Export>, connections_max: usize) -> Infallible {
+    let slots = Arc::new(Semaphore::new(connections_max.max(1)));
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(a) => a,
-            Err(e) => return e,
+            Err(e) => {
+                log_accept_error(&e);
+                tokio::time::sleep(ACCEPT_BACKOFF).await;
+                continue;
+            }
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            tracing::warn!(%peer, connections_max, "NBD connection refused: the export serves {connections_max} connections at most");
+            continue;
         };
         if let Err(e) = stream.set_nodelay(true) {
-            return e;
+            tracing::info!(%peer, "NBD connection dropped: {e}");
+            continue;
         }
         let export = export.clone();
         crate::spawn(async move {
             if let Err(e) = serve(export, stream, peer.to_string()).await {
                 tracing::warn!(%peer, "NBD connection ended: {e}");
             }
+            drop(slot);
         });
     }
 }
 
-/// Accepts Unix-socket clients for `export` forever; returns only the
-/// error that stopped it.
-pub async fn accept_unix(listener: &tokio::net::UnixListener, export: Arc<dyn Export>) -> std::io::Error {
+/// Accepts Unix-socket clients for `export` forever, at most
+/// `connections_max` at once.
+pub async fn accept_unix(listener: &tokio::net::UnixListener, export: Arc<dyn Export>, connections_max: usize) -> Infallible {
+    let slots = Arc::new(Semaphore::new(connections_max.max(1)));
     loop {
         let (stream, _) = match listener.accept().await {
             Ok(a) => a,
-            Err(e) => return e,
+            Err(e) => {
+                log_accept_error(&e);
+                tokio::time::sleep(ACCEPT_BACKOFF).await;
+                continue;
+            }
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            tracing::warn!(connections_max, "NBD connection refused: the export serves {connections_max} connections at most");
+            continue;
         };
         let export = export.clone();
         crate::spawn(async move {
             if let Err(e) = serve(export, stream, "unix".into()).await {
                 tracing::warn!("NBD connection ended: {e}");
             }
+            drop(slot);
         });
     }
 }

@@ -47,18 +47,35 @@ fn transmission_flags(export: &dyn Export) -> u16 {
     }
 }
 
+/// How long a client has from connecting to the end of option haggling.
+pub const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// Requests one connection may have in flight (read, not yet answered); the
+/// server stops reading that connection's requests until one is answered.
+pub const REQUESTS_IN_FLIGHT_MAX: usize = 64;
+/// Payload bytes one connection may have in flight: write payloads read and
+/// not yet answered, and read replies not yet sent. A client that does not
+/// read its replies holds at most this much of the server's memory.
+pub const BYTES_IN_FLIGHT_MAX: u32 = 64 << 20;
+
 /// Serves one NBD client until it disconnects.
 pub async fn serve<S>(export: Arc<dyn Export>, stream: S, peer: String) -> std::io::Result<()>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let (mut rd, mut wr) = tokio::io::split(stream);
-    wr.write_all(&nbd::greeting()).await?;
-    let mut flags = [0u8; 4];
-    rd.read_exact(&mut flags).await?;
-    let client_flags = nbd::parse_client_flags(flags).map_err(proto_err)?;
-    let no_zeroes = client_flags & nbd::FLAG_C_NO_ZEROES != 0;
-    let Some(structured) = haggle(export.as_ref(), &mut rd, &mut wr, no_zeroes).await? else {
+    let handshake = async {
+        wr.write_all(&nbd::greeting()).await?;
+        let mut flags = [0u8; 4];
+        rd.read_exact(&mut flags).await?;
+        let client_flags = nbd::parse_client_flags(flags).map_err(proto_err)?;
+        let no_zeroes = client_flags & nbd::FLAG_C_NO_ZEROES != 0;
+        haggle(export.as_ref(), &mut rd, &mut wr, no_zeroes).await
+    };
+    let haggled = match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
+        Ok(r) => r?,
+        Err(_) => return Err(std::io::Error::new(std::io::ErrorKind::TimedOut, format!("no handshake within {HANDSHAKE_TIMEOUT:?}"))),
+    };
+    let Some(structured) = haggled else {
         return Ok(());
     };
     tracing::info!(%peer, export = export.name(), structured, "NBD client connected");
@@ -181,13 +198,44 @@ async fn send_read<W: AsyncWrite + Unpin>(wr: &Writer<W>, structured: bool, req:
     w.write_all(data).await
 }
 
+/// A request's share of its connection's bounds, held until its reply is
+/// sent.
+struct InFlight {
+    _request: tokio::sync::OwnedSemaphorePermit,
+    _bytes: Option<tokio::sync::OwnedSemaphorePermit>,
+}
+
+/// One connection's bounds on requests and bytes in flight.
+struct Bounds {
+    requests: Arc<tokio::sync::Semaphore>,
+    bytes: Arc<tokio::sync::Semaphore>,
+}
+
+impl Bounds {
+    fn new() -> Bounds {
+        Bounds { requests: Arc::new(tokio::sync::Semaphore::new(REQUESTS_IN_FLIGHT_MAX)), bytes: Arc::new(tokio::sync::Semaphore::new(BYTES_IN_FLIGHT_MAX as usize)) }
+    }
+
+    /// Waits for room for one more request of `bytes` payload bytes (at
+    /// most `REQUEST_BYTES_MAX`, which is below the byte bound).
+    async fn admit(&self, bytes: u32) -> InFlight {
+        let request = self.requests.clone().acquire_owned().await.expect("never closed");
+        let bytes = match bytes {
+            0 => None,
+            n => Some(self.bytes.clone().acquire_many_owned(n).await.expect("never closed")),
+        };
+        InFlight { _request: request, _bytes: bytes }
+    }
+}
+
 /// Sends a mutation's reply once its answer resolves.
-fn spawn_reply<W: AsyncWrite + Unpin + Send + 'static>(wr: Writer<W>, structured: bool, handle: u64, answer: Answer, what: &'static str) {
+fn spawn_reply<W: AsyncWrite + Unpin + Send + 'static>(wr: Writer<W>, structured: bool, handle: u64, answer: Answer, what: &'static str, held: InFlight) {
     crate::spawn(async move {
         let error = answer.await;
         if let Err(e) = send_reply(&wr, structured, handle, error, what).await {
             tracing::debug!("reply not delivered: {e}");
         }
+        drop(held);
     });
 }
 
@@ -198,6 +246,7 @@ where
 {
     let wr: Writer<W> = Arc::new(tokio::sync::Mutex::new(wr));
     let size = export.size();
+    let bounds = Bounds::new();
     loop {
         let mut head = [0u8; nbd::REQUEST_HEADER_BYTES];
         match rd.read_exact(&mut head).await {
@@ -223,6 +272,7 @@ where
                     send_reply(&wr, structured, req.handle, nbd::EOVERFLOW, "write larger than 32 MiB").await?;
                     return Ok(());
                 }
+                let held = bounds.admit(req.len).await;
                 let mut data = vec![0u8; req.len as usize];
                 rd.read_exact(&mut data).await?;
                 if export.read_only() {
@@ -235,7 +285,7 @@ where
                     continue;
                 }
                 let answer = export.clone().write(req.offset, data, fua).await;
-                spawn_reply(wr.clone(), structured, req.handle, answer, "write failed");
+                spawn_reply(wr.clone(), structured, req.handle, answer, "write failed", held);
             }
             nbd::CMD_WRITE_ZEROES | nbd::CMD_TRIM => {
                 if export.read_only() {
@@ -248,8 +298,9 @@ where
                 }
                 let trim = req.kind == nbd::CMD_TRIM;
                 let punch = trim || req.flags & nbd::CMD_FLAG_NO_HOLE == 0;
+                let held = bounds.admit(0).await;
                 let answer = export.clone().zero(req.offset, u64::from(req.len), trim, punch, fua).await;
-                spawn_reply(wr.clone(), structured, req.handle, answer, "zeroing failed");
+                spawn_reply(wr.clone(), structured, req.handle, answer, "zeroing failed", held);
             }
             nbd::CMD_READ => {
                 if req.len > nbd::REQUEST_BYTES_MAX {
@@ -260,6 +311,9 @@ where
                     send_reply(&wr, structured, req.handle, nbd::EINVAL, "read past the end of the disk").await?;
                     continue;
                 }
+                // Room first: a client that does not read its replies stops
+                // being read here, holding at most the bounds.
+                let held = bounds.admit(req.len).await;
                 let wr = wr.clone();
                 let read = export.clone().read(req.offset, req.len);
                 crate::spawn(async move {
@@ -270,10 +324,12 @@ where
                     if let Err(e) = r {
                         tracing::debug!("reply not delivered: {e}");
                     }
+                    drop(held);
                 });
             }
             nbd::CMD_FLUSH => {
-                spawn_reply(wr.clone(), structured, req.handle, export.clone().flush(), "flush failed");
+                let held = bounds.admit(0).await;
+                spawn_reply(wr.clone(), structured, req.handle, export.clone().flush(), "flush failed", held);
             }
             other => {
                 tracing::warn!(%peer, command = other, "unsupported NBD command");

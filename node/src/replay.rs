@@ -198,6 +198,8 @@ pub struct ServeOptions {
     pub overlay: Option<PathBuf>,
     /// Keep the overlay (and its map) when the export stops.
     pub keep_overlay: bool,
+    /// NBD connections served at once.
+    pub connections_max: usize,
 }
 
 /// What `serve` tells its caller once the export listens.
@@ -254,7 +256,7 @@ pub async fn serve(client: &Client, opts: &ReplayOptions, serve: &ServeOptions, 
         let uri = format!("nbd://{}/{}", listener.local_addr()?, opts.disk);
         ready(&Serving { uri, node, lsn, time_ns, resolved_on, ready_after: started.elapsed(), overlay: overlay_path });
         tokio::select! {
-            e = rewind_nbd::listen::accept_tcp(&listener, export.clone()) => Err(anyhow::Error::new(e).context("accept an NBD client")),
+            never = rewind_nbd::listen::accept_tcp(&listener, export.clone(), serve.connections_max) => match never {},
             r = rewind_nbd::listen::stop_signal() => Ok(r?),
         }
     }

@@ -39,6 +39,8 @@ pub struct TapOptions {
     pub mode: TapMode,
     /// Where to serve Prometheus metrics, if anywhere.
     pub metrics_listen: Option<SocketAddr>,
+    /// NBD connections served at once.
+    pub connections_max: usize,
 }
 
 /// How long the shipper keeps trying through an outage of the site: as long
@@ -270,7 +272,7 @@ pub async fn run(client: Client, opts: TapOptions, ready: impl FnOnce(&str)) -> 
     };
     let config = TapConfig { export: opts.disk.clone(), size_bytes: disk.size_bytes, mode, batch_bytes_max: 1 << 20 };
     let tap = Tap::new(config, backing, sink, Arc::new(tap::SystemClock), Arc::new(tap::TokioSpawner));
-    let served = serve(tap, bound, &opts.disk, ready, shipper);
+    let served = serve(tap, bound, &opts.disk, opts.connections_max, ready, shipper);
     let r = served.await;
     if let Some(j) = journal {
         let s = j.stats();
@@ -291,6 +293,7 @@ async fn serve(
     tap: Arc<Tap>,
     bound: Bound,
     disk: &str,
+    connections_max: usize,
     ready: impl FnOnce(&str),
     shipper: Option<tokio::task::JoinHandle<Result<(), ShipError>>>,
 ) -> anyhow::Result<()> {
@@ -312,7 +315,7 @@ async fn serve(
             let local = listener.local_addr()?;
             ready(&format!("nbd://{local}/{opts_disk}"));
             tokio::select! {
-                e = rewind_nbd::listen::accept_tcp(listener, export) => Err(anyhow::Error::new(e).context("accept an NBD client")),
+                never = rewind_nbd::listen::accept_tcp(listener, export, connections_max) => match never {},
                 r = rewind_nbd::listen::stop_signal() => Ok(r?),
                 e = &mut shipper_failed => Err(e),
             }
@@ -320,7 +323,7 @@ async fn serve(
         Bound::Unix(listener, path, _) => {
             ready(&format!("nbd+unix:///{opts_disk}?socket={}", path.display()));
             tokio::select! {
-                e = rewind_nbd::listen::accept_unix(listener, export) => Err(anyhow::Error::new(e).context("accept an NBD client")),
+                never = rewind_nbd::listen::accept_unix(listener, export, connections_max) => match never {},
                 r = rewind_nbd::listen::stop_signal() => Ok(r?),
                 e = &mut shipper_failed => Err(e),
             }

@@ -654,3 +654,99 @@ async fn a_damaged_journal_entry_stops_the_tap_and_loses_nothing() {
     replay_onto(&events, "d0", &replayed);
     compare(&replayed, &backing);
 }
+
+/// A raw NBD client past the handshake (fixed newstyle, NBD_OPT_EXPORT_NAME
+/// "d0"), with a 30 s read timeout.
+fn nbd_connect(addr: &str) -> std::net::TcpStream {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(std::time::Duration::from_secs(30))).unwrap();
+    let mut greeting = [0u8; 18];
+    s.read_exact(&mut greeting).unwrap();
+    s.write_all(&3u32.to_be_bytes()).unwrap();
+    let mut opt = b"IHAVEOPT".to_vec();
+    opt.extend_from_slice(&1u32.to_be_bytes());
+    opt.extend_from_slice(&2u32.to_be_bytes());
+    opt.extend_from_slice(b"d0");
+    s.write_all(&opt).unwrap();
+    let mut export = [0u8; 10];
+    s.read_exact(&mut export).unwrap();
+    s
+}
+
+fn tap_addr(tap: &TapProcess) -> String {
+    tap.uri.trim_start_matches("nbd://").split('/').next().unwrap().to_string()
+}
+
+fn alive(tap: &mut TapProcess) -> bool {
+    tap.child.try_wait().unwrap().is_none()
+}
+
+/// Issue 18, items 6 and 7: local processes that flood the tap with idle
+/// connections, past its file limit and past its connection cap, or that
+/// pipeline huge reads and never read the replies. The tap lives on, its
+/// memory stays bounded, and a well-behaved client writes and reads
+/// through it meanwhile and after.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn floods_of_connections_and_unread_replies_do_not_stop_the_tap() {
+    use std::io::{Read, Write};
+    let (site, dir, backing) = site_with_disk().await;
+    let config = site.config();
+    let b = backing.to_str().unwrap();
+    // 1. A tap with 64 file descriptors and no connection cap to speak of:
+    // the flood makes accept() fail with EMFILE, which used to end it.
+    let mut tap = spawn_serving(Command::new("bash").args([
+        "-c",
+        &format!("ulimit -n 64 && exec {REWIND} tap --group g --disk d0 --backing {b} --listen 127.0.0.1:0 --max-connections 1000 --config {}", config.display()),
+    ]));
+    let addr = tap_addr(&tap);
+    let idle: Vec<std::net::TcpStream> = (0..200).filter_map(|_| std::net::TcpStream::connect(&addr).ok()).collect();
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    assert!(alive(&mut tap), "the tap died under a flood of {} connections", idle.len());
+    drop(idle);
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    run(Command::new("qemu-io").args(["-f", "raw", &tap.uri, "-c", "write -P 0x41 0 1M", "-c", "read -P 0x41 0 1M"]));
+    assert!(alive(&mut tap));
+    drop(tap);
+
+    // 2. A cap of 2: a third connection is closed at once; idle ones that
+    // never finish the handshake are dropped after 10 s.
+    let mut tap = start_tap_with(&site, "g", "d0", &backing, &["--max-connections", "2"]);
+    let addr = tap_addr(&tap);
+    let idle: Vec<std::net::TcpStream> = (0..2).map(|_| std::net::TcpStream::connect(&addr).unwrap()).collect();
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let mut third = std::net::TcpStream::connect(&addr).unwrap();
+    third.set_read_timeout(Some(std::time::Duration::from_secs(5))).unwrap();
+    let mut buf = [0u8; 18];
+    assert!(matches!(third.read(&mut buf), Ok(0) | Err(_)), "a connection past the cap got a greeting");
+    std::thread::sleep(rewind_nbd::server::HANDSHAKE_TIMEOUT + std::time::Duration::from_secs(1));
+    run(Command::new("qemu-io").args(["-f", "raw", &tap.uri, "-c", "read -P 0x41 0 1M"]));
+    drop(idle);
+
+    // 3. Forty pipelined 32 MiB reads whose replies are never read: the
+    // tap holds at most 64 MiB of them, and serves another client meanwhile.
+    let rss_before = peak_rss_kib(tap.child.id());
+    let mut greedy = nbd_connect(&addr);
+    for handle in 0..40u64 {
+        let mut r = 0x25609513u32.to_be_bytes().to_vec();
+        r.extend_from_slice(&0u16.to_be_bytes());
+        r.extend_from_slice(&0u16.to_be_bytes());
+        r.extend_from_slice(&handle.to_be_bytes());
+        r.extend_from_slice(&0u64.to_be_bytes());
+        r.extend_from_slice(&(32u32 << 20).to_be_bytes());
+        greedy.write_all(&r).unwrap();
+    }
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    run(Command::new("qemu-io").args(["-f", "raw", &tap.uri, "-c", "write -P 0x42 1M 1M", "-c", "flush", "-c", "read -P 0x42 1M 1M"]));
+    let rss = peak_rss_kib(tap.child.id());
+    assert!(alive(&mut tap));
+    assert!(rss < rss_before + (200 << 10), "the tap's peak memory grew from {rss_before} KiB to {rss} KiB under unread replies");
+    drop(greedy);
+    drop(tap);
+    // Every acknowledged write is in the log and on the disk.
+    let events = log_of(&site, "g").await;
+    let replayed = dir.path().join("replayed.raw");
+    replay_onto(&events, "d0", &replayed);
+    compare(&replayed, &backing);
+    eprintln!("peak RSS {rss_before} KiB before the unread reads, {rss} KiB after");
+}

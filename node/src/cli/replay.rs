@@ -60,6 +60,10 @@ pub struct ReplayArgs {
     /// thrown away).
     #[arg(long, requires = "writable")]
     keep_overlay: bool,
+    /// With --serve: NBD connections served at once; more are closed as
+    /// they come.
+    #[arg(long, requires = "serve", default_value_t = rewind_nbd::listen::CONNECTIONS_MAX_DEFAULT)]
+    max_connections: usize,
     /// The node to replay from (default: the first that answers). A
     /// follower that has not applied the target yet is waited for.
     #[arg(long)]
@@ -88,7 +92,7 @@ pub async fn run(a: ReplayArgs) -> anyhow::Result<()> {
         wait: std::time::Duration::from_secs(a.wait),
     };
     if let Some(listen) = a.serve {
-        let serve = rewind_node::replay::ServeOptions { listen, writable: a.writable, overlay: a.overlay.clone(), keep_overlay: a.keep_overlay };
+        let serve = rewind_node::replay::ServeOptions { listen, writable: a.writable, overlay: a.overlay.clone(), keep_overlay: a.keep_overlay, connections_max: a.max_connections };
         return rewind_node::replay::serve(
             &client,
             &opts,

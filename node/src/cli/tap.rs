@@ -58,6 +58,11 @@ pub struct TapArgs {
     /// Serve Prometheus metrics here (loopback), e.g. 127.0.0.1:9464.
     #[arg(long)]
     metrics_listen: Option<std::net::SocketAddr>,
+    /// NBD connections served at once; more are closed as they come. Each
+    /// connection has at most 64 requests and 64 MiB in flight, and 10 s
+    /// to finish its handshake.
+    #[arg(long, default_value_t = rewind_nbd::listen::CONNECTIONS_MAX_DEFAULT)]
+    max_connections: usize,
 }
 
 /// `backing` with `suffix` added: where a tap keeps its files by default.
@@ -105,6 +110,7 @@ pub async fn run(a: TapArgs) -> anyhow::Result<()> {
         window: a.window,
         mode,
         metrics_listen: a.metrics_listen,
+        connections_max: a.max_connections,
     };
     rewind_node::tap::run(client, opts, |uri| {
         use std::io::Write;
