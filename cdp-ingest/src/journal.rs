@@ -178,9 +178,7 @@ fn sync_dir(dir: &Path) -> Result<(), JournalError> {
 /// fsync failed: the kernel may have dropped the dirty pages, so what the
 /// guest was told is durable may not be. Stop rather than go on.
 fn fatal_sync(path: &Path, e: std::io::Error) -> ! {
-    tracing::error!("fsync of {} failed: {e}; stopping the tap so no further write is acknowledged", path.display());
-    eprintln!("rewind tap: fsync of {} failed: {e}; stopping", path.display());
-    std::process::abort();
+    crate::fsync_failed(&path.display().to_string(), e)
 }
 
 impl Journal {

@@ -31,7 +31,9 @@
 //!   a bad one gets the NBD error the protocol defines.
 //!
 //! * in async mode a write is answered only once its batch is fsync'd in
-//!   the journal; the journal never holds more than its bound.
+//!   the journal; the journal never holds more than its bound;
+//! * an fsync error on the journal or the backing file stops the process
+//!   ([`fsync_failed`]).
 //!
 //! Not built yet: the CBT importer.
 
@@ -42,3 +44,13 @@ pub mod shipper;
 pub mod tap;
 
 pub use futures::future::BoxFuture;
+
+/// The Postgres fsync lesson: after a failed fsync the page cache may have
+/// dropped the data, so retrying proves nothing and no later write may be
+/// acknowledged. The tap's process stops; restarted, an async tap redoes
+/// its journal onto the backing file.
+pub fn fsync_failed(what: &str, e: std::io::Error) -> ! {
+    tracing::error!("fsync of {what} failed: {e}; stopping the tap so no further write is acknowledged");
+    eprintln!("rewind tap: fatal: fsync of {what} failed: {e}; stopping");
+    std::process::abort();
+}

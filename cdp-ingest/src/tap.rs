@@ -125,8 +125,13 @@ impl Backing for FileBacking {
         self.blocking(move |f| zero_range(f, offset, len, punch))
     }
 
+    /// An fdatasync error stops the process ([`crate::fsync_failed`]): it
+    /// never reaches the guest as an EIO it could retry past.
     fn sync(&self) -> BoxFuture<'static, io::Result<()>> {
-        self.blocking(|f| f.sync_data())
+        self.blocking(|f| match f.sync_data() {
+            Ok(()) => Ok(()),
+            Err(e) => crate::fsync_failed("the backing file", e),
+        })
     }
 }
 
@@ -448,3 +453,36 @@ fn zero_range(file: &std::fs::File, offset: u64, len: u64, punch: bool) -> std::
     Ok(())
 }
 
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CHILD: &str = "REWIND_TEST_BACKING_SYNC_CHILD";
+
+    /// A failed fdatasync of the backing file stops the process rather than
+    /// answering EIO and serving on. The failing sync runs in a child copy
+    /// of this test binary: fdatasync on a pipe fails with EINVAL.
+    #[test]
+    fn a_failed_backing_sync_stops_the_process() {
+        if std::env::var_os(CHILD).is_some() {
+            let mut fds = [0i32; 2];
+            // SAFETY: pipe fills two descriptors this test then owns.
+            assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+            let file = unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(fds[1]) };
+            let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+            let r = rt.block_on(FileBacking(Arc::new(file)).sync());
+            println!("the sync returned {r:?} and the process went on");
+            std::process::exit(0);
+        }
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", "tap::tests::a_failed_backing_sync_stops_the_process", "--nocapture", "--test-threads=1"])
+            .env(CHILD, "1")
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        use std::os::unix::process::ExitStatusExt;
+        assert_eq!(out.status.signal(), Some(libc::SIGABRT), "the child should abort: {:?}\n{stderr}", out.status);
+        assert!(stderr.contains("fatal: fsync of the backing file failed"), "{stderr}");
+    }
+}

@@ -94,7 +94,9 @@ pub async fn run(client: Client, spec: &LoadSpec, mut progress: impl FnMut(u64, 
             let mut size = 0usize;
             while next < spec.events {
                 let len = spec.sizes[(next as usize) % spec.sizes.len()];
-                if !batch_events.is_empty() && size + len > batch_bytes {
+                // Cut by bytes, and by count: tiny writes would pass the
+                // limit on events per batch long before the byte budget.
+                if !batch_events.is_empty() && (size + len > batch_bytes || batch_events.len() == rewind_wire::limits::BATCH_EVENTS_MAX) {
                     break;
                 }
                 batch_events.push(event(spec, next));

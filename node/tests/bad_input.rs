@@ -197,6 +197,12 @@ async fn paths_at_users_files_are_refused_and_nothing_is_touched() {
         refused(&site, &["replay", "g", "--disk", "d0", "--at-time", t, "--out", fresh.to_str().unwrap()], mention);
     }
 
+    // load with tiny writes: batches are cut by count as well as bytes.
+    site.client.create_group("l", vec![DiskSpec { name: "d0".into(), size_bytes: 1 << 20, sector_bytes: 512 }]).await.unwrap();
+    let out = site.cli(&["load", "--group", "l", "--disk", "d0", "--events", "40000", "--sizes", "32", "--batch", "4M"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("appended 40000 events"), "{}", String::from_utf8_lossy(&out.stdout));
+
     // The tap served on; its disk and the log agree.
     assert_eq!(std::fs::read(&backing).unwrap(), disk_before);
     let replayed = work.path().join("check.raw");
