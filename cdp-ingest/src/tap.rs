@@ -73,6 +73,8 @@ pub struct TapConfig {
     pub export: String,
     /// The disk's size in bytes.
     pub size_bytes: u64,
+    /// The disk's sector size: the smallest block a guest may address.
+    pub sector_bytes: u32,
     pub mode: Mode,
     /// Bytes of events the batcher puts in one batch at most.
     pub batch_bytes_max: usize,
@@ -379,6 +381,10 @@ impl Export for Tap {
 
     fn size(&self) -> u64 {
         self.config.size_bytes
+    }
+
+    fn block_min(&self) -> u32 {
+        self.config.sector_bytes
     }
 
     fn description(&self) -> &str {

@@ -85,7 +85,6 @@ pub const OPTION_BYTES_MAX: u32 = 4096;
 /// (writes, whose payload cannot be skipped safely).
 pub const REQUEST_BYTES_MAX: u32 = 32 << 20;
 /// Block sizes advertised with NBD_INFO_BLOCK_SIZE.
-pub const BLOCK_MIN: u32 = 1;
 pub const BLOCK_PREFERRED: u32 = 4096;
 
 pub const REQUEST_HEADER_BYTES: usize = 28;
@@ -182,9 +181,12 @@ pub fn info_export(size: u64, flags: u16) -> Vec<u8> {
     d
 }
 
-pub fn info_block_size(max: u32) -> Vec<u8> {
+/// NBD_INFO_BLOCK_SIZE: the smallest block a client may address (the
+/// disk's sector size for the tap), the preferred one, and the largest
+/// request.
+pub fn info_block_size(min: u32, max: u32) -> Vec<u8> {
     let mut d = INFO_BLOCK_SIZE.to_be_bytes().to_vec();
-    for v in [BLOCK_MIN, BLOCK_PREFERRED, max] {
+    for v in [min, BLOCK_PREFERRED.max(min), max] {
         d.extend_from_slice(&v.to_be_bytes());
     }
     d

@@ -36,6 +36,12 @@ pub trait Export: Send + Sync + 'static {
     fn zero(self: Arc<Self>, offset: u64, len: u64, trim: bool, punch: bool, fua: bool) -> BoxFuture<'static, Answer>;
     /// Answers once every write ordered before it is durable.
     fn flush(self: Arc<Self>) -> Answer;
+    /// The smallest block a request may address: offsets and lengths of
+    /// reads, writes, zeroes and trims must be multiples of it (EINVAL
+    /// otherwise). Advertised in NBD_INFO_BLOCK_SIZE.
+    fn block_min(&self) -> u32 {
+        1
+    }
 }
 
 fn transmission_flags(export: &dyn Export) -> u16 {
@@ -152,7 +158,7 @@ where
                     let d = match item {
                         nbd::INFO_NAME => nbd::info_name(export.name()),
                         nbd::INFO_DESCRIPTION => nbd::info_description(export.description()),
-                        nbd::INFO_BLOCK_SIZE => nbd::info_block_size(nbd::REQUEST_BYTES_MAX),
+                        nbd::INFO_BLOCK_SIZE => nbd::info_block_size(export.block_min(), nbd::REQUEST_BYTES_MAX),
                         _ => continue,
                     };
                     wr.write_all(&reply(nbd::REP_INFO, &d)).await?;
@@ -246,6 +252,7 @@ where
 {
     let wr: Writer<W> = Arc::new(tokio::sync::Mutex::new(wr));
     let size = export.size();
+    let block_min = u64::from(export.block_min().max(1));
     let bounds = Bounds::new();
     loop {
         let mut head = [0u8; nbd::REQUEST_HEADER_BYTES];
@@ -259,6 +266,7 @@ where
         }
         let req = nbd::parse_request(&head).map_err(proto_err)?;
         let in_range = req.offset.checked_add(u64::from(req.len)).is_some_and(|end| end <= size);
+        let aligned = req.offset.is_multiple_of(block_min) && u64::from(req.len).is_multiple_of(block_min);
         let fua = req.flags & nbd::CMD_FLAG_FUA != 0;
         match req.kind {
             nbd::CMD_DISC => {
@@ -284,6 +292,11 @@ where
                     send_reply(&wr, structured, req.handle, nbd::ENOSPC, "write past the end of the disk").await?;
                     continue;
                 }
+                if !aligned {
+                    tracing::warn!(%peer, offset = req.offset, len = req.len, block_min, "write not aligned to the disk's block");
+                    send_reply(&wr, structured, req.handle, nbd::EINVAL, "write not aligned to the disk's sector size").await?;
+                    continue;
+                }
                 let answer = export.clone().write(req.offset, data, fua).await;
                 spawn_reply(wr.clone(), structured, req.handle, answer, "write failed", held);
             }
@@ -294,6 +307,10 @@ where
                 }
                 if !in_range {
                     send_reply(&wr, structured, req.handle, nbd::ENOSPC, "range past the end of the disk").await?;
+                    continue;
+                }
+                if !aligned {
+                    send_reply(&wr, structured, req.handle, nbd::EINVAL, "range not aligned to the disk's sector size").await?;
                     continue;
                 }
                 let trim = req.kind == nbd::CMD_TRIM;
@@ -309,6 +326,10 @@ where
                 }
                 if !in_range {
                     send_reply(&wr, structured, req.handle, nbd::EINVAL, "read past the end of the disk").await?;
+                    continue;
+                }
+                if !aligned {
+                    send_reply(&wr, structured, req.handle, nbd::EINVAL, "read not aligned to the disk's sector size").await?;
                     continue;
                 }
                 // Room first: a client that does not read its replies stops

@@ -103,8 +103,10 @@ async fn report(client: Client, journal: Journal, group: String, disk: String, u
 
 const DISK_FILE: &str = "disk";
 
-/// The size of the disk an async tap's journal serves, if it was recorded.
-fn remembered_disk(journal: &Path, group: &str, disk: &str) -> anyhow::Result<Option<u64>> {
+/// The geometry (size, sector size) of the disk an async tap's journal
+/// serves, if it was recorded. A file from before the sector size was kept
+/// holds three words; its disks have 512-byte sectors.
+fn remembered_disk(journal: &Path, group: &str, disk: &str) -> anyhow::Result<Option<(u64, u32)>> {
     let path = journal.join(DISK_FILE);
     let text = match std::fs::read_to_string(&path) {
         Ok(t) => t,
@@ -112,19 +114,25 @@ fn remembered_disk(journal: &Path, group: &str, disk: &str) -> anyhow::Result<Op
         Err(e) => return Err(e).with_context(|| format!("read {}", path.display())),
     };
     let words: Vec<&str> = text.split_whitespace().collect();
+    let number = |w: &str| w.parse::<u64>().with_context(|| format!("{}: bad number {w:?}", path.display()));
     match words.as_slice() {
-        [g, d, size] if *g == group && *d == disk => Ok(Some(size.parse().with_context(|| format!("{}: bad size {size:?}", path.display()))?)),
-        [g, d, _] => bail!("the journal in {} belongs to disk {d} of group {g}, not {disk} of {group}; give another --journal", journal.display()),
-        _ => bail!("{} should hold `<group> <disk> <size>`, not {text:?}", path.display()),
+        [g, d, size] if *g == group && *d == disk => Ok(Some((number(size)?, 512))),
+        [g, d, size, sector] if *g == group && *d == disk => {
+            let sector = u32::try_from(number(sector)?).with_context(|| format!("{}: bad sector size {sector:?}", path.display()))?;
+            Ok(Some((number(size)?, sector)))
+        }
+        [g, d, ..] if words.len() <= 4 => bail!("the journal in {} belongs to disk {d} of group {g}, not {disk} of {group}; give another --journal", journal.display()),
+        _ => bail!("{} should hold `<group> <disk> <size> <sector size>`, not {text:?}", path.display()),
     }
 }
 
-fn remember_disk(journal: &Path, group: &str, disk: &str, size_bytes: u64) -> anyhow::Result<()> {
+fn remember_disk(journal: &Path, group: &str, disk: &str, size_bytes: u64, sector_bytes: u32) -> anyhow::Result<()> {
     use std::io::Write;
-    std::fs::create_dir_all(journal).with_context(|| format!("create {}", journal.display()))?;
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(journal).with_context(|| format!("create {}", journal.display()))?;
     let tmp = journal.join("disk.tmp");
-    let mut f = std::fs::File::create(&tmp).with_context(|| format!("create {}", tmp.display()))?;
-    writeln!(f, "{group} {disk} {size_bytes}")?;
+    let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp).with_context(|| format!("create {}", tmp.display()))?;
+    writeln!(f, "{group} {disk} {size_bytes} {sector_bytes}")?;
     f.sync_all().with_context(|| format!("fsync {}", tmp.display()))?;
     std::fs::rename(&tmp, journal.join(DISK_FILE))?;
     std::fs::File::open(journal)?.sync_all().with_context(|| format!("fsync {}", journal.display()))?;
@@ -222,8 +230,8 @@ pub async fn run(client: Client, opts: TapOptions, ready: impl FnOnce(&str)) -> 
         TapMode::Async { journal, .. } => remembered_disk(journal, &opts.group, &opts.disk)?,
         TapMode::Sync { .. } => None,
     };
-    let size_bytes = match remembered {
-        Some(size) => size,
+    let (size_bytes, sector_bytes) = match remembered {
+        Some(geometry) => geometry,
         None => {
             let group = match client.call_leader(&Request::GroupState { group: opts.group.clone() }).await? {
                 Response::Group(g) => g,
@@ -231,12 +239,12 @@ pub async fn run(client: Client, opts: TapOptions, ready: impl FnOnce(&str)) -> 
             };
             let disk = group.disks.iter().find(|d| d.name == opts.disk).with_context(|| rewind_service::no_disk(&opts.group, &opts.disk, &group.disks))?;
             if let TapMode::Async { journal, .. } = &opts.mode {
-                remember_disk(journal, &opts.group, &opts.disk, disk.size_bytes)?;
+                remember_disk(journal, &opts.group, &opts.disk, disk.size_bytes, disk.sector_bytes)?;
             }
-            disk.size_bytes
+            (disk.size_bytes, disk.sector_bytes)
         }
     };
-    let disk = rewind_wire::rpc::DiskSpec { name: opts.disk.clone(), size_bytes, sector_bytes: 512 };
+    let disk = rewind_wire::rpc::DiskSpec { name: opts.disk.clone(), size_bytes, sector_bytes };
     let backing: Arc<dyn tap::Backing> = Arc::new(tap::FileBacking(Arc::new(open_backing(&opts.backing, disk.size_bytes)?)));
     if let Some(addr) = opts.metrics_listen {
         metrics_exporter_prometheus::PrometheusBuilder::new()
@@ -270,7 +278,7 @@ pub async fn run(client: Client, opts: TapOptions, ready: impl FnOnce(&str)) -> 
             (Arc::new(JournalSink(j.clone())), tap::Mode::Async, Some(shipper), Some(j))
         }
     };
-    let config = TapConfig { export: opts.disk.clone(), size_bytes: disk.size_bytes, mode, batch_bytes_max: 1 << 20 };
+    let config = TapConfig { export: opts.disk.clone(), size_bytes: disk.size_bytes, sector_bytes: disk.sector_bytes, mode, batch_bytes_max: 1 << 20 };
     let tap = Tap::new(config, backing, sink, Arc::new(tap::SystemClock), Arc::new(tap::TokioSpawner));
     let served = serve(tap, bound, &opts.disk, opts.connections_max, ready, shipper);
     let r = served.await;

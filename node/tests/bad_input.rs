@@ -197,6 +197,10 @@ async fn paths_at_users_files_are_refused_and_nothing_is_touched() {
         refused(&site, &["replay", "g", "--disk", "d0", "--at-time", t, "--out", fresh.to_str().unwrap()], mention);
     }
 
+    // Groups: a disk named twice, a sector size that does not fit 32 bits.
+    refused(&site, &["group", "create", "g3", "--disk", "a:1M", "--disk", "a:1M"], "named twice");
+    refused(&site, &["group", "create", "g3", "--disk", "d:1M:4294967808"], "is not 512, 1024, 2048 or 4096");
+
     // load with tiny writes: batches are cut by count as well as bytes.
     site.client.create_group("l", vec![DiskSpec { name: "d0".into(), size_bytes: 1 << 20, sector_bytes: 512 }]).await.unwrap();
     let out = site.cli(&["load", "--group", "l", "--disk", "d0", "--events", "40000", "--sizes", "32", "--batch", "4M"]);

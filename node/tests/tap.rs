@@ -187,6 +187,27 @@ async fn nbdinfo_and_bad_requests() {
         assert_eq!(export[cap], true, "{cap} in {info}");
     }
     assert_eq!(export["is_read_only"], false);
+    assert_eq!(export["block_size_minimum"], 512, "the disk's sector size is the smallest block: {info}");
+    // A 3-byte write, and a sector-sized one off a sector boundary: EINVAL,
+    // nothing journaled.
+    {
+        use std::io::{Read, Write};
+        let addr = tap_addr(&tap);
+        let mut s = nbd_connect(&addr);
+        for (handle, offset, len) in [(1u64, 0u64, 3u32), (2, 100, 512)] {
+            let mut w = 0x25609513u32.to_be_bytes().to_vec();
+            w.extend_from_slice(&0u16.to_be_bytes());
+            w.extend_from_slice(&1u16.to_be_bytes());
+            w.extend_from_slice(&handle.to_be_bytes());
+            w.extend_from_slice(&offset.to_be_bytes());
+            w.extend_from_slice(&len.to_be_bytes());
+            w.extend(std::iter::repeat_n(7u8, len as usize));
+            s.write_all(&w).unwrap();
+            let mut r = [0u8; 16];
+            s.read_exact(&mut r).unwrap();
+            assert_eq!(u32::from_be_bytes(r[4..8].try_into().unwrap()), 22, "an unaligned write ({offset}+{len}) gets EINVAL");
+        }
+    }
     // Out of range: an error from the server, nothing journaled.
     let bad = Command::new("qemu-io").args(["-f", "raw", &tap.uri, "-c", "write -P 1 64M 4096"]).output().unwrap();
     let text = String::from_utf8_lossy(&bad.stdout).to_string() + &String::from_utf8_lossy(&bad.stderr);

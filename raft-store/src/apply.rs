@@ -3,7 +3,7 @@
 //! records this needs, calls it, and writes what it returns.
 
 use rewind_wire::event::{check_disk_geometry, seq_epoch, seq_in_epoch, seq_number, Event, EventBatch};
-use rewind_wire::limits::{PRODUCER_WINDOW_MAX, REASON_BYTES_MAX};
+use rewind_wire::limits::{GROUP_DISKS_MAX, PRODUCER_WINDOW_MAX, REASON_BYTES_MAX};
 use rewind_wire::raft::CommandReply;
 use rewind_wire::rpc::DiskSpec;
 use rkyv::{Archive, Deserialize, Serialize};
@@ -105,6 +105,9 @@ impl GroupRecord {
             Event::DiskCreate { disk, .. } if self.disk(disk).is_some() => {
                 Err(format!("group {} already has disk {disk:?}", self.name))
             }
+            Event::DiskCreate { .. } if self.disks.len() >= GROUP_DISKS_MAX => {
+                Err(format!("group {} already holds {GROUP_DISKS_MAX} disks, the most a group holds", self.name))
+            }
             Event::DiskResize { disk, size_bytes } => {
                 let spec = self.disk(disk).ok_or_else(|| format!("group {} has no disk {disk:?}", self.name))?;
                 check_disk_geometry(*size_bytes, spec.sector_bytes).map_err(|e| e.to_string())
@@ -140,7 +143,13 @@ pub fn create_group(exists: bool, group: &str, disks: &[DiskSpec]) -> Result<Gro
         return Err(format!("group {group:?} already exists"));
     }
     rewind_wire::event::check_name(group).map_err(|e| e.to_string())?;
-    for d in disks {
+    if disks.len() > GROUP_DISKS_MAX {
+        return Err(rewind_wire::event::InvalidInput::TooManyDisks { count: disks.len() }.to_string());
+    }
+    for (i, d) in disks.iter().enumerate() {
+        if disks[..i].iter().any(|e| e.name == d.name) {
+            return Err(format!("disk {:?} is named twice", d.name));
+        }
         rewind_wire::event::check_name(&d.name)
             .and_then(|_| rewind_wire::event::check_disk_geometry(d.size_bytes, d.sector_bytes))
             .map_err(|e| format!("disk {:?}: {e}", d.name))?;
@@ -267,6 +276,22 @@ mod tests {
         let mut p = ProducerRecord::default();
         p.remember(seq, &CommandReply::Appended { lsn_first: first, lsn_last: last });
         p
+    }
+
+    #[test]
+    fn groups_refuse_more_disks_than_the_limit_and_a_name_twice() {
+        let disk = |i: usize| DiskSpec { name: format!("d{i}"), size_bytes: 4096, sector_bytes: 512 };
+        let most: Vec<DiskSpec> = (0..GROUP_DISKS_MAX).map(disk).collect();
+        let full = create_group(false, "g", &most).unwrap();
+        let too_many: Vec<DiskSpec> = (0..=GROUP_DISKS_MAX).map(disk).collect();
+        assert!(create_group(false, "g", &too_many).unwrap_err().contains("at most 256 disks"));
+        assert!(create_group(false, "g", &[disk(1), disk(2), disk(1)]).unwrap_err().contains("\"d1\" is named twice"));
+        // A DiskCreate event past the limit is refused too.
+        let mut g = full;
+        let create = TimedEvent { time_ns: 1, event: Event::DiskCreate { disk: "extra".into(), size_bytes: 4096, sector_bytes: 512 } };
+        let b = EventBatch { group: "g".into(), client_id: 9, seq: 1, events: vec![create] };
+        let (_, reply) = apply_batch(&mut g, None, &b);
+        assert!(matches!(&reply, CommandReply::Refused { reason } if reason.contains("the most a group holds")), "{reply:?}");
     }
 
     #[test]

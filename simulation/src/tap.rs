@@ -293,7 +293,7 @@ pub fn start(site: &TapHandle) -> bool {
                 (Arc::new(RecordingSink { inner: ProducerSink::over(producer, TAP_GROUP), producer: producer_id, next_seq: first_seq.into() }), tap::Mode::Sync)
             }
         };
-        let config = TapConfig { export: TAP_DISK.into(), size_bytes: TAP_DISK_BYTES, mode, batch_bytes_max: 64 << 10 };
+        let config = TapConfig { export: TAP_DISK.into(), size_bytes: TAP_DISK_BYTES, sector_bytes: SECTOR as u32, mode, batch_bytes_max: 64 << 10 };
         let tap = Tap::new(config, backing, sink, Arc::new(SimClock), Arc::new(SimSpawner));
         rt::spawn_local(connection(tap, requests, redone));
     });

@@ -143,7 +143,7 @@ pub fn parse_disk(s: &str) -> anyhow::Result<DiskSpec> {
         [n, sz, sec] => (*n, *sz, *sec),
         _ => bail!("--disk {s:?}: expected NAME:SIZE or NAME:SIZE:SECTOR"),
     };
-    let sector_bytes = parse_size(sector)? as u32;
+    let sector_bytes = u32::try_from(parse_size(sector)?).map_err(|_| anyhow::anyhow!("--disk {s:?}: sector size {sector} is not 512, 1024, 2048 or 4096"))?;
     let size_bytes = parse_size(size)?;
     rewind_wire::event::check_name(name)?;
     rewind_wire::event::check_disk_geometry(size_bytes, sector_bytes).with_context(|| format!("--disk {s:?}"))?;
