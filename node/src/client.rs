@@ -21,6 +21,8 @@ use crate::raft_net::Network;
 pub const RETRY_DEADLINE: Duration = Duration::from_secs(30);
 /// How long one try waits for a reply.
 const CALL_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long `status` waits for each node (all are asked at once).
+const STATUS_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[derive(Clone)]
 pub struct Client {
@@ -127,18 +129,19 @@ impl Client {
         }
     }
 
-    /// Every node's status; a node that does not answer gets its error.
+    /// Every node's status, asked of all nodes at once; a node that does not
+    /// answer within `STATUS_TIMEOUT` gets its error.
     pub async fn status_all(&self) -> Vec<(NodeAddr, anyhow::Result<NodeStatus>)> {
-        let mut out = Vec::new();
-        for n in &self.nodes {
-            let r = match self.call_node(n.addr, &Request::Status).await {
-                Ok(Response::Status(s)) => Ok(s),
-                Ok(other) => Err(anyhow!("unexpected reply {other:?}")),
-                Err(e) => Err(e),
+        let asks = self.nodes.iter().map(|n| async move {
+            let r = match tokio::time::timeout(STATUS_TIMEOUT, self.call_node(n.addr, &Request::Status)).await {
+                Ok(Ok(Response::Status(s))) => Ok(s),
+                Ok(Ok(other)) => Err(anyhow!("unexpected reply {other:?}")),
+                Ok(Err(e)) => Err(e),
+                Err(_) => Err(anyhow!("no answer within {STATUS_TIMEOUT:?}")),
             };
-            out.push((n.clone(), r));
-        }
-        out
+            (n.clone(), r)
+        });
+        futures::future::join_all(asks).await
     }
 
     /// Waits until the site has a leader that answers, or the deadline.

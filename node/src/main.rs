@@ -8,6 +8,11 @@ use std::process::ExitCode;
 use clap::Parser;
 
 fn main() -> ExitCode {
+    // Everything rewind creates (data folders, logs, journals, backing
+    // files, images, overlays, keys) is its operator's alone: files 0600,
+    // folders 0700.
+    // SAFETY: umask only sets this process's file-creation mask.
+    unsafe { libc::umask(0o077) };
     let cli = cli::Cli::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
         let default = if matches!(cli.command, cli::Command::Node { .. }) { "info" } else { "warn" };

@@ -34,7 +34,8 @@ pub async fn node_status(node: &Node) -> Result<NodeStatus, rewind_service::Serv
             voters,
             learners,
             members,
-            groups: groups.iter().map(rewind_service::group_state).collect(),
+            groups_omitted: (groups.len() - bounded_groups(&groups).len()) as u64,
+            groups: bounded_groups(&groups),
         });
     }
     let taps = node
@@ -46,4 +47,58 @@ pub async fn node_status(node: &Node) -> Result<NodeStatus, rewind_service::Serv
         .map(|(report, at)| TapStatus { report: report.clone(), age_ms: at.elapsed().as_millis() as u64 })
         .collect();
     Ok(NodeStatus { id: node.id, addr: node.addr.clone(), pid: std::process::id(), shards, taps })
+}
+
+/// As many group states as fit `STATUS_GROUPS_BYTES_MAX` (by a generous
+/// estimate of their encoded size), so a status reply always fits a frame.
+pub fn bounded_groups(groups: &[rewind_raft_store::apply::GroupRecord]) -> Vec<rewind_wire::rpc::GroupState> {
+    let mut bytes = 0usize;
+    let mut out = Vec::new();
+    for g in groups {
+        let state = rewind_service::group_state(g);
+        // Names, the digest, and each disk's name and numbers, with room
+        // for the archive's own headers.
+        let size = 256 + state.name.len() + state.digest_hex.len() + state.disks.iter().map(|d| 64 + d.name.len()).sum::<usize>();
+        if bytes + size > rewind_wire::limits::STATUS_GROUPS_BYTES_MAX {
+            break;
+        }
+        bytes += size;
+        out.push(state);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use rewind_raft_store::apply::GroupRecord;
+    use rewind_wire::rpc::{DiskSpec, NodeStatus, ShardStatus, Role};
+
+    /// Thousands of groups with 256 disks each: the status reply keeps as
+    /// many as fit and still encodes as one frame.
+    #[test]
+    fn a_status_of_many_groups_fits_one_frame() {
+        let disks: Vec<DiskSpec> = (0..256).map(|i| DiskSpec { name: format!("disk-with-a-long-name-{i:04}"), size_bytes: 1 << 30, sector_bytes: 512 }).collect();
+        let groups: Vec<GroupRecord> = (0..1500).map(|i| GroupRecord::new(&format!("group-{i:05}"), &disks)).collect();
+        let kept = super::bounded_groups(&groups);
+        assert!(!kept.is_empty() && kept.len() < groups.len(), "{} of {}", kept.len(), groups.len());
+        let shard = ShardStatus {
+            shard: 1,
+            role: Role::Leader,
+            term: 1,
+            leader: Some(1),
+            last_log_index: None,
+            committed_index: None,
+            applied_index: None,
+            snapshot_index: None,
+            purged_index: None,
+            voters: vec![1],
+            learners: vec![],
+            members: vec![],
+            groups_omitted: (groups.len() - kept.len()) as u64,
+            groups: kept,
+        };
+        let status = NodeStatus { id: 1, addr: "127.0.0.1:1".into(), pid: 1, shards: vec![shard], taps: vec![] };
+        let frame = rewind_wire::frame::encode_frame(&rewind_wire::rpc::Response::Status(status)).expect("one frame");
+        assert!(frame.len() <= rewind_wire::limits::FRAME_BODY_BYTES_MAX + 64);
+    }
 }

@@ -214,4 +214,10 @@ async fn paths_at_users_files_are_refused_and_nothing_is_touched() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     compare(&replayed, &backing);
     drop(tap);
+
+    // status with every node down: each node's error, and exit 1.
+    rewind_node::dev::down(site.path(), false).unwrap();
+    let started = std::time::Instant::now();
+    refused(&site, &["status"], "no node of the site answered");
+    assert!(started.elapsed() < std::time::Duration::from_secs(20), "status took {:?} with the site down", started.elapsed());
 }

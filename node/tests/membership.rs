@@ -81,6 +81,25 @@ async fn a_node_joins_catches_up_and_leaves() {
     assert!(leader.shards[0].members.iter().all(|m| m.id != 4));
     producer.append("g", vec![write(0)]).await.unwrap();
     site.converged("g", 61, 3).await;
+
+    // Membership commands that used to lie: an address that is no address
+    // (the leader retried it forever), a node that is not a member
+    // ("removed"), and a learner (it stayed one).
+    let out = site.cli(&["cluster", "add-learner", "--id", "9", "--addr", "not-an-address"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not an IP address and port"), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = site.cli(&["cluster", "remove", "--id", "9"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("node 9 is not a member"), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = site.cli(&["cluster", "add-learner", "--id", "4", "--addr", &addr.to_string()]);
+    assert!(out.status.success(), "add-learner: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(site.leader().await.shards[0].learners.contains(&4));
+    let out = site.cli(&["cluster", "remove", "--id", "4"]);
+    assert!(out.status.success(), "remove the learner: {}", String::from_utf8_lossy(&out.stderr));
+    let leader = site.leader().await;
+    assert!(!leader.shards[0].learners.contains(&4) && leader.shards[0].members.iter().all(|m| m.id != 4), "{:?}", leader.shards[0]);
+    producer.append("g", vec![write(0)]).await.unwrap();
+    site.converged("g", 62, 3).await;
     let _ = node4.kill();
     let _ = node4.wait();
 
@@ -89,7 +108,7 @@ async fn a_node_joins_catches_up_and_leaves() {
     assert!(out.status.success(), "add-disk: {}", String::from_utf8_lossy(&out.stderr));
     let w = TimedEvent { time_ns: rewind_node::now_ns(), event: Event::Write { disk: "d1".into(), offset: 0, data: vec![1; 512] } };
     producer.append("g", vec![w]).await.unwrap();
-    let g = site.converged("g", 63, 3).await;
+    let g = site.converged("g", 64, 3).await;
     assert!(g.iter().all(|d| d.1 == g[0].1));
     let out = site.cli(&["group", "add-disk", "g", "--disk", "d1:1M"]);
     assert_eq!(out.status.code(), Some(1));

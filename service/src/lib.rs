@@ -178,6 +178,7 @@ impl<T: ServiceTypes> Service<T> {
             Request::ClusterInit { members } => self.init(members).await,
             Request::AddLearner { member } => self.add_learner(member).await,
             Request::ChangeVoters { voters } => self.change_voters(voters).await,
+            Request::RemoveLearner { id } => self.remove_learner(id).await,
             Request::Append { .. } => Err(ServiceError::BadRequest("appends travel on their own stream".into())),
             Request::SnapshotChunk { .. } => Err(ServiceError::BadRequest("snapshot chunk without a snapshot header".into())),
             other => Err(ServiceError::BadRequest(format!("node {} serves {} in its transport, not here", self.id, other.name()))),
@@ -373,8 +374,28 @@ impl<T: ServiceTypes> Service<T> {
     }
 
     async fn add_learner(&self, member: Member) -> Result<Response, ServiceError> {
+        // A node's address is where its peers dial it: one that does not
+        // parse would be retried forever.
+        if member.addr.parse::<std::net::SocketAddr>().is_err() {
+            return Err(ServiceError::BadRequest(format!("node {}'s address {:?} is not an IP address and port, e.g. 127.0.0.1:7104", member.id, member.addr)));
+        }
         self.membership_guard()?;
         self.raft.add_learner(member.id, BasicNode { addr: member.addr }, true).await.map_err(|e| self.write_error(e))?;
+        Ok(Response::Done)
+    }
+
+    async fn remove_learner(&self, id: u64) -> Result<Response, ServiceError> {
+        self.membership_guard()?;
+        let m = self.raft.metrics().borrow_watched().membership_config.clone();
+        let membership = m.membership();
+        if membership.voter_ids().any(|v| v == id) {
+            return Err(ServiceError::Refused(format!("node {id} is a voter, not a learner: change the voters to remove it")));
+        }
+        if !membership.learner_ids().any(|l| l == id) {
+            return Err(ServiceError::Refused(format!("node {id} is not a member of the site")));
+        }
+        let change = openraft::ChangeMembers::RemoveNodes(BTreeSet::from([id]));
+        self.raft.change_membership(change, false).await.map_err(|e| self.write_error(e))?;
         Ok(Response::Done)
     }
 

@@ -44,3 +44,7 @@ pub const READ_DISK_BYTES_MAX: u64 = 4 * 1024 * 1024;
 
 /// Most bookmarks one points reply lists (the newest).
 pub const POINTS_BOOKMARKS_MAX: usize = 1000;
+
+/// Bytes of group states one status reply carries at most, well inside a
+/// frame; the rest are counted, not sent (`rewind points GROUP` has each).
+pub const STATUS_GROUPS_BYTES_MAX: usize = 8 << 20;

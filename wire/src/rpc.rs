@@ -61,6 +61,8 @@ pub enum Request {
     ClusterInit { members: Vec<Member> },
     AddLearner { member: Member },
     ChangeVoters { voters: Vec<NodeId> },
+    /// Removes a learner (a member that receives the log but does not vote).
+    RemoveLearner { id: NodeId },
 }
 
 /// A point in a group's log to replay to.
@@ -117,6 +119,7 @@ impl Request {
             Request::ClusterInit { .. } => "cluster-init",
             Request::AddLearner { .. } => "add-learner",
             Request::ChangeVoters { .. } => "change-voters",
+            Request::RemoveLearner { .. } => "remove-learner",
         }
     }
 }
@@ -167,7 +170,10 @@ pub struct ShardStatus {
     pub voters: Vec<NodeId>,
     pub learners: Vec<NodeId>,
     pub members: Vec<Member>,
+    /// The groups, as many as fit [`crate::limits::STATUS_GROUPS_BYTES_MAX`].
     pub groups: Vec<GroupState>,
+    /// Groups left out to keep the reply in one frame.
+    pub groups_omitted: u64,
 }
 
 /// A consistency group's state on one replica.

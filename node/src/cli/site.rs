@@ -112,17 +112,27 @@ fn expect_done(r: Response) -> anyhow::Result<()> {
     }
 }
 
-async fn voters(client: &Client) -> anyhow::Result<Vec<u64>> {
+/// The site's voters and learners, as its leader sees them.
+async fn members(client: &Client) -> anyhow::Result<(Vec<u64>, Vec<u64>)> {
     for (_, s) in client.status_all().await {
         if let Ok(s) = s {
             if let Some(sh) = s.shards.first() {
                 if sh.role == rewind_wire::rpc::Role::Leader {
-                    return Ok(sh.voters.clone());
+                    return Ok((sh.voters.clone(), sh.learners.clone()));
                 }
             }
         }
     }
-    bail!("no leader answered; cannot read the current voters")
+    bail!("no leader answered; cannot read the current members")
+}
+
+async fn voters(client: &Client) -> anyhow::Result<Vec<u64>> {
+    Ok(members(client).await?.0)
+}
+
+/// A node address peers can dial: an IP address and port.
+fn check_addr(addr: &str) -> anyhow::Result<()> {
+    addr.parse::<std::net::SocketAddr>().map(|_| ()).map_err(|_| anyhow::anyhow!("--addr {addr:?} is not an IP address and port, e.g. 127.0.0.1:7104"))
 }
 
 /// Creates `dir` (and its parents) if missing, the new folders with mode 0700.
@@ -141,11 +151,13 @@ pub async fn cluster(c: ClusterCommand) -> anyhow::Result<()> {
             println!("site initialised; node {leader} leads");
         }
         ClusterCommand::AddLearner { client, id, addr } => {
+            check_addr(&addr)?;
             let client = client.client()?;
             expect_done(client.call_leader(&Request::AddLearner { member: Member { id, addr } }).await?)?;
             println!("node {id} added as a learner");
         }
         ClusterCommand::Join { client, id, addr } => {
+            check_addr(&addr)?;
             let client = client.client()?;
             expect_done(client.call_leader(&Request::AddLearner { member: Member { id, addr } }).await?)?;
             let mut v = voters(&client).await?;
@@ -164,8 +176,26 @@ pub async fn cluster(c: ClusterCommand) -> anyhow::Result<()> {
         }
         ClusterCommand::Remove { client, id } => {
             let client = client.client()?;
-            let v: Vec<u64> = voters(&client).await?.into_iter().filter(|v| *v != id).collect();
-            expect_done(client.call_leader(&Request::ChangeVoters { voters: v }).await?)?;
+            let (voters, learners) = members(&client).await?;
+            if voters.contains(&id) {
+                let v: Vec<u64> = voters.into_iter().filter(|v| *v != id).collect();
+                expect_done(client.call_leader(&Request::ChangeVoters { voters: v }).await?)?;
+            } else if learners.contains(&id) {
+                expect_done(client.call_leader(&Request::RemoveLearner { id }).await?)?;
+            } else {
+                bail!("node {id} is not a member of the site (voters {voters:?}, learners {learners:?})");
+            }
+            // The leader may have handed over: ask until the change shows.
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            loop {
+                let now = members(&client).await;
+                match now {
+                    Ok((v, l)) if !v.contains(&id) && !l.contains(&id) => break,
+                    _ if std::time::Instant::now() < deadline => tokio::time::sleep(Duration::from_millis(200)).await,
+                    Ok((v, l)) => bail!("node {id} is still a member 10 s after the change (voters {v:?}, learners {l:?}); try again"),
+                    Err(e) => return Err(e.context(format!("check that node {id} left"))),
+                }
+            }
             println!("node {id} removed; stop its process and take it out of the clients' configs");
         }
     }

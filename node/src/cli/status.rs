@@ -134,6 +134,9 @@ pub async fn run(args: ClientArgs, json: bool) -> anyhow::Result<()> {
         let nodes: Vec<NodeJson> = all.iter().map(|(n, s)| NodeJson::new(n, s)).collect();
         let taps: Vec<TapJson> = taps.iter().map(TapJson::new).collect();
         println!("{}", serde_json::to_string_pretty(&StatusJson { nodes, taps })?);
+        if all.iter().all(|(_, s)| s.is_err()) {
+            anyhow::bail!("no node of the site answered");
+        }
         return Ok(());
     }
     println!("{:<5} {:<22} {:<10} {:>5} {:>7} {:>9} {:>10} {:>8} {:>8}", "NODE", "ADDR", "ROLE", "TERM", "LEADER", "LAST-LOG", "COMMITTED", "APPLIED", "PID");
@@ -160,6 +163,10 @@ pub async fn run(args: ClientArgs, json: bool) -> anyhow::Result<()> {
             }
         }
     }
+    let omitted: u64 = all.iter().filter_map(|(_, s)| s.as_ref().ok()).flat_map(|s| s.shards.iter()).map(|sh| sh.groups_omitted).max().unwrap_or(0);
+    if omitted > 0 {
+        println!("... and {omitted} more groups (a status reply holds what fits one frame; see `rewind points GROUP`)");
+    }
     if !taps.is_empty() {
         println!("\n{:<16} {:<12} {:>9} {:>21} {:>9} {:>7} {:>11} {:>8}", "ASYNC TAP", "DISK", "RPO", "JOURNAL", "UNSHIPPED", "STALLS", "SHIPPED-LSN", "REPORTED");
         for t in &taps {
@@ -168,6 +175,9 @@ pub async fn run(args: ClientArgs, json: bool) -> anyhow::Result<()> {
             let fill = format!("{:.1}/{:.0} MiB {:>3.0}%", mib(r.journal_bytes), mib(r.journal_bytes_max), 100.0 * r.journal_bytes as f64 / r.journal_bytes_max.max(1) as f64);
             println!("{:<16} {:<12} {:>7.2} s {:>21} {:>9} {:>7} {:>11} {:>6.1} s ago", r.group, r.disk, r.rpo_ms as f64 / 1000.0, fill, r.unshipped_batches, r.stalls, r.shipped_lsn, t.age_ms as f64 / 1000.0);
         }
+    }
+    if all.iter().all(|(_, s)| s.is_err()) {
+        anyhow::bail!("no node of the site answered");
     }
     Ok(())
 }
