@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Fuzzes every wire decoder for a bounded time (REWIND_FUZZ_SECONDS each, four targets,
-# default 15) with cargo fuzz (libFuzzer + AddressSanitizer). The toolchain
+# Fuzzes every decoder of bytes from outside for a bounded time
+# (REWIND_FUZZ_SECONDS each, default 15): the wire decoders, the NBD option
+# and request parsers, and whole NBD sessions against the real server, with
+# cargo fuzz (libFuzzer + AddressSanitizer). The toolchain
 # here is stable; RUSTC_BOOTSTRAP lets cargo fuzz pass its -Z sanitizer flag.
 # A crash fails the run and leaves its input under wire/fuzz/artifacts/.
 set -euo pipefail
@@ -15,11 +17,14 @@ cd wire/fuzz
 export RUSTC_BOOTSTRAP=1
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR}-fuzz"
 log=$(mktemp)
-for target in decode_request decode_response decode_record decode_archive; do
+for target in decode_request decode_response decode_record decode_archive nbd_options nbd_request nbd_session; do
   mkdir -p "corpus/$target"
   echo "ops/fuzz.sh: $target for ${secs}s"
   rc=0
-  cargo fuzz run "$target" -- -max_total_time="$secs" -max_len=65536 -rss_limit_mb=4096 -print_final_stats=1 >"$log" 2>&1 || rc=$?
+  # Seeds (a whole NBD session) start the search past the magic numbers.
+  seeds=()
+  [ -d "seeds/$target" ] && seeds=("seeds/$target")
+  cargo fuzz run "$target" "corpus/$target" "${seeds[@]}" -- -max_total_time="$secs" -max_len=65536 -rss_limit_mb=4096 -print_final_stats=1 >"$log" 2>&1 || rc=$?
   grep -E "^stat::(number_of_executed_units|peak_rss_mb)" "$log" || true
   if [ "$rc" -ne 0 ]; then
     tail -60 "$log"

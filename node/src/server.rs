@@ -47,6 +47,8 @@ pub struct Node {
     pub shards: BTreeMap<ShardId, Shard>,
     /// The latest report of each async tap, by (group, disk).
     pub taps: std::sync::Mutex<BTreeMap<(String, String), (w_rpc::TapReport, Instant)>>,
+    /// One snapshot is received at a time; another sender is told to retry.
+    pub snapshot_receiving: tokio::sync::Semaphore,
 }
 
 use rewind_wire::rpc as w_rpc;
@@ -105,7 +107,7 @@ pub async fn run(config: NodeConfig) -> anyhow::Result<()> {
     watch_raft(raft.clone());
     let mut shards = BTreeMap::new();
     shards.insert(DATA_SHARD, Service::new(config.id, raft.clone(), store.reader));
-    let node = Arc::new(Node { id: config.id, addr: config.listen.to_string(), shards, taps: Default::default() });
+    let node = Arc::new(Node { id: config.id, addr: config.listen.to_string(), shards, taps: Default::default(), snapshot_receiving: tokio::sync::Semaphore::new(1) });
     tracing::info!(id = config.id, listen = %config.listen, data = %config.data_dir.display(), "node started");
 
     let accept = {
@@ -171,8 +173,19 @@ async fn serve_connection(node: Arc<Node>, incoming: quinn::Incoming) {
     }
 }
 
+/// How long a stream may take to deliver its first (or only) request.
+const REQUEST_READ_TIMEOUT: Duration = Duration::from_secs(30);
+
 async fn serve_stream(node: Arc<Node>, remote: std::net::SocketAddr, mut send: quinn::SendStream, mut recv: quinn::RecvStream) {
-    let response = match read_frame::<Request>(&mut recv).await {
+    let first = match tokio::time::timeout(REQUEST_READ_TIMEOUT, read_frame::<Request>(&mut recv)).await {
+        Ok(r) => r,
+        Err(_) => {
+            tracing::warn!(%remote, "a stream sent no whole request within {REQUEST_READ_TIMEOUT:?}; closed");
+            let _ = send.reset(0u32.into());
+            return;
+        }
+    };
+    let response = match first {
         Ok(Request::Append { batch }) => return serve_append_stream(node, remote, batch, send, recv).await,
         Ok(request) => node.dispatch(request, &mut recv).await,
         Err(e) => {
@@ -263,6 +276,9 @@ impl Node {
         if total_bytes > SNAPSHOT_BYTES_MAX {
             return Err(ServiceError::BadRequest(format!("snapshot of {total_bytes} bytes is over the limit")));
         }
+        let Ok(_receiving) = self.snapshot_receiving.try_acquire() else {
+            return Err(ServiceError::Unavailable(format!("node {} is receiving another snapshot; retry", self.id)));
+        };
         let meta = codec::snapshot_meta_from_wire(&meta).map_err(|e| ServiceError::BadRequest(e.to_string()))?;
         let path = s.reader.incoming_snapshot_path(crate::now_ns());
         let received = receive_file(&path, total_bytes, recv).await;

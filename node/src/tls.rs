@@ -129,6 +129,9 @@ fn roots(ca: &Path) -> anyhow::Result<Arc<RootCertStore>> {
     Ok(Arc::new(roots))
 }
 
+/// Bidirectional streams one QUIC peer may have open at once.
+pub const STREAMS_PER_PEER_MAX: u32 = 256;
+
 fn transport() -> Arc<quinn::TransportConfig> {
     let mut t = quinn::TransportConfig::default();
     // A peer that stops answering (a killed process) is given up on after
@@ -138,7 +141,10 @@ fn transport() -> Arc<quinn::TransportConfig> {
     t.stream_receive_window((32u32 << 20).into());
     t.receive_window((64u32 << 20).into());
     t.send_window(64 << 20);
-    t.max_concurrent_bidi_streams(1024u32.into());
+    // Streams a peer may have open at once: Raft's calls, the append
+    // streams of its producers, a snapshot. Each buffers at most what the
+    // windows above let in, and its frame grows as bytes arrive.
+    t.max_concurrent_bidi_streams(STREAMS_PER_PEER_MAX.into());
     Arc::new(t)
 }
 

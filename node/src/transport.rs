@@ -26,14 +26,25 @@ pub async fn write_frame<T: rewind_wire::Encode>(send: &mut quinn::SendStream, v
     send.write_all(&bytes).await.map_err(|_| TransportError::Closed)
 }
 
+/// Bytes a frame's body grows by as it arrives: a peer that announces a
+/// large frame and sends little of it holds little memory.
+const FRAME_READ_PIECE_BYTES: usize = 64 << 10;
+
 /// Reads one frame. The header is checked (magic, version, length limit)
-/// before the body is read, so an oversized frame costs nothing.
+/// before the body is read, so an oversized frame costs nothing, and the
+/// body's buffer grows with the bytes that arrive, not with the length the
+/// header announces.
 pub async fn read_frame<T: rewind_wire::Decode>(recv: &mut quinn::RecvStream) -> Result<T, TransportError> {
     let mut head = [0u8; FRAME_HEADER_BYTES];
     recv.read_exact(&mut head).await.map_err(|_| TransportError::Closed)?;
     let header = decode_header(&head)?;
-    let mut body = vec![0u8; header.body_len];
-    recv.read_exact(&mut body).await.map_err(|_| TransportError::Closed)?;
+    let mut body = Vec::with_capacity(header.body_len.min(FRAME_READ_PIECE_BYTES));
+    while body.len() < header.body_len {
+        let have = body.len();
+        let piece = (header.body_len - have).min(FRAME_READ_PIECE_BYTES);
+        body.resize(have + piece, 0);
+        recv.read_exact(&mut body[have..]).await.map_err(|_| TransportError::Closed)?;
+    }
     Ok(decode_body(&header, &body)?)
 }
 

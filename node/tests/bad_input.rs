@@ -221,3 +221,41 @@ async fn paths_at_users_files_are_refused_and_nothing_is_touched() {
     refused(&site, &["status"], "no node of the site answered");
     assert!(started.elapsed() < std::time::Duration::from_secs(20), "status took {:?} with the site down", started.elapsed());
 }
+
+/// Issue 18, item 8: a certificate holder opens 200 streams, each
+/// announcing a 15 MiB frame and sending 1 KiB of it. The node holds
+/// little for them (a frame grows as its bytes arrive), keeps answering,
+/// and loses nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_that_announce_big_frames_and_stall_cost_the_node_little() {
+    let site = Site::up(&["--nodes", "3"]);
+    let disks = vec![DiskSpec { name: "d0".into(), size_bytes: 1 << 20, sector_bytes: 512 }];
+    site.client.create_group("g", disks).await.unwrap();
+    let mut producer = rewind_node::client::producer(site.client.clone(), 4);
+    let write = |offset| TimedEvent { time_ns: 1, event: Event::Write { disk: "d0".into(), offset, data: vec![7; 4096] } };
+    producer.append("g", vec![write(0)]).await.unwrap();
+    let node = site.site().nodes[0].clone();
+    let config = ClientConfig::load(&site.config()).unwrap();
+    let endpoint = rewind_node::transport::client_endpoint(&node.addr, rewind_node::tls::client_config(&config.tls).unwrap()).unwrap();
+    let peer = Peer::new(endpoint, node.addr);
+    let big = TimedEvent { time_ns: 1, event: Event::Write { disk: "d0".into(), offset: 0, data: vec![1; 1 << 20] } };
+    let batch = rewind_wire::event::EventBatch { group: "g".into(), client_id: 77, seq: 1, events: vec![big; 15] };
+    let frame = encode_frame(&Request::Append { batch }).unwrap();
+    assert!(frame.len() > 15 << 20);
+    let before = peak_rss_kib(node.pid);
+    let mut stalled = Vec::new();
+    for _ in 0..200 {
+        let (mut send, recv) = peer.open().await.expect("open a stream");
+        send.write_all(&frame[..FRAME_HEADER_BYTES + 1024]).await.unwrap();
+        stalled.push((send, recv));
+    }
+    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    let r = peer.call(&Request::Status, std::time::Duration::from_secs(10)).await;
+    assert!(matches!(r, Ok(Response::Status(_))), "the node stopped answering: {r:?}");
+    producer.append("g", vec![write(4096)]).await.unwrap();
+    let after = peak_rss_kib(node.pid);
+    assert!(after < before + (100 << 10), "the node's peak memory grew from {before} KiB to {after} KiB for 200 stalled frames");
+    drop(stalled);
+    site.converged("g", 2, 3).await;
+    eprintln!("peak RSS {before} KiB before, {after} KiB with 200 stalled 15 MiB frames");
+}
