@@ -91,11 +91,25 @@ pub async fn accept_unix(listener: &tokio::net::UnixListener, export: Arc<dyn Ex
     }
 }
 
-/// Resolves at SIGTERM or SIGINT.
-pub async fn stop_signal() -> std::io::Result<()> {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    tokio::select! {
-        _ = term.recv() => Ok(()),
-        r = tokio::signal::ctrl_c() => r,
+/// SIGTERM and SIGINT, caught from the moment this is made: make it
+/// before telling anyone the export is ready, so a stop that comes at once
+/// still cleans up.
+pub struct StopSignal {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl StopSignal {
+    pub fn new() -> std::io::Result<StopSignal> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(StopSignal { term: signal(SignalKind::terminate())?, int: signal(SignalKind::interrupt())? })
+    }
+
+    /// Resolves at SIGTERM or SIGINT.
+    pub async fn wait(mut self) {
+        tokio::select! {
+            _ = self.term.recv() => {}
+            _ = self.int.recv() => {}
+        }
     }
 }

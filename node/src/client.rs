@@ -16,6 +16,7 @@ use tokio::sync::mpsc;
 
 use crate::config::{ClientConfig, NodeAddr};
 use crate::raft_net::Network;
+use crate::transport::TransportError;
 
 /// How long a call keeps trying the site before it gives up.
 pub const RETRY_DEADLINE: Duration = Duration::from_secs(30);
@@ -76,8 +77,8 @@ impl Client {
     }
 
     /// Sends to one node, no retry.
-    pub async fn call_node(&self, addr: SocketAddr, request: &Request) -> anyhow::Result<Response> {
-        Ok(self.network.peer(addr).call(request, CALL_TIMEOUT).await?)
+    pub async fn call_node(&self, addr: SocketAddr, request: &Request) -> Result<Response, TransportError> {
+        self.network.peer(addr).call(request, CALL_TIMEOUT).await
     }
 
     /// Sends to the leader, following redirects and retrying through leader
@@ -111,9 +112,12 @@ impl Client {
                     *self.leader.lock().expect("leader lock") = Some(addr);
                     return Ok(r);
                 }
+                Err(TransportError::TlsRefused { why }) => {
+                    return Err(CallError::Refused { kind: ErrorKind::Refused, message: format!("node at {addr}: {}", TransportError::TlsRefused { why }) });
+                }
                 Err(e) => {
                     *self.leader.lock().expect("leader lock") = None;
-                    last_error = e.context(format!("node at {addr}"));
+                    last_error = anyhow::Error::new(e).context(format!("node at {addr}"));
                     tokio::time::sleep(RETRY_PAUSE).await;
                 }
             }
@@ -136,7 +140,7 @@ impl Client {
             let r = match tokio::time::timeout(STATUS_TIMEOUT, self.call_node(n.addr, &Request::Status)).await {
                 Ok(Ok(Response::Status(s))) => Ok(s),
                 Ok(Ok(other)) => Err(anyhow!("unexpected reply {other:?}")),
-                Ok(Err(e)) => Err(e),
+                Ok(Err(e)) => Err(e.into()),
                 Err(_) => Err(anyhow!("no answer within {STATUS_TIMEOUT:?}")),
             };
             (n.clone(), r)

@@ -252,12 +252,14 @@ pub async fn serve(client: &Client, opts: &ReplayOptions, serve: &ServeOptions, 
         if serve.writable { ", writable: writes go to a local overlay, never to the log" } else { ", read-only" }
     );
     let export = std::sync::Arc::new(ReplayExport::new(&opts.disk, description, source, overlay));
+    let stop = rewind_nbd::listen::StopSignal::new().context("catch SIGTERM and SIGINT");
     let served = async {
+        let stop = stop?;
         let uri = format!("nbd://{}/{}", listener.local_addr()?, opts.disk);
         ready(&Serving { uri, node, lsn, time_ns, resolved_on, ready_after: started.elapsed(), overlay: overlay_path });
         tokio::select! {
             never = rewind_nbd::listen::accept_tcp(&listener, export.clone(), serve.connections_max) => match never {},
-            r = rewind_nbd::listen::stop_signal() => Ok(r?),
+            () = stop.wait() => Ok(()),
         }
     }
     .await;

@@ -318,13 +318,14 @@ async fn serve(
     tokio::pin!(shipper_failed);
     let opts_disk = disk.to_string();
     let export: Arc<dyn rewind_nbd::server::Export> = tap;
+    let stop = rewind_nbd::listen::StopSignal::new().context("catch SIGTERM and SIGINT")?;
     match &bound {
         Bound::Tcp(listener) => {
             let local = listener.local_addr()?;
             ready(&format!("nbd://{local}/{opts_disk}"));
             tokio::select! {
                 never = rewind_nbd::listen::accept_tcp(listener, export, connections_max) => match never {},
-                r = rewind_nbd::listen::stop_signal() => Ok(r?),
+                () = stop.wait() => Ok(()),
                 e = &mut shipper_failed => Err(e),
             }
         }
@@ -332,7 +333,7 @@ async fn serve(
             ready(&format!("nbd+unix:///{opts_disk}?socket={}", path.display()));
             tokio::select! {
                 never = rewind_nbd::listen::accept_unix(listener, export, connections_max) => match never {},
-                r = rewind_nbd::listen::stop_signal() => Ok(r?),
+                () = stop.wait() => Ok(()),
                 e = &mut shipper_failed => Err(e),
             }
         }

@@ -19,11 +19,47 @@ pub enum TransportError {
     Timeout { addr: SocketAddr, after: Duration },
     #[error("stream ended before a whole frame arrived")]
     Closed,
+    /// The TLS handshake failed: the node refused this client's
+    /// certificate, or this client refused the node's. Retrying will not
+    /// mend it.
+    #[error("TLS refused ({why}): check the cert, key and ca files named in the client config, and that both sides' certificates come from this site's CA")]
+    TlsRefused { why: String },
+    #[error("connection lost: {0}")]
+    Lost(String),
+}
+
+/// A connection error as the caller should see it: a TLS alert (QUIC
+/// crypto error codes 0x100-0x1ff) is a refusal of a certificate, not a
+/// network hiccup.
+fn connection_error(e: &quinn::ConnectionError) -> TransportError {
+    let code = match e {
+        quinn::ConnectionError::TransportError(t) => Some(u64::from(t.code)),
+        quinn::ConnectionError::ConnectionClosed(c) => Some(u64::from(c.error_code)),
+        _ => None,
+    };
+    match code {
+        Some(c) if (0x100..0x200).contains(&c) => TransportError::TlsRefused { why: e.to_string() },
+        _ => TransportError::Lost(e.to_string()),
+    }
+}
+
+fn read_error(e: quinn::ReadExactError) -> TransportError {
+    match e {
+        quinn::ReadExactError::ReadError(quinn::ReadError::ConnectionLost(c)) => connection_error(&c),
+        _ => TransportError::Closed,
+    }
+}
+
+fn write_error(e: quinn::WriteError) -> TransportError {
+    match e {
+        quinn::WriteError::ConnectionLost(c) => connection_error(&c),
+        _ => TransportError::Closed,
+    }
 }
 
 pub async fn write_frame<T: rewind_wire::Encode>(send: &mut quinn::SendStream, value: &T) -> Result<(), TransportError> {
     let bytes = encode_frame(value)?;
-    send.write_all(&bytes).await.map_err(|_| TransportError::Closed)
+    send.write_all(&bytes).await.map_err(write_error)
 }
 
 /// Bytes a frame's body grows by as it arrives: a peer that announces a
@@ -36,14 +72,14 @@ const FRAME_READ_PIECE_BYTES: usize = 64 << 10;
 /// header announces.
 pub async fn read_frame<T: rewind_wire::Decode>(recv: &mut quinn::RecvStream) -> Result<T, TransportError> {
     let mut head = [0u8; FRAME_HEADER_BYTES];
-    recv.read_exact(&mut head).await.map_err(|_| TransportError::Closed)?;
+    recv.read_exact(&mut head).await.map_err(read_error)?;
     let header = decode_header(&head)?;
     let mut body = Vec::with_capacity(header.body_len.min(FRAME_READ_PIECE_BYTES));
     while body.len() < header.body_len {
         let have = body.len();
         let piece = (header.body_len - have).min(FRAME_READ_PIECE_BYTES);
         body.resize(have + piece, 0);
-        recv.read_exact(&mut body[have..]).await.map_err(|_| TransportError::Closed)?;
+        recv.read_exact(&mut body[have..]).await.map_err(read_error)?;
     }
     Ok(decode_body(&header, &body)?)
 }
@@ -73,7 +109,10 @@ impl Peer {
         let conn = tokio::time::timeout(Duration::from_secs(5), connecting)
             .await
             .map_err(|_| unreachable("handshake timed out".into()))?
-            .map_err(|e| unreachable(e.to_string()))?;
+            .map_err(|e| match connection_error(&e) {
+                refused @ TransportError::TlsRefused { .. } => refused,
+                _ => unreachable(e.to_string()),
+            })?;
         *guard = Some(conn.clone());
         Ok(conn)
     }
@@ -81,7 +120,10 @@ impl Peer {
     /// Opens a stream for a request of several frames (a snapshot).
     pub async fn open(&self) -> Result<(quinn::SendStream, quinn::RecvStream), TransportError> {
         let conn = self.connection().await?;
-        conn.open_bi().await.map_err(|e| TransportError::Connection { addr: self.addr, why: e.to_string() })
+        conn.open_bi().await.map_err(|e| match connection_error(&e) {
+            refused @ TransportError::TlsRefused { .. } => refused,
+            _ => TransportError::Connection { addr: self.addr, why: e.to_string() },
+        })
     }
 
     /// Sends one request and waits at most `timeout` for its reply.

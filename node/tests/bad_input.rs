@@ -76,7 +76,18 @@ async fn bad_frames_certificates_and_configs_are_refused() {
     let endpoint = rewind_node::transport::client_endpoint(&node.addr, rewind_node::tls::client_config(&tls).unwrap()).unwrap();
     let intruder = Peer::new(endpoint, node.addr);
     let r = intruder.call(&Request::Status, std::time::Duration::from_secs(5)).await;
-    assert!(r.is_err(), "a foreign certificate was accepted: {r:?}");
+    assert!(matches!(r, Err(rewind_node::transport::TransportError::TlsRefused { .. })), "a foreign certificate: {r:?}");
+    // The CLI names the refusal at once, rather than retrying for 30 s.
+    let mut foreign = config.clone();
+    foreign.tls = tls.clone();
+    let foreign_path = other.path().join("client.toml");
+    std::fs::write(&foreign_path, toml::to_string(&foreign).unwrap()).unwrap();
+    let started = std::time::Instant::now();
+    let out = rewind(&["group", "create", "x", "--disk", "d:1M", "--config", foreign_path.to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("TLS refused") && stderr.contains("client config"), "{stderr}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(15), "took {:?}", started.elapsed());
 
     // A node config with a typo: refused at start with the key named.
     let cfg = std::fs::read_to_string(&node.config).unwrap().replace("data_dir", "data_dri");
