@@ -491,24 +491,7 @@ async fn a_client_that_disconnects_mid_request_loses_nothing_acknowledged() {
     let (site, dir, backing) = site_with_disk().await;
     let tap = start_tap(&site, "g", "d0", &backing);
     let addr = tap.uri.trim_start_matches("nbd://").split('/').next().unwrap().to_string();
-    let connect = || {
-        let mut s = std::net::TcpStream::connect(&addr).unwrap();
-        s.set_read_timeout(Some(std::time::Duration::from_secs(30))).unwrap();
-        let mut greeting = [0u8; 18];
-        s.read_exact(&mut greeting).unwrap();
-        assert_eq!(&greeting[..16], b"NBDMAGICIHAVEOPT");
-        // Fixed newstyle, no zeroes; then NBD_OPT_EXPORT_NAME "d0".
-        s.write_all(&3u32.to_be_bytes()).unwrap();
-        let mut opt = b"IHAVEOPT".to_vec();
-        opt.extend_from_slice(&1u32.to_be_bytes());
-        opt.extend_from_slice(&2u32.to_be_bytes());
-        opt.extend_from_slice(b"d0");
-        s.write_all(&opt).unwrap();
-        let mut export = [0u8; 10];
-        s.read_exact(&mut export).unwrap();
-        assert_eq!(u64::from_be_bytes(export[..8].try_into().unwrap()), DISK_BYTES);
-        s
-    };
+    let connect = || nbd_connect(&addr);
     let request = |kind: u16, handle: u64, offset: u64, len: u32| {
         let mut r = 0x25609513u32.to_be_bytes().to_vec();
         r.extend_from_slice(&0u16.to_be_bytes());
@@ -676,14 +659,15 @@ async fn a_damaged_journal_entry_stops_the_tap_and_loses_nothing() {
     compare(&replayed, &backing);
 }
 
-/// A raw NBD client past the handshake (fixed newstyle, NBD_OPT_EXPORT_NAME
-/// "d0"), with a 30 s read timeout.
+/// A raw NBD client past the handshake (fixed newstyle, no zeroes, then
+/// NBD_OPT_EXPORT_NAME "d0"), with a 30 s read timeout.
 fn nbd_connect(addr: &str) -> std::net::TcpStream {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(addr).unwrap();
     s.set_read_timeout(Some(std::time::Duration::from_secs(30))).unwrap();
     let mut greeting = [0u8; 18];
     s.read_exact(&mut greeting).unwrap();
+    assert_eq!(&greeting[..16], b"NBDMAGICIHAVEOPT");
     s.write_all(&3u32.to_be_bytes()).unwrap();
     let mut opt = b"IHAVEOPT".to_vec();
     opt.extend_from_slice(&1u32.to_be_bytes());
@@ -692,6 +676,7 @@ fn nbd_connect(addr: &str) -> std::net::TcpStream {
     s.write_all(&opt).unwrap();
     let mut export = [0u8; 10];
     s.read_exact(&mut export).unwrap();
+    assert_eq!(u64::from_be_bytes(export[..8].try_into().unwrap()), DISK_BYTES);
     s
 }
 
