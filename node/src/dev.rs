@@ -75,16 +75,21 @@ fn ephemeral_range() -> (u16, u16) {
 /// ephemeral port can take it while its node is down and restarting.
 /// Free for both UDP (QUIC) and TCP (metrics) when it is returned.
 fn free_port() -> anyhow::Result<SocketAddr> {
+    // Ports handed out by this process: a node started a moment ago may
+    // not have bound its port yet, so a probe alone would give it again.
+    static CHOSEN: std::sync::Mutex<std::collections::BTreeSet<u16>> = std::sync::Mutex::new(std::collections::BTreeSet::new());
     let (ephemeral_low, _) = ephemeral_range();
     let low = 10_000u16;
     let high = ephemeral_low.saturating_sub(1).max(low + 1);
     let span = u64::from(high - low);
     let mut pick = crate::now_ns() ^ u64::from(std::process::id()).rotate_left(17);
+    let mut chosen = CHOSEN.lock().expect("chosen ports");
     for _ in 0..512 {
         pick = pick.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
         let port = low + ((pick >> 33) % span) as u16;
         let addr: SocketAddr = ([127, 0, 0, 1], port).into();
-        if UdpSocket::bind(addr).is_ok() && TcpListener::bind(addr).is_ok() {
+        if !chosen.contains(&port) && UdpSocket::bind(addr).is_ok() && TcpListener::bind(addr).is_ok() {
+            chosen.insert(port);
             return Ok(addr);
         }
     }

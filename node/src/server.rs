@@ -279,8 +279,22 @@ impl Node {
         let Ok(_receiving) = self.snapshot_receiving.try_acquire() else {
             return Err(ServiceError::Unavailable(format!("node {} is receiving another snapshot; retry", self.id)));
         };
-        let meta = codec::snapshot_meta_from_wire(&meta).map_err(|e| ServiceError::BadRequest(e.to_string()))?;
         let path = s.reader.incoming_snapshot_path(crate::now_ns());
+        // A snapshot that cannot fit is refused before a byte of it is
+        // written: the disk also holds the node's log and state.
+        let folder = path.parent().unwrap_or(std::path::Path::new("."));
+        match free_bytes(folder) {
+            Ok(free) if total_bytes.saturating_mul(2) > free => {
+                return Err(ServiceError::Unavailable(format!(
+                    "node {}: a snapshot of {total_bytes} bytes needs twice that free in {}, and {free} bytes are",
+                    self.id,
+                    folder.display()
+                )));
+            }
+            Ok(_) => {}
+            Err(e) => return Err(ServiceError::Internal(format!("node {}: free space of {}: {e}", self.id, folder.display()))),
+        }
+        let meta = codec::snapshot_meta_from_wire(&meta).map_err(|e| ServiceError::BadRequest(e.to_string()))?;
         let received = receive_file(&path, total_bytes, recv).await;
         if let Err(e) = received {
             let _ = std::fs::remove_file(&path);
@@ -369,6 +383,19 @@ async fn serve_append_stream(
     }
     drop(tx);
     let _ = writer.await;
+}
+
+/// Bytes free for this process in the filesystem of `path`.
+fn free_bytes(path: &std::path::Path) -> std::io::Result<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).map_err(std::io::Error::other)?;
+    // SAFETY: statvfs writes into the struct it is given; the path is a
+    // valid C string.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(st.f_bavail as u64 * st.f_frsize as u64)
 }
 
 async fn receive_file(path: &std::path::Path, total_bytes: u64, recv: &mut quinn::RecvStream) -> anyhow::Result<()> {

@@ -141,6 +141,11 @@ async fn paths_at_users_files_are_refused_and_nothing_is_touched() {
     let tap = start_tap_with(&site, "g", "d0", &backing, &[]);
     run(std::process::Command::new("qemu-io").args(["-f", "raw", "-c", "write -P 0x5a 0 1M", "-c", "flush", &tap.uri]));
     let disk_before = std::fs::read(&backing).unwrap();
+    // What rewind creates is its operator's alone.
+    assert_eq!(mode(&backing), 0o600, "the backing file the tap created");
+    assert_eq!(mode(&work.path().join("disk.raw.tap-id")), 0o600, "the tap's identity file");
+    assert_eq!(mode(&site.path().join("node-1")), 0o700, "a node's folder");
+    assert_eq!(mode(&site.path().join("node-1").join("data")), 0o700, "a node's data folder");
     let (lsn, _) = site.settled("g", 3).await;
     assert!(lsn >= 1);
     let b = backing.to_str().unwrap();
