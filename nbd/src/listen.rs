@@ -9,9 +9,11 @@
 //! [`crate::server::HANDSHAKE_TIMEOUT`] is dropped.
 
 use std::convert::Infallible;
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::Semaphore;
 
 use crate::server::{serve, Export};
@@ -36,9 +38,33 @@ fn log_accept_error(e: &std::io::Error) {
 /// Accepts TCP clients for `export` forever, at most `connections_max` at
 /// once.
 pub async fn accept_tcp(listener: &tokio::net::TcpListener, export: Arc<dyn Export>, connections_max: usize) -> Infallible {
+    let accept = || async {
+        let (stream, peer) = listener.accept().await?;
+        stream.set_nodelay(true)?;
+        Ok((stream, peer.to_string()))
+    };
+    accept_loop(accept, export, connections_max).await
+}
+
+/// Accepts Unix-socket clients for `export` forever, at most
+/// `connections_max` at once.
+pub async fn accept_unix(listener: &tokio::net::UnixListener, export: Arc<dyn Export>, connections_max: usize) -> Infallible {
+    let accept = || async { Ok((listener.accept().await?.0, "unix".to_string())) };
+    accept_loop(accept, export, connections_max).await
+}
+
+/// The accept loop of either kind of listener: an error is logged and
+/// backed off, a connection past the cap is closed, each other one is
+/// served on a task of its own.
+async fn accept_loop<S, F, Fut>(mut accept: F, export: Arc<dyn Export>, connections_max: usize) -> Infallible
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    F: FnMut() -> Fut,
+    Fut: Future<Output = std::io::Result<(S, String)>>,
+{
     let slots = Arc::new(Semaphore::new(connections_max.max(1)));
     loop {
-        let (stream, peer) = match listener.accept().await {
+        let (stream, peer) = match accept().await {
             Ok(a) => a,
             Err(e) => {
                 log_accept_error(&e);
@@ -50,41 +76,10 @@ pub async fn accept_tcp(listener: &tokio::net::TcpListener, export: Arc<dyn Expo
             tracing::warn!(%peer, connections_max, "NBD connection refused: the export serves {connections_max} connections at most");
             continue;
         };
-        if let Err(e) = stream.set_nodelay(true) {
-            tracing::info!(%peer, "NBD connection dropped: {e}");
-            continue;
-        }
         let export = export.clone();
         crate::spawn(async move {
-            if let Err(e) = serve(export, stream, peer.to_string()).await {
+            if let Err(e) = serve(export, stream, peer.clone()).await {
                 tracing::warn!(%peer, "NBD connection ended: {e}");
-            }
-            drop(slot);
-        });
-    }
-}
-
-/// Accepts Unix-socket clients for `export` forever, at most
-/// `connections_max` at once.
-pub async fn accept_unix(listener: &tokio::net::UnixListener, export: Arc<dyn Export>, connections_max: usize) -> Infallible {
-    let slots = Arc::new(Semaphore::new(connections_max.max(1)));
-    loop {
-        let (stream, _) = match listener.accept().await {
-            Ok(a) => a,
-            Err(e) => {
-                log_accept_error(&e);
-                tokio::time::sleep(ACCEPT_BACKOFF).await;
-                continue;
-            }
-        };
-        let Ok(slot) = slots.clone().try_acquire_owned() else {
-            tracing::warn!(connections_max, "NBD connection refused: the export serves {connections_max} connections at most");
-            continue;
-        };
-        let export = export.clone();
-        crate::spawn(async move {
-            if let Err(e) = serve(export, stream, "unix".into()).await {
-                tracing::warn!("NBD connection ended: {e}");
             }
             drop(slot);
         });

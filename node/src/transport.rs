@@ -74,7 +74,9 @@ pub async fn read_frame<T: rewind_wire::Decode>(recv: &mut quinn::RecvStream) ->
     let mut head = [0u8; FRAME_HEADER_BYTES];
     recv.read_exact(&mut head).await.map_err(read_error)?;
     let header = decode_header(&head)?;
-    let mut body = Vec::with_capacity(header.body_len.min(FRAME_READ_PIECE_BYTES));
+    // One allocation, no copies: the capacity costs address space only;
+    // pages are touched as pieces are filled.
+    let mut body = Vec::with_capacity(header.body_len);
     while body.len() < header.body_len {
         let have = body.len();
         let piece = (header.body_len - have).min(FRAME_READ_PIECE_BYTES);
