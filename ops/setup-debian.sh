@@ -2,7 +2,9 @@
 # Installs what rewind needs to build and test on Debian 12, as root (or with
 # sudo). Safe to run again: it only installs what is missing.
 set -euo pipefail
-pkgs=(libclang-dev clang qemu-utils libnbd-bin nbdkit fio iproute2 procps python3 bc)
+# systemd: systemd-analyze checks the units in ops/systemd; util-linux: setpriv
+# runs fio as nobody in the netns tests.
+pkgs=(libclang-dev clang qemu-utils libnbd-bin nbdkit fio iproute2 procps python3 bc systemd util-linux)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::bail;
 use rewind_node::client::Client;
-use rewind_node::config::{ClientConfig, RaftTuning};
+use rewind_node::config::ClientConfig;
 use rewind_node::load::{self, LoadSpec};
 use rewind_wire::rpc::DiskSpec;
 
@@ -26,7 +26,7 @@ pub(crate) struct Row {
 }
 
 pub(crate) async fn append_row(dir: &Path, size: usize, mib: u64, window: usize) -> anyhow::Result<Row> {
-    let opts = rewind_node::dev::UpOptions { exe: rewind_binary()?, nodes: 3, dir: dir.to_path_buf(), raft: RaftTuning::default() };
+    let opts = rewind_node::dev::UpOptions::new(rewind_binary()?, 3, dir.to_path_buf());
     let client_path = rewind_node::dev::up(&opts).await?;
     let site = rewind_node::dev::DevSite::load(dir)?;
     let result = async {

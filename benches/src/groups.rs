@@ -4,7 +4,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::bail;
 use rewind_node::client::Client;
-use rewind_node::config::{ClientConfig, RaftTuning};
+use rewind_node::config::ClientConfig;
 use rewind_node::load::{self, LoadSpec};
 use rewind_wire::rpc::DiskSpec;
 
@@ -24,7 +24,7 @@ pub(crate) async fn run(cli: &Cli, out: &mut Report) -> anyhow::Result<()> {
     for n in [1usize, 10, 100] {
         eprintln!("groups: {n}");
         let dir = work.path().join(format!("site-{n}"));
-        let opts = rewind_node::dev::UpOptions { exe: rewind_binary()?, nodes: 3, dir: dir.clone(), raft: RaftTuning::default() };
+        let opts = rewind_node::dev::UpOptions::new(rewind_binary()?, 3, dir.clone());
         let client_path = rewind_node::dev::up(&opts).await?;
         let site = rewind_node::dev::DevSite::load(&dir)?;
         let result = async {

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use rewind_node::client::Client;
-use rewind_node::config::{ClientConfig, RaftTuning};
+use rewind_node::config::ClientConfig;
 use rewind_wire::rpc::DiskSpec;
 
 
@@ -166,7 +166,7 @@ pub(crate) fn results_dir(cli: &crate::Cli) -> PathBuf {
 /// Starts a local 3-node site in `dir` with group "bench" holding one disk
 /// "d0" of `disk_bytes`; returns the client config's path.
 pub(crate) async fn one_disk_site(dir: &Path, disk_bytes: u64) -> anyhow::Result<PathBuf> {
-    let opts = rewind_node::dev::UpOptions { exe: rewind_binary()?, nodes: 3, dir: dir.to_path_buf(), raft: RaftTuning::default() };
+    let opts = rewind_node::dev::UpOptions::new(rewind_binary()?, 3, dir.to_path_buf());
     let client_path = rewind_node::dev::up(&opts).await?;
     let client = Client::new(&ClientConfig::load(&client_path)?)?;
     if let Err(e) = client.create_group("bench", vec![DiskSpec { name: "d0".into(), size_bytes: disk_bytes, sector_bytes: 512 }]).await {

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use anyhow::bail;
 use rewind_node::client::Client;
-use rewind_node::config::{ClientConfig, RaftTuning};
+use rewind_node::config::ClientConfig;
 use rewind_node::load::{self, LoadSpec};
 use rewind_wire::rpc::DiskSpec;
 
@@ -45,7 +45,7 @@ pub(crate) async fn run(cli: &Cli, out: &mut Report) -> anyhow::Result<()> {
     let work = tempfile::Builder::new().prefix("rewind-bench-").tempdir_in(std::env::var("REWIND_BENCH_DIR").unwrap_or("/var/tmp".into()))?;
     let version = jetstream::server_version().ok_or_else(|| anyhow::anyhow!("nats-server is not installed: run `bash ops/setup-peers.sh` (Debian's nats-server package)"))?;
     let dir = work.path().join("site");
-    let opts = rewind_node::dev::UpOptions { exe: rewind_binary()?, nodes: 3, dir: dir.clone(), raft: RaftTuning::default() };
+    let opts = rewind_node::dev::UpOptions::new(rewind_binary()?, 3, dir.clone());
     let client_path = rewind_node::dev::up(&opts).await?;
     let site = rewind_node::dev::DevSite::load(&dir)?;
     let etcd_version = etcd::server_version().ok_or_else(|| anyhow::anyhow!("etcd is not installed: run `bash ops/setup-peers.sh` (Debian's etcd-server package)"))?;

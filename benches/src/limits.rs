@@ -15,12 +15,13 @@ use crate::Cli;
 pub(crate) async fn quinn_loopback(dir: &Path, bytes: u64) -> anyhow::Result<f64> {
     use rewind_node::config::TlsFiles;
     rewind_node::tls::make_ca(dir, "ca")?;
-    rewind_node::tls::make_leaf(dir, "server")?;
-    rewind_node::tls::make_leaf(dir, "client")?;
+    use rewind_service::access::Access;
+    rewind_node::tls::make_leaf(dir, "server", &rewind_node::tls::LeafSpec::loopback(Access::Node, 1))?;
+    rewind_node::tls::make_leaf(dir, "client", &rewind_node::tls::LeafSpec::loopback(Access::Node, 1))?;
     let files = |name: &str| TlsFiles { ca: dir.join("ca.pem"), cert: dir.join(format!("{name}.pem")), key: dir.join(format!("{name}.key")) };
     let server = quinn::Endpoint::server(rewind_node::tls::server_config(&files("server"))?, "127.0.0.1:0".parse()?)?;
     let addr = server.local_addr()?;
-    let client = rewind_node::transport::client_endpoint(&addr, rewind_node::tls::client_config(&files("client"))?)?;
+    let client = rewind_node::transport::client_endpoint(&addr.into(), rewind_node::tls::client_config(&files("client"))?)?;
     let receiver = tokio::spawn(async move {
         let conn = server.accept().await.context("no connection")?.await?;
         let mut recv = conn.accept_uni().await?;
@@ -34,7 +35,7 @@ pub(crate) async fn quinn_loopback(dir: &Path, bytes: u64) -> anyhow::Result<f64
         conn.close(0u32.into(), b"done");
         Ok::<_, anyhow::Error>(got as f64 / 1e6 / secs)
     });
-    let conn = client.connect(addr, rewind_node::tls::SERVER_NAME)?.await?;
+    let conn = client.connect(addr, "localhost")?.await?;
     let mut send = conn.open_uni().await?;
     let chunk = vec![0x5au8; 1 << 20];
     let mut sent = 0u64;

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use rewind_node::client::Client;
-use rewind_node::config::{ClientConfig, RaftTuning};
+use rewind_node::config::ClientConfig;
 use rewind_wire::rpc::DiskSpec;
 
 use crate::harness::*;
@@ -46,7 +46,7 @@ pub(crate) async fn run(cli: &Cli, out: &mut Report) -> anyhow::Result<()> {
     let work = tempfile::Builder::new().prefix("rewind-bench-").tempdir_in(std::env::var("REWIND_BENCH_DIR").unwrap_or("/var/tmp".into()))?;
     let dir = work.path().join("site");
     let exe = rewind_binary()?;
-    let opts = rewind_node::dev::UpOptions { exe: exe.clone(), nodes: 3, dir: dir.clone(), raft: RaftTuning::default() };
+    let opts = rewind_node::dev::UpOptions::new(exe.clone(), 3, dir.clone());
     let client_path = rewind_node::dev::up(&opts).await?;
     let result = async {
         let client = Client::new(&ClientConfig::load(&client_path)?)?;

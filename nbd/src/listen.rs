@@ -16,7 +16,7 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::Semaphore;
 
-use crate::server::{serve, Export};
+use crate::server::{serve, Export, Tls};
 
 /// Connections served at once by default (`--max-connections`).
 pub const CONNECTIONS_MAX_DEFAULT: usize = 64;
@@ -36,27 +36,27 @@ fn log_accept_error(e: &std::io::Error) {
 }
 
 /// Accepts TCP clients for `export` forever, at most `connections_max` at
-/// once.
-pub async fn accept_tcp(listener: &tokio::net::TcpListener, export: Arc<dyn Export>, connections_max: usize) -> Infallible {
+/// once, each in plaintext or made to start TLS first, as `tls` says.
+pub async fn accept_tcp(listener: &tokio::net::TcpListener, export: Arc<dyn Export>, connections_max: usize, tls: Tls) -> Infallible {
     let accept = || async {
         let (stream, peer) = listener.accept().await?;
         stream.set_nodelay(true)?;
         Ok((stream, peer.to_string()))
     };
-    accept_loop(accept, export, connections_max).await
+    accept_loop(accept, export, connections_max, tls).await
 }
 
 /// Accepts Unix-socket clients for `export` forever, at most
 /// `connections_max` at once.
 pub async fn accept_unix(listener: &tokio::net::UnixListener, export: Arc<dyn Export>, connections_max: usize) -> Infallible {
     let accept = || async { Ok((listener.accept().await?.0, "unix".to_string())) };
-    accept_loop(accept, export, connections_max).await
+    accept_loop(accept, export, connections_max, Tls::Off).await
 }
 
 /// The accept loop of either kind of listener: an error is logged and
 /// backed off, a connection past the cap is closed, each other one is
 /// served on a task of its own.
-async fn accept_loop<S, F, Fut>(mut accept: F, export: Arc<dyn Export>, connections_max: usize) -> Infallible
+async fn accept_loop<S, F, Fut>(mut accept: F, export: Arc<dyn Export>, connections_max: usize, tls: Tls) -> Infallible
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     F: FnMut() -> Fut,
@@ -77,8 +77,9 @@ where
             continue;
         };
         let export = export.clone();
+        let tls = tls.clone();
         crate::spawn(async move {
-            if let Err(e) = serve(export, stream, peer.clone()).await {
+            if let Err(e) = serve(export, stream, peer.clone(), tls).await {
                 tracing::warn!(%peer, "NBD connection ended: {e}");
             }
             drop(slot);

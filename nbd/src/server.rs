@@ -8,7 +8,10 @@
 //! * a mutation is *ordered* (the export's future resolves) before the next
 //!   request of the connection is read, so an export can keep one order;
 //!   its reply is sent when the answer future resolves;
-//! * writes to a read-only export are refused with EPERM.
+//! * writes to a read-only export are refused with EPERM;
+//! * with TLS required ([`Tls`]), nothing but STARTTLS (and ABORT) is
+//!   answered before the TLS handshake, and the export's name, size and
+//!   data travel only inside TLS.
 
 use std::sync::Arc;
 
@@ -63,64 +66,148 @@ pub const REQUESTS_IN_FLIGHT_MAX: usize = 64;
 /// read its replies holds at most this much of the server's memory.
 pub const BYTES_IN_FLIGHT_MAX: u32 = 64 << 20;
 
+/// Whether a connection must upgrade to TLS (NBD's STARTTLS) before it
+/// sees the export.
+#[derive(Clone)]
+pub enum Tls {
+    /// Plaintext only: a Unix socket, or loopback. STARTTLS is refused.
+    Off,
+    /// TLS required: the server's certificate and the check of the
+    /// client's are in the acceptor's configuration.
+    Required(tokio_rustls::TlsAcceptor),
+}
+
+/// The end of a handshake.
+enum Haggled {
+    /// The client aborted or asked for an unknown export.
+    Closed,
+    /// Transmission, with structured replies or not.
+    Go(bool),
+    /// The client asked for TLS and was told yes: the TLS handshake comes
+    /// next, then haggling again inside it.
+    StartTls,
+}
+
 /// Serves one NBD client until it disconnects.
-pub async fn serve<S>(export: Arc<dyn Export>, stream: S, peer: String) -> std::io::Result<()>
+pub async fn serve<S>(export: Arc<dyn Export>, mut stream: S, peer: String, tls: Tls) -> std::io::Result<()>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let (mut rd, mut wr) = tokio::io::split(stream);
+    enum Ready<S> {
+        Closed,
+        Plain(S, bool),
+        Tls(Box<tokio_rustls::server::TlsStream<S>>, bool),
+    }
     let handshake = async {
-        wr.write_all(&nbd::greeting()).await?;
+        stream.write_all(&nbd::greeting()).await?;
         let mut flags = [0u8; 4];
-        rd.read_exact(&mut flags).await?;
+        stream.read_exact(&mut flags).await?;
         let client_flags = nbd::parse_client_flags(flags).map_err(proto_err)?;
         let no_zeroes = client_flags & nbd::FLAG_C_NO_ZEROES != 0;
-        haggle(export.as_ref(), &mut rd, &mut wr, no_zeroes).await
+        let acceptor = match &tls {
+            Tls::Off => None,
+            Tls::Required(a) => Some(a.clone()),
+        };
+        match haggle(export.as_ref(), &mut stream, no_zeroes, TlsState::from(acceptor.is_some())).await? {
+            Haggled::Closed => Ok::<_, std::io::Error>(Ready::Closed),
+            Haggled::Go(structured) => Ok(Ready::Plain(stream, structured)),
+            Haggled::StartTls => {
+                let acceptor = acceptor.expect("STARTTLS is accepted only when TLS is on");
+                let mut secure = acceptor.accept(stream).await.map_err(|e| std::io::Error::new(std::io::ErrorKind::PermissionDenied, format!("TLS handshake: {e}")))?;
+                match haggle(export.as_ref(), &mut secure, no_zeroes, TlsState::Active).await? {
+                    Haggled::Go(structured) => Ok(Ready::Tls(Box::new(secure), structured)),
+                    _ => Ok(Ready::Closed),
+                }
+            }
+        }
     };
-    let haggled = match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
+    let ready = match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
         Ok(r) => r?,
         Err(_) => return Err(std::io::Error::new(std::io::ErrorKind::TimedOut, format!("no handshake within {HANDSHAKE_TIMEOUT:?}"))),
     };
-    let Some(structured) = haggled else {
-        return Ok(());
-    };
-    tracing::info!(%peer, export = export.name(), structured, "NBD client connected");
-    transmission(export, rd, wr, structured, peer).await
+    match ready {
+        Ready::Closed => Ok(()),
+        Ready::Plain(stream, structured) => {
+            tracing::info!(%peer, export = export.name(), structured, "NBD client connected");
+            let (rd, wr) = tokio::io::split(stream);
+            transmission(export, rd, wr, structured, peer).await
+        }
+        Ready::Tls(stream, structured) => {
+            tracing::info!(%peer, export = export.name(), structured, "NBD client connected over TLS");
+            let (rd, wr) = tokio::io::split(*stream);
+            transmission(export, rd, wr, structured, peer).await
+        }
+    }
+}
+
+/// Where a connection stands with TLS while it haggles.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum TlsState {
+    /// Not offered: STARTTLS is refused by policy.
+    Off,
+    /// Required and not yet started: only STARTTLS and ABORT are served.
+    Required,
+    /// Inside TLS.
+    Active,
+}
+
+impl From<bool> for TlsState {
+    fn from(required: bool) -> TlsState {
+        if required {
+            TlsState::Required
+        } else {
+            TlsState::Off
+        }
+    }
 }
 
 fn proto_err(e: nbd::ProtocolError) -> std::io::Error {
     std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string())
 }
 
-/// Option haggling. Returns whether structured replies were negotiated, or
-/// None if the client aborted.
-async fn haggle<R, W>(export: &dyn Export, rd: &mut R, wr: &mut W, no_zeroes: bool) -> std::io::Result<Option<bool>>
+/// Option haggling, on the plain stream or inside TLS.
+async fn haggle<S>(export: &dyn Export, io: &mut S, no_zeroes: bool, tls: TlsState) -> std::io::Result<Haggled>
 where
-    R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
+    S: AsyncRead + AsyncWrite + Unpin,
 {
+    let (mut rd, mut wr) = tokio::io::split(io);
+    let (rd, wr) = (&mut rd, &mut wr);
     let mut structured = false;
     // A bounded number of options: a client that haggles forever is cut off.
     for _ in 0..64 {
+        // The replies to the last option leave before the next is read:
+        // inside TLS they wait in the session's buffer until flushed.
+        wr.flush().await?;
         let mut head = [0u8; nbd::OPTION_HEADER_BYTES];
         rd.read_exact(&mut head).await?;
         let h = nbd::parse_option_header(&head).map_err(proto_err)?;
         let mut data = vec![0u8; h.len as usize];
         rd.read_exact(&mut data).await?;
         let reply = |kind: u32, d: &[u8]| nbd::option_reply(h.option, kind, d);
+        if tls == TlsState::Required && h.option != nbd::OPT_STARTTLS && h.option != nbd::OPT_ABORT {
+            if h.option == nbd::OPT_EXPORT_NAME {
+                // This option has no error reply: the connection is closed.
+                tracing::warn!("a client asked for the export without TLS, which this export requires; closing");
+                return Ok(Haggled::Closed);
+            }
+            wr.write_all(&reply(nbd::REP_ERR_TLS_REQD, b"this export requires TLS: start it with NBD_OPT_STARTTLS")).await?;
+            continue;
+        }
         match h.option {
             nbd::OPT_EXPORT_NAME => {
                 let name = String::from_utf8_lossy(&data);
                 if name != export.name() && !name.is_empty() {
                     tracing::warn!("client asked for unknown export {name:?}; closing");
-                    return Ok(None);
+                    return Ok(Haggled::Closed);
                 }
                 wr.write_all(&nbd::export_name_reply(export.size(), transmission_flags(export), no_zeroes)).await?;
-                return Ok(Some(false));
+                wr.flush().await?;
+                return Ok(Haggled::Go(false));
             }
             nbd::OPT_ABORT => {
                 wr.write_all(&reply(nbd::REP_ACK, &[])).await?;
-                return Ok(None);
+                wr.flush().await?;
+                return Ok(Haggled::Closed);
             }
             nbd::OPT_LIST => {
                 let mut d = (export.name().len() as u32).to_be_bytes().to_vec();
@@ -165,12 +252,26 @@ where
                 }
                 wr.write_all(&reply(nbd::REP_ACK, &[])).await?;
                 if h.option == nbd::OPT_GO {
-                    return Ok(Some(structured));
+                    wr.flush().await?;
+                    return Ok(Haggled::Go(structured));
                 }
             }
-            nbd::OPT_STARTTLS => {
-                wr.write_all(&reply(nbd::REP_ERR_POLICY, b"TLS is not offered; the server listens on loopback or a unix socket")).await?;
-            }
+            nbd::OPT_STARTTLS => match tls {
+                TlsState::Off => {
+                    wr.write_all(&reply(nbd::REP_ERR_POLICY, b"TLS is not offered; the server listens on loopback or a unix socket")).await?;
+                }
+                TlsState::Active => {
+                    wr.write_all(&reply(nbd::REP_ERR_INVALID, b"TLS is already on")).await?;
+                }
+                TlsState::Required if !data.is_empty() => {
+                    wr.write_all(&reply(nbd::REP_ERR_INVALID, b"STARTTLS takes no data")).await?;
+                }
+                TlsState::Required => {
+                    wr.write_all(&reply(nbd::REP_ACK, &[])).await?;
+                    wr.flush().await?;
+                    return Ok(Haggled::StartTls);
+                }
+            },
             _ => {
                 wr.write_all(&reply(nbd::REP_ERR_UNSUP, &[])).await?;
             }
@@ -184,12 +285,15 @@ type Writer<W> = Arc<tokio::sync::Mutex<W>>;
 async fn send_reply<W: AsyncWrite + Unpin>(wr: &Writer<W>, structured: bool, handle: u64, error: u32, message: &str) -> std::io::Result<()> {
     let mut w = wr.lock().await;
     if structured && error != 0 {
-        w.write_all(&nbd::structured_error(handle, error, message)).await
+        w.write_all(&nbd::structured_error(handle, error, message)).await?;
     } else if structured {
-        w.write_all(&nbd::structured_header(nbd::REPLY_FLAG_DONE, nbd::REPLY_TYPE_NONE, handle, 0)).await
+        w.write_all(&nbd::structured_header(nbd::REPLY_FLAG_DONE, nbd::REPLY_TYPE_NONE, handle, 0)).await?;
     } else {
-        w.write_all(&nbd::simple_reply_header(error, handle)).await
+        w.write_all(&nbd::simple_reply_header(error, handle)).await?;
     }
+    // Inside TLS a reply waits in the session's buffer until flushed; on
+    // a plain socket this costs nothing.
+    w.flush().await
 }
 
 async fn send_read<W: AsyncWrite + Unpin>(wr: &Writer<W>, structured: bool, req: &Request, data: &[u8]) -> std::io::Result<()> {
@@ -201,7 +305,8 @@ async fn send_read<W: AsyncWrite + Unpin>(wr: &Writer<W>, structured: bool, req:
     } else {
         w.write_all(&nbd::simple_reply_header(0, req.handle)).await?;
     }
-    w.write_all(data).await
+    w.write_all(data).await?;
+    w.flush().await
 }
 
 /// A request's share of its connection's bounds, held until its reply is

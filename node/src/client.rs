@@ -2,7 +2,6 @@
 //! is safe to retry. Appends carry a producer id and sequence number, so a
 //! batch retried after a leader change is applied once.
 
-use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -14,6 +13,7 @@ use rewind_cdp_ingest::BoxFuture;
 use rewind_wire::rpc::{DiskSpec, ErrorKind, NodeStatus, Request, Response};
 use tokio::sync::mpsc;
 
+use crate::addr::HostPort;
 use crate::config::{ClientConfig, NodeAddr};
 use crate::raft_net::Network;
 use crate::transport::TransportError;
@@ -28,8 +28,11 @@ const STATUS_TIMEOUT: Duration = Duration::from_secs(5);
 #[derive(Clone)]
 pub struct Client {
     nodes: Vec<NodeAddr>,
+    /// The certificate, key and CA this client presents and trusts (an
+    /// NBD export it serves uses them too).
+    pub tls: crate::config::TlsFiles,
     network: Network,
-    leader: Arc<Mutex<Option<SocketAddr>>>,
+    leader: Arc<Mutex<Option<HostPort>>>,
     deadline: Duration,
 }
 
@@ -48,7 +51,7 @@ impl Client {
     pub fn new(config: &ClientConfig) -> anyhow::Result<Client> {
         let tls = crate::tls::client_config(&config.tls)?;
         let endpoint = crate::transport::client_endpoint(&config.nodes[0].addr, tls)?;
-        Ok(Client { nodes: config.nodes.clone(), network: Network::new(endpoint), leader: Arc::default(), deadline: RETRY_DEADLINE })
+        Ok(Client { nodes: config.nodes.clone(), tls: config.tls.clone(), network: Network::new(endpoint), leader: Arc::default(), deadline: RETRY_DEADLINE })
     }
 
     pub fn from_file(path: Option<&std::path::Path>) -> anyhow::Result<Client> {
@@ -66,18 +69,18 @@ impl Client {
     }
 
     /// The known leader, or else the next node in turn.
-    fn pick_node(&self, rotate: &mut usize) -> SocketAddr {
-        match *self.leader.lock().expect("leader lock") {
-            Some(a) => a,
+    fn pick_node(&self, rotate: &mut usize) -> HostPort {
+        match &*self.leader.lock().expect("leader lock") {
+            Some(a) => a.clone(),
             None => {
                 *rotate += 1;
-                self.nodes[*rotate % self.nodes.len()].addr
+                self.nodes[*rotate % self.nodes.len()].addr.clone()
             }
         }
     }
 
     /// Sends to one node, no retry.
-    pub async fn call_node(&self, addr: SocketAddr, request: &Request) -> Result<Response, TransportError> {
+    pub async fn call_node(&self, addr: &HostPort, request: &Request) -> Result<Response, TransportError> {
         self.network.peer(addr).call(request, CALL_TIMEOUT).await
     }
 
@@ -89,11 +92,11 @@ impl Client {
         let mut last_error = anyhow!("no node tried");
         while started.elapsed() < self.deadline {
             let addr = self.pick_node(&mut next);
-            match self.call_node(addr, request).await {
+            match self.call_node(&addr, request).await {
                 Ok(Response::Error(e)) => match e.kind {
                     ErrorKind::NotLeader => {
                         let hint = e.leader.as_ref().and_then(|m| m.addr.parse().ok());
-                        *self.leader.lock().expect("leader lock") = hint;
+                        *self.leader.lock().expect("leader lock") = hint.clone();
                         last_error = anyhow!("{e}");
                         if hint.is_none() {
                             tokio::time::sleep(RETRY_PAUSE).await;
@@ -137,7 +140,7 @@ impl Client {
     /// answer within `STATUS_TIMEOUT` gets its error.
     pub async fn status_all(&self) -> Vec<(NodeAddr, anyhow::Result<NodeStatus>)> {
         let asks = self.nodes.iter().map(|n| async move {
-            let r = match tokio::time::timeout(STATUS_TIMEOUT, self.call_node(n.addr, &Request::Status)).await {
+            let r = match tokio::time::timeout(STATUS_TIMEOUT, self.call_node(&n.addr, &Request::Status)).await {
                 Ok(Ok(Response::Status(s))) => Ok(s),
                 Ok(Ok(other)) => Err(anyhow!("unexpected reply {other:?}")),
                 Ok(Err(e)) => Err(e.into()),
@@ -183,7 +186,7 @@ pub fn fresh_client_id() -> u64 {
 
 /// An append stream over QUIC: a reader task passes the replies on.
 struct QuicAppendStream {
-    addr: SocketAddr,
+    addr: HostPort,
     send: quinn::SendStream,
     replies: mpsc::Receiver<Result<Response, crate::transport::TransportError>>,
     reader: tokio::task::JoinHandle<()>,
@@ -213,7 +216,7 @@ impl AppendLink for Client {
     fn open<'a>(&'a self, rotate: &'a mut usize, window: usize) -> BoxFuture<'a, Result<Box<dyn AppendStream>, LinkError>> {
         Box::pin(async move {
             let addr = self.pick_node(rotate);
-            let (send, mut recv) = self.network.peer(addr).open().await?;
+            let (send, mut recv) = self.network.peer(&addr).open().await?;
             let (tx, replies) = mpsc::channel(window + 1);
             let reader = crate::spawn(async move {
                 loop {

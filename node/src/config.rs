@@ -1,11 +1,12 @@
 //! Node and client configuration files (TOML). Unknown keys are errors, so a
 //! typo never silently falls back to a default.
 
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
 use serde::{Deserialize, Serialize};
+
+use crate::addr::HostPort;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -68,13 +69,20 @@ impl Default for RaftTuning {
 pub struct NodeConfig {
     /// This node's id, unique in the site, > 0.
     pub id: u64,
-    /// Address of the node's QUIC endpoint (Raft and clients share it).
-    pub listen: SocketAddr,
+    /// Address the node's QUIC endpoint binds (Raft and clients share it):
+    /// IP:PORT, [IPv6]:PORT or HOST:PORT; 0.0.0.0 or [::] bind every
+    /// address of the host.
+    pub listen: HostPort,
+    /// Address peers and clients dial to reach this node, as written in the
+    /// site's membership and the clients' configs; its host must be one of
+    /// the names in the node's certificate. Default: `listen`.
+    #[serde(default)]
+    pub advertise: Option<HostPort>,
     /// Where the node keeps its data.
     pub data_dir: PathBuf,
     /// Address of the Prometheus metrics endpoint; none if absent.
     #[serde(default)]
-    pub metrics_listen: Option<SocketAddr>,
+    pub metrics_listen: Option<HostPort>,
     pub tls: TlsFiles,
     #[serde(default)]
     pub raft: RaftTuning,
@@ -84,7 +92,7 @@ pub struct NodeConfig {
 #[serde(deny_unknown_fields)]
 pub struct NodeAddr {
     pub id: u64,
-    pub addr: SocketAddr,
+    pub addr: HostPort,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -93,15 +101,6 @@ pub struct ClientConfig {
     /// The site's nodes; a client tries them in turn and follows the leader.
     pub nodes: Vec<NodeAddr>,
     pub tls: TlsFiles,
-}
-
-/// Only loopback addresses are allowed: rewind's dev and test setups never
-/// listen anywhere else.
-fn check_loopback(addr: &SocketAddr, what: &str) -> anyhow::Result<()> {
-    if !addr.ip().is_loopback() {
-        bail!("{what} {addr} is not a loopback address (127.0.0.0/8 or ::1)");
-    }
-    Ok(())
 }
 
 fn resolve(base: &Path, p: &mut PathBuf) {
@@ -116,6 +115,11 @@ fn read_toml<T: serde::de::DeserializeOwned>(path: &Path) -> anyhow::Result<T> {
 }
 
 impl NodeConfig {
+    /// The address peers and clients dial.
+    pub fn advertised(&self) -> &HostPort {
+        self.advertise.as_ref().unwrap_or(&self.listen)
+    }
+
     pub fn load(path: &Path) -> anyhow::Result<NodeConfig> {
         let mut c: NodeConfig = read_toml(path)?;
         let base = path.parent().unwrap_or(Path::new("."));
@@ -126,9 +130,18 @@ impl NodeConfig {
         if c.id == 0 {
             bail!("config file {}: id must be greater than 0", path.display());
         }
-        check_loopback(&c.listen, "listen address")?;
-        if let Some(m) = &c.metrics_listen {
-            check_loopback(m, "metrics address")?;
+        if c.advertise.is_none() && c.listen.ip().is_some_and(|ip| ip.is_unspecified()) {
+            bail!(
+                "config file {}: listen = \"{}\" binds every address of the host; set advertise to the address peers and clients dial, e.g. advertise = \"10.0.0.1:{}\"",
+                path.display(),
+                c.listen,
+                c.listen.port()
+            );
+        }
+        if let Some(a) = &c.advertise {
+            if a.ip().is_some_and(|ip| ip.is_unspecified()) || a.port() == 0 {
+                bail!("config file {}: advertise = \"{a}\" cannot be dialled; give a host's address and a port", path.display());
+            }
         }
         let r = &c.raft;
         if r.heartbeat_ms == 0 || r.election_timeout_min_ms <= r.heartbeat_ms || r.election_timeout_max_ms <= r.election_timeout_min_ms {
@@ -161,8 +174,11 @@ impl ClientConfig {
         if c.nodes.is_empty() {
             bail!("config file {}: lists no nodes", path.display());
         }
+        let mut ids = std::collections::BTreeSet::new();
         for n in &c.nodes {
-            check_loopback(&n.addr, "node address")?;
+            if !ids.insert(n.id) {
+                bail!("config file {}: node {} is listed twice", path.display(), n.id);
+            }
         }
         Ok(c)
     }
@@ -201,7 +217,12 @@ key = "n.key"
         check(GOOD, None);
         check(&GOOD.replace("data_dir", "data_dri"), Some("unknown field `data_dri`"));
         check(&GOOD.replace("id = 1", "id = 0"), Some("id must be greater than 0"));
-        check(&GOOD.replace("127.0.0.1", "10.0.0.1"), Some("not a loopback"));
+        check(&GOOD.replace("127.0.0.1", "10.0.0.1"), None);
+        check(&GOOD.replace("127.0.0.1", "node1.example.net"), None);
+        check(&GOOD.replace("127.0.0.1:7101", "[fd00::1]:7101"), None);
+        check(&GOOD.replace("127.0.0.1", "0.0.0.0"), Some("set advertise"));
+        check(&GOOD.replace("listen = \"127.0.0.1:7101\"", "listen = \"0.0.0.0:7101\"\nadvertise = \"node1:7101\""), None);
+        check(&GOOD.replace("127.0.0.1", "node_1"), Some("not a host name"));
         check(&format!("{GOOD}\n[raft]\nheartbeat_ms = 900\n"), Some("heartbeat_ms"));
         check(&format!("{GOOD}\n[raft]\nheartbeat = 50\n"), Some("unknown field `heartbeat`"));
         check("id = \"one\"", Some("invalid type"));

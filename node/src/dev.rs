@@ -2,6 +2,10 @@
 //! 127.0.0.1, with its own CA, certificates, configs and data, in one folder.
 
 use std::net::{SocketAddr, TcpListener, UdpSocket};
+
+use rewind_service::access::Access;
+
+use crate::addr::HostPort;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -20,8 +24,8 @@ const STOP_DEADLINE: Duration = Duration::from_secs(10);
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct DevNode {
     pub id: u64,
-    pub addr: SocketAddr,
-    pub metrics: SocketAddr,
+    pub addr: HostPort,
+    pub metrics: HostPort,
     pub pid: u32,
     pub exe: PathBuf,
     pub config: PathBuf,
@@ -74,6 +78,11 @@ fn ephemeral_range() -> (u16, u16) {
 /// A free loopback port below the ephemeral range, so that no client's
 /// ephemeral port can take it while its node is down and restarting.
 /// Free for both UDP (QUIC) and TCP (metrics) when it is returned.
+/// A dev site's certificates name loopback only and last ten years.
+fn dev_leaf(access: Access) -> crate::tls::LeafSpec {
+    crate::tls::LeafSpec::loopback(access, 3650)
+}
+
 fn free_port() -> anyhow::Result<SocketAddr> {
     // Ports handed out by this process: a node started a moment ago may
     // not have bound its port yet, so a probe alone would give it again.
@@ -126,6 +135,18 @@ pub struct UpOptions {
     pub nodes: usize,
     pub dir: PathBuf,
     pub raft: RaftTuning,
+    /// The groups the dev site's `tap` certificate may write.
+    pub tap_groups: Vec<String>,
+}
+
+/// The groups a dev site's `tap` certificate names unless told otherwise.
+pub const DEV_TAP_GROUPS: [&str; 1] = ["vm1"];
+
+impl UpOptions {
+    /// A site of `nodes` nodes in `dir`, with Raft's default timing.
+    pub fn new(exe: PathBuf, nodes: usize, dir: PathBuf) -> UpOptions {
+        UpOptions { exe, nodes, dir, raft: RaftTuning::default(), tap_groups: DEV_TAP_GROUPS.iter().map(|g| g.to_string()).collect() }
+    }
 }
 
 /// Builds and starts a local site. Returns the path of its client config.
@@ -151,7 +172,7 @@ pub async fn up(opts: &UpOptions) -> anyhow::Result<PathBuf> {
     for id in 1..=opts.nodes as u64 {
         let name = format!("node-{id}");
         if !certs.join(format!("{name}.pem")).exists() {
-            crate::tls::make_leaf(&certs, &name)?;
+            crate::tls::make_leaf(&certs, &name, &dev_leaf(Access::Node))?;
         }
         let node_dir = dir.join(&name);
         std::fs::create_dir_all(&node_dir)?;
@@ -164,9 +185,10 @@ pub async fn up(opts: &UpOptions) -> anyhow::Result<PathBuf> {
         } else {
             let config = NodeConfig {
                 id,
-                listen: free_port()?,
+                listen: free_port()?.into(),
+                advertise: None,
                 data_dir: node_dir.join("data"),
-                metrics_listen: Some(free_port()?),
+                metrics_listen: Some(free_port()?.into()),
                 tls: TlsFiles { ca: certs.join("ca.pem"), cert: certs.join(format!("{name}.pem")), key: certs.join(format!("{name}.key")) },
                 raft: opts.raft.clone(),
             };
@@ -175,24 +197,36 @@ pub async fn up(opts: &UpOptions) -> anyhow::Result<PathBuf> {
         };
         let log = node_dir.join("node.log");
         let pid = spawn_node(&opts.exe, &path, &log)?;
-        nodes.push(DevNode { id, addr: config.listen, metrics: config.metrics_listen.expect("set above"), pid, exe: opts.exe.clone(), config: path, log });
+        nodes.push(DevNode { id, addr: config.listen.clone(), metrics: config.metrics_listen.clone().expect("set above"), pid, exe: opts.exe.clone(), config: path, log });
     }
     let site = DevSite { nodes };
     site.save(&dir)?;
-    if !certs.join("client.pem").exists() {
-        crate::tls::make_leaf(&certs, "client")?;
+    // One certificate and client config per client role: `client` is the
+    // admin's, `reader` may only read, and `tap` may write the groups
+    // named by --tap-groups.
+    let roles = [
+        ("client", Access::Admin),
+        ("reader", Access::Reader),
+        ("tap", Access::Tap { groups: opts.tap_groups.clone() }),
+    ];
+    let mut client_config = None;
+    for (name, access) in roles {
+        if !certs.join(format!("{name}.pem")).exists() {
+            crate::tls::make_leaf(&certs, name, &dev_leaf(access))?;
+        }
+        let config = ClientConfig {
+            nodes: site.nodes.iter().map(|n| NodeAddr { id: n.id, addr: n.addr.clone() }).collect(),
+            tls: TlsFiles { ca: certs.join("ca.pem"), cert: certs.join(format!("{name}.pem")), key: certs.join(format!("{name}.key")) },
+        };
+        std::fs::write(dir.join(format!("{name}.toml")), toml::to_string(&config)?)?;
+        client_config.get_or_insert(config);
     }
-    let client_config = ClientConfig {
-        nodes: site.nodes.iter().map(|n| NodeAddr { id: n.id, addr: n.addr }).collect(),
-        tls: TlsFiles { ca: certs.join("ca.pem"), cert: certs.join("client.pem"), key: certs.join("client.key") },
-    };
-    let client_path = dir.join("client.toml");
-    std::fs::write(&client_path, toml::to_string(&client_config)?)?;
+    let client_config = client_config.expect("the admin's config is written first");
     let client = Client::new(&client_config)?;
     wait_answering(&client, &site).await?;
     if reused == 0 {
         let members: Vec<Member> = site.nodes.iter().map(|n| Member { id: n.id, addr: n.addr.to_string() }).collect();
-        match client.call_node(site.nodes[0].addr, &Request::ClusterInit { members }).await? {
+        match client.call_node(&site.nodes[0].addr, &Request::ClusterInit { members }).await? {
             Response::Done => {}
             other => bail!("initialise the site: {other:?}"),
         }
@@ -200,7 +234,7 @@ pub async fn up(opts: &UpOptions) -> anyhow::Result<PathBuf> {
         bail!("{} holds configs for {reused} of the {} nodes asked for; use the same --nodes, or a new --dir", dir.display(), site.nodes.len());
     }
     client.wait_for_leader(START_DEADLINE).await?;
-    Ok(client_path)
+    Ok(dir.join("client.toml"))
 }
 
 async fn wait_answering(client: &Client, site: &DevSite) -> anyhow::Result<()> {
@@ -210,7 +244,7 @@ async fn wait_answering(client: &Client, site: &DevSite) -> anyhow::Result<()> {
             if !alive(n.pid) {
                 bail!("node {} exited at start; its log {} ends with:\n{}", n.id, n.log.display(), log_tail(&n.log));
             }
-            if let Ok(Response::Status(_)) = client.call_node(n.addr, &Request::Status).await {
+            if let Ok(Response::Status(_)) = client.call_node(&n.addr, &Request::Status).await {
                 break;
             }
             if started.elapsed() > START_DEADLINE {

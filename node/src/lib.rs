@@ -14,6 +14,7 @@
 //!   on a majority) and applied, with the LSN range it got;
 //! * routing carries a shard id everywhere; one data shard runs today.
 
+pub mod addr;
 pub mod client;
 pub mod config;
 pub mod dev;

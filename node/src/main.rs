@@ -16,7 +16,10 @@ fn main() -> ExitCode {
     let cli = cli::Cli::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
         let default = if matches!(cli.command, cli::Command::Node { .. }) { "info" } else { "warn" };
-        tracing_subscriber::EnvFilter::new(default)
+        // GnuTLS clients (qemu, libnbd) send an IP address as the TLS
+        // server name, which RFC 6066 forbids; rustls ignores it (the
+        // certificate is still checked) and would warn at every connection.
+        tracing_subscriber::EnvFilter::new(format!("{default},rustls::msgs::handshake=error"))
     });
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {

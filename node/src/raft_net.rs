@@ -4,7 +4,6 @@
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::io::Read;
-use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -19,6 +18,7 @@ use rewind_wire::limits::SNAPSHOT_CHUNK_BYTES_MAX;
 use rewind_wire::raft as w;
 use rewind_wire::rpc::{Request, Response};
 
+use crate::addr::HostPort;
 use crate::transport::{read_frame, write_frame, Peer, TransportError};
 use crate::DATA_SHARD;
 
@@ -33,7 +33,7 @@ const APPEND_REQUEST_BYTES_MAX: usize = 12 << 20;
 #[derive(Clone)]
 pub struct Network {
     endpoint: quinn::Endpoint,
-    peers: Arc<Mutex<BTreeMap<SocketAddr, Arc<Peer>>>>,
+    peers: Arc<Mutex<BTreeMap<HostPort, Arc<Peer>>>>,
 }
 
 impl Network {
@@ -41,9 +41,9 @@ impl Network {
         Network { endpoint, peers: Arc::default() }
     }
 
-    pub fn peer(&self, addr: SocketAddr) -> Arc<Peer> {
+    pub fn peer(&self, addr: &HostPort) -> Arc<Peer> {
         let mut peers = self.peers.lock().expect("peer map lock");
-        peers.entry(addr).or_insert_with(|| Arc::new(Peer::new(self.endpoint.clone(), addr))).clone()
+        peers.entry(addr.clone()).or_insert_with(|| Arc::new(Peer::new(self.endpoint.clone(), addr.clone()))).clone()
     }
 }
 
@@ -58,8 +58,8 @@ impl RaftNetworkFactory<TypeConfig> for Network {
     async fn new_client(&mut self, target: u64, node: &BasicNode) -> RaftClient {
         let peer = node
             .addr
-            .parse::<SocketAddr>()
-            .map(|a| self.peer(a))
+            .parse::<HostPort>()
+            .map(|a| self.peer(&a))
             .map_err(|e| format!("node {target} has a bad address {:?}: {e}", node.addr));
         RaftClient { target, peer }
     }
@@ -101,8 +101,8 @@ impl RaftClient {
         let scratch2 = scratch.clone();
         let (path, temporary) = tokio::task::spawn_blocking(move || source.stream_for_send(&scratch2))
             .await
-            .map_err(|e| TransportError::Connection { addr: peer.addr, why: e.to_string() })?
-            .map_err(|e| TransportError::Connection { addr: peer.addr, why: format!("local snapshot unusable: {e}") })?;
+            .map_err(|e| TransportError::Connection { addr: peer.addr.clone(), why: e.to_string() })?
+            .map_err(|e| TransportError::Connection { addr: peer.addr.clone(), why: format!("local snapshot unusable: {e}") })?;
         let result = self.send_stream(peer, vote, &snapshot.meta, &path).await;
         if temporary {
             let _ = std::fs::remove_file(&path);
@@ -138,7 +138,7 @@ impl RaftClient {
         let _ = send.finish();
         match read_frame::<Response>(&mut recv).await? {
             Response::RaftSnapshot { vote } => Ok(SnapshotResponse::new(codec::vote_from_wire(&vote))),
-            other => Err(TransportError::Connection { addr: peer.addr, why: format!("snapshot refused: {other:?}") }),
+            other => Err(TransportError::Connection { addr: peer.addr.clone(), why: format!("snapshot refused: {other:?}") }),
         }
     }
 }

@@ -8,7 +8,7 @@
 //! disk's size, not with the length of its history. Every block is checked
 //! against its blake3 on the node before it is sent.
 
-use std::net::SocketAddr;
+use crate::addr::HostPort;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -54,7 +54,7 @@ const OVERLAY_DIR: &str = "/var/tmp";
 /// Pieces read at once from the serving node.
 const READS_IN_FLIGHT: usize = 4;
 
-async fn group_on(client: &Client, addr: SocketAddr, group: &str) -> anyhow::Result<GroupState> {
+async fn group_on(client: &Client, addr: &HostPort, group: &str) -> anyhow::Result<GroupState> {
     match client.call_node(addr, &Request::GroupState { group: group.into() }).await? {
         Response::Group(g) => Ok(g),
         Response::Error(e) => bail!("{}", e.message),
@@ -70,7 +70,7 @@ async fn serving_node(client: &Client, group: &str, node: Option<u64>) -> anyhow
     };
     let mut last_error = None;
     for n in &candidates {
-        match group_on(client, n.addr, group).await {
+        match group_on(client, &n.addr, group).await {
             Ok(g) => return Ok((n.clone(), g)),
             Err(e) => last_error = Some(e.context(format!("node {} at {}", n.id, n.addr))),
         }
@@ -96,7 +96,7 @@ pub async fn resolve(client: &Client, group: &str, target: &Target, node: &NodeA
         Err(e @ crate::client::CallError::NoAnswer { .. }) => tracing::warn!("no leader answered ({e}); resolving the target on node {}", node.id),
     }
     let request = Request::Resolve { group: group.into(), target: target.clone(), on_leader: false };
-    match client.call_node(node.addr, &request).await? {
+    match client.call_node(&node.addr, &request).await? {
         Response::Resolved { lsn, time_ns } => Ok((lsn, time_ns, format!("node {} (no leader answered; it may lag)", node.id))),
         Response::Error(e) => Err(node_error(node.id, &e)),
         other => bail!("unexpected reply {other:?}"),
@@ -109,7 +109,7 @@ async fn wait_applied(client: &Client, node: &NodeAddr, group: &str, lsn: u64, w
     let started = Instant::now();
     let mut said = false;
     loop {
-        let g = group_on(client, node.addr, group).await.with_context(|| format!("node {}", node.id))?;
+        let g = group_on(client, &node.addr, group).await.with_context(|| format!("node {}", node.id))?;
         if g.last_lsn >= lsn {
             return Ok(());
         }
@@ -147,7 +147,7 @@ impl rewind_replay::BlockSource for NodeSource {
         Box::pin(async move {
             let request = Request::ReadDisk { group: self.group.clone(), disk: self.disk.clone(), lsn: self.lsn, offset, len };
             let id = self.node.id;
-            match self.client.call_node(self.node.addr, &request).await {
+            match self.client.call_node(&self.node.addr, &request).await {
                 Ok(Response::DiskPiece { len, runs }) => Ok(rewind_replay::Piece { len, runs }),
                 Ok(Response::Error(e)) if e.kind == ErrorKind::Internal => {
                     Err(SourceError::Damaged(format!("{} (other nodes may still hold good copies: try --node)", e.message)))
@@ -191,7 +191,9 @@ pub async fn run(client: &Client, opts: &ReplayOptions, progress: impl FnMut(u64
 
 /// How `rewind replay --serve` hands the disk over.
 pub struct ServeOptions {
-    pub listen: SocketAddr,
+    pub listen: HostPort,
+    /// Plaintext or NBD-TLS (the client config's certificate).
+    pub tls: crate::tls::NbdTlsPolicy,
     /// Accept writes into a copy-on-write overlay.
     pub writable: bool,
     /// The overlay file (default: a new file under /var/tmp).
@@ -219,10 +221,10 @@ pub struct Serving {
 /// an existing one, and it is removed on every way out unless kept.
 pub async fn serve(client: &Client, opts: &ReplayOptions, serve: &ServeOptions, ready: impl FnOnce(&Serving), mut note: impl FnMut(&str)) -> anyhow::Result<()> {
     let started = Instant::now();
-    if !serve.listen.ip().is_loopback() {
-        bail!("--serve {} is not a loopback address (127.0.0.0/8 or ::1)", serve.listen);
-    }
-    let listener = tokio::net::TcpListener::bind(serve.listen).await.with_context(|| format!("listen on {}", serve.listen))?;
+    let tls = crate::tls::nbd_tls(&serve.listen, serve.tls, &client.tls)?;
+    let bind = serve.listen.bind_addr()?;
+    let listener = tokio::net::TcpListener::bind(bind).await.with_context(|| format!("listen on {} ({bind})", serve.listen))?;
+    let scheme = if matches!(tls, rewind_nbd::server::Tls::Required(_)) { "nbds" } else { "nbd" };
     let (source, time_ns, resolved_on) = open_source(client, opts, &mut note).await?;
     let (lsn, node, size) = (source.lsn, source.node.id, source.size);
     let overlay = if serve.writable {
@@ -255,10 +257,10 @@ pub async fn serve(client: &Client, opts: &ReplayOptions, serve: &ServeOptions, 
     let stop = rewind_nbd::listen::StopSignal::new().context("catch SIGTERM and SIGINT");
     let served = async {
         let stop = stop?;
-        let uri = format!("nbd://{}/{}", listener.local_addr()?, opts.disk);
+        let uri = format!("{scheme}://{}/{}", listener.local_addr()?, opts.disk);
         ready(&Serving { uri, node, lsn, time_ns, resolved_on, ready_after: started.elapsed(), overlay: overlay_path });
         tokio::select! {
-            never = rewind_nbd::listen::accept_tcp(&listener, export.clone(), serve.connections_max) => match never {},
+            never = rewind_nbd::listen::accept_tcp(&listener, export.clone(), serve.connections_max, tls.clone()) => match never {},
             () = stop.wait() => Ok(()),
         }
     }

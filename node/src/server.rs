@@ -15,6 +15,8 @@ use rewind_wire::limits::{PRODUCER_WINDOW_MAX, SNAPSHOT_CHUNK_BYTES_MAX};
 use rewind_wire::raft::{self as w, ShardId};
 use rewind_wire::rpc::{Request, Response};
 
+use rewind_service::access::Access;
+
 use crate::config::NodeConfig;
 use crate::raft_net::Network;
 use crate::transport::{read_frame, write_frame};
@@ -89,10 +91,13 @@ fn raft_config(c: &NodeConfig) -> anyhow::Result<Arc<openraft::Config>> {
 pub async fn run(config: NodeConfig) -> anyhow::Result<()> {
     let server = crate::tls::server_config(&config.tls)?;
     let client = crate::tls::client_config(&config.tls)?;
-    let mut endpoint = quinn::Endpoint::server(server, config.listen)
-        .with_context(|| format!("listen on {} (UDP)", config.listen))?;
+    crate::tls::check_covers(&config.tls.cert, config.advertised(), &format!("advertise = \"{}\"", config.advertised()))?;
+    let bind = config.listen.bind_addr()?;
+    let mut endpoint = quinn::Endpoint::server(server, bind)
+        .with_context(|| format!("listen on {} ({bind}, UDP)", config.listen))?;
     endpoint.set_default_client_config(client);
-    if let Some(addr) = config.metrics_listen {
+    if let Some(m) = &config.metrics_listen {
+        let addr = m.bind_addr()?;
         metrics_exporter_prometheus::PrometheusBuilder::new()
             .with_http_listener(addr)
             .install()
@@ -107,8 +112,8 @@ pub async fn run(config: NodeConfig) -> anyhow::Result<()> {
     watch_raft(raft.clone());
     let mut shards = BTreeMap::new();
     shards.insert(DATA_SHARD, Service::new(config.id, raft.clone(), store.reader));
-    let node = Arc::new(Node { id: config.id, addr: config.listen.to_string(), shards, taps: Default::default(), snapshot_receiving: tokio::sync::Semaphore::new(1) });
-    tracing::info!(id = config.id, listen = %config.listen, data = %config.data_dir.display(), "node started");
+    let node = Arc::new(Node { id: config.id, addr: config.advertised().to_string(), shards, taps: Default::default(), snapshot_receiving: tokio::sync::Semaphore::new(1) });
+    tracing::info!(id = config.id, listen = %config.listen, advertise = %config.advertised(), data = %config.data_dir.display(), "node started");
 
     let accept = {
         let endpoint = endpoint.clone();
@@ -163,20 +168,48 @@ async fn serve_connection(node: Arc<Node>, incoming: quinn::Incoming) {
             return;
         }
     };
+    // The peer's role, read once from its certificate (which the TLS
+    // handshake has checked against the site's CA and its validity).
+    let access: Arc<Result<Access, String>> = Arc::new(peer_access(&conn));
+    match access.as_ref() {
+        Ok(a) => tracing::debug!(%remote, role = %a, "connection"),
+        Err(e) => tracing::warn!(%remote, "a connection's certificate gives no role; its requests are refused: {e}"),
+    }
     loop {
         let (send, recv) = match conn.accept_bi().await {
             Ok(s) => s,
             Err(_) => return,
         };
         let node = node.clone();
-        spawn(serve_stream(node, remote, send, recv));
+        spawn(serve_stream(node, remote, access.clone(), send, recv));
+    }
+}
+
+/// The role in a connection's client certificate.
+fn peer_access(conn: &quinn::Connection) -> Result<Access, String> {
+    let identity = conn.peer_identity().ok_or("no client certificate")?;
+    let certs = identity
+        .downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
+        .map_err(|_| "a client identity that is not an X.509 chain".to_string())?;
+    let leaf = certs.first().ok_or("an empty certificate chain")?;
+    crate::tls::access_of(leaf).map_err(|e| format!("{e:#}"))
+}
+
+/// Whether the connection's role allows `request`.
+fn permit(access: &Result<Access, String>, request: &Request) -> Result<(), ServiceError> {
+    match access {
+        Ok(a) => rewind_service::access::check(a, request).map_err(|d| {
+            metrics::counter!("rewind_requests_denied_total", "role" => d.role).increment(1);
+            ServiceError::from(d)
+        }),
+        Err(e) => Err(ServiceError::Refused(format!("permission denied: {e}"))),
     }
 }
 
 /// How long a stream may take to deliver its first (or only) request.
 const REQUEST_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
-async fn serve_stream(node: Arc<Node>, remote: std::net::SocketAddr, mut send: quinn::SendStream, mut recv: quinn::RecvStream) {
+async fn serve_stream(node: Arc<Node>, remote: std::net::SocketAddr, access: Arc<Result<Access, String>>, mut send: quinn::SendStream, mut recv: quinn::RecvStream) {
     let first = match tokio::time::timeout(REQUEST_READ_TIMEOUT, read_frame::<Request>(&mut recv)).await {
         Ok(r) => r,
         Err(_) => {
@@ -185,9 +218,13 @@ async fn serve_stream(node: Arc<Node>, remote: std::net::SocketAddr, mut send: q
             return;
         }
     };
-    let response = match first {
-        Ok(Request::Append { batch }) => return serve_append_stream(node, remote, batch, send, recv).await,
-        Ok(request) => node.dispatch(request, &mut recv).await,
+    let response = match first.map(|r| (permit(&access, &r), r)) {
+        Ok((Err(denied), _)) => {
+            tracing::warn!(%remote, "{denied}");
+            Response::from(denied)
+        }
+        Ok((Ok(()), Request::Append { batch })) => return serve_append_stream(node, remote, access, batch, send, recv).await,
+        Ok((Ok(()), request)) => node.dispatch(request, &mut recv).await,
         Err(e) => {
             tracing::warn!(%remote, "refused a request: {e}");
             bad_request(e.to_string())
@@ -335,6 +372,7 @@ const APPEND_STREAM_IN_FLIGHT_MAX: usize = PRODUCER_WINDOW_MAX;
 async fn serve_append_stream(
     node: Arc<Node>,
     remote: std::net::SocketAddr,
+    access: Arc<Result<Access, String>>,
     first: EventBatch,
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
@@ -362,9 +400,14 @@ async fn serve_append_stream(
     loop {
         let batch = match next.take() {
             Some(b) => b,
-            None => match read_frame::<Request>(&mut recv).await {
-                Ok(Request::Append { batch }) => batch,
-                Ok(other) => {
+            None => match read_frame::<Request>(&mut recv).await.map(|r| (permit(&access, &r), r)) {
+                Ok((Err(denied), _)) => {
+                    tracing::warn!(%remote, "{denied}");
+                    let _ = tx.send(PendingAppend::Ready(Response::from(denied))).await;
+                    break;
+                }
+                Ok((Ok(()), Request::Append { batch })) => batch,
+                Ok((Ok(()), other)) => {
                     let _ = tx.send(PendingAppend::Ready(bad_request(format!("an append stream carries only appends, not {}", other.name())))).await;
                     break;
                 }

@@ -1,6 +1,5 @@
 //! `rewind tap`: the cdp-ingest tap, wired to the site through a producer.
 
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -15,10 +14,14 @@ use rewind_cdp_ingest::shipper::{redo_journal, ship_journal, ProducerSink, ShipE
 use rewind_cdp_ingest::tap::{self, LogSink, Tap, TapConfig};
 use rewind_wire::rpc::{Request, Response, TapReport};
 
+use crate::addr::HostPort;
 use crate::client::Client;
+use crate::tls::NbdTlsPolicy;
 
 pub enum Listen {
-    Tcp(SocketAddr),
+    /// TCP, in plaintext or NBD-TLS as the policy says.
+    Tcp(HostPort, NbdTlsPolicy),
+    /// A Unix socket: plaintext, guarded by the file's mode.
     Unix(PathBuf),
 }
 
@@ -38,7 +41,7 @@ pub struct TapOptions {
     pub window: usize,
     pub mode: TapMode,
     /// Where to serve Prometheus metrics, if anywhere.
-    pub metrics_listen: Option<SocketAddr>,
+    pub metrics_listen: Option<HostPort>,
     /// NBD connections served at once.
     pub connections_max: usize,
 }
@@ -169,23 +172,24 @@ fn open_backing(path: &Path, size_bytes: u64) -> anyhow::Result<std::fs::File> {
 
 /// A listener bound before the tap touches any file.
 enum Bound {
-    Tcp(tokio::net::TcpListener),
+    Tcp(tokio::net::TcpListener, rewind_nbd::server::Tls),
     /// The socket, its path, and its inode (the path is removed at exit
     /// only while it is still this socket).
     Unix(tokio::net::UnixListener, PathBuf, u64),
 }
 
-/// Checks the listen arguments and binds: a TCP address must be on
-/// loopback; a Unix socket path may replace only a stale socket, never a
-/// file of another kind (a backing file, a user's file).
-async fn bind(listen: &Listen) -> anyhow::Result<Bound> {
+/// Checks the listen arguments and binds: a TCP address off loopback
+/// needs NBD-TLS (or the operator's --insecure-plaintext); a Unix socket
+/// path may replace only a stale socket, never a file of another kind (a
+/// backing file, a user's file).
+async fn bind(listen: &Listen, tls_files: &crate::config::TlsFiles) -> anyhow::Result<Bound> {
     use std::os::unix::fs::{FileTypeExt, MetadataExt};
     match listen {
-        Listen::Tcp(addr) => {
-            if !addr.ip().is_loopback() {
-                bail!("--listen {addr} is not a loopback address (127.0.0.0/8 or ::1)");
-            }
-            Ok(Bound::Tcp(tokio::net::TcpListener::bind(addr).await.with_context(|| format!("listen on {addr}"))?))
+        Listen::Tcp(addr, policy) => {
+            let tls = crate::tls::nbd_tls(addr, *policy, tls_files)?;
+            let bind = addr.bind_addr()?;
+            let listener = tokio::net::TcpListener::bind(bind).await.with_context(|| format!("listen on {addr} ({bind})"))?;
+            Ok(Bound::Tcp(listener, tls))
         }
         Listen::Unix(path) => {
             match std::fs::symlink_metadata(path) {
@@ -200,6 +204,12 @@ async fn bind(listen: &Listen) -> anyhow::Result<Bound> {
             let ino = std::fs::symlink_metadata(path).with_context(|| format!("look at {}", path.display()))?.ino();
             Ok(Bound::Unix(listener, path.clone(), ino))
         }
+    }
+}
+
+impl Bound {
+    fn tls(&self) -> bool {
+        matches!(self, Bound::Tcp(_, rewind_nbd::server::Tls::Required(_)))
     }
 }
 
@@ -218,12 +228,8 @@ impl Drop for Bound {
 /// once it listens. Arguments are checked and the listener bound before
 /// any file is created or changed.
 pub async fn run(client: Client, opts: TapOptions, ready: impl FnOnce(&str)) -> anyhow::Result<()> {
-    if let Some(addr) = opts.metrics_listen {
-        if !addr.ip().is_loopback() {
-            bail!("--metrics-listen {addr} is not a loopback address (127.0.0.0/8 or ::1)");
-        }
-    }
-    let bound = bind(&opts.listen).await?;
+    let metrics_addr = opts.metrics_listen.as_ref().map(|m| m.bind_addr()).transpose().context("--metrics-listen")?;
+    let bound = bind(&opts.listen, &client.tls).await?;
     // An async tap remembers its disk's size in its journal folder, so it
     // can serve the guest while the site is down.
     let remembered = match &opts.mode {
@@ -246,14 +252,14 @@ pub async fn run(client: Client, opts: TapOptions, ready: impl FnOnce(&str)) -> 
     };
     let disk = rewind_wire::rpc::DiskSpec { name: opts.disk.clone(), size_bytes, sector_bytes };
     let backing: Arc<dyn tap::Backing> = Arc::new(tap::FileBacking(Arc::new(open_backing(&opts.backing, disk.size_bytes)?)));
-    if let Some(addr) = opts.metrics_listen {
+    if let Some(addr) = metrics_addr {
         metrics_exporter_prometheus::PrometheusBuilder::new()
             .with_http_listener(addr)
             .install()
             .with_context(|| format!("start the metrics endpoint on {addr}"))?;
     }
     let uri = match &opts.listen {
-        Listen::Tcp(addr) => format!("nbd://{addr}/{}", opts.disk),
+        Listen::Tcp(addr, _) => format!("{}://{addr}/{}", if bound.tls() { "nbds" } else { "nbd" }, opts.disk),
         Listen::Unix(path) => format!("nbd+unix:///{}?socket={}", opts.disk, path.display()),
     };
     let (sink, mode, shipper, journal): (Arc<dyn LogSink>, _, _, _) = match &opts.mode {
@@ -320,11 +326,12 @@ async fn serve(
     let export: Arc<dyn rewind_nbd::server::Export> = tap;
     let stop = rewind_nbd::listen::StopSignal::new().context("catch SIGTERM and SIGINT")?;
     match &bound {
-        Bound::Tcp(listener) => {
+        Bound::Tcp(listener, tls) => {
             let local = listener.local_addr()?;
-            ready(&format!("nbd://{local}/{opts_disk}"));
+            let scheme = if bound.tls() { "nbds" } else { "nbd" };
+            ready(&format!("{scheme}://{local}/{opts_disk}"));
             tokio::select! {
-                never = rewind_nbd::listen::accept_tcp(listener, export, connections_max) => match never {},
+                never = rewind_nbd::listen::accept_tcp(listener, export, connections_max, tls.clone()) => match never {},
                 () = stop.wait() => Ok(()),
                 e = &mut shipper_failed => Err(e),
             }

@@ -1,18 +1,27 @@
 //! The site's certificates (made with rcgen) and the rustls configurations
 //! for QUIC with mutual TLS: every node and client proves itself with a
-//! certificate signed by the site's CA.
+//! certificate signed by the site's CA. A certificate carries the names and
+//! addresses of its host (checked by whoever dials it) and one role
+//! (`rewind_service::access`), in its subject's organizational unit, which
+//! the node reads from every connection's client certificate.
 
 use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::{anyhow, Context};
-use rcgen::{BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose};
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rcgen::{BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType};
+use rewind_service::access::Access;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use rustls::RootCertStore;
 
-/// The name every node's certificate carries and every client checks.
-pub const SERVER_NAME: &str = "localhost";
+use crate::addr::HostPort;
+
+/// The names a certificate carries when `rewind certs` is given none: the
+/// loopback names, for a site on one machine.
+pub const LOOPBACK_NAMES: [&str; 3] = ["localhost", "127.0.0.1", "::1"];
 const ALPN: &[u8] = b"rewind/1";
+/// How long a site's CA is valid.
+const CA_DAYS: i64 = 3650;
 
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
@@ -44,10 +53,19 @@ pub fn check_leaf_name(dir: &Path, name: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Validity from an hour ago (clocks differ a little) to `days` from now.
+fn set_validity(params: &mut CertificateParams, days: i64) -> anyhow::Result<()> {
+    let now = time::OffsetDateTime::from_unix_timestamp((crate::now_ns() / 1_000_000_000) as i64).context("the clock")?;
+    params.not_before = now - time::Duration::hours(1);
+    params.not_after = now + time::Duration::days(days);
+    Ok(())
+}
+
 /// Writes a new CA (`ca.pem`, `ca.key`) into `dir`.
 pub fn make_ca(dir: &Path, name: &str) -> anyhow::Result<()> {
     let key = KeyPair::generate().context("generate CA key")?;
     let mut params = CertificateParams::new(Vec::<String>::new()).context("CA parameters")?;
+    set_validity(&mut params, CA_DAYS)?;
     params.distinguished_name.push(DnType::CommonName, format!("rewind site CA {name}"));
     params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
@@ -57,19 +75,59 @@ pub fn make_ca(dir: &Path, name: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// What a leaf certificate says of its holder.
+#[derive(Debug, Clone)]
+pub struct LeafSpec {
+    /// Host names and IP addresses the holder is reached at (server side).
+    pub names: Vec<String>,
+    pub access: Access,
+    pub days: i64,
+}
+
+impl LeafSpec {
+    /// A certificate for a site on one machine: the loopback names.
+    pub fn loopback(access: Access, days: i64) -> LeafSpec {
+        LeafSpec { names: LOOPBACK_NAMES.iter().map(|s| s.to_string()).collect(), access, days }
+    }
+
+    /// Checks the names: each a host name or an IP address.
+    pub fn check(&self) -> anyhow::Result<()> {
+        if self.names.is_empty() {
+            return Err(anyhow!("a certificate needs at least one name (--san)"));
+        }
+        for n in &self.names {
+            if n.parse::<std::net::IpAddr>().is_err() && HostPort::parse(&format!("{n}:1")).is_err() {
+                return Err(anyhow!("--san {n:?} is neither a host name nor an IP address"));
+            }
+        }
+        if !(1..=36500).contains(&self.days) {
+            return Err(anyhow!("--days {} is not between 1 and 36500", self.days));
+        }
+        Ok(())
+    }
+}
+
 /// Writes `<name>.pem` and `<name>.key`, signed by the CA in `dir`, valid as
-/// both server and client on loopback. The name is checked first
-/// ([`check_leaf_name`]).
-pub fn make_leaf(dir: &Path, name: &str) -> anyhow::Result<()> {
+/// both server and client for `spec`'s names, carrying its role. The name
+/// is checked first ([`check_leaf_name`]).
+pub fn make_leaf(dir: &Path, name: &str, spec: &LeafSpec) -> anyhow::Result<()> {
     check_leaf_name(dir, name)?;
+    spec.check()?;
     let ca_key_pem = std::fs::read_to_string(dir.join("ca.key")).context("read ca.key")?;
     let ca_pem = std::fs::read_to_string(dir.join("ca.pem")).context("read ca.pem")?;
     let ca_key = KeyPair::from_pem(&ca_key_pem).context("parse ca.key")?;
     let issuer = Issuer::from_ca_cert_pem(&ca_pem, ca_key).context("parse ca.pem")?;
     let key = KeyPair::generate().context("generate key")?;
-    let sans = vec![SERVER_NAME.to_string(), "127.0.0.1".to_string(), "::1".to_string()];
-    let mut params = CertificateParams::new(sans).context("certificate parameters")?;
+    let mut params = CertificateParams::new(Vec::<String>::new()).context("certificate parameters")?;
+    for n in &spec.names {
+        params.subject_alt_names.push(match n.parse::<std::net::IpAddr>() {
+            Ok(ip) => SanType::IpAddress(ip),
+            Err(_) => SanType::DnsName(n.to_ascii_lowercase().try_into().with_context(|| format!("--san {n:?}"))?),
+        });
+    }
+    set_validity(&mut params, spec.days)?;
     params.distinguished_name.push(DnType::CommonName, name);
+    params.distinguished_name.push(DnType::OrganizationalUnitName, spec.access.to_text());
     params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
     let cert = params.signed_by(&key, &issuer).context("sign certificate")?;
     write_file(&dir.join(format!("{name}.key")), &key.serialize_pem(), 0o600)?;
@@ -99,6 +157,64 @@ fn write_file(path: &Path, text: &str, mode: u32) -> anyhow::Result<()> {
         let _ = std::fs::remove_file(&tmp);
     })
     .with_context(|| format!("write {}", path.display()))
+}
+
+/// The role a certificate carries, from its subject's organizational unit.
+pub fn access_of(cert: &CertificateDer<'_>) -> anyhow::Result<Access> {
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref()).map_err(|e| anyhow!("unreadable certificate: {e}"))?;
+    let subject = parsed.subject();
+    let mut units = subject.iter_organizational_unit();
+    let unit = units.next().ok_or_else(|| anyhow!("certificate {subject} carries no rewind role; reissue it with `rewind certs --role`"))?;
+    if units.next().is_some() {
+        return Err(anyhow!("certificate {subject} carries more than one role"));
+    }
+    let text = unit.as_str().map_err(|e| anyhow!("certificate {subject}: role is not text: {e}"))?;
+    Access::parse(text).map_err(|e| anyhow!("certificate {subject}: {e}"))
+}
+
+/// The role of the certificate in the PEM file at `path`.
+pub fn access_of_file(path: &Path) -> anyhow::Result<Access> {
+    access_of(&load_certs(path)?[0])
+}
+
+/// Refuses to go on unless the certificate at `path` carries `addr`'s
+/// host: what peers and clients dial must be what they can verify.
+/// `given_as` names where the address came from (`advertise = "..."`).
+pub fn check_covers(path: &Path, addr: &HostPort, given_as: &str) -> anyhow::Result<()> {
+    let certs = load_certs(path)?;
+    let parsed = rustls::server::ParsedCertificate::try_from(&certs[0]).map_err(|e| anyhow!("certificate {}: {e}", path.display()))?;
+    let name = ServerName::try_from(addr.tls_name()).map_err(|e| anyhow!("advertise address {addr}: {e}"))?;
+    if rustls::client::verify_server_name(&parsed, &name).is_err() {
+        let names = names_of(&certs[0]).unwrap_or_default();
+        return Err(anyhow!(
+            "certificate {} does not cover {:?}, the host clients dial ({given_as}); it names {}. Reissue it with `rewind certs --san {}`, or use one of its names",
+            path.display(),
+            addr.tls_name(),
+            if names.is_empty() { "nothing".to_string() } else { names.join(", ") },
+            addr.tls_name()
+        ));
+    }
+    Ok(())
+}
+
+/// The DNS names and IP addresses a certificate names.
+pub fn names_of(cert: &CertificateDer<'_>) -> anyhow::Result<Vec<String>> {
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref()).map_err(|e| anyhow!("unreadable certificate: {e}"))?;
+    let mut names = Vec::new();
+    if let Ok(Some(san)) = parsed.subject_alternative_name() {
+        for n in &san.value.general_names {
+            match n {
+                x509_parser::extensions::GeneralName::DNSName(d) => names.push(d.to_string()),
+                x509_parser::extensions::GeneralName::IPAddress(b) => match b.len() {
+                    4 => names.push(std::net::IpAddr::from(<[u8; 4]>::try_from(*b).expect("4 bytes")).to_string()),
+                    16 => names.push(std::net::IpAddr::from(<[u8; 16]>::try_from(*b).expect("16 bytes")).to_string()),
+                    _ => {}
+                },
+                _ => {}
+            }
+        }
+    }
+    Ok(names)
 }
 
 fn load_certs(path: &Path) -> anyhow::Result<Vec<CertificateDer<'static>>> {
@@ -180,4 +296,51 @@ pub fn client_config(files: &crate::config::TlsFiles) -> anyhow::Result<quinn::C
     let mut config = quinn::ClientConfig::new(Arc::new(crypto));
     config.transport_config(transport());
     Ok(config)
+}
+
+/// When an NBD export (a tap, a replay's `--serve`) requires TLS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NbdTlsPolicy {
+    /// Plaintext on loopback, TLS required on any other address.
+    Auto,
+    /// TLS required, loopback too (`--tls`).
+    Always,
+    /// Plaintext on any address (`--insecure-plaintext`): anyone who can
+    /// reach the port can read the disk, and a tap's too write it.
+    InsecurePlaintext,
+}
+
+/// The NBD server's TLS for an export listening on `listen`: its
+/// certificate is `files`' (which must carry `listen`'s host, unless it
+/// binds every address), and a client must present a certificate from the
+/// site's CA.
+pub fn nbd_tls(listen: &HostPort, policy: NbdTlsPolicy, files: &crate::config::TlsFiles) -> anyhow::Result<rewind_nbd::server::Tls> {
+    let required = match policy {
+        NbdTlsPolicy::Auto => !listen.is_loopback(),
+        NbdTlsPolicy::Always => true,
+        NbdTlsPolicy::InsecurePlaintext => false,
+    };
+    if !required {
+        if !listen.is_loopback() {
+            tracing::warn!(%listen, "serving NBD in plaintext on a non-loopback address (--insecure-plaintext): anyone who reaches it reads the disk");
+        }
+        return Ok(rewind_nbd::server::Tls::Off);
+    }
+    if listen.ip().is_some_and(|ip| ip.is_unspecified()) {
+        let names = names_of(&load_certs(&files.cert)?[0]).unwrap_or_default();
+        tracing::info!(%listen, "NBD-TLS on every address: clients must dial one of the certificate's names: {}", names.join(", "));
+    } else {
+        check_covers(&files.cert, listen, &format!("the NBD export's address {listen}"))
+            .context("NBD-TLS is required off loopback, with the client config's [tls] certificate (or give --insecure-plaintext)")?;
+    }
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(roots(&files.ca)?, provider())
+        .build()
+        .context("client certificate verifier")?;
+    let tls = rustls::ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .context("TLS versions")?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(load_certs(&files.cert)?, load_key(&files.key)?)
+        .context("server certificate and key")?;
+    Ok(rewind_nbd::server::Tls::Required(tokio_rustls::TlsAcceptor::from(Arc::new(tls))))
 }

@@ -2,6 +2,8 @@
 //! request and its reply use one bidirectional stream.
 
 use std::net::SocketAddr;
+
+use crate::addr::HostPort;
 use std::time::Duration;
 
 use rewind_wire::frame::{decode_body, decode_header, encode_frame, FrameError, FRAME_HEADER_BYTES};
@@ -10,13 +12,13 @@ use rewind_wire::rpc::{Request, Response};
 #[derive(Debug, thiserror::Error)]
 pub enum TransportError {
     #[error("cannot reach {addr}: {why}")]
-    Unreachable { addr: SocketAddr, why: String },
+    Unreachable { addr: HostPort, why: String },
     #[error("connection to {addr} failed: {why}")]
-    Connection { addr: SocketAddr, why: String },
+    Connection { addr: HostPort, why: String },
     #[error("bad frame: {0}")]
     Frame(#[from] FrameError),
     #[error("no answer from {addr} within {after:?}")]
-    Timeout { addr: SocketAddr, after: Duration },
+    Timeout { addr: HostPort, after: Duration },
     #[error("stream ended before a whole frame arrived")]
     Closed,
     /// The TLS handshake failed: the node refused this client's
@@ -89,12 +91,12 @@ pub async fn read_frame<T: rewind_wire::Decode>(recv: &mut quinn::RecvStream) ->
 /// A peer's address and a cached connection to it.
 pub struct Peer {
     endpoint: quinn::Endpoint,
-    pub addr: SocketAddr,
+    pub addr: HostPort,
     conn: tokio::sync::Mutex<Option<quinn::Connection>>,
 }
 
 impl Peer {
-    pub fn new(endpoint: quinn::Endpoint, addr: SocketAddr) -> Peer {
+    pub fn new(endpoint: quinn::Endpoint, addr: HostPort) -> Peer {
         Peer { endpoint, addr, conn: tokio::sync::Mutex::new(None) }
     }
 
@@ -105,9 +107,12 @@ impl Peer {
                 return Ok(c.clone());
             }
         }
-        let unreachable = |why: String| TransportError::Unreachable { addr: self.addr, why };
+        let unreachable = |why: String| TransportError::Unreachable { addr: self.addr.clone(), why };
+        // The name is looked up at every new connection, and the node's
+        // certificate must carry the name (or IP address) dialled.
+        let socket = self.addr.resolve().await.map_err(|e| unreachable(e.to_string()))?;
         let connecting =
-            self.endpoint.connect(self.addr, crate::tls::SERVER_NAME).map_err(|e| unreachable(e.to_string()))?;
+            self.endpoint.connect(socket, &self.addr.tls_name()).map_err(|e| unreachable(e.to_string()))?;
         let conn = tokio::time::timeout(Duration::from_secs(5), connecting)
             .await
             .map_err(|_| unreachable("handshake timed out".into()))?
@@ -124,7 +129,7 @@ impl Peer {
         let conn = self.connection().await?;
         conn.open_bi().await.map_err(|e| match connection_error(&e) {
             refused @ TransportError::TlsRefused { .. } => refused,
-            _ => TransportError::Connection { addr: self.addr, why: e.to_string() },
+            _ => TransportError::Connection { addr: self.addr.clone(), why: e.to_string() },
         })
     }
 
@@ -138,14 +143,23 @@ impl Peer {
         };
         match tokio::time::timeout(timeout, work).await {
             Ok(r) => r,
-            Err(_) => Err(TransportError::Timeout { addr: self.addr, after: timeout }),
+            Err(_) => Err(TransportError::Timeout { addr: self.addr.clone(), after: timeout }),
         }
     }
 }
 
-/// A client endpoint on loopback for `addr`'s address family.
-pub fn client_endpoint(addr: &SocketAddr, config: quinn::ClientConfig) -> anyhow::Result<quinn::Endpoint> {
-    let bind: SocketAddr = if addr.is_ipv6() { "[::1]:0".parse()? } else { "127.0.0.1:0".parse()? };
+/// A client endpoint for `addr`'s address family, on an address the
+/// system picks (loopback when the site is on loopback).
+pub fn client_endpoint(addr: &HostPort, config: quinn::ClientConfig) -> anyhow::Result<quinn::Endpoint> {
+    let target = addr.resolve_blocking().ok().and_then(|a| a.first().copied());
+    let v6 = target.is_some_and(|a| a.is_ipv6());
+    let loopback = target.is_some_and(|a| a.ip().is_loopback());
+    let bind: SocketAddr = match (v6, loopback) {
+        (true, true) => "[::1]:0".parse()?,
+        (true, false) => "[::]:0".parse()?,
+        (false, true) => "127.0.0.1:0".parse()?,
+        (false, false) => "0.0.0.0:0".parse()?,
+    };
     let mut endpoint = quinn::Endpoint::client(bind)?;
     endpoint.set_default_client_config(config);
     Ok(endpoint)

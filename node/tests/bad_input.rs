@@ -41,13 +41,13 @@ async fn bad_frames_certificates_and_configs_are_refused() {
     let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
     for i in 0..200u32 {
         let junk: Vec<u8> = (0..(i % 1200 + 1)).map(|j| (i.wrapping_mul(31) ^ j) as u8).collect();
-        udp.send_to(&junk, node.addr).unwrap();
+        udp.send_to(&junk, &node.addr).unwrap();
     }
 
     // Malformed frames over a real, authenticated stream.
     let config = ClientConfig::load(&site.config()).unwrap();
     let endpoint = rewind_node::transport::client_endpoint(&node.addr, rewind_node::tls::client_config(&config.tls).unwrap()).unwrap();
-    let peer = Peer::new(endpoint, node.addr);
+    let peer = Peer::new(endpoint, node.addr.clone());
     check_bad_request(raw_call(&peer, b"GET / HTTP/1.1\r\nHost: x\r\n\r\nxxxxxxxxxxxxx").await, "not a rewind frame");
     let good = encode_frame(&Request::Status).unwrap();
     check_bad_request(raw_call(&peer, &good[..good.len() - 3]).await, "stream ended");
@@ -71,10 +71,11 @@ async fn bad_frames_certificates_and_configs_are_refused() {
     // A client whose certificate comes from another CA cannot connect.
     let other = tempfile::tempdir().unwrap();
     rewind_node::tls::make_ca(other.path(), "other").unwrap();
-    rewind_node::tls::make_leaf(other.path(), "intruder").unwrap();
+    let spec = rewind_node::tls::LeafSpec { names: vec!["localhost".into()], access: rewind_service::access::Access::Admin, days: 30 };
+    rewind_node::tls::make_leaf(other.path(), "intruder", &spec).unwrap();
     let tls = TlsFiles { ca: config.tls.ca.clone(), cert: other.path().join("intruder.pem"), key: other.path().join("intruder.key") };
     let endpoint = rewind_node::transport::client_endpoint(&node.addr, rewind_node::tls::client_config(&tls).unwrap()).unwrap();
-    let intruder = Peer::new(endpoint, node.addr);
+    let intruder = Peer::new(endpoint, node.addr.clone());
     let r = intruder.call(&Request::Status, std::time::Duration::from_secs(5)).await;
     assert!(matches!(r, Err(rewind_node::transport::TransportError::TlsRefused { .. })), "a foreign certificate: {r:?}");
     // The CLI names the refusal at once, rather than retrying for 30 s.
@@ -170,9 +171,11 @@ async fn paths_at_users_files_are_refused_and_nothing_is_touched() {
 
     // tap --socket at a regular file (here the live backing file): refused.
     refused(&site, &["tap", "--group", "g", "--disk", "d0", "--backing", work.path().join("other.raw").to_str().unwrap(), "--socket", b], "is not a socket");
-    // tap --listen off loopback: refused before any file is made.
+    // tap --listen off loopback with a certificate that does not name the
+    // address (NBD-TLS could not be verified): refused before any file is
+    // made.
     let never = work.path().join("never.raw");
-    refused(&site, &["tap", "--group", "g", "--disk", "d0", "--backing", never.to_str().unwrap(), "--listen", "192.0.2.1:10809"], "not a loopback address");
+    refused(&site, &["tap", "--group", "g", "--disk", "d0", "--backing", never.to_str().unwrap(), "--listen", "192.0.2.1:10809"], "does not cover \"192.0.2.1\"");
     assert!(!never.exists() && !work.path().join("never.raw.tap-id").exists());
 
     // replay --serve --writable --overlay at an existing file: refused.
@@ -199,12 +202,12 @@ async fn paths_at_users_files_are_refused_and_nothing_is_touched() {
     let ca_before = std::fs::read(certs.join("ca.pem")).unwrap();
     let d = certs.to_str().unwrap();
     for (name, mention) in [("ca", "site CA's"), ("../x", "certificate name"), ("client", "never overwritten")] {
-        let args = ["certs", "--dir", d, "--name", name];
+        let args = ["certs", "--dir", d, "--name", name, "--role", "admin"];
         expect_refusal(rewind(&args), &args, mention);
     }
     assert_eq!(std::fs::read(certs.join("ca.pem")).unwrap(), ca_before);
     assert!(!site.path().join("x.pem").exists());
-    let out = rewind(&["certs", "--dir", d, "--name", "backup-1"]);
+    let out = rewind(&["certs", "--dir", d, "--name", "backup-1", "--role", "reader"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(mode(&certs.join("backup-1.key")), 0o600);
 
@@ -253,7 +256,7 @@ async fn streams_that_announce_big_frames_and_stall_cost_the_node_little() {
     let node = site.site().nodes[0].clone();
     let config = ClientConfig::load(&site.config()).unwrap();
     let endpoint = rewind_node::transport::client_endpoint(&node.addr, rewind_node::tls::client_config(&config.tls).unwrap()).unwrap();
-    let peer = Peer::new(endpoint, node.addr);
+    let peer = Peer::new(endpoint, node.addr.clone());
     let big = TimedEvent { time_ns: 1, event: Event::Write { disk: "d0".into(), offset: 0, data: vec![1; 1 << 20] } };
     let batch = rewind_wire::event::EventBatch { group: "g".into(), client_id: 77, seq: 1, events: vec![big; 15] };
     let frame = encode_frame(&Request::Append { batch }).unwrap();

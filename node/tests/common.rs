@@ -115,7 +115,7 @@ impl Site {
     }
 
     /// Every event of `group` as node `addr` holds it.
-    pub async fn read_all(&self, addr: std::net::SocketAddr, group: &str, last_lsn: u64) -> Vec<LoggedEvent> {
+    pub async fn read_all(&self, addr: &rewind_node::addr::HostPort, group: &str, last_lsn: u64) -> Vec<LoggedEvent> {
         let mut out = Vec::new();
         while (out.len() as u64) < last_lsn {
             let req = Request::ReadEvents { group: group.into(), lsn_first: out.len() as u64 + 1, count_max: 4096 };
@@ -174,7 +174,7 @@ pub fn spawn_serving(cmd: &mut Command) -> TapProcess {
     let mut child = cmd.stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::inherit()).spawn().expect("start the server");
     let mut line = String::new();
     std::io::BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).expect("the server's first line");
-    let uri = line.split_whitespace().find(|w| w.starts_with("nbd://")).unwrap_or_else(|| panic!("no URI in {line:?}")).to_string();
+    let uri = line.split_whitespace().find(|w| w.starts_with("nbd://") || w.starts_with("nbds://")).unwrap_or_else(|| panic!("no URI in {line:?}")).to_string();
     eprintln!("{}", line.trim());
     TapProcess { child, uri }
 }

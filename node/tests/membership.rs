@@ -31,7 +31,7 @@ async fn a_node_joins_catches_up_and_leaves() {
 
     // A fourth node: its own certificate from the site's CA, its own config.
     let certs = site.path().join("certs");
-    let out = rewind(&["certs", "--dir", certs.to_str().unwrap(), "--name", "node-4"]);
+    let out = rewind(&["certs", "--dir", certs.to_str().unwrap(), "--name", "node-4", "--role", "node"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let addr = std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
     let dir = site.path().join("node-4");
@@ -61,7 +61,7 @@ async fn a_node_joins_catches_up_and_leaves() {
     let expected = site.converged("g", 60, 3).await[0].1.clone();
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     loop {
-        let r = site.client.call_node(addr, &rewind_wire::rpc::Request::GroupState { group: "g".into() }).await;
+        let r = site.client.call_node(&addr.into(), &rewind_wire::rpc::Request::GroupState { group: "g".into() }).await;
         if let Ok(rewind_wire::rpc::Response::Group(g)) = r {
             if g.last_lsn == 60 {
                 assert_eq!(g.digest_hex, expected);
@@ -121,7 +121,7 @@ async fn metrics_endpoint_serves_prometheus_text() {
     let (site, _) = site_with_writes(1).await;
     let leader = site.leader().await;
     let node = site.site().nodes.into_iter().find(|n| n.id == leader.id).unwrap();
-    let mut conn = std::net::TcpStream::connect(node.metrics).unwrap();
+    let mut conn = std::net::TcpStream::connect(node.metrics.bind_addr().unwrap()).unwrap();
     conn.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     write!(conn, "GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").unwrap();
     let mut body = String::new();
@@ -156,7 +156,7 @@ async fn a_leader_asked_to_leave_hands_over_first() {
     // Asked directly, the leader does not remove itself: it hands over and
     // names the next leader.
     let addr = site.site().nodes.into_iter().find(|n| n.id == old).unwrap().addr;
-    match site.client.call_node(addr, &rewind_wire::rpc::Request::ChangeVoters { voters: voters.clone() }).await.unwrap() {
+    match site.client.call_node(&addr, &rewind_wire::rpc::Request::ChangeVoters { voters: voters.clone() }).await.unwrap() {
         rewind_wire::rpc::Response::Error(e) => {
             assert_eq!(e.kind, rewind_wire::rpc::ErrorKind::NotLeader, "{e:?}");
             let next = e.leader.expect("a hint names the next leader");

@@ -94,7 +94,7 @@ async fn three_nodes_replicate_ten_thousand_mixed_events() {
     let digests = site.converged(GROUP, 10_000, 3).await;
     assert!(digests.iter().all(|d| d.1 == digests[0].1), "replicas disagree: {digests:?}");
     for n in site.site().nodes {
-        let events = site.read_all(n.addr, GROUP, 10_000).await;
+        let events = site.read_all(&n.addr, GROUP, 10_000).await;
         check_contents(&spec, &report.acked, &events);
     }
     eprintln!("leader was node {}; {} bytes appended", leader.id, report.bytes);
@@ -145,7 +145,7 @@ async fn leader_killed_mid_stream_loses_and_duplicates_nothing() {
     rewind_node::dev::start_node(site.path(), dead.id).await.unwrap();
     let digests = site.converged(GROUP, 3000, 3).await;
     assert!(digests.iter().all(|d| d.1 == digests[0].1), "replicas disagree: {digests:?}");
-    let events = site.read_all(dead.addr, GROUP, 3000).await;
+    let events = site.read_all(&dead.addr, GROUP, 3000).await;
     check_contents(&spec, &report.acked, &events);
 }
 
@@ -191,7 +191,7 @@ async fn node_down_during_writes_catches_up_by_snapshot() {
         assert!(Instant::now() < deadline, "the node caught up without a snapshot; log:\n{log}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let got = site.read_all(victim.addr, GROUP, events).await;
+    let got = site.read_all(&victim.addr, GROUP, events).await;
     check_contents(&spec, &report.acked, &got);
     // The block index came with the snapshot: the caught-up node replays
     // the disk to the same bytes as the leader.

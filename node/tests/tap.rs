@@ -53,7 +53,7 @@ async fn log_of(site: &Site, group: &str) -> Vec<LoggedEvent> {
     let (last_lsn, _) = site.settled(group, 3).await;
     let mut all = Vec::new();
     for n in site.site().nodes {
-        let events = site.read_all(n.addr, group, last_lsn).await;
+        let events = site.read_all(&n.addr, group, last_lsn).await;
         assert_eq!(events.len() as u64, last_lsn);
         if !all.is_empty() {
             assert!(events == all, "node {} holds a different log", n.id);

@@ -22,6 +22,8 @@
 //! This crate never opens a socket, a file or a clock of its own; Raft's
 //! own RPCs, snapshots, node status and tap reports stay with the shell.
 
+pub mod access;
+
 use std::collections::{BTreeMap, BTreeSet};
 
 use openraft::alias::{OneshotReceiverOf, WriteResponderOf};
@@ -70,6 +72,12 @@ pub enum ServiceError {
     /// The node failed (a read error, a damaged record).
     #[error("{0}")]
     Internal(String),
+}
+
+impl From<access::Denied> for ServiceError {
+    fn from(d: access::Denied) -> ServiceError {
+        ServiceError::Refused(d.to_string())
+    }
 }
 
 impl From<ServiceError> for Response {

@@ -48,19 +48,18 @@ pub enum Command {
         #[arg(long)]
         config: PathBuf,
     },
-    /// Make the site's CA (if DIR has none) and a certificate signed by it.
-    /// Keys are written with mode 0600, atomically; an existing certificate
-    /// is never overwritten.
-    Certs {
-        /// Folder for ca.pem/ca.key and NAME.pem/NAME.key (created with mode
-        /// 0700 if missing).
-        #[arg(long)]
-        dir: PathBuf,
-        /// Certificate name, e.g. node-4 or client-backup: 1-64 of
-        /// A-Z a-z 0-9 . _ -, not `ca` and not one DIR already holds.
-        #[arg(long)]
-        name: String,
-    },
+    /// Make the site's CA (if DIR has none) and a certificate signed by it,
+    /// naming its holder's hosts and carrying one role. Keys are written
+    /// with mode 0600, atomically; an existing certificate is never
+    /// overwritten.
+    ///
+    /// Examples:
+    ///   rewind certs --dir pki --name node-1 --role node --san node1.example.net --san 10.0.0.1
+    ///   rewind certs --dir pki --name ops --role admin
+    ///   rewind certs --dir pki --name tap-vm1 --role tap --group vm1 --san hv1.example.net
+    ///   rewind certs --dir pki --name restore --role reader
+    #[command(verbatim_doc_comment)]
+    Certs(site::CertsArgs),
     /// Change the site's membership.
     #[command(subcommand)]
     Cluster(site::ClusterCommand),
@@ -154,7 +153,7 @@ pub fn parse_disk(s: &str) -> anyhow::Result<DiskSpec> {
 pub async fn run(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Node { config } => rewind_node::server::run(NodeConfig::load(&config)?).await,
-        Command::Certs { dir, name } => site::certs(&dir, &name),
+        Command::Certs(a) => site::certs(&a),
         Command::Cluster(c) => site::cluster(c).await,
         Command::Status { client, json } => status::run(client, json).await,
         Command::Group(c) => group::run(c).await,

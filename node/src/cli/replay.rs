@@ -41,11 +41,20 @@ pub struct ReplayArgs {
     /// With --out: replace an existing file.
     #[arg(long, requires = "out")]
     force: bool,
-    /// Serve the disk at that point as an NBD export on this loopback
-    /// address (e.g. 127.0.0.1:10810) instead of writing a file: instant
-    /// access, no copy first. Runs until SIGINT or SIGTERM.
+    /// Serve the disk at that point as an NBD export on this address
+    /// (e.g. 127.0.0.1:10810, [fd00::5]:10810 or restore1.example.net:10810)
+    /// instead of writing a file: instant access, no copy first. Runs until
+    /// SIGINT or SIGTERM. Off loopback, clients must start TLS (the client
+    /// config's certificate, which must name this host).
     #[arg(long, group = "output")]
-    serve: Option<std::net::SocketAddr>,
+    serve: Option<rewind_node::addr::HostPort>,
+    /// With --serve: require NBD-TLS on loopback too.
+    #[arg(long, requires = "serve", conflicts_with = "insecure_plaintext")]
+    tls: bool,
+    /// With --serve: plaintext NBD off loopback; anyone who reaches the
+    /// port reads the disk (and writes it, with --writable).
+    #[arg(long, requires = "serve")]
+    insecure_plaintext: bool,
     /// With --serve: accept writes into a copy-on-write overlay (instant
     /// recovery: boot and change the disk); the log is never touched.
     #[arg(long, requires = "serve")]
@@ -91,8 +100,9 @@ pub async fn run(a: ReplayArgs) -> anyhow::Result<()> {
         node: a.node,
         wait: std::time::Duration::from_secs(a.wait),
     };
-    if let Some(listen) = a.serve {
-        let serve = rewind_node::replay::ServeOptions { listen, writable: a.writable, overlay: a.overlay.clone(), keep_overlay: a.keep_overlay, connections_max: a.max_connections };
+    if let Some(listen) = a.serve.clone() {
+        let tls = super::tap::nbd_tls_policy(a.tls, a.insecure_plaintext);
+        let serve = rewind_node::replay::ServeOptions { listen, tls, writable: a.writable, overlay: a.overlay.clone(), keep_overlay: a.keep_overlay, connections_max: a.max_connections };
         return rewind_node::replay::serve(
             &client,
             &opts,

@@ -9,6 +9,8 @@ use clap::Subcommand;
 use rewind_node::client::Client;
 use rewind_node::config::RaftTuning;
 use rewind_node::dev;
+use rewind_node::tls::{LeafSpec, LOOPBACK_NAMES};
+use rewind_service::access::Access;
 use rewind_wire::raft::Member;
 use rewind_wire::rpc::{Request, Response};
 
@@ -74,6 +76,10 @@ pub enum DevCommand {
         /// Entries kept in the log behind a snapshot for lagging followers.
         #[arg(long, default_value_t = 500)]
         logs_kept: u64,
+        /// Groups the site's `tap` certificate (DIR/tap.toml) may write;
+        /// the admin's DIR/client.toml may write any group.
+        #[arg(long, value_delimiter = ',', default_value = "vm1")]
+        tap_groups: Vec<String>,
     },
     /// Stop the local site (SIGTERM, then SIGKILL after 10 s).
     Down {
@@ -91,16 +97,58 @@ pub enum DevCommand {
     },
 }
 
-pub fn certs(dir: &Path, name: &str) -> anyhow::Result<()> {
+#[derive(clap::Args)]
+pub struct CertsArgs {
+    /// Folder for ca.pem/ca.key and NAME.pem/NAME.key (created with mode
+    /// 0700 if missing). Keep ca.key on the machine that issues
+    /// certificates only; hosts need ca.pem and their own pair.
+    #[arg(long)]
+    dir: PathBuf,
+    /// Certificate name, e.g. node-4 or backup-admin: 1-64 of
+    /// A-Z a-z 0-9 . _ -, not `ca` and not one DIR already holds.
+    #[arg(long)]
+    name: String,
+    /// A host name or IP address the holder is dialled at (repeat for
+    /// each). A node's certificate must name its `advertise` host; a
+    /// tap's or replay's must name its NBD-TLS listen host. Default:
+    /// localhost, 127.0.0.1 and ::1.
+    #[arg(long = "san", value_name = "DNS-OR-IP")]
+    sans: Vec<String>,
+    /// What the holder may ask of the site: node (Raft's RPCs between
+    /// nodes), admin (membership, groups and everything a client does),
+    /// tap (appends to the --group groups), reader (points, resolve and
+    /// block reads, for replays).
+    #[arg(long, value_parser = ["node", "admin", "tap", "reader"])]
+    role: String,
+    /// A group a tap certificate may write (repeat, or comma-separated).
+    #[arg(long = "group", value_delimiter = ',')]
+    groups: Vec<String>,
+    /// Days the certificate is valid.
+    #[arg(long, default_value_t = 365)]
+    days: i64,
+}
+
+pub fn certs(a: &CertsArgs) -> anyhow::Result<()> {
     // Everything is checked before anything is written.
-    rewind_node::tls::check_leaf_name(dir, name)?;
+    let access = Access::from_parts(&a.role, &a.groups)?;
+    let names = if a.sans.is_empty() { LOOPBACK_NAMES.iter().map(|s| s.to_string()).collect() } else { a.sans.clone() };
+    let spec = LeafSpec { names, access, days: a.days };
+    spec.check()?;
+    let dir = &a.dir;
+    rewind_node::tls::check_leaf_name(dir, &a.name)?;
     create_private_dir(dir)?;
     if !dir.join("ca.pem").exists() {
-        rewind_node::tls::make_ca(dir, name)?;
+        rewind_node::tls::make_ca(dir, &a.name)?;
         println!("made CA {}", dir.join("ca.pem").display());
     }
-    rewind_node::tls::make_leaf(dir, name)?;
-    println!("made {}", dir.join(format!("{name}.pem")).display());
+    rewind_node::tls::make_leaf(dir, &a.name, &spec)?;
+    println!(
+        "made {} ({}; names {}; valid {} days)",
+        dir.join(format!("{}.pem", a.name)).display(),
+        spec.access,
+        spec.names.join(", "),
+        spec.days
+    );
     Ok(())
 }
 
@@ -130,9 +178,9 @@ async fn voters(client: &Client) -> anyhow::Result<Vec<u64>> {
     Ok(members(client).await?.0)
 }
 
-/// A node address peers can dial: an IP address and port.
+/// A node address peers can dial: IP:PORT, [IPv6]:PORT or HOST:PORT.
 fn check_addr(addr: &str) -> anyhow::Result<()> {
-    addr.parse::<std::net::SocketAddr>().map(|_| ()).map_err(|_| anyhow::anyhow!("--addr {addr:?} is not an IP address and port, e.g. 127.0.0.1:7104"))
+    rewind_node::addr::HostPort::parse(addr).map(|_| ()).with_context(|| format!("--addr {addr:?}"))
 }
 
 /// Creates `dir` (and its parents) if missing, the new folders with mode 0700.
@@ -146,7 +194,7 @@ pub async fn cluster(c: ClusterCommand) -> anyhow::Result<()> {
         ClusterCommand::Init { client } => {
             let client = client.client()?;
             let members = client.nodes().iter().map(|n| Member { id: n.id, addr: n.addr.to_string() }).collect();
-            expect_done(client.call_node(client.nodes()[0].addr, &Request::ClusterInit { members }).await?)?;
+            expect_done(client.call_node(&client.nodes()[0].addr, &Request::ClusterInit { members }).await?)?;
             let leader = client.wait_for_leader(Duration::from_secs(30)).await?;
             println!("site initialised; node {leader} leads");
         }
@@ -204,10 +252,10 @@ pub async fn cluster(c: ClusterCommand) -> anyhow::Result<()> {
 
 pub async fn dev(c: DevCommand) -> anyhow::Result<()> {
     match c {
-        DevCommand::Up { nodes, dir, snapshot_every, logs_kept } => {
+        DevCommand::Up { nodes, dir, snapshot_every, logs_kept, tap_groups } => {
             let raft = RaftTuning { snapshot_every_entries: snapshot_every, logs_kept_after_snapshot: logs_kept, ..RaftTuning::default() };
             let exe = std::env::current_exe().context("find the rewind binary")?;
-            let opts = dev::UpOptions { exe, nodes, dir: dir.clone(), raft };
+            let opts = dev::UpOptions { exe, nodes, dir: dir.clone(), raft, tap_groups };
             let client_path = dev::up(&opts).await?;
             let site = dev::DevSite::load(&dir)?;
             println!("dev site up: {} nodes in {}", site.nodes.len(), dir.display());
@@ -215,6 +263,12 @@ pub async fn dev(c: DevCommand) -> anyhow::Result<()> {
                 println!("  node {} quic {} metrics http://{}/metrics pid {} log {}", n.id, n.addr, n.metrics, n.pid, n.log.display());
             }
             println!("use it with:\n  export REWIND_CONFIG={}", client_path.display());
+            println!(
+                "  (admin: client.toml; reader: {}; tap for groups {}: {})",
+                dir.join("reader.toml").display(),
+                opts.tap_groups.join(","),
+                dir.join("tap.toml").display()
+            );
             println!("stop it with:\n  rewind dev down --dir {}", dir.display());
             Ok(())
         }

@@ -29,9 +29,19 @@ pub struct TapArgs {
     /// The disk's backing file (created sparse at the disk's size if missing).
     #[arg(long)]
     backing: PathBuf,
-    /// TCP address on loopback, e.g. 127.0.0.1:10809 (port 0 picks a free one).
+    /// TCP address to serve NBD on: IP:PORT, [IPv6]:PORT or HOST:PORT,
+    /// e.g. 127.0.0.1:10809 (port 0 picks a free one). Off loopback, NBD
+    /// clients must start TLS (the certificate of the client config, which
+    /// must name this host; clients show one from the site's CA).
     #[arg(long, conflicts_with = "socket", required_unless_present = "socket")]
-    listen: Option<std::net::SocketAddr>,
+    listen: Option<rewind_node::addr::HostPort>,
+    /// Require NBD-TLS on loopback too.
+    #[arg(long, requires = "listen", conflicts_with = "insecure_plaintext")]
+    tls: bool,
+    /// Serve plaintext NBD off loopback: anyone who reaches the port reads
+    /// and writes the disk. For isolated storage networks only.
+    #[arg(long, requires = "listen")]
+    insecure_plaintext: bool,
     /// Unix socket path to listen on instead of TCP.
     #[arg(long)]
     socket: Option<PathBuf>,
@@ -55,14 +65,24 @@ pub struct TapArgs {
     /// e.g. 256MiB or 4GiB (at least 16MiB). When full, the guest waits.
     #[arg(long, default_value = "256MiB")]
     journal_max: String,
-    /// Serve Prometheus metrics here (loopback), e.g. 127.0.0.1:9464.
+    /// Serve Prometheus metrics here, e.g. 127.0.0.1:9464.
     #[arg(long)]
-    metrics_listen: Option<std::net::SocketAddr>,
+    metrics_listen: Option<rewind_node::addr::HostPort>,
     /// NBD connections served at once; more are closed as they come. Each
     /// connection has at most 64 requests and 64 MiB in flight, and 10 s
     /// to finish its handshake.
     #[arg(long, default_value_t = rewind_nbd::listen::CONNECTIONS_MAX_DEFAULT)]
     max_connections: usize,
+}
+
+/// The NBD-TLS policy the flags ask for.
+pub fn nbd_tls_policy(tls: bool, insecure_plaintext: bool) -> rewind_node::tls::NbdTlsPolicy {
+    use rewind_node::tls::NbdTlsPolicy;
+    match (tls, insecure_plaintext) {
+        (true, _) => NbdTlsPolicy::Always,
+        (false, true) => NbdTlsPolicy::InsecurePlaintext,
+        (false, false) => NbdTlsPolicy::Auto,
+    }
 }
 
 /// `backing` with `suffix` added: where a tap keeps its files by default.
@@ -98,7 +118,7 @@ pub async fn run(a: TapArgs) -> anyhow::Result<()> {
     };
     let client = a.client.client()?;
     let listen = match (a.listen, a.socket) {
-        (Some(addr), _) => rewind_node::tap::Listen::Tcp(addr),
+        (Some(addr), _) => rewind_node::tap::Listen::Tcp(addr, nbd_tls_policy(a.tls, a.insecure_plaintext)),
         (None, Some(path)) => rewind_node::tap::Listen::Unix(path),
         (None, None) => bail!("give --listen ADDR or --socket PATH"),
     };

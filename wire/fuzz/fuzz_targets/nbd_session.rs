@@ -58,7 +58,7 @@ fuzz_target!(|data: &[u8]| {
     rt.block_on(async {
         let (client, server) = tokio::io::duplex(4 << 20);
         let export: Arc<dyn Export> = Arc::new(Disk(Mutex::new(vec![0; SIZE as usize])));
-        let session = tokio::spawn(serve(export, server, "fuzz".into()));
+        let session = tokio::spawn(serve(export, server, "fuzz".into(), rewind_nbd::server::Tls::Off));
         // The client reads every reply and sends the fuzzer's bytes, then
         // ends its side: the server reads them all, then end of stream.
         let (mut replies, mut requests) = tokio::io::split(client);

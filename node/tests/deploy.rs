@@ -1,0 +1,132 @@
+//! The deployment files in `ops/`: the systemd units pass `systemd-analyze
+//! verify` (and a broken one does not), the sample configs load, and every
+//! metric the Grafana dashboard draws is one a real node or tap exports.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use common::{run, spawn_serving, Site, REWIND};
+use rewind_node::config::{ClientConfig, NodeConfig};
+
+fn ops() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../ops")
+}
+
+/// `systemd-analyze verify` on copies of the units whose ExecStart names
+/// the binary this test built (verify checks that it is executable).
+fn verify(units: &[(&str, String)]) -> std::process::Output {
+    let dir = tempfile::tempdir().unwrap();
+    let mut paths = Vec::new();
+    for (name, text) in units {
+        let path = dir.path().join(name);
+        std::fs::write(&path, text.replace("/usr/local/bin/rewind", REWIND)).unwrap();
+        paths.push(path);
+    }
+    Command::new("systemd-analyze").arg("verify").args(&paths).output().expect("systemd-analyze (package systemd)")
+}
+
+#[test]
+fn systemd_units_verify() {
+    let node = std::fs::read_to_string(ops().join("systemd/rewind-node.service")).unwrap();
+    let tap = std::fs::read_to_string(ops().join("systemd/rewind-tap@.service")).unwrap();
+    let out = verify(&[("rewind-node.service", node.clone()), ("rewind-tap@vm1-disk0.service", tap)]);
+    assert!(out.status.success(), "systemd-analyze verify: {}", String::from_utf8_lossy(&out.stderr));
+    // The check bites: a misspelt directive is refused.
+    let broken = node.replace("ExecStart=", "ExecStrat=");
+    let out = verify(&[("rewind-node.service", broken)]);
+    assert!(!out.status.success() || String::from_utf8_lossy(&out.stderr).contains("ExecStrat"), "a broken unit passed");
+}
+
+#[test]
+fn sample_configs_load() {
+    for i in 1..=3 {
+        let path = ops().join(format!("deploy/node-{i}.toml"));
+        let c = NodeConfig::load(&path).unwrap_or_else(|e| panic!("{}: {e:#}", path.display()));
+        assert_eq!(c.id, i);
+        assert_eq!(c.advertised().to_string(), format!("rewind{i}.example.net:7101"));
+    }
+    let c = ClientConfig::load(&ops().join("deploy/client.toml")).unwrap();
+    assert_eq!(c.nodes.len(), 3);
+    NodeConfig::load(&ops().join("node.example.toml")).unwrap();
+}
+
+/// The `rewind_*` names in the dashboard's queries for one scrape job.
+fn dashboard_metrics(job: &str) -> Vec<String> {
+    let text = std::fs::read_to_string(ops().join("deploy/grafana-dashboard.json")).unwrap();
+    let dash: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let mut names = Vec::new();
+    for panel in dash["panels"].as_array().unwrap() {
+        for target in panel["targets"].as_array().unwrap() {
+            let expr = target["expr"].as_str().unwrap();
+            if !expr.contains(&format!("job=\"{job}\"")) {
+                continue;
+            }
+            for word in expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
+                if word.starts_with("rewind_") && !names.contains(&word.to_string()) {
+                    names.push(word.to_string());
+                }
+            }
+        }
+    }
+    names
+}
+
+fn scrape(addr: &str) -> String {
+    use std::io::{Read, Write};
+    let mut conn = std::net::TcpStream::connect(addr).unwrap();
+    conn.set_read_timeout(Some(std::time::Duration::from_secs(10))).unwrap();
+    write!(conn, "GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").unwrap();
+    let mut body = String::new();
+    conn.read_to_string(&mut body).unwrap();
+    body
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dashboard_draws_metrics_that_exist() {
+    let node_metrics = dashboard_metrics("rewind-node");
+    let tap_metrics = dashboard_metrics("rewind-tap");
+    assert!(node_metrics.len() >= 5 && tap_metrics.len() >= 5, "{node_metrics:?} {tap_metrics:?}");
+
+    let site = Site::up(&[]);
+    assert!(site.cli(&["group", "create", "vm1", "--disk", "disk0:16M"]).status.success());
+    let out = site.cli(&["load", "--group", "vm1", "--disk", "disk0", "--events", "50"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let leader = site.leader().await;
+    let node = site.site().nodes.into_iter().find(|n| n.id == leader.id).unwrap();
+    let body = scrape(&node.metrics.to_string());
+    for name in &node_metrics {
+        // A counter only appears once something was counted: the denied
+        // requests are made to happen here.
+        if name == "rewind_requests_denied_total" {
+            let reader = site.path().join("reader.toml");
+            let out = common::rewind(&["group", "create", "x", "--disk", "d:1M", "--config", reader.to_str().unwrap()]);
+            assert!(!out.status.success());
+            // The node the client asked first refused it, whichever it was.
+            let any = site.site().nodes.iter().any(|n| scrape(&n.metrics.to_string()).contains(name.as_str()));
+            assert!(any, "no node exports {name}");
+            continue;
+        }
+        assert!(body.contains(name.as_str()), "the dashboard draws {name}, which the node does not export");
+    }
+
+    // An async tap, after a write and its shipping.
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let metrics = format!("127.0.0.1:{port}");
+    let backing = site.path().join("disk0.raw");
+    let tap = spawn_serving(Command::new(REWIND).args([
+        "tap", "--group", "vm1", "--disk", "disk0", "--backing", backing.to_str().unwrap(), "--listen", "127.0.0.1:0", "--mode", "async", "--metrics-listen", &metrics, "--config", site.config().to_str().unwrap(),
+    ]));
+    run(Command::new("qemu-io").args(["-f", "raw", &tap.uri, "-c", "write -P 0x11 0 64k", "-c", "flush"]));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let body = scrape(&metrics);
+        let missing: Vec<&String> = tap_metrics.iter().filter(|n| !body.contains(n.as_str())).collect();
+        if missing.is_empty() {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the dashboard draws {missing:?}, which the tap does not export");
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+    }
+}
