@@ -99,7 +99,24 @@ pub(crate) struct FioResult {
 }
 
 pub(crate) fn fio(target: &[String], rw: &str, bs: &str, iodepth: u32, seconds: u32) -> anyhow::Result<FioResult> {
-    let out = std::process::Command::new("fio")
+    fio_with(&[], None, target, rw, bs, iodepth, seconds)
+}
+
+/// fio run through `prefix` (e.g. setpriv, to run as another user) with
+/// HOME set to `home` when given.
+pub(crate) fn fio_with(prefix: &[String], home: Option<&Path>, target: &[String], rw: &str, bs: &str, iodepth: u32, seconds: u32) -> anyhow::Result<FioResult> {
+    let mut cmd = match prefix.split_first() {
+        Some((first, rest)) => {
+            let mut c = std::process::Command::new(first);
+            c.args(rest).arg("fio");
+            c
+        }
+        None => std::process::Command::new("fio"),
+    };
+    if let Some(h) = home {
+        cmd.env("HOME", h).current_dir(h);
+    }
+    let out = cmd
         .args(["--name=bench", &format!("--rw={rw}"), &format!("--bs={bs}"), &format!("--iodepth={iodepth}"), "--size=1G", "--time_based", &format!("--runtime={seconds}"), "--randseed=1", "--output-format=json"])
         .args(target)
         .output()

@@ -21,6 +21,7 @@ mod ingest;
 mod jetstream;
 mod limits;
 mod replay;
+mod site;
 mod svg;
 mod tap;
 
@@ -69,6 +70,10 @@ enum Bench {
     /// Cost growth with history: ingest throughput and replay time of one
     /// small disk after 1x, 10x and 100x its size has been written to it.
     Growth,
+    /// The append and tap rows on loopback beside the same rows on a site
+    /// of network namespaces (real addresses, NBD-TLS), and with a 1 ms RTT
+    /// where the kernel has netem. Needs root for the namespaces.
+    Site,
     /// Every benchmark.
     All,
 }
@@ -104,7 +109,7 @@ fn main() -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     let mut out = Report::default();
     let benches = match cli.bench {
-        Bench::All => vec![Bench::Limits, Bench::Append, Bench::Ingest, Bench::Groups, Bench::Growth, Bench::Tap, Bench::Replay],
+        Bench::All => vec![Bench::Limits, Bench::Append, Bench::Ingest, Bench::Groups, Bench::Growth, Bench::Tap, Bench::Replay, Bench::Site],
         b => vec![b],
     };
     for b in benches {
@@ -116,6 +121,7 @@ fn main() -> anyhow::Result<()> {
             Bench::Limits => runtime.block_on(limits::run(&cli, &mut out))?,
             Bench::Groups => runtime.block_on(groups::run(&cli, &mut out))?,
             Bench::Growth => runtime.block_on(growth::run(&cli, &mut out))?,
+            Bench::Site => runtime.block_on(site::run(&cli, &mut out))?,
         }
     }
     if cli.bench == Bench::All {
@@ -133,6 +139,7 @@ fn main() -> anyhow::Result<()> {
         (false, Bench::Limits) => "limits.md",
         (false, Bench::Groups) => "groups.md",
         (false, Bench::Growth) => "growth.md",
+        (false, Bench::Site) => "site.md",
         (false, Bench::All) => "all.md",
     };
     std::fs::write(dir.join(name), &out.text)?;

@@ -7,7 +7,9 @@
 //!
 //! Invariants kept here:
 //! * every connection, node to node or client to node, is mutual TLS from the
-//!   site's CA; plaintext is not offered;
+//!   site's CA; plaintext is not offered; every request is checked against
+//!   the role in the sender's certificate (`rewind_service::access`), and a
+//!   client checks the node's certificate against the name it dialled;
 //! * every frame read from a socket is bounded, checksummed and validated by
 //!   `wire` before use; a bad one gets an error reply and changes nothing;
 //! * a client append is answered only after its entry is committed (durable

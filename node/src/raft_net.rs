@@ -28,6 +28,9 @@ type Snapshot = openraft::alias::SnapshotOf<TypeConfig, SnapshotFile>;
 /// Entries' payload bytes one append request may carry; the rest waits for
 /// the next request (reported to openraft as a partial success).
 const APPEND_REQUEST_BYTES_MAX: usize = 12 << 20;
+/// The slowest replication a request is given time for, in bytes per
+/// second (a 12 MiB request gets 12.6 s more than an empty one).
+const REPLICATION_BYTES_PER_SEC_MIN: f64 = 1e6;
 
 /// One connection cache per peer address, shared by all Raft clients.
 #[derive(Clone)]
@@ -85,8 +88,14 @@ impl RaftClient {
         self.peer.as_ref().map_err(|e| RPCError::Unreachable(Unreachable::from_string(e.clone())))
     }
 
-    async fn call(&self, req: Request, option: &RPCOption) -> Result<Response, RPCError<TypeConfig>> {
-        let timeout = option.hard_ttl().max(Duration::from_millis(200));
+    /// Sends one Raft RPC carrying `bytes` of entries. Its deadline is
+    /// openraft's TTL (at least 200 ms) plus the time `bytes` take at
+    /// [`REPLICATION_BYTES_PER_SEC_MIN`]: openraft gives every append the
+    /// heartbeat interval, and a request of several MiB on a loaded machine
+    /// or a slow link cut off at that, then sent again whole, never gets
+    /// through (the nemesis found a site stuck so for 30 s).
+    async fn call(&self, req: Request, option: &RPCOption, bytes: usize) -> Result<Response, RPCError<TypeConfig>> {
+        let timeout = option.hard_ttl().max(Duration::from_millis(200)) + Duration::from_secs_f64(bytes as f64 / REPLICATION_BYTES_PER_SEC_MIN);
         self.peer()?.call(&req, timeout).await.map_err(rpc_err)
     }
 
@@ -174,7 +183,7 @@ impl RaftNetworkV2<TypeConfig> for RaftClient {
             entries,
             leader_commit: codec::opt_log_id_to_wire(&rpc.leader_commit),
         };
-        match self.call(Request::RaftAppend { shard: DATA_SHARD, req }, &option).await? {
+        match self.call(Request::RaftAppend { shard: DATA_SHARD, req }, &option, bytes).await? {
             Response::RaftAppend(r) => Ok(match r {
                 w::AppendEntriesResponse::Success if cut => AppendEntriesResponse::PartialSuccess(last_sent),
                 w::AppendEntriesResponse::Success => AppendEntriesResponse::Success,
@@ -223,7 +232,7 @@ impl RaftClient {
             last_log_id: codec::opt_log_id_to_wire(&rpc.last_log_id),
             leadership_transfer: rpc.leadership_transfer,
         };
-        match self.call(Request::RaftVote { shard: DATA_SHARD, req, pre_vote }, &option).await? {
+        match self.call(Request::RaftVote { shard: DATA_SHARD, req, pre_vote }, &option, 0).await? {
             Response::RaftVote(r) => Ok(VoteResponse {
                 vote: codec::vote_from_wire(&r.vote),
                 vote_granted: r.vote_granted,

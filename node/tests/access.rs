@@ -293,3 +293,54 @@ async fn real_clients_reach_a_tap_and_a_replay_over_nbd_tls() {
     assert!(bytes[(4 << 20)..(4 << 20) + (512 << 10)].iter().all(|b| *b == 0x3e));
     compare(&local, &backing);
 }
+
+/// A one-node site from plain configs at `listen`/`advertise`, reached by a
+/// client dialling `advertise`; it takes a group and a write.
+async fn one_node_site_at(certs: &Path, dir: &Path, listen: &str, advertise: &str) {
+    std::fs::create_dir_all(dir).unwrap();
+    std::fs::write(
+        dir.join("node.toml"),
+        format!(
+            "id = 1\nlisten = \"{listen}\"\nadvertise = \"{advertise}\"\ndata_dir = \"data\"\n[tls]\nca = \"{0}/ca.pem\"\ncert = \"{0}/node-1.pem\"\nkey = \"{0}/node-1.key\"\n",
+            certs.display()
+        ),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("client.toml"),
+        format!("[[nodes]]\nid = 1\naddr = \"{advertise}\"\n[tls]\nca = \"{0}/ca.pem\"\ncert = \"{0}/client.pem\"\nkey = \"{0}/client.key\"\n", certs.display()),
+    )
+    .unwrap();
+    let mut node = Command::new(REWIND).args(["node", "--config", dir.join("node.toml").to_str().unwrap()]).stderr(std::process::Stdio::null()).spawn().unwrap();
+    let config = dir.join("client.toml");
+    let c = config.to_str().unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let out = rewind(&["cluster", "init", "--config", c]);
+        if out.status.success() {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "init at {advertise}: {}", stderr(&out));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let out = rewind(&["group", "create", "g", "--disk", "d:1M", "--config", c]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = rewind(&["bookmark", "g", "b", "--config", c]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let status = run(Command::new(REWIND).args(["status", "--config", c]));
+    assert!(status.contains(advertise), "{status}");
+    let _ = node.kill();
+    let _ = node.wait();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ipv6_and_host_name_addresses() {
+    // The dev site's certificates name localhost, 127.0.0.1 and ::1.
+    let site = Site::up(&["--nodes", "1"]);
+    let certs = site.path().join("certs");
+    let port = || std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let p = port();
+    one_node_site_at(&certs, &site.path().join("v6"), &format!("[::1]:{p}"), &format!("[::1]:{p}")).await;
+    let p = port();
+    one_node_site_at(&certs, &site.path().join("named"), &format!("localhost:{p}"), &format!("localhost:{p}")).await;
+}

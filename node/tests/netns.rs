@@ -45,6 +45,8 @@ fn require_root() {
 
 struct NetnsSite {
     dir: tempfile::TempDir,
+    /// Kept (not deleted) when the test fails: the nodes' logs are in it.
+    keep: std::cell::Cell<bool>,
 }
 
 fn out_text(o: &Output) -> String {
@@ -55,7 +57,7 @@ impl NetnsSite {
     fn up(nodes: usize) -> NetnsSite {
         require_root();
         let dir = tempfile::Builder::new().prefix("rewind-netns-").tempdir().unwrap();
-        let site = NetnsSite { dir };
+        let site = NetnsSite { dir, keep: std::cell::Cell::new(false) };
         let n = nodes.to_string();
         let o = site.script(&["up", "--nodes", &n, "--bin", REWIND]);
         assert!(o.status.success(), "netns-site up failed:\n{}", out_text(&o));
@@ -174,6 +176,10 @@ impl NetnsSite {
 impl Drop for NetnsSite {
     fn drop(&mut self) {
         let _ = self.script(&["down"]);
+        if std::thread::panicking() || self.keep.get() {
+            let kept = std::mem::replace(&mut self.dir, tempfile::tempdir().expect("a temp dir")).keep();
+            eprintln!("netns site kept for its logs: {}", kept.display());
+        }
     }
 }
 
@@ -417,6 +423,7 @@ async fn nemesis_partitions_kills_and_pauses_lose_no_acknowledged_write() {
             }
         };
         *faults.entry(kind).or_default() += 1;
+        eprintln!("nemesis: {} {kind} (leader was {leader}, victim {victim})", rewind_wire::timefmt::format_time_ns(rewind_node::now_ns()));
         tokio::time::sleep(Duration::from_secs(2)).await;
     }
     eprintln!("nemesis: faults injected: {faults:?}");
