@@ -276,6 +276,9 @@ EOF
       if [ "${args[0]}" != off ]; then
         tc -n "$(ns "$h")" qdisc add dev eth0 root handle 1: htb default 10
         tc -n "$(ns "$h")" class add dev eth0 parent 1: classid 1:10 htb rate "${args[0]}" 2>/dev/null
+        # A short queue: a thin link drops what it cannot carry rather than
+        # holding seconds of packets (the interface's 1000 would).
+        tc -n "$(ns "$h")" qdisc add dev eth0 parent 1:10 handle 10: pfifo limit 64
       fi
     done
     say "rate ${args[0]} on: $(echo $targets)"

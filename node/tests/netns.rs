@@ -353,8 +353,13 @@ async fn nemesis_partitions_kills_and_pauses_lose_no_acknowledged_write() {
         .spawn()
         .unwrap();
     let c = site.config();
+    // The load is bounded in bytes as well as time: no history is ever
+    // dropped (retention is not built), and three replicas of an unbounded
+    // load fill a disk in minutes (a 10-minute run once wrote 67 GB).
+    // About 200 events a second of 10 KiB on average.
+    let load_events = (seconds * 200).to_string();
     let load = Command::new(REWIND)
-        .args(["load", "--group", "load", "--disk", "d", "--events", "1000000", "--sizes", "4K,64K", "--window", "8", "--seconds-max", &runtime, "--json", "--config", c.to_str().unwrap()])
+        .args(["load", "--group", "load", "--disk", "d", "--events", &load_events, "--sizes", "4K,16K", "--window", "4", "--seconds-max", &runtime, "--json", "--config", c.to_str().unwrap()])
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
@@ -416,15 +421,18 @@ async fn nemesis_partitions_kills_and_pauses_lose_no_acknowledged_write() {
                 "netem delay and loss"
             }
             _ => {
-                site.must(&["rate", "--host", &format!("n{leader}"), "2mbit"]);
+                site.must(&["rate", "--host", &format!("n{leader}"), "10mbit"]);
                 tokio::time::sleep(Duration::from_secs(3)).await;
                 site.must(&["rate", "off"]);
-                "leader's link throttled (2 Mbit/s)"
+                "leader's link throttled (10 Mbit/s)"
             }
         };
         *faults.entry(kind).or_default() += 1;
         eprintln!("nemesis: {} {kind} (leader was {leader}, victim {victim})", rewind_wire::timefmt::format_time_ns(rewind_node::now_ns()));
-        tokio::time::sleep(Duration::from_secs(2)).await;
+        // A healthy spell between faults, as long as the faults: the site
+        // must make progress in it (a sync tap's writes fail after 30 s
+        // without any).
+        tokio::time::sleep(Duration::from_secs(4)).await;
     }
     eprintln!("nemesis: faults injected: {faults:?}");
 
