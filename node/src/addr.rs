@@ -1,170 +1,53 @@
-//! Addresses as an operator writes them: `IP:PORT`, `[IPv6]:PORT` or
-//! `HOST:PORT`. A listener binds what it is given; a client dials the
-//! name and checks the server's certificate against the same name.
+//! Resolving the addresses `rewind_wire::addr::HostPort` holds: a
+//! listener binds the first address a name resolves to; a client looks a
+//! name up again at every new connection and checks the server's
+//! certificate against the name it dialled.
 
-use std::fmt;
-use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
+use std::net::{SocketAddr, ToSocketAddrs};
 
-/// An address to bind or to dial, by IP or by host name.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize)]
-#[serde(try_from = "String", into = "String")]
-pub struct HostPort {
-    host: Host,
-    port: u16,
-}
-
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-enum Host {
-    Ip(IpAddr),
-    Name(String),
-}
+pub use rewind_wire::addr::{AddrError, HostPort};
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum AddrError {
-    #[error("address {0:?}: expected IP:PORT, [IPv6]:PORT or HOST:PORT, e.g. 10.0.0.1:7101, [fd00::1]:7101 or node1.example.net:7101")]
-    Shape(String),
-    #[error("address {addr:?}: {host:?} is not a host name (letters, digits and '-' in dot-separated labels of 1-63, at most 253 in all)")]
-    BadHost { addr: String, host: String },
-    #[error("address {addr:?}: port {port:?} is not a number from 0 to 65535")]
-    BadPort { addr: String, port: String },
-    #[error("cannot resolve {addr}: {why}")]
-    Resolve { addr: String, why: String },
+#[error("cannot resolve {addr}: {why}")]
+pub struct ResolveError {
+    pub addr: String,
+    pub why: String,
 }
 
-fn is_host_name(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 253
-        && s.split('.').all(|label| {
-            !label.is_empty()
-                && label.len() <= 63
-                && !label.starts_with('-')
-                && !label.ends_with('-')
-                && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
-        })
-        // A last label of digits only is a mistyped IP address, not a name.
-        && !s.rsplit('.').next().unwrap_or("").bytes().all(|b| b.is_ascii_digit())
-}
-
-impl HostPort {
-    pub fn parse(s: &str) -> Result<HostPort, AddrError> {
-        if let Ok(a) = s.parse::<SocketAddr>() {
-            return Ok(HostPort::from(a));
-        }
-        let (host, port) = s.rsplit_once(':').ok_or_else(|| AddrError::Shape(s.to_string()))?;
-        let port: u16 = port.parse().map_err(|_| AddrError::BadPort { addr: s.to_string(), port: port.to_string() })?;
-        if host.starts_with('[') || host.contains(':') || host.parse::<IpAddr>().is_ok() {
-            // A bracketed or bare IPv6 address that did not parse above.
-            return Err(AddrError::Shape(s.to_string()));
-        }
-        if !is_host_name(host) {
-            return Err(AddrError::BadHost { addr: s.to_string(), host: host.to_string() });
-        }
-        Ok(HostPort { host: Host::Name(host.to_ascii_lowercase()), port })
-    }
-
-    pub fn port(&self) -> u16 {
-        self.port
-    }
-
-    /// The name a server's certificate must carry for this address: the
-    /// host name, or the IP address as text.
-    pub fn tls_name(&self) -> String {
-        match &self.host {
-            Host::Ip(ip) => ip.to_string(),
-            Host::Name(n) => n.clone(),
-        }
-    }
-
-    /// The IP address, if the address is written as one.
-    pub fn ip(&self) -> Option<IpAddr> {
-        match self.host {
-            Host::Ip(ip) => Some(ip),
-            Host::Name(_) => None,
-        }
-    }
-
-    /// True for 127.0.0.0/8, ::1 and `localhost`.
-    pub fn is_loopback(&self) -> bool {
-        match &self.host {
-            Host::Ip(ip) => ip.is_loopback(),
-            Host::Name(n) => n == "localhost",
-        }
-    }
-
+/// Name resolution for a [`HostPort`].
+pub trait Resolve {
     /// The socket addresses this names, in the resolver's order (blocking:
     /// for binds at start and for tools, not for async tasks).
-    pub fn resolve_blocking(&self) -> Result<Vec<SocketAddr>, AddrError> {
-        if let Host::Ip(ip) = self.host {
-            return Ok(vec![SocketAddr::new(ip, self.port)]);
-        }
-        let found: Vec<SocketAddr> = (self.tls_name().as_str(), self.port)
-            .to_socket_addrs()
-            .map_err(|e| AddrError::Resolve { addr: self.to_string(), why: e.to_string() })?
-            .collect();
-        if found.is_empty() {
-            return Err(AddrError::Resolve { addr: self.to_string(), why: "the name has no address".into() });
-        }
-        Ok(found)
-    }
-
-    /// The first socket address this names (async: host names are looked
-    /// up again at every call, so a moved host is found).
-    pub async fn resolve(&self) -> Result<SocketAddr, AddrError> {
-        if let Host::Ip(ip) = self.host {
-            return Ok(SocketAddr::new(ip, self.port));
-        }
-        let mut found = tokio::net::lookup_host((self.tls_name(), self.port))
-            .await
-            .map_err(|e| AddrError::Resolve { addr: self.to_string(), why: e.to_string() })?;
-        found.next().ok_or_else(|| AddrError::Resolve { addr: self.to_string(), why: "the name has no address".into() })
-    }
-
+    fn resolve_blocking(&self) -> Result<Vec<SocketAddr>, ResolveError>;
+    /// The first socket address this names (looked up at every call, so a
+    /// moved host is found).
+    fn resolve(&self) -> impl std::future::Future<Output = Result<SocketAddr, ResolveError>> + Send;
     /// The one address a listener binds: the first the name resolves to.
-    pub fn bind_addr(&self) -> Result<SocketAddr, AddrError> {
+    fn bind_addr(&self) -> Result<SocketAddr, ResolveError> {
         Ok(self.resolve_blocking()?[0])
     }
 }
 
-impl ToSocketAddrs for HostPort {
-    type Iter = std::vec::IntoIter<SocketAddr>;
-    fn to_socket_addrs(&self) -> std::io::Result<Self::Iter> {
-        self.resolve_blocking().map(Vec::into_iter).map_err(std::io::Error::other)
-    }
-}
-
-impl From<SocketAddr> for HostPort {
-    fn from(a: SocketAddr) -> HostPort {
-        HostPort { host: Host::Ip(a.ip()), port: a.port() }
-    }
-}
-
-impl fmt::Display for HostPort {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match &self.host {
-            Host::Ip(IpAddr::V6(ip)) => write!(f, "[{ip}]:{}", self.port),
-            Host::Ip(ip) => write!(f, "{ip}:{}", self.port),
-            Host::Name(n) => write!(f, "{n}:{}", self.port),
+impl Resolve for HostPort {
+    fn resolve_blocking(&self) -> Result<Vec<SocketAddr>, ResolveError> {
+        if let Some(ip) = self.ip() {
+            return Ok(vec![SocketAddr::new(ip, self.port())]);
         }
+        let err = |why: String| ResolveError { addr: self.to_string(), why };
+        let found: Vec<SocketAddr> = (self.tls_name().as_str(), self.port()).to_socket_addrs().map_err(|e| err(e.to_string()))?.collect();
+        if found.is_empty() {
+            return Err(err("the name has no address".into()));
+        }
+        Ok(found)
     }
-}
 
-impl std::str::FromStr for HostPort {
-    type Err = AddrError;
-    fn from_str(s: &str) -> Result<HostPort, AddrError> {
-        HostPort::parse(s)
-    }
-}
-
-impl TryFrom<String> for HostPort {
-    type Error = AddrError;
-    fn try_from(s: String) -> Result<HostPort, AddrError> {
-        HostPort::parse(&s)
-    }
-}
-
-impl From<HostPort> for String {
-    fn from(h: HostPort) -> String {
-        h.to_string()
+    async fn resolve(&self) -> Result<SocketAddr, ResolveError> {
+        if let Some(ip) = self.ip() {
+            return Ok(SocketAddr::new(ip, self.port()));
+        }
+        let err = |why: String| ResolveError { addr: self.to_string(), why };
+        let mut found = tokio::net::lookup_host((self.tls_name(), self.port())).await.map_err(|e| err(e.to_string()))?;
+        found.next().ok_or_else(|| err("the name has no address".into()))
     }
 }
 
@@ -173,30 +56,11 @@ mod tests {
     use super::*;
 
     #[test]
-    fn parses_what_operators_write() {
-        for (text, shown, name) in [
-            ("127.0.0.1:7101", "127.0.0.1:7101", "127.0.0.1"),
-            ("[::1]:7101", "[::1]:7101", "::1"),
-            ("[fd00::a:1]:80", "[fd00::a:1]:80", "fd00::a:1"),
-            ("Node1.Example.net:7101", "node1.example.net:7101", "node1.example.net"),
-            ("localhost:0", "localhost:0", "localhost"),
-            ("0.0.0.0:7101", "0.0.0.0:7101", "0.0.0.0"),
-        ] {
-            let h = HostPort::parse(text).unwrap();
-            assert_eq!(h.to_string(), shown);
-            assert_eq!(h.tls_name(), name);
-            assert_eq!(HostPort::parse(&h.to_string()).unwrap(), h);
-        }
-        assert!(HostPort::parse("localhost:1").unwrap().is_loopback());
-        assert!(!HostPort::parse("10.0.0.1:1").unwrap().is_loopback());
-    }
-
-    #[test]
-    fn refuses_the_rest() {
-        for bad in ["", "7101", "host", "host:", "host:99999", "::1:7101", "[::1]", "[::1:7101", "a..b:1", "-a:1", "a_b:1", "a b:1", "1.2.3.4.5:1"] {
-            assert!(HostPort::parse(bad).is_err(), "{bad:?} should be refused");
-        }
-        let e = HostPort::parse("node_1:7101").unwrap_err().to_string();
-        assert!(e.contains("not a host name"), "{e}");
+    fn names_resolve() {
+        let h = HostPort::parse("localhost:7101").unwrap();
+        assert_eq!(h.bind_addr().unwrap().port(), 7101);
+        assert!(h.bind_addr().unwrap().ip().is_loopback());
+        let ip = HostPort::parse("[::1]:9").unwrap();
+        assert_eq!(ip.bind_addr().unwrap(), "[::1]:9".parse::<SocketAddr>().unwrap());
     }
 }

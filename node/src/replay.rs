@@ -8,6 +8,7 @@
 //! disk's size, not with the length of its history. Every block is checked
 //! against its blake3 on the node before it is sent.
 
+use crate::addr::Resolve;
 use crate::addr::HostPort;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};

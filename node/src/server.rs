@@ -2,6 +2,7 @@
 //! hands each request to `rewind-service` (client requests, appends) or
 //! serves it here (Raft's own RPCs, snapshots, status, tap reports).
 
+use crate::addr::Resolve;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;

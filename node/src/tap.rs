@@ -1,5 +1,6 @@
 //! `rewind tap`: the cdp-ingest tap, wired to the site through a producer.
 
+use crate::addr::Resolve;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 

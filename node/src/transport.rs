@@ -1,6 +1,7 @@
 //! Frames over QUIC streams, and a cached connection to one peer. One
 //! request and its reply use one bidirectional stream.
 
+use crate::addr::Resolve;
 use std::net::SocketAddr;
 
 use crate::addr::HostPort;

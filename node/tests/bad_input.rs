@@ -41,7 +41,7 @@ async fn bad_frames_certificates_and_configs_are_refused() {
     let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
     for i in 0..200u32 {
         let junk: Vec<u8> = (0..(i % 1200 + 1)).map(|j| (i.wrapping_mul(31) ^ j) as u8).collect();
-        udp.send_to(&junk, &node.addr).unwrap();
+        udp.send_to(&junk, rewind_node::addr::Resolve::bind_addr(&node.addr).unwrap()).unwrap();
     }
 
     // Malformed frames over a real, authenticated stream.

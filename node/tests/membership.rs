@@ -87,7 +87,7 @@ async fn a_node_joins_catches_up_and_leaves() {
     // ("removed"), and a learner (it stayed one).
     let out = site.cli(&["cluster", "add-learner", "--id", "9", "--addr", "not-an-address"]);
     assert_eq!(out.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("not an IP address and port"), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("expected IP:PORT, [IPv6]:PORT or HOST:PORT"), "{}", String::from_utf8_lossy(&out.stderr));
     let out = site.cli(&["cluster", "remove", "--id", "9"]);
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("node 9 is not a member"), "{}", String::from_utf8_lossy(&out.stderr));
@@ -121,7 +121,7 @@ async fn metrics_endpoint_serves_prometheus_text() {
     let (site, _) = site_with_writes(1).await;
     let leader = site.leader().await;
     let node = site.site().nodes.into_iter().find(|n| n.id == leader.id).unwrap();
-    let mut conn = std::net::TcpStream::connect(node.metrics.bind_addr().unwrap()).unwrap();
+    let mut conn = std::net::TcpStream::connect(rewind_node::addr::Resolve::bind_addr(&node.metrics).unwrap()).unwrap();
     conn.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     write!(conn, "GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").unwrap();
     let mut body = String::new();

@@ -384,8 +384,8 @@ impl<T: ServiceTypes> Service<T> {
     async fn add_learner(&self, member: Member) -> Result<Response, ServiceError> {
         // A node's address is where its peers dial it: one that does not
         // parse would be retried forever.
-        if member.addr.parse::<std::net::SocketAddr>().is_err() {
-            return Err(ServiceError::BadRequest(format!("node {}'s address {:?} is not an IP address and port, e.g. 127.0.0.1:7104", member.id, member.addr)));
+        if let Err(e) = rewind_wire::addr::HostPort::parse(&member.addr) {
+            return Err(ServiceError::BadRequest(format!("node {}: {e}", member.id)));
         }
         self.membership_guard()?;
         self.raft.add_learner(member.id, BasicNode { addr: member.addr }, true).await.map_err(|e| self.write_error(e))?;

@@ -21,6 +21,7 @@
 //!
 //! This crate does no I/O and has no async code.
 
+pub mod addr;
 pub mod event;
 pub mod frame;
 pub mod limits;
