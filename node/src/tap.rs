@@ -225,6 +225,27 @@ impl Drop for Bound {
     }
 }
 
+/// How long a starting tap waits for its group to show on the node it
+/// asks: a follower answers group state from what it has applied, and a
+/// group created a moment ago may not be there yet.
+const GROUP_WAIT: Duration = Duration::from_secs(10);
+
+/// The group's state, waiting up to [`GROUP_WAIT`] for a group that is not
+/// there yet.
+async fn group_state(client: &Client, group: &str) -> anyhow::Result<rewind_wire::rpc::GroupState> {
+    let started = std::time::Instant::now();
+    loop {
+        match client.call_leader(&Request::GroupState { group: group.to_string() }).await {
+            Ok(Response::Group(g)) => return Ok(g),
+            Ok(other) => bail!("unexpected reply {other:?}"),
+            Err(e @ crate::client::CallError::Refused { .. }) if e.to_string().starts_with("no consistency group") && started.elapsed() < GROUP_WAIT => {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
 /// Runs a tap until SIGINT or SIGTERM. `ready` is called with the address
 /// once it listens. Arguments are checked and the listener bound before
 /// any file is created or changed.
@@ -240,10 +261,7 @@ pub async fn run(client: Client, opts: TapOptions, ready: impl FnOnce(&str)) -> 
     let (size_bytes, sector_bytes) = match remembered {
         Some(geometry) => geometry,
         None => {
-            let group = match client.call_leader(&Request::GroupState { group: opts.group.clone() }).await? {
-                Response::Group(g) => g,
-                other => bail!("unexpected reply {other:?}"),
-            };
+            let group = group_state(&client, &opts.group).await?;
             let disk = group.disks.iter().find(|d| d.name == opts.disk).with_context(|| rewind_service::no_disk(&opts.group, &opts.disk, &group.disks))?;
             if let TapMode::Async { journal, .. } = &opts.mode {
                 remember_disk(journal, &opts.group, &opts.disk, disk.size_bytes, disk.sector_bytes)?;
