@@ -192,3 +192,14 @@ pub(crate) async fn one_disk_site(dir: &Path, disk_bytes: u64) -> anyhow::Result
     }
     Ok(client_path)
 }
+
+/// Starts a serving process; returns it and the URI on its first line.
+pub(crate) fn spawn_uri(cmd: &mut std::process::Command) -> anyhow::Result<(Killed, String)> {
+    use std::io::BufRead;
+    let mut child = cmd.stdout(std::process::Stdio::piped()).spawn().context("start the server")?;
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().context("stdout")?).read_line(&mut line)?;
+    let killed = Killed(child);
+    let uri = line.split_whitespace().find(|w| w.starts_with("nbd://") || w.starts_with("nbds://")).context("no URI printed")?.to_string();
+    Ok((killed, uri))
+}

@@ -136,17 +136,11 @@ pub(crate) fn restic_restore_s(work: &Path, image: &Path) -> anyhow::Result<f64>
 /// from the command's start to the first 4 KiB read by qemu-io, and the
 /// seconds nbdcopy takes to read the whole disk through the export.
 pub(crate) fn serve_once(client: &Path) -> anyhow::Result<(f64, f64)> {
-    use std::io::BufRead;
     let started = Instant::now();
-    let mut child = std::process::Command::new(rewind_binary()?)
-        .args(["replay", "bench", "--disk", "d0", "--latest", "--node", "3", "--serve", "127.0.0.1:0", "--config", client.to_str().unwrap()])
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .context("start rewind replay --serve")?;
-    let mut line = String::new();
-    std::io::BufReader::new(child.stdout.take().context("stdout")?).read_line(&mut line)?;
-    let _export = Killed(child);
-    let uri = line.split_whitespace().find(|w| w.starts_with("nbd://")).context("the export printed no URI")?.to_string();
+    let (_export, uri) = spawn_uri(std::process::Command::new(rewind_binary()?).args([
+        "replay", "bench", "--disk", "d0", "--latest", "--node", "3", "--serve", "127.0.0.1:0", "--config", client.to_str().unwrap(),
+    ]))
+    .context("start rewind replay --serve")?;
     let out = std::process::Command::new("qemu-io").args(["-r", "-f", "raw", &uri, "-c", "read 0 4096"]).output().context("run qemu-io")?;
     if !out.status.success() {
         bail!("qemu-io read failed: {}", String::from_utf8_lossy(&out.stderr));

@@ -111,17 +111,6 @@ impl Drop for NetnsSite {
     }
 }
 
-/// Starts a serving process; returns it and the URI on its first line.
-fn spawn_uri(cmd: &mut Command) -> anyhow::Result<(Killed, String)> {
-    use std::io::BufRead;
-    let mut child = cmd.stdout(std::process::Stdio::piped()).spawn().context("start the tap")?;
-    let mut line = String::new();
-    std::io::BufReader::new(child.stdout.take().context("stdout")?).read_line(&mut line)?;
-    let killed = Killed(child);
-    let uri = line.split_whitespace().find(|w| w.starts_with("nbd://") || w.starts_with("nbds://")).context("no URI printed")?.to_string();
-    Ok((killed, uri))
-}
-
 /// The netns site's figures; with `netem`, a 1 ms round trip (0.5 ms each
 /// way on every host) — None when the kernel has no netem.
 async fn netns(work: &Path, cli: &Cli, mib: u64, seconds: u32, rtt_1ms: bool) -> anyhow::Result<Option<Figures>> {

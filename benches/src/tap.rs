@@ -14,18 +14,11 @@ use crate::Cli;
 
 /// Starts a tap on disk `disk` of group "bench"; returns it and its URI.
 pub(crate) fn start_tap(exe: &Path, client: &Path, disk: &str, backing: &Path, extra: &[&str]) -> anyhow::Result<(Killed, String)> {
-    use std::io::BufRead;
-    let mut child = std::process::Command::new(exe)
-        .args(["tap", "--group", "bench", "--disk", disk, "--backing", backing.to_str().unwrap(), "--listen", "127.0.0.1:0", "--config", client.to_str().unwrap()])
-        .args(extra)
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .context("start the tap")?;
-    let mut line = String::new();
-    std::io::BufReader::new(child.stdout.take().context("tap stdout")?).read_line(&mut line)?;
-    let tap = Killed(child);
-    let uri = line.split_whitespace().find(|w| w.starts_with("nbd://")).context("the tap printed no URI")?.to_string();
-    Ok((tap, uri))
+    spawn_uri(
+        std::process::Command::new(exe)
+            .args(["tap", "--group", "bench", "--disk", disk, "--backing", backing.to_str().unwrap(), "--listen", "127.0.0.1:0", "--config", client.to_str().unwrap()])
+            .args(extra),
+    )
 }
 
 /// Waits (at most 10 minutes) until the async tap's journal is empty.

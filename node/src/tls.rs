@@ -264,17 +264,23 @@ fn transport() -> Arc<quinn::TransportConfig> {
     Arc::new(t)
 }
 
-/// QUIC server side: requires a client certificate from the site's CA.
-pub fn server_config(files: &crate::config::TlsFiles) -> anyhow::Result<quinn::ServerConfig> {
+/// A TLS server presenting `files`' certificate that requires a client
+/// certificate from the site's CA: the QUIC endpoint's and NBD-TLS's.
+fn server_tls(files: &crate::config::TlsFiles, versions: &[&'static rustls::SupportedProtocolVersion]) -> anyhow::Result<rustls::ServerConfig> {
     let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(roots(&files.ca)?, provider())
         .build()
         .context("client certificate verifier")?;
-    let mut tls = rustls::ServerConfig::builder_with_provider(provider())
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .context("TLS 1.3")?
+    rustls::ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(versions)
+        .context("TLS versions")?
         .with_client_cert_verifier(verifier)
         .with_single_cert(load_certs(&files.cert)?, load_key(&files.key)?)
-        .context("server certificate and key")?;
+        .context("server certificate and key")
+}
+
+/// QUIC server side: requires a client certificate from the site's CA.
+pub fn server_config(files: &crate::config::TlsFiles) -> anyhow::Result<quinn::ServerConfig> {
+    let mut tls = server_tls(files, &[&rustls::version::TLS13])?;
     tls.alpn_protocols = vec![ALPN.to_vec()];
     let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls).context("QUIC server TLS")?;
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
@@ -333,14 +339,7 @@ pub fn nbd_tls(listen: &HostPort, policy: NbdTlsPolicy, files: &crate::config::T
         check_covers(&files.cert, listen, &format!("the NBD export's address {listen}"))
             .context("NBD-TLS is required off loopback, with the client config's [tls] certificate (or give --insecure-plaintext)")?;
     }
-    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(roots(&files.ca)?, provider())
-        .build()
-        .context("client certificate verifier")?;
-    let tls = rustls::ServerConfig::builder_with_provider(provider())
-        .with_safe_default_protocol_versions()
-        .context("TLS versions")?
-        .with_client_cert_verifier(verifier)
-        .with_single_cert(load_certs(&files.cert)?, load_key(&files.key)?)
-        .context("server certificate and key")?;
+    // GnuTLS clients (qemu, libnbd) may offer TLS 1.2 as well as 1.3.
+    let tls = server_tls(files, rustls::DEFAULT_VERSIONS)?;
     Ok(rewind_nbd::server::Tls::Required(tokio_rustls::TlsAcceptor::from(Arc::new(tls))))
 }

@@ -9,7 +9,8 @@ use std::time::{Duration, Instant};
 
 use rewind_node::client::Client;
 use rewind_node::config::ClientConfig;
-use rewind_wire::event::LoggedEvent;
+use rewind_wire::event::{Event, LoggedEvent};
+use rewind_wire::rpc::DiskSpec;
 use rewind_wire::rpc::{NodeStatus, Request, Response};
 
 pub const REWIND: &str = env!("CARGO_BIN_EXE_rewind");
@@ -199,4 +200,56 @@ pub fn run(cmd: &mut Command) -> String {
 /// `qemu-img compare` of two raw images; panics if they differ.
 pub fn compare(a: &Path, b: &Path) {
     run(Command::new("qemu-img").args(["compare", "-f", "raw", "-F", "raw", a.to_str().unwrap(), b.to_str().unwrap()]));
+}
+
+/// The disk the tap tests serve.
+pub const DISK_BYTES: u64 = 64 << 20;
+
+pub fn start_tap(site: &Site, group: &str, disk: &str, backing: &Path) -> TapProcess {
+    start_tap_with(site, group, disk, backing, &[])
+}
+
+/// A site with group "g" holding disk "d0", and a folder for its backing file.
+pub async fn site_with_disk() -> (Site, tempfile::TempDir, PathBuf) {
+    let site = Site::up(&[]);
+    let dir = tempfile::tempdir().unwrap();
+    site.client.create_group("g", vec![DiskSpec { name: "d0".into(), size_bytes: DISK_BYTES, sector_bytes: 512 }]).await.unwrap();
+    let backing = dir.path().join("d0.raw");
+    (site, dir, backing)
+}
+
+pub fn zeroed(path: &Path) {
+    let f = std::fs::File::create(path).unwrap();
+    f.set_len(DISK_BYTES).unwrap();
+}
+
+/// Applies logged events for `disk` to a zeroed image: what replay will do.
+pub fn replay_onto(events: &[LoggedEvent], disk: &str, path: &Path) {
+    use std::os::unix::fs::FileExt;
+    zeroed(path);
+    let f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+    for e in events {
+        match &e.event {
+            Event::Write { disk: d, offset, data } if d == disk => f.write_all_at(data, *offset).unwrap(),
+            Event::WriteZeroes { disk: d, offset, len } | Event::Trim { disk: d, offset, len } if d == disk => {
+                f.write_all_at(&vec![0u8; *len as usize], *offset).unwrap()
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Every event of `group`, checked to be the same on every node.
+pub async fn log_of(site: &Site, group: &str) -> Vec<LoggedEvent> {
+    let (last_lsn, _) = site.settled(group, 3).await;
+    let mut all = Vec::new();
+    for n in site.site().nodes {
+        let events = site.read_all(&n.addr, group, last_lsn).await;
+        assert_eq!(events.len() as u64, last_lsn);
+        if !all.is_empty() {
+            assert!(events == all, "node {} holds a different log", n.id);
+        }
+        all = events;
+    }
+    all
 }
