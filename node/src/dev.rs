@@ -202,11 +202,13 @@ pub async fn up(opts: &UpOptions) -> anyhow::Result<PathBuf> {
     let site = DevSite { nodes };
     site.save(&dir)?;
     // One certificate and client config per client role: `client` is the
-    // admin's, `reader` may only read, and `tap` may write the groups
-    // named by --tap-groups.
+    // admin's, `reader` may only read, `peer` is what another site's nodes
+    // present on a DR link (`rewind dr link --peer-identity-here`), and
+    // `tap` may write the groups named by --tap-groups.
     let roles = [
         ("client", Access::Admin),
         ("reader", Access::Reader),
+        ("peer", Access::Peer),
         ("tap", Access::Tap { groups: opts.tap_groups.clone() }),
     ];
     let mut client_config = None;

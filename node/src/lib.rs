@@ -20,6 +20,7 @@ pub mod addr;
 pub mod client;
 pub mod config;
 pub mod dev;
+pub mod dr;
 pub mod load;
 pub mod raft_net;
 pub mod replay;

@@ -189,7 +189,7 @@ impl RaftNetworkV2<TypeConfig> for RaftClient {
         let total = rpc.entries.len();
         for e in &rpc.entries {
             let size = match &e.payload {
-                openraft::EntryPayload::Normal(rewind_wire::raft::Command::Append(b)) => b.payload_bytes() + 256,
+                openraft::EntryPayload::Normal(command) => command.payload_bytes() + 256,
                 _ => 256,
             };
             if !entries.is_empty() && bytes + size > APPEND_REQUEST_BYTES_MAX {

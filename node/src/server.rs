@@ -52,6 +52,8 @@ pub struct Node {
     pub taps: std::sync::Mutex<BTreeMap<(String, String), (w_rpc::TapReport, Instant)>>,
     /// One snapshot is received at a time; another sender is told to retry.
     pub snapshot_receiving: tokio::sync::Semaphore,
+    /// What this node's DR links last saw of the peer sites.
+    pub dr: crate::dr::DrViews,
 }
 
 use rewind_wire::rpc as w_rpc;
@@ -113,7 +115,15 @@ pub async fn run(config: NodeConfig) -> anyhow::Result<()> {
     watch_raft(raft.clone());
     let mut shards = BTreeMap::new();
     shards.insert(DATA_SHARD, Service::new(config.id, raft.clone(), store.reader));
-    let node = Arc::new(Node { id: config.id, addr: config.advertised().to_string(), shards, taps: Default::default(), snapshot_receiving: tokio::sync::Semaphore::new(1) });
+    let node = Arc::new(Node {
+        id: config.id,
+        addr: config.advertised().to_string(),
+        shards,
+        taps: Default::default(),
+        snapshot_receiving: tokio::sync::Semaphore::new(1),
+        dr: Default::default(),
+    });
+    crate::dr::start(node.clone(), config.data_dir.clone());
     tracing::info!(id = config.id, listen = %config.listen, advertise = %config.advertised(), data = %config.data_dir.display(), "node started");
 
     let accept = {
@@ -243,7 +253,7 @@ impl Node {
         self.shards.get(&id).ok_or_else(|| ServiceError::BadRequest(format!("node {} has no shard {id}", self.id)))
     }
 
-    fn data_shard(&self) -> Result<&Shard, ServiceError> {
+    pub fn data_shard(&self) -> Result<&Shard, ServiceError> {
         self.shard(crate::DATA_SHARD)
     }
 
@@ -254,6 +264,16 @@ impl Node {
             Request::RaftSnapshot { shard, vote, meta, total_bytes } => self.raft_snapshot(shard, vote, meta, total_bytes, recv).await,
             Request::Status => crate::status::node_status(self).await.map(Response::Status),
             Request::TapReport(report) => self.tap_report(report),
+            Request::DrState { group, digest_at } => match self.data_shard() {
+                Ok(shard) => Ok(match shard.handle(Request::DrState { group: group.clone(), digest_at }).await {
+                    Response::Dr(mut info) => {
+                        info.peer = self.dr.peer(&group);
+                        Response::Dr(info)
+                    }
+                    other => other,
+                }),
+                Err(e) => Err(e),
+            },
             other => match self.data_shard() {
                 Ok(shard) => Ok(shard.handle(other).await),
                 Err(e) => Err(e),

@@ -2,6 +2,7 @@
 //! consistency group, with no I/O. The RocksDB adapter in `sm.rs` loads the
 //! records this needs, calls it, and writes what it returns.
 
+use rewind_wire::dr::DrRecord;
 use rewind_wire::event::{check_disk_geometry, seq_epoch, seq_in_epoch, seq_number, Event, EventBatch};
 use rewind_wire::limits::{GROUP_DISKS_MAX, PRODUCER_WINDOW_MAX, REASON_BYTES_MAX};
 use rewind_wire::raft::CommandReply;
@@ -115,12 +116,39 @@ impl GroupRecord {
             Event::BackupBegin { disk, .. } => {
                 self.disk(disk).map(|_| ()).ok_or_else(|| format!("group {} has no disk {disk:?}", self.name))
             }
+            Event::Revert { disk, to_lsn, block_end, .. } => {
+                let spec = self.disk(disk).ok_or_else(|| format!("group {} has no disk {disk:?}", self.name))?;
+                if *to_lsn > self.last_lsn {
+                    return Err(format!("revert to LSN {to_lsn}, beyond the log of group {} (LSN {})", self.name, self.last_lsn));
+                }
+                if *block_end > spec.size_bytes.div_ceil(crate::blocks::BLOCK_BYTES) {
+                    return Err(format!("revert up to block {block_end} is past the end of disk {disk:?} ({} bytes)", spec.size_bytes));
+                }
+                Ok(())
+            }
             _ => Ok(()),
+        }
+    }
+
+    /// As [`GroupRecord::check_event`], for an event the primary site
+    /// committed already: a DiskCreate of a disk the secondary was created
+    /// with is its own creation again.
+    fn check_replicated(&self, event: &Event) -> Result<(), String> {
+        match event {
+            Event::DiskCreate { disk, size_bytes, sector_bytes } => match self.disk(disk) {
+                Some(d) if d.sector_bytes == *sector_bytes && d.size_bytes >= *size_bytes => Ok(()),
+                Some(d) => Err(format!("disk {disk:?} is {} bytes of {}-byte sectors here, {size_bytes} of {sector_bytes} at the primary", d.size_bytes, d.sector_bytes)),
+                None => self.check_event(event),
+            },
+            _ => self.check_event(event),
         }
     }
 
     fn absorb(&mut self, event: &Event) {
         match event {
+            // A secondary's group is created with the primary's disks, so a
+            // replicated DiskCreate may name a disk it has already.
+            Event::DiskCreate { disk, .. } if self.disk(disk).is_some() => {}
             Event::DiskCreate { disk, size_bytes, sector_bytes } => self.disks.push(DiskSpec {
                 name: disk.clone(),
                 size_bytes: *size_bytes,
@@ -155,6 +183,90 @@ pub fn create_group(exists: bool, group: &str, disks: &[DiskSpec]) -> Result<Gro
             .map_err(|e| format!("disk {:?}: {e}", d.name))?;
     }
     Ok(GroupRecord::new(group, disks))
+}
+
+/// Refuses an append to a group this site holds as the secondary copy.
+pub fn check_writable(group: &str, dr: Option<&DrRecord>) -> Result<(), String> {
+    match dr {
+        Some(d) if !d.is_primary() => Err(format!(
+            "group {group:?} is fenced at site {:?}: site {:?} is its primary since epoch {}; write at site {:?}",
+            d.local, d.primary, d.epoch, d.primary
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// Checks a `DrSet` against the group's stored DR state: epochs never go
+/// back, one epoch has one primary, and a site keeps its name.
+pub fn dr_set(group: &str, exists: bool, stored: Option<&DrRecord>, record: &DrRecord) -> Result<(), String> {
+    if !exists {
+        return Err(format!("no consistency group {group:?}"));
+    }
+    record.check().map_err(|e| e.to_string())?;
+    let Some(s) = stored else { return Ok(()) };
+    if s.local != record.local {
+        return Err(format!("group {group:?} is linked as site {:?} here, not {:?}", s.local, record.local));
+    }
+    if record.epoch < s.epoch {
+        return Err(format!("epoch {} is older than group {group:?}'s epoch {} (primary {:?})", record.epoch, s.epoch, s.primary));
+    }
+    if record.epoch == s.epoch && record.primary != s.primary {
+        return Err(format!("epoch {} of group {group:?} already has site {:?} as its primary; a new primary needs a new epoch", s.epoch, s.primary));
+    }
+    Ok(())
+}
+
+/// Applies events the primary site committed to this site's copy: those
+/// it holds already are skipped; the rest must follow its last LSN, keep
+/// their times, and bring the chain to `digest`, or nothing is applied.
+/// Returns the new events with their records; `group` is advanced.
+pub fn apply_replicated(
+    group: &mut GroupRecord,
+    dr: Option<&DrRecord>,
+    epoch: u64,
+    events: &[StoredEvent],
+    digest: &[u8; 32],
+) -> Result<Vec<(StoredEvent, Vec<u8>)>, String> {
+    let name = group.name.clone();
+    let dr = dr.ok_or_else(|| format!("group {name:?} is not linked to another site"))?;
+    if dr.is_primary() {
+        return Err(format!("site {:?} is the primary of group {name:?} (epoch {}); it takes no replicated events", dr.local, dr.epoch));
+    }
+    if epoch != dr.epoch {
+        return Err(format!("a shipment of epoch {epoch} for group {name:?}, which is at epoch {} here", dr.epoch));
+    }
+    if events.len() > rewind_wire::limits::SHIP_EVENTS_MAX {
+        return Err(format!("a shipment of {} events; {} at most", events.len(), rewind_wire::limits::SHIP_EVENTS_MAX));
+    }
+    let mut next = group.clone();
+    let mut out = Vec::new();
+    for e in events.iter().filter(|e| e.lsn > group.last_lsn) {
+        if e.lsn != next.last_lsn + 1 {
+            return Err(format!("a shipment of group {name:?} skips from LSN {} to {}", next.last_lsn, e.lsn));
+        }
+        if e.time_ns < next.last_time_ns {
+            return Err(format!("LSN {} of group {name:?} goes back in time", e.lsn));
+        }
+        next.check_replicated(&e.event).map_err(|why| format!("LSN {} of group {name:?}: {why}", e.lsn))?;
+        next.absorb(&e.event);
+        next.last_lsn = e.lsn;
+        next.last_time_ns = e.time_ns;
+        let record = rewind_wire::frame::encode_record(e).map_err(|err| format!("LSN {}: {err}", e.lsn))?;
+        next.digest = chain(&next.digest, &record);
+        next.events += 1;
+        next.payload_bytes += e.event.payload_bytes() as u64;
+        out.push((e.clone(), record));
+    }
+    if !out.is_empty() && &next.digest != digest {
+        return Err(format!(
+            "group {name:?} diverged from its primary: the chains differ at LSN {} (here {}, at the primary {})",
+            next.last_lsn,
+            blake3::Hash::from_bytes(next.digest).to_hex(),
+            blake3::Hash::from_bytes(*digest).to_hex()
+        ));
+    }
+    *group = next;
+    Ok(out)
 }
 
 /// The next link of a group's hash chain. A record starts with the blake3
@@ -354,6 +466,79 @@ mod tests {
         // A fresh producer may start in any epoch.
         let (_, reply) = apply_batch(&mut g, None, &batch(seq_in_epoch(7, 1), w(0)));
         assert_eq!(reply, CommandReply::Appended { lsn_first: 6, lsn_last: 6 });
+    }
+
+    fn link(local: &str, primary: &str, epoch: u64) -> DrRecord {
+        DrRecord {
+            local: local.into(),
+            remote: if local == "a" { "b".into() } else { "a".into() },
+            primary: primary.into(),
+            epoch,
+            rpo_alarm_ms: 0,
+            link: rewind_wire::dr::SiteLink { addrs: vec!["127.0.0.1:1".into()], ca_pem: String::new(), cert_pem: String::new(), key_pem: String::new() },
+        }
+    }
+
+    #[test]
+    fn epochs_only_grow_and_one_epoch_has_one_primary() {
+        assert!(dr_set("cg", false, None, &link("a", "a", 1)).unwrap_err().contains("no consistency group"));
+        assert!(dr_set("cg", true, None, &link("a", "a", 1)).is_ok());
+        let stored = link("a", "a", 2);
+        assert!(dr_set("cg", true, Some(&stored), &link("a", "b", 1)).unwrap_err().contains("older"));
+        assert!(dr_set("cg", true, Some(&stored), &link("a", "b", 2)).unwrap_err().contains("already has site \"a\""));
+        assert!(dr_set("cg", true, Some(&stored), &link("a", "a", 2)).is_ok());
+        assert!(dr_set("cg", true, Some(&stored), &link("a", "b", 3)).is_ok());
+        assert!(dr_set("cg", true, Some(&stored), &link("b", "b", 3)).unwrap_err().contains("linked as site"));
+        let mut bad = link("a", "c", 1);
+        assert!(dr_set("cg", true, None, &bad).is_err());
+        bad.primary = "a".into();
+        bad.epoch = 0;
+        assert!(dr_set("cg", true, None, &bad).is_err());
+        // The secondary refuses appends and names the primary.
+        assert!(check_writable("cg", Some(&link("a", "a", 1))).is_ok());
+        assert!(check_writable("cg", None).is_ok());
+        let e = check_writable("cg", Some(&link("a", "b", 4))).unwrap_err();
+        assert!(e.contains("fenced") && e.contains("epoch 4") && e.contains("\"b\""), "{e}");
+    }
+
+    /// A primary's events, applied at a secondary in pieces, with resends
+    /// and overlaps: the same LSNs, times and digest, each event once.
+    #[test]
+    fn replicated_events_keep_their_lsns_and_chain() {
+        let mut primary = group();
+        let mut events = Vec::new();
+        let mut producer = None;
+        for i in 0..20u64 {
+            let (outcome, _) = apply_batch(&mut primary, producer.clone(), &batch(i + 1, vec![write(i * 512, 700, 10 * i), write(0, 4096, 10 * i + 5)]));
+            let BatchOutcome::Sequenced { events: e, producer: p } = outcome else { panic!() };
+            events.extend(e.into_iter().map(|(s, _)| s));
+            producer = Some(p);
+        }
+        let digest_at = |n: usize| {
+            let mut d = [0u8; 32];
+            for e in &events[..n] {
+                d = chain(&d, &rewind_wire::frame::encode_record(e).unwrap());
+            }
+            d
+        };
+        let mut secondary = group();
+        let dr = link("b", "a", 1);
+        for (from, to) in [(0usize, 7usize), (3, 12), (12, 12), (10, 40)] {
+            let held = secondary.last_lsn as usize;
+            let got = apply_replicated(&mut secondary, Some(&dr), 1, &events[from..to], &digest_at(to.max(held))).unwrap();
+            assert_eq!(got.len(), to.saturating_sub(held), "{from}..{to}: only the events not held yet");
+            assert_eq!(secondary.last_lsn, to.max(held) as u64);
+        }
+        assert_eq!(secondary.digest, primary.digest);
+        assert_eq!((secondary.last_lsn, secondary.last_time_ns, secondary.events), (primary.last_lsn, primary.last_time_ns, primary.events));
+        // A gap, a wrong digest, a wrong epoch, a primary: refused, nothing applied.
+        let mut g = group();
+        assert!(apply_replicated(&mut g, Some(&dr), 1, &events[1..3], &digest_at(3)).unwrap_err().contains("skips"));
+        assert!(apply_replicated(&mut g, Some(&dr), 1, &events[0..3], &digest_at(2)).unwrap_err().contains("diverged"));
+        assert!(apply_replicated(&mut g, Some(&dr), 2, &events[0..3], &digest_at(3)).unwrap_err().contains("epoch 2"));
+        assert!(apply_replicated(&mut g, Some(&link("a", "a", 1)), 1, &events[0..3], &digest_at(3)).unwrap_err().contains("primary"));
+        assert!(apply_replicated(&mut g, None, 1, &events[0..3], &digest_at(3)).unwrap_err().contains("not linked"));
+        assert_eq!(g, group());
     }
 
     fn fenced_like() -> CommandReply {

@@ -180,6 +180,28 @@ pub fn block_or_zero<I: VersionIndex>(index: &mut I, block: u64, lsn: u64) -> Re
     }
 }
 
+/// The versions a revert event at `lsn` adds: every block of
+/// `block_first..block_end` that changed after `to_lsn` (a version or an
+/// extent in `to_lsn + 1..lsn`) gets the bytes it had as of `to_lsn`, as
+/// `Data` or `Zero`. Blocks that did not change get nothing.
+pub fn revert_puts<I: VersionIndex>(index: &mut I, block_first: u64, block_end: u64, to_lsn: u64, lsn: u64) -> Result<Vec<IndexPut>, I::Error> {
+    let before = lsn - 1;
+    let mut puts = Vec::new();
+    for block in block_first..block_end {
+        let newest = index.version(block, before)?.map_or(0, |(l, _)| l);
+        let changed = newest > to_lsn || index.zeroed_by_extent(block, to_lsn.max(newest), before)?;
+        if !changed {
+            continue;
+        }
+        let version = match block_or_zero(index, block, to_lsn)? {
+            Some(bytes) => Version::Data(bytes),
+            None => Version::Zero,
+        };
+        puts.push(IndexPut::Block { block, version });
+    }
+    Ok(puts)
+}
+
 /// `len` bytes of a disk from `offset` as of `lsn`, as runs of bytes that
 /// may be non-zero: (offset from `offset`, bytes), in order, adjacent runs
 /// joined; the rest reads as zeroes.
@@ -247,7 +269,20 @@ mod tests {
     }
 
     fn op() -> impl Strategy<Value = (u8, u64, u64)> {
-        (0u8..3, 0u64..(64 * 4096), 1u64..(300 * 4096))
+        (0u8..4, 0u64..(64 * 4096), 1u64..(300 * 4096))
+    }
+
+    impl VersionIndex for Mem {
+        type Error = ();
+        fn version(&mut self, block: u64, lsn: u64) -> Result<Option<(u64, Version)>, ()> {
+            Ok(self.blocks.range((block, 0)..=(block, lsn)).next_back().map(|((_, l), v)| (*l, v.clone())))
+        }
+        fn zeroed_by_extent(&mut self, block: u64, after: u64, upto: u64) -> Result<bool, ()> {
+            Ok(after < upto && self.extents.range(after + 1..=upto).any(|(_, (f, e))| (*f..*e).contains(&block)))
+        }
+        fn write_bytes(&mut self, lsn: u64, offset: u32) -> Result<Vec<u8>, ()> {
+            Ok(self.writes[&lsn][offset as usize..offset as usize + BLOCK_BYTES as usize].to_vec())
+        }
     }
 
     proptest! {
@@ -270,15 +305,24 @@ mod tests {
                 let event = match kind {
                     0 => Event::Write { disk: "d".into(), offset, data: (0..len).map(|x| (x as u8) ^ (lsn as u8)).collect() },
                     1 => Event::WriteZeroes { disk: "d".into(), offset, len },
-                    _ => Event::Trim { disk: "d".into(), offset, len },
+                    2 => Event::Trim { disk: "d".into(), offset, len },
+                    // A revert of some blocks to an earlier LSN (`offset` picks it).
+                    _ => Event::Revert { disk: "d".into(), to_lsn: offset % lsn, block_first: offset / BLOCK_BYTES, block_end: (offset + len).div_ceil(BLOCK_BYTES).min(DISK / BLOCK_BYTES) },
                 };
                 let mut model = models.last().unwrap().clone();
                 match &event {
                     Event::Write { data, .. } => model[offset as usize..(offset + len) as usize].copy_from_slice(data),
+                    Event::Revert { to_lsn, block_first, block_end, .. } => {
+                        let (from, to) = ((block_first * BLOCK_BYTES) as usize, (block_end * BLOCK_BYTES) as usize);
+                        model[from..to].copy_from_slice(&models[*to_lsn as usize][from..to]);
+                    }
                     _ => model[offset as usize..(offset + len) as usize].fill(0),
                 }
                 models.push(model);
-                let puts = index_event::<()>("d", &event, |b| Ok(mem.block_at(b, lsn - 1))).unwrap();
+                let puts = match &event {
+                    Event::Revert { to_lsn, block_first, block_end, .. } => revert_puts(&mut mem, *block_first, *block_end, *to_lsn, lsn).unwrap(),
+                    _ => index_event::<()>("d", &event, |b| Ok(mem.block_at(b, lsn - 1))).unwrap(),
+                };
                 if let Event::Write { data, .. } = &event {
                     mem.writes.insert(lsn, data.clone());
                 }

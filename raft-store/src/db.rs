@@ -6,6 +6,7 @@ use std::sync::Arc;
 use rocksdb::{ColumnFamilyDescriptor, Direction, IteratorMode, Options, DB};
 
 use crate::apply::{GroupRecord, ProducerRecord, StoredEvent};
+use rewind_wire::dr::DrRecord;
 use crate::{corrupt, io_err, LogStore, StateMachine};
 
 pub(crate) const CF_LOG: &str = "log";
@@ -18,9 +19,11 @@ pub(crate) const CF_PRODUCERS: &str = "producers";
 pub(crate) const CF_BLOCKS: &str = "blocks";
 pub(crate) const CF_EXTENTS: &str = "extents";
 pub(crate) const CF_MARKS: &str = "marks";
+pub(crate) const CF_CHAIN: &str = "chain";
+pub(crate) const CF_DR: &str = "dr";
 
 /// The column families that make up the state machine, in snapshot order.
-pub(crate) const SM_CFS: [&str; 8] = [CF_SM, CF_GROUPS, CF_EVENTS, CF_TIMES, CF_PRODUCERS, CF_BLOCKS, CF_EXTENTS, CF_MARKS];
+pub(crate) const SM_CFS: [&str; 10] = [CF_SM, CF_GROUPS, CF_EVENTS, CF_TIMES, CF_PRODUCERS, CF_BLOCKS, CF_EXTENTS, CF_MARKS, CF_CHAIN, CF_DR];
 
 /// A shard replica's storage: the log store and state machine share one DB.
 pub struct Store {
@@ -62,7 +65,7 @@ pub fn open(dir: &Path) -> std::io::Result<Store> {
     blocks.set_enable_blob_files(true);
     blocks.set_min_blob_size(4096);
     blocks.set_enable_blob_gc(true);
-    let cfs = [CF_LOG, CF_META, CF_SM, CF_GROUPS, CF_EVENTS, CF_TIMES, CF_PRODUCERS, CF_BLOCKS, CF_EXTENTS, CF_MARKS].map(|name| {
+    let cfs = [CF_LOG, CF_META, CF_SM, CF_GROUPS, CF_EVENTS, CF_TIMES, CF_PRODUCERS, CF_BLOCKS, CF_EXTENTS, CF_MARKS, CF_CHAIN, CF_DR].map(|name| {
         let o = match name {
             CF_LOG | CF_EVENTS => payload.clone(),
             CF_BLOCKS => blocks.clone(),
@@ -471,6 +474,35 @@ impl StoreReader {
     /// The event time of `lsn` in `group`, if the store holds that event.
     pub fn time_of(&self, group: &str, lsn: u64) -> std::io::Result<Option<u64>> {
         Ok(self.events(group, lsn, 1, 1)?.into_iter().find(|e| e.lsn == lsn).map(|e| e.time_ns))
+    }
+
+    /// The group's DR state at this site, if it is linked.
+    pub fn dr(&self, group: &str) -> std::io::Result<Option<DrRecord>> {
+        let bytes = self.db.get_cf(cf(&self.db, CF_DR), group.as_bytes()).map_err(io_err)?;
+        bytes.map(|b| rewind_wire::frame::decode_record(&b).map_err(|e| corrupt("DR record", e))).transpose()
+    }
+
+    /// Every linked group's DR state at this site.
+    pub fn dr_all(&self) -> std::io::Result<Vec<(String, DrRecord)>> {
+        let mut out = Vec::new();
+        for item in self.db.iterator_cf(cf(&self.db, CF_DR), IteratorMode::Start) {
+            let (k, v) = item.map_err(io_err)?;
+            let record = rewind_wire::frame::decode_record(&v).map_err(|e| corrupt("DR record", e))?;
+            out.push((String::from_utf8_lossy(&k).into_owned(), record));
+        }
+        Ok(out)
+    }
+
+    /// The group's chain digest after `lsn` (all zeroes at LSN 0), if this
+    /// replica holds that LSN.
+    pub fn digest_at(&self, group: &str, lsn: u64) -> std::io::Result<Option<[u8; 32]>> {
+        if lsn == 0 {
+            return Ok(Some([0; 32]));
+        }
+        match self.db.get_cf(cf(&self.db, CF_CHAIN), event_key(group, lsn)).map_err(io_err)? {
+            Some(v) => Ok(Some(v.as_slice().try_into().map_err(|_| corrupt("chain record", format!("{} bytes", v.len())))?)),
+            None => Ok(None),
+        }
     }
 
     /// The last LSN of `group` whose event time is <= `time_ns`.

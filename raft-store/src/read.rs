@@ -9,6 +9,7 @@ use futures::future::BoxFuture;
 
 use crate::apply::{GroupRecord, ProducerRecord, StoredEvent};
 use crate::db::Bookmark;
+use rewind_wire::dr::DrRecord;
 
 /// Read access to one shard replica's applied state.
 ///
@@ -34,6 +35,10 @@ pub trait ReadState: Clone + Send + Sync + 'static {
     fn time_of(&self, group: &str, lsn: u64) -> io::Result<Option<u64>>;
     /// The last LSN of `group` whose event time is <= `time_ns`.
     fn lsn_at_time(&self, group: &str, time_ns: u64) -> io::Result<Option<u64>>;
+    /// The group's cross-site state here, if it is linked.
+    fn dr(&self, group: &str) -> io::Result<Option<DrRecord>>;
+    /// The group's chain digest after `lsn`, if this replica holds it.
+    fn digest_at(&self, group: &str, lsn: u64) -> io::Result<Option<[u8; 32]>>;
     /// Runs `f`, which reads, where blocking is allowed: inline unless the
     /// implementation reads real disks, which moves it off the async
     /// workers.
@@ -69,6 +74,14 @@ impl ReadState for crate::StoreReader {
 
     fn lsn_at_time(&self, group: &str, time_ns: u64) -> io::Result<Option<u64>> {
         crate::StoreReader::lsn_at_time(self, group, time_ns)
+    }
+
+    fn dr(&self, group: &str) -> io::Result<Option<DrRecord>> {
+        crate::StoreReader::dr(self, group)
+    }
+
+    fn digest_at(&self, group: &str, lsn: u64) -> io::Result<Option<[u8; 32]>> {
+        crate::StoreReader::digest_at(self, group, lsn)
     }
 
     fn run_blocking<T: Send + 'static>(self, f: impl FnOnce(Self) -> T + Send + 'static) -> BoxFuture<'static, io::Result<T>> {

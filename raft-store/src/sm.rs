@@ -12,12 +12,13 @@ use rewind_wire::frame::{decode_record, encode_record};
 use rewind_wire::raft::{Command, CommandReply};
 use rocksdb::{WriteBatch, DB};
 
-use crate::apply::{apply_batch, create_group, BatchOutcome, GroupRecord, ProducerRecord};
+use crate::apply::{apply_batch, apply_replicated, check_writable, create_group, dr_set, BatchOutcome, GroupRecord, ProducerRecord, StoredEvent};
+use rewind_wire::dr::DrRecord;
 use crate::codec::{self, LogId, SnapshotMeta, StoredMembership};
 use crate::blocks::{index_event, IndexPut};
 use crate::db::{
-    block_key, cf, event_key, extent_key, mark_key, mark_value, producer_key, time_key, BlockReader, Overlay, CF_BLOCKS, CF_EVENTS,
-    CF_EXTENTS, CF_GROUPS, CF_MARKS, CF_PRODUCERS, CF_SM, CF_TIMES,
+    block_key, cf, event_key, extent_key, mark_key, mark_value, producer_key, time_key, BlockReader, Overlay, CF_BLOCKS, CF_CHAIN, CF_DR,
+    CF_EVENTS, CF_EXTENTS, CF_GROUPS, CF_MARKS, CF_PRODUCERS, CF_SM, CF_TIMES,
 };
 use crate::snapshot::{SnapshotBuilder, SnapshotFile, Snapshots};
 use crate::{corrupt, io_err, TypeConfig};
@@ -53,6 +54,43 @@ impl StateMachine {
         let bytes = self.db.get_cf(cf(&self.db, CF_PRODUCERS), producer_key(client_id, group)).map_err(io_err)?;
         bytes.map(|b| decode_record(&b).map_err(|e| corrupt("producer record", e))).transpose()
     }
+
+    fn dr(&self, pending: &Pending, group: &str) -> io::Result<Option<DrRecord>> {
+        if let Some(d) = pending.dr.get(group) {
+            return Ok(Some(d.clone()));
+        }
+        let bytes = self.db.get_cf(cf(&self.db, CF_DR), group.as_bytes()).map_err(io_err)?;
+        bytes.map(|b| decode_record(&b).map_err(|e| corrupt("DR record", e))).transpose()
+    }
+
+    fn pending_group(&self, pending: &Pending, name: &str) -> io::Result<Option<GroupRecord>> {
+        match pending.groups.get(name) {
+            Some(g) => Ok(Some(g.clone())),
+            None => self.group(name),
+        }
+    }
+
+    /// Writes new events of a group: the event, its time, its chain link
+    /// (from `digest`, the group's digest before them) and its block
+    /// versions.
+    fn put_events(
+        &self,
+        pending: &mut Pending,
+        batch: &mut WriteBatch,
+        group: &str,
+        mut digest: [u8; 32],
+        events: Vec<(StoredEvent, Vec<u8>)>,
+    ) -> io::Result<()> {
+        for (event, record) in events {
+            let key = event_key(group, event.lsn);
+            digest = crate::apply::chain(&digest, &record);
+            batch.put_cf(cf(&self.db, CF_CHAIN), &key, digest);
+            batch.put_cf(cf(&self.db, CF_EVENTS), &key, record);
+            batch.put_cf(cf(&self.db, CF_TIMES), time_key(group, event.time_ns, event.lsn), []);
+            self.index(pending, batch, group, &key, event)?;
+        }
+        Ok(())
+    }
 }
 
 /// What one call of `apply` changes, gathered before one atomic write.
@@ -60,6 +98,7 @@ impl StateMachine {
 struct Pending {
     groups: BTreeMap<String, GroupRecord>,
     producers: BTreeMap<(u64, String), ProducerRecord>,
+    dr: BTreeMap<String, DrRecord>,
     overlay: Overlay,
 }
 
@@ -76,32 +115,50 @@ impl StateMachine {
                 Ok(CommandReply::Created)
             }
             Command::Append(b) => {
-                let mut group = match pending.groups.get(&b.group) {
-                    Some(g) => g.clone(),
-                    None => match self.group(&b.group)? {
-                        Some(g) => g,
-                        None => {
-                            return Ok(CommandReply::Refused { reason: format!("no consistency group {:?}", b.group) })
-                        }
-                    },
+                let Some(mut group) = self.pending_group(pending, &b.group)? else {
+                    return Ok(CommandReply::Refused { reason: format!("no consistency group {:?}", b.group) });
                 };
+                if let Err(reason) = check_writable(&b.group, self.dr(pending, &b.group)?.as_ref()) {
+                    return Ok(CommandReply::Refused { reason });
+                }
                 let pkey = (b.client_id, b.group.clone());
                 let producer = match pending.producers.get(&pkey) {
                     Some(p) => Some(p.clone()),
                     None => self.producer(b.client_id, &b.group)?,
                 };
+                let before = group.digest;
                 let (outcome, reply) = apply_batch(&mut group, producer, b);
                 if let BatchOutcome::Sequenced { events, producer } = outcome {
-                    for (event, record) in events {
-                        let key = event_key(&b.group, event.lsn);
-                        batch.put_cf(cf(&self.db, CF_EVENTS), &key, record);
-                        batch.put_cf(cf(&self.db, CF_TIMES), time_key(&b.group, event.time_ns, event.lsn), []);
-                        self.index(pending, batch, &b.group, &key, event)?;
-                    }
+                    self.put_events(pending, batch, &b.group, before, events)?;
                     pending.producers.insert(pkey, producer);
                     pending.groups.insert(b.group.clone(), group);
                 }
                 Ok(reply)
+            }
+            Command::DrSet { group, record } => {
+                let exists = self.pending_group(pending, group)?.is_some();
+                let stored = self.dr(pending, group)?;
+                if let Err(reason) = dr_set(group, exists, stored.as_ref(), record) {
+                    return Ok(CommandReply::Refused { reason });
+                }
+                pending.dr.insert(group.clone(), record.clone());
+                Ok(CommandReply::Created)
+            }
+            Command::Replicate { group: name, epoch, events, digest } => {
+                let Some(mut group) = self.pending_group(pending, name)? else {
+                    return Ok(CommandReply::Refused { reason: format!("no consistency group {name:?}") });
+                };
+                let before = group.digest;
+                let first = group.last_lsn + 1;
+                match apply_replicated(&mut group, self.dr(pending, name)?.as_ref(), *epoch, events, digest) {
+                    Ok(new) => {
+                        self.put_events(pending, batch, name, before, new)?;
+                        let reply = CommandReply::Appended { lsn_first: first.min(group.last_lsn + 1), lsn_last: group.last_lsn };
+                        pending.groups.insert(name.clone(), group);
+                        Ok(reply)
+                    }
+                    Err(reason) => Ok(CommandReply::Refused { reason }),
+                }
             }
         }
     }
@@ -118,10 +175,15 @@ impl StateMachine {
             Event::Bookmark { name, app_consistent } => {
                 batch.put_cf(cf(&self.db, CF_MARKS), mark_key(group, name, lsn), mark_value(event.time_ns, *app_consistent));
             }
-            Event::Write { disk, .. } | Event::WriteZeroes { disk, .. } | Event::Trim { disk, .. } => {
+            Event::Write { disk, .. } | Event::WriteZeroes { disk, .. } | Event::Trim { disk, .. } | Event::Revert { disk, .. } => {
                 let puts = {
                     let mut reader = BlockReader::new(&self.db, Some(&pending.overlay), group, disk);
-                    index_event(disk, &event.event, |b| reader.block_at(b, lsn - 1))?
+                    match &event.event {
+                        Event::Revert { to_lsn, block_first, block_end, .. } => {
+                            crate::blocks::revert_puts(&mut reader, *block_first, *block_end, *to_lsn, lsn)?
+                        }
+                        other => index_event(disk, other, |b| reader.block_at(b, lsn - 1))?,
+                    }
                 };
                 for p in puts {
                     match p {
@@ -216,6 +278,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let sm = cf(&self.db, CF_SM);
         for (name, group) in &pending.groups {
             batch.put_cf(cf(&self.db, CF_GROUPS), name.as_bytes(), encode_record(group).map_err(io_err)?);
+        }
+        for (group, d) in &pending.dr {
+            batch.put_cf(cf(&self.db, CF_DR), group.as_bytes(), encode_record(d).map_err(io_err)?);
         }
         for ((client, group), p) in &pending.producers {
             batch.put_cf(cf(&self.db, CF_PRODUCERS), producer_key(*client, group), encode_record(p).map_err(io_err)?);

@@ -9,7 +9,10 @@
 //!   reads, status), never a Raft RPC;
 //! * `tap`: append, producer state, group state and tap reports, for the
 //!   groups its certificate names only;
-//! * `reader`: points, resolve, disk reads, group state, events and status.
+//! * `reader`: points, resolve, disk reads, group state, events, DR state
+//!   and status;
+//! * `peer`: another site's nodes on a DR link: DR state, shipping (pulling
+//!   the log), group state and status; never a write.
 //!
 //! The role travels in the certificate as text, `role=tap groups=a,b`
 //! ([`Access::to_text`], [`Access::parse`]).
@@ -25,6 +28,7 @@ pub enum Access {
     Admin,
     Tap { groups: Vec<String> },
     Reader,
+    Peer,
 }
 
 /// Longest role text a certificate may carry.
@@ -32,9 +36,9 @@ pub const ACCESS_TEXT_MAX: usize = 16 << 10;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum AccessError {
-    #[error("role text {0:?}: expected `role=node`, `role=admin`, `role=reader` or `role=tap groups=A,B`")]
+    #[error("role text {0:?}: expected `role=node`, `role=admin`, `role=reader`, `role=peer` or `role=tap groups=A,B`")]
     Shape(String),
-    #[error("unknown role {0:?} (roles: node, admin, tap, reader)")]
+    #[error("unknown role {0:?} (roles: node, admin, tap, reader, peer)")]
     UnknownRole(String),
     #[error("a tap's role must name at least one group (`--group`)")]
     TapWithoutGroups,
@@ -53,6 +57,7 @@ impl Access {
             Access::Admin => "admin",
             Access::Tap { .. } => "tap",
             Access::Reader => "reader",
+            Access::Peer => "peer",
         }
     }
 
@@ -63,6 +68,7 @@ impl Access {
             "node" => Access::Node,
             "admin" => Access::Admin,
             "reader" => Access::Reader,
+            "peer" => Access::Peer,
             "tap" => Access::Tap { groups: groups.to_vec() },
             other => return Err(AccessError::UnknownRole(other.to_string())),
         };
@@ -138,7 +144,11 @@ fn group_of(request: &Request) -> Option<&str> {
         | Request::ProducerState { group, .. }
         | Request::Points { group, .. }
         | Request::Resolve { group, .. }
-        | Request::ReadDisk { group, .. } => Some(group),
+        | Request::ReadDisk { group, .. }
+        | Request::DrState { group, .. }
+        | Request::Ship { group, .. }
+        | Request::DrSet { group, .. }
+        | Request::DrSwitch { group, .. } => Some(group),
         Request::TapReport(r) => Some(&r.group),
         _ => None,
     }
@@ -154,8 +164,13 @@ pub fn check(access: &Access, request: &Request) -> Result<(), Denied> {
         (Access::Admin, _) => true,
         (Access::Tap { .. }, R::Append { .. } | R::ProducerState { .. } | R::GroupState { .. } | R::TapReport(_)) => true,
         (Access::Tap { .. }, _) => false,
-        (Access::Reader, R::Points { .. } | R::Resolve { .. } | R::ReadDisk { .. } | R::GroupState { .. } | R::ReadEvents { .. } | R::Status) => true,
+        (
+            Access::Reader,
+            R::Points { .. } | R::Resolve { .. } | R::ReadDisk { .. } | R::GroupState { .. } | R::ReadEvents { .. } | R::DrState { .. } | R::Status,
+        ) => true,
         (Access::Reader, _) => false,
+        (Access::Peer, R::DrState { .. } | R::Ship { .. } | R::GroupState { .. } | R::Status) => true,
+        (Access::Peer, _) => false,
     };
     if !allowed {
         return Err(Denied { role: access.name(), what: request.name().to_string(), why: String::new() });
@@ -189,7 +204,7 @@ mod tests {
 
     #[test]
     fn roles_round_trip_as_text() {
-        for a in [Access::Node, Access::Admin, Access::Reader, Access::Tap { groups: vec!["vm1".into(), "db-2".into()] }] {
+        for a in [Access::Node, Access::Admin, Access::Reader, Access::Peer, Access::Tap { groups: vec!["vm1".into(), "db-2".into()] }] {
             assert_eq!(Access::parse(&a.to_text()).unwrap(), a);
         }
         for bad in ["", "role=", "role=root", "role=tap", "role=tap groups=", "role=admin groups=a", "role=node x", "role=tap groups=a b", "groups=a"] {
@@ -222,5 +237,26 @@ mod tests {
         assert!(check(&Access::Reader, &append("a")).is_err());
         assert!(check(&Access::Reader, &Request::RemoveLearner { id: 2 }).is_err());
         assert!(check(&Access::Reader, &vote()).is_err());
+
+        // Another site pulls the log and reads DR state; it writes nothing.
+        assert!(check(&Access::Peer, &Request::Ship { group: "a".into(), lsn_first: 1 }).is_ok());
+        assert!(check(&Access::Peer, &Request::DrState { group: "a".into(), digest_at: None }).is_ok());
+        assert!(check(&Access::Peer, &append("a")).is_err());
+        assert!(check(&Access::Peer, &read).is_err());
+        assert!(check(&Access::Reader, &Request::Ship { group: "a".into(), lsn_first: 1 }).is_err());
+        let e = check(&Access::Reader, &Request::DrSet { group: "a".into(), record: record() }).unwrap_err().to_string();
+        assert_eq!(e, "permission denied: role reader cannot do dr-set");
+        assert!(check(&Access::Admin, &Request::DrSet { group: "a".into(), record: record() }).is_ok());
+    }
+
+    fn record() -> rewind_wire::dr::DrRecord {
+        rewind_wire::dr::DrRecord {
+            local: "a".into(),
+            remote: "b".into(),
+            primary: "a".into(),
+            epoch: 1,
+            rpo_alarm_ms: 0,
+            link: rewind_wire::dr::SiteLink { addrs: vec!["127.0.0.1:1".into()], ca_pem: String::new(), cert_pem: String::new(), key_pem: String::new() },
+        }
     }
 }

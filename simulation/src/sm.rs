@@ -12,8 +12,9 @@ use std::sync::{Arc, Mutex};
 use futures::{Stream, TryStreamExt};
 use openraft::storage::{EntryResponder, RaftStateMachine};
 use openraft::{EntryPayload, OptionalSend, RaftSnapshotBuilder};
-use rewind_raft_store::apply::{apply_batch, create_group, BatchOutcome, GroupRecord, ProducerRecord, StoredEvent};
-use rewind_raft_store::blocks::{block_or_zero, index_event, read_runs, IndexPut, Version, VersionIndex, BLOCK_BYTES};
+use rewind_raft_store::apply::{apply_batch, apply_replicated, check_writable, create_group, dr_set, BatchOutcome, GroupRecord, ProducerRecord, StoredEvent};
+use rewind_raft_store::blocks::{block_or_zero, index_event, read_runs, revert_puts, IndexPut, Version, VersionIndex, BLOCK_BYTES};
+use rewind_wire::dr::DrRecord;
 use rewind_raft_store::{Bookmark, ReadState};
 use rewind_wire::event::{Event, LoggedEvent};
 use rewind_wire::raft::{Command, CommandReply};
@@ -34,6 +35,10 @@ pub struct SmImage {
     blocks: BTreeMap<(String, String, u64), BTreeMap<u64, Version>>,
     /// (group, disk) -> zeroed extents by LSN.
     extents: BTreeMap<(String, String), BTreeMap<u64, (u64, u64)>>,
+    /// Each group's chain digest after each LSN (LSN n at index n - 1).
+    pub chain: BTreeMap<String, Vec<[u8; 32]>>,
+    /// Each linked group's cross-site state.
+    pub dr: BTreeMap<String, DrRecord>,
 }
 
 impl SmImage {
@@ -56,26 +61,67 @@ impl SmImage {
                 let Some(mut group) = self.groups.get(&b.group).cloned() else {
                     return CommandReply::Refused { reason: format!("no consistency group {:?}", b.group) };
                 };
+                if let Err(reason) = check_writable(&b.group, self.dr.get(&b.group)) {
+                    return CommandReply::Refused { reason };
+                }
                 let key = (b.client_id, b.group.clone());
                 let (outcome, reply) = apply_batch(&mut group, self.producers.get(&key).cloned(), b);
                 if let BatchOutcome::Sequenced { events, producer } = outcome {
-                    for (event, _record) in events {
-                        self.index(&b.group, &event);
-                        self.events.entry(b.group.clone()).or_default().push(event);
-                    }
+                    self.push_events(&group, events);
                     self.producers.insert(key, producer);
                     self.groups.insert(b.group.clone(), group);
                 }
                 reply
             }
+            Command::DrSet { group, record } => match dr_set(group, self.groups.contains_key(group), self.dr.get(group), record) {
+                Ok(()) => {
+                    self.dr.insert(group.clone(), record.clone());
+                    CommandReply::Created
+                }
+                Err(reason) => CommandReply::Refused { reason },
+            },
+            Command::Replicate { group: name, epoch, events, digest } => {
+                let Some(mut group) = self.groups.get(name).cloned() else {
+                    return CommandReply::Refused { reason: format!("no consistency group {name:?}") };
+                };
+                let first = group.last_lsn + 1;
+                match apply_replicated(&mut group, self.dr.get(name), *epoch, events, digest) {
+                    Ok(new) => {
+                        self.push_events(&group, new);
+                        let reply = CommandReply::Appended { lsn_first: first.min(group.last_lsn + 1), lsn_last: group.last_lsn };
+                        self.groups.insert(name.clone(), group);
+                        reply
+                    }
+                    Err(reason) => CommandReply::Refused { reason },
+                }
+            }
+        }
+    }
+
+    /// Indexes and keeps new events of `group` (its record already advanced).
+    fn push_events(&mut self, group: &GroupRecord, events: Vec<(StoredEvent, Vec<u8>)>) {
+        let chain = self.chain.entry(group.name.clone()).or_default();
+        let mut digest = chain.last().copied().unwrap_or([0; 32]);
+        for (_, record) in &events {
+            digest = rewind_raft_store::apply::chain(&digest, record);
+            chain.push(digest);
+        }
+        for (event, _record) in events {
+            self.index(&group.name, &event);
+            self.events.entry(group.name.clone()).or_default().push(event);
         }
     }
 
     fn index(&mut self, group: &str, event: &LoggedEvent) {
         let Some(disk) = event.event.disk() else { return };
         let disk = disk.to_string();
-        let puts = index_event(&disk, &event.event, |b| Ok::<_, ()>(self.block_at(group, &disk, b, event.lsn - 1)))
-            .expect("reading memory cannot fail");
+        let puts = match &event.event {
+            Event::Revert { to_lsn, block_first, block_end, .. } => {
+                revert_puts(&mut ImageIndex { image: self, group, disk: &disk }, *block_first, *block_end, *to_lsn, event.lsn)
+                    .expect("the simulation's index refers only to its own writes")
+            }
+            other => index_event(&disk, other, |b| Ok::<_, ()>(self.block_at(group, &disk, b, event.lsn - 1))).expect("reading memory cannot fail"),
+        };
         for put in puts {
             match put {
                 IndexPut::Block { block, version } => {
@@ -186,6 +232,17 @@ impl ReadState for SimState {
         // Event times never go backwards within a group.
         let n = events.partition_point(|e| e.time_ns <= time_ns);
         Ok(n.checked_sub(1).map(|i| events[i].lsn))
+    }
+
+    fn dr(&self, group: &str) -> io::Result<Option<DrRecord>> {
+        Ok(self.image().dr.get(group).cloned())
+    }
+
+    fn digest_at(&self, group: &str, lsn: u64) -> io::Result<Option<[u8; 32]>> {
+        if lsn == 0 {
+            return Ok(Some([0; 32]));
+        }
+        Ok(self.image().chain.get(group).and_then(|c| c.get(lsn as usize - 1)).copied())
     }
 }
 

@@ -3,7 +3,7 @@
 use rkyv::{Archive, Deserialize, Serialize};
 
 use crate::limits::{
-    BATCH_BYTES_MAX, BATCH_EVENTS_MAX, DISK_BYTES_MAX, GROUP_DISKS_MAX, NAME_BYTES_MAX,
+    BATCH_BYTES_MAX, BATCH_EVENTS_MAX, DISK_BYTES_MAX, GROUP_DISKS_MAX, NAME_BYTES_MAX, REVERT_BLOCKS_MAX,
     WRITE_BYTES_MAX,
 };
 
@@ -30,6 +30,10 @@ pub enum Event {
     DiskCreate { disk: String, size_bytes: u64, sector_bytes: u32 },
     /// A disk changes size.
     DiskResize { disk: String, size_bytes: u64 },
+    /// Blocks `block_first..block_end` (4 KiB each) of `disk` become what
+    /// they were as of `to_lsn`: a failover to a past point starts its
+    /// branch of the history here, keeping everything after `to_lsn`.
+    Revert { disk: String, to_lsn: u64, block_first: u64, block_end: u64 },
 }
 
 /// An event with the time its source gave it (nanoseconds since the Unix epoch).
@@ -86,6 +90,10 @@ pub enum InvalidInput {
     BadSectorSize { sector_bytes: u32 },
     #[error("a group holds at most {max} disks, {count} given", max = GROUP_DISKS_MAX)]
     TooManyDisks { count: usize },
+    #[error("revert of blocks {block_first}..{block_end}: 1..={max} blocks per event", max = REVERT_BLOCKS_MAX)]
+    BadRevert { block_first: u64, block_end: u64 },
+    #[error("bad DR link: {why}")]
+    BadLink { why: String },
 }
 
 /// Checks a consistency-group, disk, bookmark or backup name.
@@ -117,7 +125,8 @@ impl Event {
             | Event::Trim { disk, .. }
             | Event::BackupBegin { disk, .. }
             | Event::DiskCreate { disk, .. }
-            | Event::DiskResize { disk, .. } => Some(disk),
+            | Event::DiskResize { disk, .. }
+            | Event::Revert { disk, .. } => Some(disk),
             _ => None,
         }
     }
@@ -141,6 +150,9 @@ impl Event {
             Event::Bookmark { name, .. } => check_name(name),
             Event::DiskCreate { size_bytes, sector_bytes, .. } => check_disk_geometry(*size_bytes, *sector_bytes),
             Event::DiskResize { .. } => Ok(()),
+            Event::Revert { block_first, block_end, .. } if block_end <= block_first || block_end - block_first > REVERT_BLOCKS_MAX => {
+                Err(InvalidInput::BadRevert { block_first: *block_first, block_end: *block_end })
+            }
             _ => Ok(()),
         }
     }

@@ -8,6 +8,7 @@
 //!   membership) so that the consensus library's own types never reach a
 //!   socket or a disk unvalidated.
 //! * [`rpc`]: requests and replies between nodes and from clients.
+//! * [`dr`]: a group's cross-site state (primary site, epoch, the link).
 //! * [`frame`]: length-prefixed, versioned, checksummed rkyv frames.
 //! * [`timefmt`]: event times as people write them (RFC 3339 in and out).
 //!
@@ -22,6 +23,7 @@
 //! This crate does no I/O and has no async code.
 
 pub mod addr;
+pub mod dr;
 pub mod event;
 pub mod frame;
 pub mod limits;

@@ -48,3 +48,18 @@ pub const POINTS_BOOKMARKS_MAX: usize = 1000;
 /// Bytes of group states one status reply carries at most, well inside a
 /// frame; the rest are counted, not sent (`rewind points GROUP` has each).
 pub const STATUS_GROUPS_BYTES_MAX: usize = 8 << 20;
+
+/// Most 4 KiB blocks one revert event covers (32 MiB of disk, and at most
+/// that much materialised when it applies): a failover to a past point
+/// sends one event per range.
+pub const REVERT_BLOCKS_MAX: u64 = 8192;
+
+/// Most node addresses a DR link names for its peer site.
+pub const LINK_ADDRS_MAX: usize = 16;
+
+/// Most bytes of certificates and key a DR link carries.
+pub const LINK_PEM_BYTES_MAX: usize = 64 * 1024;
+
+/// Most events and payload bytes one cross-site shipment carries.
+pub const SHIP_EVENTS_MAX: usize = 4096;
+pub const SHIP_BYTES_MAX: usize = 4 * 1024 * 1024;

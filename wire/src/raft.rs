@@ -52,6 +52,25 @@ pub enum Command {
     CreateGroup { group: String, disks: Vec<DiskSpec>, time_ns: u64 },
     /// Append a batch of events to a group.
     Append(EventBatch),
+    /// Set a group's cross-site state (link, failover, a higher epoch
+    /// learned from the peer). Never lowers the epoch.
+    DrSet { group: String, record: crate::dr::DrRecord },
+    /// Events the primary site committed, pulled by this (secondary) site:
+    /// they keep their LSNs and times, and the chain must reach `digest`.
+    /// Events this site holds already are skipped, so a resend is harmless.
+    Replicate { group: String, epoch: u64, events: Vec<crate::event::LoggedEvent>, digest: [u8; 32] },
+}
+
+impl Command {
+    /// Payload bytes the command carries (what dominates its size on the
+    /// wire and in the log).
+    pub fn payload_bytes(&self) -> usize {
+        match self {
+            Command::Append(b) => b.payload_bytes(),
+            Command::Replicate { events, .. } => events.iter().map(|e| e.event.payload_bytes()).sum(),
+            Command::CreateGroup { .. } | Command::DrSet { .. } => 0,
+        }
+    }
 }
 
 /// What applying a [`Command`] answered.
@@ -124,6 +143,15 @@ impl std::fmt::Display for Command {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Command::CreateGroup { group, disks, .. } => write!(f, "create-group {group} ({} disks)", disks.len()),
+            Command::DrSet { group, record } => {
+                write!(f, "dr-set {group}: primary {} epoch {} (this site {})", record.primary, record.epoch, record.local)
+            }
+            Command::Replicate { group, epoch, events, .. } => write!(
+                f,
+                "replicate {} events of {group} (epoch {epoch}) from LSN {}",
+                events.len(),
+                events.first().map_or(0, |e| e.lsn)
+            ),
             Command::Append(batch) => write!(
                 f,
                 "append {} events ({} bytes) to {} from client {} seq {}",

@@ -57,7 +57,19 @@ pub enum Request {
     /// receives it and shown by `rewind status`.
     TapReport(TapReport),
 
+    /// A group's DR state and head at this site, after a linearizable read
+    /// on the leader; with `digest_at`, also the chain digest at that LSN.
+    DrState { group: String, digest_at: Option<u64> },
+    /// The primary's committed events of a group from `lsn_first` on, for
+    /// the secondary site (bounded by `SHIP_EVENTS_MAX`, `SHIP_BYTES_MAX`).
+    Ship { group: String, lsn_first: u64 },
+
     // Administration.
+    /// Sets a group's DR state at this site (`rewind dr link`).
+    DrSet { group: String, record: crate::dr::DrRecord },
+    /// Makes site `to` the group's primary in the next epoch, if the group
+    /// is still at `from_epoch` here (`rewind failover`, `dr switchover`).
+    DrSwitch { group: String, from_epoch: u64, to: String },
     ClusterInit { members: Vec<Member> },
     AddLearner { member: Member },
     ChangeVoters { voters: Vec<NodeId> },
@@ -116,6 +128,10 @@ impl Request {
             Request::Points { .. } => "points",
             Request::Resolve { .. } => "resolve",
             Request::ReadDisk { .. } => "read-disk",
+            Request::DrState { .. } => "dr-state",
+            Request::Ship { .. } => "ship",
+            Request::DrSet { .. } => "dr-set",
+            Request::DrSwitch { .. } => "dr-switch",
             Request::ClusterInit { .. } => "cluster-init",
             Request::AddLearner { .. } => "add-learner",
             Request::ChangeVoters { .. } => "change-voters",
@@ -264,6 +280,8 @@ pub enum Response {
     /// A piece of a disk: its length, and runs (offset in the piece, bytes)
     /// that may be non-zero; everything else reads as zeroes.
     DiskPiece { len: u64, runs: Vec<(u64, Vec<u8>)> },
+    Dr(Box<crate::dr::DrInfo>),
+    Shipped(Box<crate::dr::Shipment>),
     Error(RpcError),
 }
 

@@ -4,6 +4,7 @@
 //! library call and prints what came back; `--json` output is a typed
 //! struct serialised with serde.
 
+mod dr;
 mod group;
 mod load;
 mod replay;
@@ -111,11 +112,58 @@ pub enum Command {
         #[arg(long)]
         app_consistent: bool,
     },
+    /// Cross-site disaster recovery: link a group to a second site, watch
+    /// the lag, hand it over for maintenance.
+    #[command(subcommand)]
+    Dr(dr::DrCommand),
+    /// At the secondary site: make it the group's primary (next epoch) and
+    /// bring a disk up as of a point: written to a file, served read-only,
+    /// or served writable by a tap. Refused while the primary answers
+    /// (use `rewind dr switchover` there), unless --force.
+    ///
+    /// Examples:
+    ///   rewind failover vm1 --at-time 2026-11-30T10:15:00Z --serve 127.0.0.1:10810
+    ///   rewind failover vm1 --latest --serve 10.0.0.5:10809 --writable --backing /srv/vm1.raw
+    ///   rewind failover vm1 --latest --test --serve 127.0.0.1:10811
+    #[command(verbatim_doc_comment)]
+    Failover(dr::FailoverArgs),
     /// Append generated writes to a group (a load generator and smoke test).
     Load(load::LoadArgs),
     /// A local site of real node processes on 127.0.0.1.
     #[command(subcommand)]
     Dev(site::DevCommand),
+}
+
+/// A point in a group's log, as `replay` and `failover` take it.
+#[derive(Args, Clone)]
+#[group(id = "target", required = true, multiple = false)]
+pub struct TargetArgs {
+    /// This LSN (see `rewind points GROUP`).
+    #[arg(long)]
+    pub at: Option<u64>,
+    /// The last LSN whose event time is at or before this time: RFC 3339
+    /// (2026-11-22T05:09:40Z, 2026-11-22T06:09:40.25+01:00) or nanoseconds
+    /// since the Unix epoch.
+    #[arg(long)]
+    pub at_time: Option<String>,
+    /// The newest bookmark of this name.
+    #[arg(long)]
+    pub at_bookmark: Option<String>,
+    /// The group's newest LSN.
+    #[arg(long)]
+    pub latest: bool,
+}
+
+impl TargetArgs {
+    pub fn target(&self) -> anyhow::Result<rewind_wire::rpc::Target> {
+        use rewind_wire::rpc::Target;
+        Ok(match (self.at, &self.at_time, &self.at_bookmark) {
+            (Some(n), _, _) => Target::Lsn(n),
+            (_, Some(t), _) => Target::TimeNs(rewind_wire::timefmt::parse_time_ns(t).context("--at-time")?),
+            (_, _, Some(b)) => Target::Bookmark(b.clone()),
+            _ => Target::Latest,
+        })
+    }
 }
 
 /// Parses 4096, 4K, 64M, 1G, 256MiB, 4GiB (binary multiples).
@@ -162,6 +210,8 @@ pub async fn run(command: Command) -> anyhow::Result<()> {
         Command::Points { client, group, json } => group::points(client, &group, json).await,
         Command::Bookmark { client, group, name, app_consistent } => group::bookmark(client, &group, &name, app_consistent).await,
         Command::Load(a) => load::run(a).await,
+        Command::Dr(c) => dr::run(c).await,
+        Command::Failover(a) => dr::failover(a).await,
         Command::Dev(c) => site::dev(c).await,
     }
 }

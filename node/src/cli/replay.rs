@@ -8,7 +8,6 @@ use clap::Args;
 use super::ClientArgs;
 
 #[derive(Args)]
-#[command(group(clap::ArgGroup::new("target").required(true).args(["at", "at_time", "at_bookmark", "latest"])))]
 #[command(group(clap::ArgGroup::new("output").required(true).args(["out", "serve"])))]
 pub struct ReplayArgs {
     #[command(flatten)]
@@ -18,20 +17,9 @@ pub struct ReplayArgs {
     /// The disk of the group to replay.
     #[arg(long)]
     disk: String,
-    /// Replay to this LSN (see `rewind points GROUP`).
-    #[arg(long, group = "target")]
-    at: Option<u64>,
-    /// Replay to the last LSN whose event time is at or before this time:
-    /// RFC 3339 (2026-11-22T05:09:40Z, 2026-11-22T06:09:40.25+01:00) or
-    /// nanoseconds since the Unix epoch.
-    #[arg(long, group = "target")]
-    at_time: Option<String>,
-    /// Replay to the newest bookmark of this name.
-    #[arg(long, group = "target")]
-    at_bookmark: Option<String>,
-    /// Replay to the group's newest LSN.
-    #[arg(long, group = "target")]
-    latest: bool,
+    /// The point to replay to.
+    #[command(flatten)]
+    target: super::TargetArgs,
     /// The raw image to write (sparse where the disk reads as zeroes, mode
     /// 0600). It is written beside FILE and renamed over it once whole and
     /// synced; an existing FILE is refused unless --force, and a file a
@@ -84,13 +72,7 @@ pub struct ReplayArgs {
 
 pub async fn run(a: ReplayArgs) -> anyhow::Result<()> {
     let client = a.client.client()?;
-    use rewind_wire::rpc::Target;
-    let target = match (a.at, &a.at_time, &a.at_bookmark) {
-        (Some(n), _, _) => Target::Lsn(n),
-        (_, Some(t), _) => Target::TimeNs(rewind_wire::timefmt::parse_time_ns(t).context("--at-time")?),
-        (_, _, Some(b)) => Target::Bookmark(b.clone()),
-        _ => Target::Latest,
-    };
+    let target = a.target.target()?;
     let opts = rewind_node::replay::ReplayOptions {
         group: a.group.clone(),
         disk: a.disk.clone(),

@@ -117,8 +117,9 @@ pub struct CertsArgs {
     /// What the holder may ask of the site: node (Raft's RPCs between
     /// nodes), admin (membership, groups and everything a client does),
     /// tap (appends to the --group groups), reader (points, resolve and
-    /// block reads, for replays).
-    #[arg(long, value_parser = ["node", "admin", "tap", "reader"])]
+    /// block reads, for replays), peer (another site's nodes on a DR link:
+    /// DR state and pulling the log, never a write).
+    #[arg(long, value_parser = ["node", "admin", "tap", "reader", "peer"])]
     role: String,
     /// A group a tap certificate may write (repeat, or comma-separated).
     #[arg(long = "group", value_delimiter = ',')]
@@ -264,8 +265,9 @@ pub async fn dev(c: DevCommand) -> anyhow::Result<()> {
             }
             println!("use it with:\n  export REWIND_CONFIG={}", client_path.display());
             println!(
-                "  (admin: client.toml; reader: {}; tap for groups {}: {})",
+                "  (admin: client.toml; reader: {}; DR peer: {}; tap for groups {}: {})",
                 dir.join("reader.toml").display(),
+                dir.join("peer.toml").display(),
                 opts.tap_groups.join(","),
                 dir.join("tap.toml").display()
             );

@@ -1,0 +1,486 @@
+//! Cross-site DR on a node. While this node leads its site, one task per
+//! linked group talks to the peer site, as the link in the group's
+//! replicated `DrRecord` says:
+//!
+//! * it asks the peer's leader for the group's DR state and head, and keeps
+//!   what it saw for `rewind dr status` and the metrics (lag, epoch);
+//! * when the peer has a higher epoch, it adopts it (a failover or a
+//!   switchover happened there): if the peer handed the group to this site,
+//!   it first drains the peer's last events, then takes over; otherwise
+//!   this site is fenced and refuses the group's appends;
+//! * when this site is the secondary, it pulls the primary's committed
+//!   events in LSN order and commits them through its own Raft under the
+//!   same LSNs, times and digests (`Command::Replicate`). Its cursor is
+//!   its own last LSN, in its replicated state: after any break it asks
+//!   again from there, and events it holds already are skipped, so nothing
+//!   is lost or applied twice.
+//!
+//! A secondary whose chain does not agree with the primary's at its own
+//! head holds events the primary never had (it was the primary before a
+//! failover): it stops pulling and says so; `rewind failback` is the way on.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rewind_wire::dr::{DrInfo, DrRecord, PeerView, SiteLink};
+use rewind_wire::raft::{Command, CommandReply};
+use rewind_wire::rpc::{Request, Response};
+
+use crate::client::{CallError, Client};
+use crate::config::{ClientConfig, NodeAddr, TlsFiles};
+use crate::server::Node;
+
+/// How often an idle link looks at the peer.
+const TICK: Duration = Duration::from_millis(250);
+/// How long one call to the peer site may take before the link counts as
+/// broken (and is tried again at the next tick).
+const PEER_DEADLINE: Duration = Duration::from_secs(5);
+/// A peer not heard from for this long counts as unreachable.
+pub const PEER_SILENT: Duration = Duration::from_secs(10);
+
+/// What this node's DR tasks last saw of each group's peer.
+#[derive(Default)]
+pub struct DrViews(Mutex<BTreeMap<String, Seen>>);
+
+#[derive(Clone)]
+struct Seen {
+    view: PeerView,
+    at: Option<Instant>,
+}
+
+impl DrViews {
+    /// The peer as last seen for `group`, with its age filled in.
+    pub fn peer(&self, group: &str) -> Option<PeerView> {
+        let map = self.0.lock().expect("dr views");
+        let seen = map.get(group)?;
+        let mut view = seen.view.clone();
+        view.seen_ms_ago = seen.at.map_or(u64::MAX, |at| at.elapsed().as_millis() as u64);
+        Some(view)
+    }
+
+    fn update(&self, group: &str, f: impl FnOnce(&mut Seen)) {
+        let mut map = self.0.lock().expect("dr views");
+        let seen = map.entry(group.to_string()).or_insert_with(|| Seen {
+            view: PeerView { epoch: 0, primary: None, last_lsn: 0, last_time_ns: 0, payload_bytes: 0, seen_ms_ago: u64::MAX, problem: None, chains_agree: None },
+            at: None,
+        });
+        f(seen);
+    }
+
+    fn problem(&self, group: &str, why: String) {
+        tracing::warn!(group, "DR link: {why}");
+        self.update(group, |s| s.view.problem = Some(why));
+    }
+}
+
+/// Starts the supervisor that runs one task per linked group.
+pub fn start(node: Arc<Node>, data_dir: PathBuf) {
+    crate::spawn(async move {
+        let mut running: BTreeMap<String, tokio::task::JoinHandle<()>> = BTreeMap::new();
+        loop {
+            tokio::time::sleep(TICK).await;
+            let Ok(shard) = node.data_shard() else { return };
+            let reader = shard.reader.clone();
+            let groups = match tokio::task::spawn_blocking(move || reader.dr_all()).await {
+                Ok(Ok(g)) => g,
+                Ok(Err(e)) => {
+                    tracing::error!("reading DR records: {e}");
+                    continue;
+                }
+                Err(_) => continue,
+            };
+            for (group, _) in groups {
+                if running.get(&group).is_none_or(|t| t.is_finished()) {
+                    let task = crate::spawn(run_link(node.clone(), data_dir.clone(), group.clone()));
+                    running.insert(group, task);
+                }
+            }
+        }
+    });
+}
+
+/// The peer site's client for a link, rebuilt when the link changes.
+struct PeerClient {
+    link: SiteLink,
+    client: Client,
+}
+
+/// Writes the link's identity where the QUIC client reads it (readable by
+/// this user only) and builds a client for the peer site.
+fn peer_client(dir: &Path, link: &SiteLink) -> anyhow::Result<Client> {
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
+    let write = |name: &str, text: &str| -> anyhow::Result<PathBuf> {
+        use std::io::Write;
+        let path = dir.join(name);
+        let tmp = dir.join(format!("{name}.tmp"));
+        let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp)?;
+        f.write_all(text.as_bytes())?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, &path)?;
+        Ok(path)
+    };
+    let tls = TlsFiles { ca: write("peer-ca.pem", &link.ca_pem)?, cert: write("link.pem", &link.cert_pem)?, key: write("link.key", &link.key_pem)? };
+    let mut nodes = Vec::new();
+    for (i, a) in link.addrs.iter().enumerate() {
+        nodes.push(NodeAddr { id: i as u64 + 1, addr: a.parse().map_err(|e| anyhow::anyhow!("peer address {a:?}: {e}"))? });
+    }
+    Ok(Client::new(&ClientConfig { nodes, tls })?.with_deadline(PEER_DEADLINE))
+}
+
+async fn run_link(node: Arc<Node>, data_dir: PathBuf, group: String) {
+    let mut peer: Option<PeerClient> = None;
+    let dir = data_dir.join("dr").join(&group);
+    loop {
+        let busy = match step(&node, &dir, &group, &mut peer).await {
+            Ok(more) => more,
+            Err(why) => {
+                node.dr.problem(&group, why);
+                false
+            }
+        };
+        if !busy {
+            tokio::time::sleep(TICK).await;
+        }
+    }
+}
+
+fn call_error(site: &str, e: CallError) -> String {
+    format!("site {site:?}: {e}")
+}
+
+/// One round of a link. Returns whether there is more to do at once.
+async fn step(node: &Node, dir: &Path, group: &str, peer: &mut Option<PeerClient>) -> Result<bool, String> {
+    let shard = node.data_shard().map_err(|e| e.to_string())?;
+    let leader = {
+        use openraft::async_runtime::WatchReceiver;
+        shard.raft.metrics().borrow_watched().current_leader
+    };
+    if leader != Some(node.id) {
+        *peer = None;
+        return Ok(false);
+    }
+    let mine = local_state(node, group).await?;
+    let Some(record) = shard.reader.dr(group).map_err(|e| e.to_string())? else { return Ok(false) };
+    if peer.as_ref().is_none_or(|p| p.link != record.link) {
+        let client = peer_client(dir, &record.link).map_err(|e| format!("the link to site {:?}: {e:#}", record.remote))?;
+        *peer = Some(PeerClient { link: record.link.clone(), client });
+    }
+    let client = &peer.as_ref().expect("just set").client;
+    let theirs = match client.call_leader(&Request::DrState { group: group.to_string(), digest_at: Some(mine.last_lsn) }).await {
+        Ok(Response::Dr(info)) => *info,
+        Ok(other) => return Err(format!("site {:?} answered DR state with {other:?}", record.remote)),
+        Err(e) => return Err(call_error(&record.remote, e)),
+    };
+    let agree = theirs.digest_at_hex.as_ref().map(|d| *d == mine.digest_hex);
+    node.dr.update(group, |s| {
+        s.at = Some(Instant::now());
+        s.view = PeerView {
+            epoch: theirs.epoch,
+            primary: theirs.primary.clone(),
+            last_lsn: theirs.last_lsn,
+            last_time_ns: theirs.last_time_ns,
+            payload_bytes: theirs.payload_bytes,
+            seen_ms_ago: 0,
+            problem: None,
+            chains_agree: agree,
+        };
+    });
+    publish(group, &record, &mine, &theirs);
+
+    if theirs.epoch > record.epoch {
+        let Some(primary) = theirs.primary.clone() else { return Err(format!("site {:?} has epoch {} and no primary", record.remote, theirs.epoch)) };
+        if primary == record.local && theirs.last_lsn > mine.last_lsn {
+            // Handed over to this site (a switchover): take the peer's last
+            // events first, under the epoch they were written in.
+            return pull(node, client, group, &record, &mine).await;
+        }
+        let adopted = DrRecord { primary: primary.clone(), epoch: theirs.epoch, ..record.clone() };
+        write(node, Command::DrSet { group: group.to_string(), record: adopted }).await?;
+        tracing::info!(group, epoch = theirs.epoch, primary, "DR: adopted the peer site's epoch");
+        return Ok(true);
+    }
+    if record.is_primary() || theirs.epoch < record.epoch || theirs.primary.as_deref() != Some(&record.primary) {
+        return Ok(false);
+    }
+    // This site is the secondary and the peer the primary of the same epoch.
+    if mine.last_lsn > theirs.last_lsn || agree == Some(false) {
+        let why = format!(
+            "group {group:?} diverged: this site holds LSN 1..={} and its chain does not continue at site {:?} (LSN 1..={}); \
+             run `rewind failback {group}` here to keep this site's own events as a branch and follow the primary",
+            mine.last_lsn, record.primary, theirs.last_lsn
+        );
+        node.dr.update(group, |s| s.view.chains_agree = Some(false));
+        return Err(why);
+    }
+    if theirs.last_lsn == mine.last_lsn {
+        return Ok(false);
+    }
+    pull(node, client, group, &record, &mine).await
+}
+
+/// Pulls one shipment from the peer and commits it here.
+async fn pull(node: &Node, client: &Client, group: &str, record: &DrRecord, mine: &DrInfo) -> Result<bool, String> {
+    let shipment = match client.call_leader(&Request::Ship { group: group.to_string(), lsn_first: mine.last_lsn + 1 }).await {
+        Ok(Response::Shipped(s)) => *s,
+        Ok(other) => return Err(format!("site {:?} answered a shipment with {other:?}", record.remote)),
+        Err(e) => return Err(call_error(&record.remote, e)),
+    };
+    if shipment.events.is_empty() {
+        return Ok(false);
+    }
+    let count = shipment.events.len() as u64;
+    let bytes: u64 = shipment.events.iter().map(|e| e.event.payload_bytes() as u64).sum();
+    let last = shipment.events.last().map_or(0, |e| e.lsn);
+    let more = shipment.last_lsn > last;
+    let reply = write(node, Command::Replicate { group: group.to_string(), epoch: record.epoch, events: shipment.events, digest: shipment.digest }).await?;
+    match reply {
+        CommandReply::Appended { .. } => {
+            metrics::counter!("rewind_dr_shipped_events_total", "group" => group.to_string()).increment(count);
+            metrics::counter!("rewind_dr_shipped_bytes_total", "group" => group.to_string()).increment(bytes);
+            Ok(more)
+        }
+        CommandReply::Refused { reason } => Err(reason),
+        other => Err(format!("replicate answered {other:?}")),
+    }
+}
+
+async fn write(node: &Node, command: Command) -> Result<CommandReply, String> {
+    let shard = node.data_shard().map_err(|e| e.to_string())?;
+    match shard.raft.client_write(command).await {
+        Ok(r) => match r.data {
+            CommandReply::Refused { reason } => Err(reason),
+            other => Ok(other),
+        },
+        Err(e) => Err(shard.write_error(e).to_string()),
+    }
+}
+
+async fn local_state(node: &Node, group: &str) -> Result<DrInfo, String> {
+    let shard = node.data_shard().map_err(|e| e.to_string())?;
+    match shard.handle(Request::DrState { group: group.to_string(), digest_at: None }).await {
+        Response::Dr(info) => Ok(*info),
+        Response::Error(e) => Err(e.message),
+        other => Err(format!("DR state answered {other:?}")),
+    }
+}
+
+/// The lag of the secondary behind the primary, from both heads: LSNs,
+/// payload bytes and seconds of event time not yet at the secondary.
+pub fn lag(primary: (u64, u64, u64), secondary: (u64, u64, u64)) -> (u64, u64, f64) {
+    let (p_lsn, p_time, p_bytes) = primary;
+    let (s_lsn, s_time, s_bytes) = secondary;
+    if p_lsn <= s_lsn {
+        return (0, 0, 0.0);
+    }
+    (p_lsn - s_lsn, p_bytes.saturating_sub(s_bytes), p_time.saturating_sub(s_time) as f64 / 1e9)
+}
+
+fn publish(group: &str, record: &DrRecord, mine: &DrInfo, theirs: &DrInfo) {
+    let here = (mine.last_lsn, mine.last_time_ns, mine.payload_bytes);
+    let there = (theirs.last_lsn, theirs.last_time_ns, theirs.payload_bytes);
+    let (lsns, bytes, secs) = if record.is_primary() { lag(here, there) } else { lag(there, here) };
+    let g = group.to_string();
+    metrics::gauge!("rewind_dr_lag_lsn", "group" => g.clone()).set(lsns as f64);
+    metrics::gauge!("rewind_dr_lag_bytes", "group" => g.clone()).set(bytes as f64);
+    metrics::gauge!("rewind_dr_lag_seconds", "group" => g.clone()).set(secs);
+    metrics::gauge!("rewind_dr_epoch", "group" => g.clone()).set(record.epoch as f64);
+    metrics::gauge!("rewind_dr_is_primary", "group" => g.clone()).set(if record.is_primary() { 1.0 } else { 0.0 });
+    let alarm = record.rpo_alarm_ms > 0 && secs * 1000.0 > record.rpo_alarm_ms as f64;
+    metrics::gauge!("rewind_dr_rpo_alarm", "group" => g).set(if alarm { 1.0 } else { 0.0 });
+}
+
+/// A site's DR state of a group, asked of its leader.
+pub async fn state(client: &Client, group: &str, digest_at: Option<u64>) -> anyhow::Result<DrInfo> {
+    match client.call_leader(&Request::DrState { group: group.to_string(), digest_at }).await? {
+        Response::Dr(info) => Ok(*info),
+        other => anyhow::bail!("unexpected reply {other:?}"),
+    }
+}
+
+/// A site's default name: `site-` and 8 hex digits of its CA certificate's
+/// hash, the same from every client of that site.
+pub fn default_site_name(ca_pem: &str) -> String {
+    format!("site-{}", &blake3::hash(ca_pem.as_bytes()).to_hex()[..8])
+}
+
+/// How one site reaches the other: the other site's nodes, its CA, and an
+/// identity it signed (read from a client config of that site).
+pub fn link_from(config: &ClientConfig) -> anyhow::Result<SiteLink> {
+    use anyhow::Context;
+    let read = |p: &Path| std::fs::read_to_string(p).with_context(|| format!("read {}", p.display()));
+    Ok(SiteLink {
+        addrs: config.nodes.iter().map(|n| n.addr.to_string()).collect(),
+        ca_pem: read(&config.tls.ca)?,
+        cert_pem: read(&config.tls.cert)?,
+        key_pem: read(&config.tls.key)?,
+    })
+}
+
+/// What `link` needs: both sites' admin clients, their names, and how each
+/// site reaches the other.
+pub struct LinkPlan {
+    pub group: String,
+    pub here: String,
+    pub there: String,
+    /// Site "here" uses this to reach "there", and the reverse.
+    pub to_there: SiteLink,
+    pub to_here: SiteLink,
+    pub rpo_alarm_ms: u64,
+}
+
+/// Pairs a group with a second site: creates it there with the same disks
+/// (empty), fences it there as the secondary, then records the link here.
+/// The second site's leader starts pulling from LSN 1 at once.
+pub async fn link(local: &Client, remote: &Client, plan: &LinkPlan) -> anyhow::Result<()> {
+    use anyhow::{bail, Context};
+    let g = &plan.group;
+    let points = match local.call_leader(&Request::Points { group: g.clone(), on_leader: true }).await.context("this site")? {
+        Response::Points(p) => p,
+        other => bail!("unexpected reply {other:?}"),
+    };
+    let here = state(local, g, None).await.context("this site")?;
+    if let Some(l) = &here.local {
+        bail!("group {g:?} is linked already: this site is {l:?}, the other {:?}, primary {:?} in epoch {}", here.remote.as_deref().unwrap_or("?"), here.primary.as_deref().unwrap_or("?"), here.epoch);
+    }
+    match remote.call_leader(&Request::GroupState { group: g.clone() }).await {
+        Ok(Response::Group(there)) => {
+            if there.last_lsn > 0 {
+                bail!("group {g:?} exists at the other site with {} events; a link starts from an empty copy (remove or rename it there first)", there.last_lsn);
+            }
+            if there.disks != points.disks {
+                bail!("group {g:?} exists at the other site with other disks; a link needs the same disks");
+            }
+        }
+        Ok(other) => bail!("unexpected reply {other:?}"),
+        Err(CallError::Refused { message, .. }) if message.contains("no consistency group") => {
+            remote.create_group(g, points.disks.clone()).await.context("create the group at the other site")?;
+        }
+        Err(e) => return Err(anyhow::anyhow!(e).context("the other site")),
+    }
+    let ours = DrRecord {
+        local: plan.here.clone(),
+        remote: plan.there.clone(),
+        primary: plan.here.clone(),
+        epoch: 1,
+        rpo_alarm_ms: plan.rpo_alarm_ms,
+        link: plan.to_there.clone(),
+    };
+    let theirs = ours.mirrored(plan.to_here.clone());
+    remote.call_leader(&Request::DrSet { group: g.clone(), record: theirs }).await.context("record the link at the other site")?;
+    local.call_leader(&Request::DrSet { group: g.clone(), record: ours }).await.context("record the link at this site")?;
+    Ok(())
+}
+
+/// The lag of a group's secondary as one site sees it: (LSNs, bytes,
+/// seconds), or None when the peer was never reached.
+pub fn lag_of(info: &DrInfo) -> Option<(u64, u64, f64)> {
+    let peer = info.peer.as_ref().filter(|p| p.seen_ms_ago != u64::MAX)?;
+    let here = (info.last_lsn, info.last_time_ns, info.payload_bytes);
+    let there = (peer.last_lsn, peer.last_time_ns, peer.payload_bytes);
+    Some(if info.primary == info.local { lag(here, there) } else { lag(there, here) })
+}
+
+/// What a failover did.
+#[derive(Debug, Clone)]
+pub struct FailedOver {
+    pub epoch: u64,
+    /// The point the disks came up as of, and its time.
+    pub target_lsn: u64,
+    pub target_time_ns: u64,
+    /// The group's last LSN after the failover: its disks equal the target.
+    pub head_lsn: u64,
+    /// Revert events appended (0 when the target was the latest point).
+    pub reverts: u64,
+}
+
+/// Makes this site the group's primary in the next epoch, and its disks as
+/// of `target`: events after the target stay in the history, and revert
+/// events start the new branch. Refuses while the primary site answers,
+/// unless `force`.
+pub async fn failover(client: &Client, group: &str, target: &rewind_wire::rpc::Target, force: bool) -> anyhow::Result<FailedOver> {
+    use anyhow::bail;
+    use rewind_wire::event::{Event, TimedEvent};
+    let info = state(client, group, None).await?;
+    let (Some(local), Some(primary)) = (info.local.clone(), info.primary.clone()) else {
+        bail!("group {group:?} is not linked to another site: there is nothing to fail over (see `rewind dr link`)");
+    };
+    if primary == local {
+        bail!("site {local:?} is the primary of group {group:?} already (epoch {}): nothing to fail over", info.epoch);
+    }
+    if let Some(p) = info.peer.as_ref().filter(|p| p.seen_ms_ago < PEER_SILENT.as_millis() as u64) {
+        if !force {
+            bail!(
+                "site {primary:?}, the primary of group {group:?}, answered {:.1} s ago: a failover now would leave two sites that think they lead. \
+                 For planned maintenance run `rewind dr switchover {group}` at site {primary:?} (it drains, then hands over, losing nothing); \
+                 if that site is lost in all but its network, add --force (it is fenced as soon as it hears of the new epoch)",
+                p.seen_ms_ago as f64 / 1000.0
+            );
+        }
+    }
+    let (target_lsn, target_time_ns) = match client.call_leader(&Request::Resolve { group: group.to_string(), target: target.clone(), on_leader: true }).await? {
+        Response::Resolved { lsn, time_ns } => (lsn, time_ns),
+        other => bail!("unexpected reply {other:?}"),
+    };
+    client.call_leader(&Request::DrSwitch { group: group.to_string(), from_epoch: info.epoch, to: local.clone() }).await?;
+    let epoch = info.epoch + 1;
+    let points = match client.call_leader(&Request::Points { group: group.to_string(), on_leader: true }).await? {
+        Response::Points(p) => p,
+        other => bail!("unexpected reply {other:?}"),
+    };
+    let mut producer = crate::client::producer(client.clone(), 8);
+    let mut reverts = 0u64;
+    let mut head = points.last_lsn;
+    if target_lsn < points.last_lsn {
+        let now = crate::now_ns();
+        for d in &points.disks {
+            let blocks = d.size_bytes.div_ceil(rewind_raft_store::blocks::BLOCK_BYTES);
+            let mut first = 0;
+            while first < blocks {
+                let end = (first + rewind_wire::limits::REVERT_BLOCKS_MAX).min(blocks);
+                let event = Event::Revert { disk: d.name.clone(), to_lsn: target_lsn, block_first: first, block_end: end };
+                producer.append(group, vec![TimedEvent { time_ns: now, event }]).await?;
+                reverts += 1;
+                first = end;
+            }
+        }
+        let mark = Event::Bookmark { name: format!("failover-epoch-{epoch}"), app_consistent: false };
+        let (_, last) = producer.append(group, vec![TimedEvent { time_ns: now, event: mark }]).await?;
+        head = last;
+    }
+    Ok(FailedOver { epoch, target_lsn, target_time_ns, head_lsn: head, reverts })
+}
+
+/// Hands the group to the other site with no data loss: this site (the
+/// primary) stops taking writes at once, the other drains what it lacks
+/// and then takes over. Waits up to `wait` for the other site to report
+/// the new epoch as its own.
+pub async fn switchover(client: &Client, group: &str, wait: Duration) -> anyhow::Result<DrInfo> {
+    use anyhow::bail;
+    let info = state(client, group, None).await?;
+    let (Some(local), Some(remote), Some(primary)) = (info.local.clone(), info.remote.clone(), info.primary.clone()) else {
+        bail!("group {group:?} is not linked to another site (see `rewind dr link`)");
+    };
+    if primary != local {
+        bail!("site {local:?} is not the primary of group {group:?} (site {primary:?} is, epoch {}): run the switchover there", info.epoch);
+    }
+    client.call_leader(&Request::DrSwitch { group: group.to_string(), from_epoch: info.epoch, to: remote.clone() }).await?;
+    let started = Instant::now();
+    loop {
+        let now = state(client, group, None).await?;
+        if let Some(p) = &now.peer {
+            if p.epoch == info.epoch + 1 && p.primary.as_deref() == Some(remote.as_str()) && p.last_lsn == now.last_lsn && p.seen_ms_ago < 2000 {
+                return Ok(now);
+            }
+        }
+        if started.elapsed() > wait {
+            bail!(
+                "site {remote:?} has not taken group {group:?} over within {wait:?}: this site is fenced (epoch {}), and the other site takes over once it has drained (see `rewind dr status {group}`)",
+                info.epoch + 1
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
