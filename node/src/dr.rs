@@ -31,6 +31,7 @@ use rewind_wire::rpc::{Request, Response};
 use crate::client::{CallError, Client};
 use crate::config::{ClientConfig, NodeAddr, TlsFiles};
 use crate::server::Node;
+use rewind_service::dr::{next_step, Step};
 
 /// How often an idle link looks at the peer.
 const TICK: Duration = Duration::from_millis(250);
@@ -189,41 +190,25 @@ async fn step(node: &Node, dir: &Path, group: &str, peer: &mut Option<PeerClient
         };
     });
     publish(group, &record, &mine, &theirs);
-
-    if theirs.epoch > record.epoch {
-        let Some(primary) = theirs.primary.clone() else { return Err(format!("site {:?} has epoch {} and no primary", record.remote, theirs.epoch)) };
-        if primary == record.local && theirs.last_lsn > mine.last_lsn {
-            // Handed over to this site (a switchover): take the peer's last
-            // events first, under the epoch they were written in.
-            return pull(node, client, group, &record, &mine).await;
+    match next_step(&record, &mine, &theirs) {
+        Step::Idle => Ok(false),
+        Step::Adopt(adopted) => {
+            let (epoch, primary) = (adopted.epoch, adopted.primary.clone());
+            write(node, Command::DrSet { group: group.to_string(), record: adopted }).await?;
+            tracing::info!(group, epoch, primary, "DR: adopted the peer site's epoch");
+            Ok(true)
         }
-        let adopted = DrRecord { primary: primary.clone(), epoch: theirs.epoch, ..record.clone() };
-        write(node, Command::DrSet { group: group.to_string(), record: adopted }).await?;
-        tracing::info!(group, epoch = theirs.epoch, primary, "DR: adopted the peer site's epoch");
-        return Ok(true);
+        Step::Pull { lsn_first } => pull(node, client, group, &record, lsn_first).await,
+        Step::Diverged(why) => {
+            node.dr.update(group, |s| s.view.chains_agree = Some(false));
+            Err(why)
+        }
     }
-    if record.is_primary() || theirs.epoch < record.epoch || theirs.primary.as_deref() != Some(&record.primary) {
-        return Ok(false);
-    }
-    // This site is the secondary and the peer the primary of the same epoch.
-    if mine.last_lsn > theirs.last_lsn || agree == Some(false) {
-        let why = format!(
-            "group {group:?} diverged: this site holds LSN 1..={} and its chain does not continue at site {:?} (LSN 1..={}); \
-             run `rewind failback {group}` here to keep this site's own events as a branch and follow the primary",
-            mine.last_lsn, record.primary, theirs.last_lsn
-        );
-        node.dr.update(group, |s| s.view.chains_agree = Some(false));
-        return Err(why);
-    }
-    if theirs.last_lsn == mine.last_lsn {
-        return Ok(false);
-    }
-    pull(node, client, group, &record, &mine).await
 }
 
 /// Pulls one shipment from the peer and commits it here.
-async fn pull(node: &Node, client: &Client, group: &str, record: &DrRecord, mine: &DrInfo) -> Result<bool, String> {
-    let shipment = match client.call_leader(&Request::Ship { group: group.to_string(), lsn_first: mine.last_lsn + 1 }).await {
+async fn pull(node: &Node, client: &Client, group: &str, record: &DrRecord, lsn_first: u64) -> Result<bool, String> {
+    let shipment = match client.call_leader(&Request::Ship { group: group.to_string(), lsn_first }).await {
         Ok(Response::Shipped(s)) => *s,
         Ok(other) => return Err(format!("site {:?} answered a shipment with {other:?}", record.remote)),
         Err(e) => return Err(call_error(&record.remote, e)),

@@ -187,6 +187,9 @@ pub fn create_group(exists: bool, group: &str, disks: &[DiskSpec]) -> Result<Gro
 
 /// Refuses an append to a group this site holds as the secondary copy.
 pub fn check_writable(group: &str, dr: Option<&DrRecord>) -> Result<(), String> {
+    if crate::bug("fence-ignored") {
+        return Ok(());
+    }
     match dr {
         Some(d) if !d.is_primary() => Err(format!(
             "group {group:?} is fenced at site {:?}: site {:?} is its primary since epoch {}; write at site {:?}",

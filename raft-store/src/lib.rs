@@ -25,6 +25,35 @@
 //!   state is never held in memory.
 
 pub mod apply;
+/// Known bugs the simulation puts back to show it finds them. Built only
+/// with the `simulation-bugs` feature; every switch is off unless set.
+#[cfg(feature = "simulation-bugs")]
+pub mod bugs {
+    use std::sync::atomic::AtomicBool;
+
+    /// A site that is not a group's primary takes its appends anyway
+    /// (`apply::check_writable` passes everything): after a failover the
+    /// old primary keeps writing, two sites lead one group.
+    pub static FENCE_IGNORED: AtomicBool = AtomicBool::new(false);
+    /// A revert restores only blocks with a newer version, not blocks a
+    /// large trim or zero range (an extent) changed after the target.
+    pub static REVERT_IGNORES_EXTENTS: AtomicBool = AtomicBool::new(false);
+}
+
+/// Whether a bug switch is on (always false without `simulation-bugs`).
+#[allow(unused_variables)]
+pub(crate) fn bug(which: &str) -> bool {
+    #[cfg(feature = "simulation-bugs")]
+    {
+        use std::sync::atomic::Ordering::Relaxed;
+        match which {
+            "fence-ignored" => return bugs::FENCE_IGNORED.load(Relaxed),
+            "revert-ignores-extents" => return bugs::REVERT_IGNORES_EXTENTS.load(Relaxed),
+            _ => {}
+        }
+    }
+    false
+}
 pub mod blocks;
 pub mod codec;
 mod db;

@@ -23,6 +23,7 @@
 //! own RPCs, snapshots, node status and tap reports stay with the shell.
 
 pub mod access;
+pub mod dr;
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -35,7 +36,6 @@ use openraft::type_config::TypeConfigExt;
 use openraft::{BasicNode, Instant, RaftTypeConfig};
 use rewind_raft_store::apply::GroupRecord;
 use rewind_raft_store::ReadState;
-use rewind_wire::dr::{DrInfo, Shipment};
 use rewind_wire::event::EventBatch;
 use rewind_wire::raft::{Command, CommandReply, Member};
 use rewind_wire::rpc::{BookmarkInfo, ErrorKind, GroupState, PointsInfo, Request, Response, RpcError, Target};
@@ -383,31 +383,7 @@ impl<T: ServiceTypes> Service<T> {
     /// A group's DR state and head here; `peer` is left for the shell,
     /// which knows what its DR loop saw.
     async fn dr_state(&self, group: String, digest_at: Option<u64>) -> Result<Response, ServiceError> {
-        let internal = self.internal();
-        self.read(move |r| {
-            let g = r.group(&group).map_err(&internal)?.ok_or_else(|| no_group(&group))?;
-            let dr = r.dr(&group).map_err(&internal)?;
-            let last_time_ns = if g.last_lsn == 0 { 0 } else { r.time_of(&group, g.last_lsn).map_err(&internal)?.unwrap_or(g.last_time_ns) };
-            let digest_at_hex = match digest_at {
-                Some(lsn) if lsn <= g.last_lsn => r.digest_at(&group, lsn).map_err(&internal)?.map(|d| blake3::Hash::from_bytes(d).to_hex().to_string()),
-                _ => None,
-            };
-            Ok(Response::Dr(Box::new(DrInfo {
-                group,
-                local: dr.as_ref().map(|d| d.local.clone()),
-                remote: dr.as_ref().map(|d| d.remote.clone()),
-                primary: dr.as_ref().map(|d| d.primary.clone()),
-                epoch: dr.as_ref().map_or(0, |d| d.epoch),
-                rpo_alarm_ms: dr.as_ref().map_or(0, |d| d.rpo_alarm_ms),
-                last_lsn: g.last_lsn,
-                last_time_ns,
-                payload_bytes: g.payload_bytes,
-                digest_hex: blake3::Hash::from_bytes(g.digest).to_hex().to_string(),
-                digest_at_hex,
-                peer: None,
-            })))
-        })
-        .await
+        self.read(move |r| Ok(Response::Dr(Box::new(dr::dr_info(&r, &group, digest_at)?)))).await
     }
 
     /// Makes `to` the group's primary in the epoch after `from_epoch`.
@@ -431,34 +407,9 @@ impl<T: ServiceTypes> Service<T> {
     }
 
     /// The group's committed events from `lsn_first` on, for the other
-    /// site, with the chain digest after the last of them.
+    /// site (the caller made a read index first).
     async fn ship(&self, group: String, lsn_first: u64) -> Result<Response, ServiceError> {
-        use rewind_wire::limits::{SHIP_BYTES_MAX, SHIP_EVENTS_MAX};
-        if lsn_first == 0 {
-            return Err(ServiceError::BadRequest("LSNs start at 1".into()));
-        }
-        let internal = self.internal();
-        self.read(move |r| {
-            let g = r.group(&group).map_err(&internal)?.ok_or_else(|| no_group(&group))?;
-            let dr = r.dr(&group).map_err(&internal)?.ok_or_else(|| ServiceError::Refused(format!("group {group:?} is not linked to another site")))?;
-            if lsn_first > g.last_lsn + 1 {
-                return Err(ServiceError::Refused(format!(
-                    "group {group:?} ends at LSN {} at site {:?}; a copy that asks from LSN {lsn_first} holds events this site does not (the histories diverged)",
-                    g.last_lsn, dr.local
-                )));
-            }
-            let events = if lsn_first > g.last_lsn { Vec::new() } else { r.events(&group, lsn_first, SHIP_EVENTS_MAX, SHIP_BYTES_MAX).map_err(&internal)? };
-            let upto = events.last().map_or(lsn_first - 1, |e| e.lsn);
-            if upto > g.last_lsn {
-                return Err(ServiceError::Internal(format!("group {group:?}: events past its head (LSN {upto} > {})", g.last_lsn)));
-            }
-            let digest = r
-                .digest_at(&group, upto.min(g.last_lsn))
-                .map_err(&internal)?
-                .ok_or_else(|| ServiceError::Refused(format!("group {group:?} has no chain digest for LSN {upto} here (written before this build kept them)")))?;
-            Ok(Response::Shipped(Box::new(Shipment { events, digest, epoch: dr.epoch, primary: dr.primary, last_lsn: g.last_lsn })))
-        })
-        .await
+        self.read(move |r| Ok(Response::Shipped(Box::new(dr::shipment(&r, &group, lsn_first)?)))).await
     }
 
     async fn init(&self, members: Vec<Member>) -> Result<Response, ServiceError> {

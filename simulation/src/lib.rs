@@ -5,12 +5,15 @@
 //! service, `rewind-service`), clients and a fault
 //! injector on a deterministic executor with simulated time (`rt.rs`),
 //! network (`net.rs`) and disks (`disk.rs`). Checkers (`check.rs`) run at
-//! the end of every seed; the trace of everything that happened is hashed,
+//! the end of every seed; then a cross-site DR scenario (`dr.rs`) runs two
+//! sites' state machines under link faults and a failover. The trace of
+//! everything that happened is hashed,
 //! so the same seed must give the same hash. The fault model is written
 //! down in `simulation/FAULTS.md`.
 
 pub mod check;
 pub mod disk;
+pub mod dr;
 pub mod journal;
 pub mod model;
 pub mod net;
@@ -115,6 +118,12 @@ pub enum Bug {
     /// tail) rather than refusing: the entry and every one after it, all
     /// acknowledged, are lost.
     CutDamagedJournalEntry,
+    /// A site that is not a group's primary takes its appends anyway: after
+    /// a failover the old primary keeps writing (two primaries).
+    DrFenceIgnored,
+    /// A failover's revert restores blocks that have a newer version but
+    /// not blocks a large trim (an extent) zeroed after the target.
+    DrRevertIgnoresExtents,
 }
 
 pub use site::{run_seed, Outcome};

@@ -75,6 +75,8 @@ pub fn run_seed(opts: &Options) -> Outcome {
     rewind_cdp_ingest::shipper::bugs::TRIM_BEFORE_BACKING_SYNC.store(opts.bug == Some(Bug::TrimBeforeBackingSync), std::sync::atomic::Ordering::Relaxed);
     rewind_cdp_ingest::journal::bugs::CUT_DAMAGED_ENTRY.store(opts.bug == Some(Bug::CutDamagedJournalEntry), std::sync::atomic::Ordering::Relaxed);
     rewind_service::bugs::REPLAY_BEFORE_APPLIED.store(opts.bug == Some(Bug::ReplayBeforeApplied), std::sync::atomic::Ordering::Relaxed);
+    rewind_raft_store::bugs::FENCE_IGNORED.store(opts.bug == Some(Bug::DrFenceIgnored), std::sync::atomic::Ordering::Relaxed);
+    rewind_raft_store::bugs::REVERT_IGNORES_EXTENTS.store(opts.bug == Some(Bug::DrRevertIgnoresExtents), std::sync::atomic::Ordering::Relaxed);
     let plan_text = format!("{plan:?}");
     world::install(World::new(opts.seed, opts.bug, plan, &mut rng));
     let history: Shared = Rc::default();
@@ -85,7 +87,6 @@ pub fn run_seed(opts: &Options) -> Outcome {
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || {
         rt::block_on(opts2.seed, Duration::from_secs(600), 400_000_000, scenario(opts2.clone(), rng, h2))
     }));
-    let w = world::take().expect("world");
     let mut failures = match result {
         Ok(Ok(f)) => f,
         Ok(Err(stop)) => vec![format!("the simulation stopped early: {stop:?}")],
@@ -95,6 +96,12 @@ pub fn run_seed(opts: &Options) -> Outcome {
             vec![format!("panic: {msg} (at {})", PANIC_AT.with(|p| p.borrow().clone()))]
         }
     };
+    // The cross-site scenario, with a generator of its own.
+    match std::panic::catch_unwind(|| crate::dr::run(opts.seed)) {
+        Ok(f) => failures.extend(f),
+        Err(panic) => failures.push(format!("panic in the DR scenario: {}", rt::panic_message(&*panic))),
+    }
+    let w = world::take().expect("world");
     let h = history.borrow();
     failures.extend(h.safety.iter().cloned());
     failures.extend(h.client_errors.iter().cloned());

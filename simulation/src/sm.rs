@@ -48,7 +48,7 @@ impl SmImage {
         found.unwrap_or_else(|| vec![0u8; BLOCK_BYTES as usize])
     }
 
-    fn apply_command(&mut self, command: &Command) -> CommandReply {
+    pub fn apply_command(&mut self, command: &Command) -> CommandReply {
         match command {
             Command::CreateGroup { group, disks, .. } => match create_group(self.groups.contains_key(group), group, disks) {
                 Ok(record) => {

@@ -198,6 +198,12 @@ pub fn die(node: u64, why: &str) {
     });
 }
 
+/// Adds a line to the trace at a time the caller gives: for parts of a
+/// seed that run outside the simulated executor (the DR scenario).
+pub fn trace_at(now_ns: u64, line: impl AsRef<str>) {
+    with(|w| w.record(now_ns, line.as_ref()));
+}
+
 pub fn count(kind: &'static str) {
     with(|w| *w.faults.entry(kind).or_default() += 1);
 }

@@ -66,6 +66,13 @@ fn a_budget_of_seeds_passes_twice_with_the_same_trace_hashes() {
         "tap host power loss",
         "tap journal entry damaged",
         "tap refused a damaged journal (an answer, not a fault)",
+        "dr message lost",
+        "dr message duplicated",
+        "dr link cut",
+        "dr leader change",
+        "dr proposal lost with its leader",
+        "dr site rebuilt from its log",
+        "dr failover",
     ] {
         assert!(text.lines().any(|l| l.starts_with(&format!("{kind} | "))), "fault kind {kind:?} never fired:\n{text}");
     }
@@ -104,6 +111,8 @@ fn every_reintroduced_bug_is_caught() {
         ("shipper-trims-on-send", 300),
         ("trim-before-backing-sync", 300),
         ("cut-damaged-journal-entry", 300),
+        ("dr-fence-ignored", 300),
+        ("dr-revert-ignores-extents", 300),
     ] {
         counts.push((bug, caught_after(bug, budget)));
     }
