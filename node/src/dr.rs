@@ -77,7 +77,7 @@ impl DrViews {
 }
 
 /// Starts the supervisor that runs one task per linked group.
-pub fn start(node: Arc<Node>, data_dir: PathBuf) {
+pub fn start(node: Arc<Node>) {
     crate::spawn(async move {
         let mut running: BTreeMap<String, tokio::task::JoinHandle<()>> = BTreeMap::new();
         loop {
@@ -94,7 +94,7 @@ pub fn start(node: Arc<Node>, data_dir: PathBuf) {
             };
             for (group, _) in groups {
                 if running.get(&group).is_none_or(|t| t.is_finished()) {
-                    let task = crate::spawn(run_link(node.clone(), data_dir.clone(), group.clone()));
+                    let task = crate::spawn(run_link(node.clone(), group.clone()));
                     running.insert(group, task);
                 }
             }
@@ -131,9 +131,9 @@ fn peer_client(dir: &Path, link: &SiteLink) -> anyhow::Result<Client> {
     Ok(Client::new(&ClientConfig { nodes, tls })?.with_deadline(PEER_DEADLINE))
 }
 
-async fn run_link(node: Arc<Node>, data_dir: PathBuf, group: String) {
+async fn run_link(node: Arc<Node>, group: String) {
     let mut peer: Option<PeerClient> = None;
-    let dir = data_dir.join("dr").join(&group);
+    let dir = node.dr_dir.join(&group);
     loop {
         let busy = match step(&node, &dir, &group, &mut peer).await {
             Ok(more) => more,
@@ -275,6 +275,97 @@ fn publish(group: &str, record: &DrRecord, mine: &DrInfo, theirs: &DrInfo) {
     metrics::gauge!("rewind_dr_is_primary", "group" => g.clone()).set(if record.is_primary() { 1.0 } else { 0.0 });
     let alarm = record.rpo_alarm_ms > 0 && secs * 1000.0 > record.rpo_alarm_ms as f64;
     metrics::gauge!("rewind_dr_rpo_alarm", "group" => g).set(if alarm { 1.0 } else { 0.0 });
+}
+
+/// Failback's first step, on this site's leader: the last LSN this site
+/// and the other share with the same chain digest, found by bisection
+/// over the other site's digests.
+pub async fn fork_point(node: &Node, group: &str) -> Result<Response, rewind_service::ServiceError> {
+    use rewind_service::ServiceError;
+    let shard = node.data_shard()?;
+    shard.leader_read(true).await?;
+    let record = shard.reader.dr(group).map_err(|e| ServiceError::Internal(e.to_string()))?;
+    let record = record.ok_or_else(|| ServiceError::Refused(format!("group {group:?} is not linked to another site")))?;
+    let mine = local_state(node, group).await.map_err(ServiceError::Refused)?;
+    let client = peer_client(&node.dr_dir.join(group).join("failback"), &record.link).map_err(|e| ServiceError::Internal(format!("{e:#}")))?;
+    let unreachable = |e: anyhow::Error| ServiceError::Unavailable(format!("site {:?}: {e:#}", record.remote));
+    let theirs = state(&client, group, None).await.map_err(unreachable)?;
+    let mut search = rewind_service::dr::ForkSearch::new(mine.last_lsn.min(theirs.last_lsn));
+    while let Some(lsn) = search.probe() {
+        let there = state(&client, group, Some(lsn)).await.map_err(unreachable)?.digest_at_hex;
+        let here = shard.reader.digest_at(group, lsn).map_err(|e| ServiceError::Internal(e.to_string()))?;
+        let here = here.map(|d| blake3::Hash::from_bytes(d).to_hex().to_string());
+        search.answer(lsn, there.is_some() && there == here);
+    }
+    Ok(Response::ForkPoint { lsn: search.fork(), here_last: mine.last_lsn, there_last: theirs.last_lsn, epoch: record.epoch })
+}
+
+/// What a failback did.
+#[derive(Debug, Clone)]
+pub struct FailedBack {
+    pub fork_lsn: u64,
+    /// The branch holding this site's events after the fork (None when it
+    /// had none).
+    pub branch: Option<String>,
+    pub kept_events: u64,
+    /// The group's head here when it caught up, and the payload bytes it
+    /// received from the primary since the fork.
+    pub head_lsn: u64,
+    pub received_bytes: u64,
+}
+
+/// Failback at the old primary after a failover: keeps this site's events
+/// after the fork as a read-only branch, cuts the group back to the fork,
+/// and waits (up to `wait`) until it has caught up with the primary.
+pub async fn failback(client: &Client, group: &str, wait: Duration, mut progress: impl FnMut(u64, u64)) -> anyhow::Result<FailedBack> {
+    use anyhow::bail;
+    let info = state(client, group, None).await?;
+    let (Some(local), Some(primary)) = (info.local.clone(), info.primary.clone()) else {
+        bail!("group {group:?} is not linked to another site: there is nothing to fail back");
+    };
+    if primary == local {
+        bail!(
+            "site {local:?} is the primary of group {group:?} (epoch {}): failback is for the old primary once it has heard of a failover at the other site (see `rewind dr status {group}`)",
+            info.epoch
+        );
+    }
+    let (fork, here_last, epoch) = match client.call_leader(&Request::DrForkPoint { group: group.to_string() }).await? {
+        Response::ForkPoint { lsn, here_last, epoch, .. } => (lsn, here_last, epoch),
+        other => bail!("unexpected reply {other:?}"),
+    };
+    let mut branch = None;
+    if here_last > fork {
+        let name = rewind_service::dr::branch_name(group, epoch);
+        loop {
+            let r = client.call_leader(&Request::DrFork { group: group.to_string(), branch: name.clone(), fork_lsn: fork }).await?;
+            let Response::Appended { lsn_first, .. } = r else { bail!("unexpected reply {r:?}") };
+            progress(here_last - (lsn_first - 1), here_last - fork);
+            if lsn_first == fork + 1 {
+                break;
+            }
+        }
+        branch = Some(name);
+    }
+    let at_fork = state(client, group, None).await?;
+    let started = Instant::now();
+    loop {
+        let now = state(client, group, None).await?;
+        if let Some(p) = &now.peer {
+            if p.seen_ms_ago < 2000 && p.last_lsn == now.last_lsn && p.chains_agree == Some(true) {
+                return Ok(FailedBack {
+                    fork_lsn: fork,
+                    branch,
+                    kept_events: here_last - fork,
+                    head_lsn: now.last_lsn,
+                    received_bytes: now.payload_bytes.saturating_sub(at_fork.payload_bytes),
+                });
+            }
+        }
+        if started.elapsed() > wait {
+            bail!("group {group:?} has not caught up with site {primary:?} within {wait:?} (see `rewind dr status {group}`); it goes on in the background");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 /// A site's DR state of a group, asked of its leader.

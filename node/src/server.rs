@@ -54,6 +54,8 @@ pub struct Node {
     pub snapshot_receiving: tokio::sync::Semaphore,
     /// What this node's DR links last saw of the peer sites.
     pub dr: crate::dr::DrViews,
+    /// Where the DR links keep their identity files.
+    pub dr_dir: PathBuf,
 }
 
 use rewind_wire::rpc as w_rpc;
@@ -122,8 +124,9 @@ pub async fn run(config: NodeConfig) -> anyhow::Result<()> {
         taps: Default::default(),
         snapshot_receiving: tokio::sync::Semaphore::new(1),
         dr: Default::default(),
+        dr_dir: config.data_dir.join("dr"),
     });
-    crate::dr::start(node.clone(), config.data_dir.clone());
+    crate::dr::start(node.clone());
     tracing::info!(id = config.id, listen = %config.listen, advertise = %config.advertised(), data = %config.data_dir.display(), "node started");
 
     let accept = {
@@ -274,6 +277,7 @@ impl Node {
                 }),
                 Err(e) => Err(e),
             },
+            Request::DrForkPoint { group } => crate::dr::fork_point(self, &group).await,
             other => match self.data_shard() {
                 Ok(shard) => Ok(shard.handle(other).await),
                 Err(e) => Err(e),

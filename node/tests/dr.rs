@@ -5,8 +5,9 @@
 //! boundary (by LSN and by time) equal reference copies taken at A. Also:
 //! the secondary unreachable for a while (the lag grows, then shrinks to
 //! nothing), both leaders SIGKILLed while shipping, a failover at B with A
-//! lost (refused while A answers), A fenced once it is back and following
-//! B, and a test failover that leaves no trace.
+//! lost (refused while A answers), A fenced once it is back, its diverged
+//! events kept as a branch by `failback`, a switchover back, and a test
+//! failover that leaves no trace.
 
 mod common;
 
@@ -198,9 +199,12 @@ async fn the_second_site_holds_every_phase_through_cuts_and_kills() {
     eprintln!("site b: {} events = site a's, {} phases replayed by LSN and by time equal", log_b.len(), boundaries.len());
 }
 
-/// Issue 15, test 4 (without the diverged branch) and test 5: a failover
-/// at B is refused while A answers; with A lost it brings the disk up as of
-/// a time; A, back, is fenced and follows B.
+/// Issue 15, tests 4 and 5: a test failover at B leaves no trace; a real
+/// one is refused while A answers; A writes on while B is unreachable, then
+/// A is lost and B fails over to a time, equal to A's reference; A, back,
+/// is fenced and sees that it diverged; `failback` keeps A's own events as
+/// a readable branch and makes A follow B; a switchover gives the roles
+/// back, and both sites replay the same disk.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failover_at_the_second_site_fences_the_first() {
     let (a, b, dir) = linked_sites().await;
@@ -229,12 +233,18 @@ async fn failover_at_the_second_site_fences_the_first() {
     let why = String::from_utf8_lossy(&refused.stderr);
     assert!(!refused.status.success() && why.contains("switchover"), "{why}");
 
+    // A writes on while B is unreachable: events B never gets.
+    set_stopped(&b, true);
+    run(Command::new("qemu-io").args(["-f", "raw", &tap.uri, "-c", "write -P 0x45 12M 3M", "-c", "write -P 0x46 0 64k", "-c", "flush"]));
+    let diverged = boundary(&a, &backing, d, 3).await;
+
     // Site A is lost: every node SIGKILLed, the tap gone.
     drop(tap);
     let a_nodes = a.site().nodes;
     for n in &a_nodes {
         kill9(n.pid);
     }
+    set_stopped(&b, false);
     tokio::time::sleep(rewind_node::dr::PEER_SILENT + Duration::from_secs(1)).await;
     let image = d.join("failover.raw");
     let started = Instant::now();
@@ -260,21 +270,24 @@ async fn failover_at_the_second_site_fences_the_first() {
         run(Command::new("qemu-io").args(["-f", "raw", &tap_b.uri, "-c", "write -P 0x51 4M 1M", "-c", "flush"]));
     }
 
-    // A comes back: it learns epoch 2, refuses writes, and follows B.
+    // A comes back: it learns epoch 2 and refuses writes; its history
+    // diverged (the writes B never got), so it does not follow B yet.
     for n in &a_nodes {
         rewind_node::dev::start_node(a.path(), n.id).await.unwrap();
     }
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let ia = info(&a).await;
-        if ia.epoch == 2 {
+        if ia.epoch == 2 && ia.peer.as_ref().is_some_and(|p| p.chains_agree == Some(false)) {
             assert_eq!(ia.primary.as_deref(), Some("b"));
             break;
         }
-        assert!(Instant::now() < deadline, "site a never learned epoch 2: {ia:?}");
+        assert!(Instant::now() < deadline, "site a never learned epoch 2 or never saw it diverged: {ia:?}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let before = head(&a).await.0;
+    let status = a.cli(&["dr", "status", GROUP]);
+    let text = String::from_utf8_lossy(&status.stdout);
+    assert!(text.contains("DIFFER") && text.contains("failback"), "{text}");
     let tap_a = start_tap(&a, GROUP, "d0", &backing);
     let write = Command::new("qemu-io").args(["-f", "raw", &tap_a.uri, "-c", "write -P 0x66 0 4096", "-c", "flush"]).output().unwrap();
     assert!(!write.status.success() || String::from_utf8_lossy(&write.stdout).contains("error"), "a write at the fenced site was accepted: {}", String::from_utf8_lossy(&write.stdout));
@@ -282,12 +295,40 @@ async fn failover_at_the_second_site_fences_the_first() {
     let refused = Command::new(REWIND).args(["bookmark", GROUP, "x", "--config", a.config().to_str().unwrap()]).output().unwrap();
     let why = String::from_utf8_lossy(&refused.stderr);
     assert!(!refused.status.success() && why.contains("fenced") && why.contains("epoch 2"), "{why}");
-    assert!(head(&a).await.0 >= before);
+    assert_eq!(head(&a).await.0, diverged.lsn, "the fenced site's log moved");
+
+    // Failback at A: its own events after the fork stay readable as a
+    // branch; it follows B, receiving only what B wrote since the fork.
+    let out = a.cli(&["failback", GROUP]);
+    assert!(out.status.success(), "failback: {}", String::from_utf8_lossy(&out.stderr));
+    let said = String::from_utf8_lossy(&out.stdout).to_string();
+    eprintln!("{said}");
+    assert!(said.contains("vm1.branch-e2"), "{said}");
+    let kept = d.join("branch.raw");
+    let r = a.cli(&["replay", "vm1.branch-e2", "--disk", "d0", "--at", &diverged.lsn.to_string(), "--out", kept.to_str().unwrap()]);
+    assert!(r.status.success(), "replay of the branch: {}", String::from_utf8_lossy(&r.stderr));
+    compare(&kept, &diverged.reference);
     caught_up(&b, &a, Duration::from_secs(60)).await;
+    assert!(log_of(&a, GROUP).await == log_of(&b, GROUP).await, "after failback site a's log is not site b's");
+
+    // A switchover at B gives the roles back with no loss; A takes writes.
+    let out = b.cli(&["dr", "switchover", GROUP]);
+    assert!(out.status.success(), "switchover: {}", String::from_utf8_lossy(&out.stderr));
+    eprintln!("{}", String::from_utf8_lossy(&out.stdout).trim());
+    let ia = info(&a).await;
+    assert_eq!((ia.epoch, ia.primary.as_deref()), (3, Some("a")));
+    let a_backing = d.join("a-again.raw");
+    replay_at(&a, &["--latest"], &a_backing);
+    {
+        let tap_a = start_tap(&a, GROUP, "d0", &a_backing);
+        run(Command::new("qemu-io").args(["-f", "raw", &tap_a.uri, "-c", "write -P 0x71 2M 1M", "-c", "flush"]));
+    }
+    caught_up(&a, &b, Duration::from_secs(60)).await;
     let at_a = d.join("a-latest.raw");
     replay_at(&a, &["--latest"], &at_a);
+    compare(&at_a, &a_backing);
     let at_b = d.join("b-latest2.raw");
     replay_at(&b, &["--latest"], &at_b);
     compare(&at_a, &at_b);
-    eprintln!("site a fenced in epoch 2 and following site b: both at LSN {}", head(&b).await.0);
+    eprintln!("failback and switchover: site a primary again in epoch 3, both at LSN {}", head(&b).await.0);
 }

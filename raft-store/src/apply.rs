@@ -24,6 +24,17 @@ pub struct GroupRecord {
     pub payload_bytes: u64,
 }
 
+/// A branch: the events a site held after a fork point when it failed
+/// back, kept read-only under their own group name. Blocks and events up
+/// to `base_lsn` are read from `base`.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct BranchRecord {
+    pub base: String,
+    pub base_lsn: u64,
+    /// The epoch the site was in when it made the branch.
+    pub epoch: u64,
+}
+
 /// What one producer (client id) has had applied in one group: its last
 /// sequence number and the replies to its most recent sequences, so that a
 /// batch resent after a leader change gets its first answer again.
@@ -217,6 +228,40 @@ pub fn dr_set(group: &str, exists: bool, stored: Option<&DrRecord>, record: &DrR
         return Err(format!("epoch {} of group {group:?} already has site {:?} as its primary; a new primary needs a new epoch", s.epoch, s.primary));
     }
     Ok(())
+}
+
+/// Checks a failback step (`Command::Fork`): the site must have lost its
+/// primary role, the fork be within the log, and the branch be new or this
+/// fork's own (`branch`: its record if it exists; `branch_named`: a group
+/// of that name exists).
+pub fn fork_check(group: &GroupRecord, dr: Option<&DrRecord>, branch_name: &str, branch: Option<&BranchRecord>, branch_named: bool, fork_lsn: u64) -> Result<(), String> {
+    let name = &group.name;
+    let dr = dr.ok_or_else(|| format!("group {name:?} is not linked to another site: there is nothing to fail back"))?;
+    if dr.is_primary() {
+        return Err(format!(
+            "site {:?} is the primary of group {name:?} (epoch {}): failback is for the old primary, once it has heard of a failover at site {:?}",
+            dr.local, dr.epoch, dr.remote
+        ));
+    }
+    rewind_wire::event::check_name(branch_name).map_err(|e| format!("branch name: {e}"))?;
+    match branch {
+        Some(b) if b.base != *name || b.base_lsn != fork_lsn => Err(format!(
+            "group {branch_name:?} is the branch of group {:?} forked after LSN {}, not of {name:?} after LSN {fork_lsn}",
+            b.base, b.base_lsn
+        )),
+        Some(_) => Ok(()),
+        None if branch_named => Err(format!("a group named {branch_name:?} exists already; name the branch otherwise")),
+        None if fork_lsn >= group.last_lsn => Err(format!("group {name:?} ends at LSN {}: it holds nothing after LSN {fork_lsn} to keep", group.last_lsn)),
+        None => Ok(()),
+    }
+}
+
+/// Refuses writes to a branch: it is kept as it was, for forensics.
+pub fn check_not_branch(group: &str, branch: Option<&BranchRecord>) -> Result<(), String> {
+    match branch {
+        Some(b) => Err(format!("group {group:?} is a branch of group {:?}, kept from after LSN {} when it failed back; it is read-only", b.base, b.base_lsn)),
+        None => Ok(()),
+    }
 }
 
 /// Applies events the primary site committed to this site's copy: those

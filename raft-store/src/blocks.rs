@@ -150,6 +150,36 @@ pub fn index_event<E>(disk: &str, event: &Event, mut before: impl FnMut(u64) -> 
     Ok(puts)
 }
 
+/// The disk and the blocks that may hold a version of `event` at its LSN
+/// (an extent, if any, is keyed by the LSN alone): a zero or trim range
+/// that became an extent has versions only at its partial edge blocks. At
+/// most `REVERT_BLOCKS_MAX` or 258 blocks.
+pub fn versioned_blocks(event: &Event) -> Option<(&str, Vec<u64>)> {
+    let (disk, offset, len) = match event {
+        Event::Revert { disk, block_first, block_end, .. } => return Some((disk, (*block_first..*block_end).collect())),
+        Event::Write { disk, offset, data } => (disk, *offset, data.len() as u64),
+        Event::WriteZeroes { disk, offset, len } | Event::Trim { disk, offset, len } => (disk, *offset, *len),
+        _ => return None,
+    };
+    if len == 0 {
+        return Some((disk, Vec::new()));
+    }
+    let (first, last) = (offset / BLOCK_BYTES, (offset + len - 1) / BLOCK_BYTES);
+    let (whole_first, whole_end) = (offset.div_ceil(BLOCK_BYTES), (offset + len) / BLOCK_BYTES);
+    let extent = !matches!(event, Event::Write { .. }) && whole_end > whole_first && whole_end - whole_first > ZERO_BLOCKS_INDEXED_MAX;
+    if extent {
+        let mut edges = Vec::new();
+        if first < whole_first {
+            edges.push(first);
+        }
+        if last >= whole_end && edges.last() != Some(&last) {
+            edges.push(last);
+        }
+        return Some((disk, edges));
+    }
+    Some((disk, (first..=last).collect()))
+}
+
 /// Where the read side finds versions: the store's column families, or a
 /// simulated node's memory. [`block_or_zero`] and [`read_runs`] are the
 /// rules; an implementation only looks things up.
@@ -339,6 +369,23 @@ mod tests {
                     prop_assert_eq!(&got[..], &model[(b * BLOCK_BYTES) as usize..((b + 1) * BLOCK_BYTES) as usize], "block {} at LSN {}", b, n);
                 }
             }
+        }
+    }
+
+    proptest! {
+        /// The blocks a failback moves for an event are the blocks its
+        /// indexing wrote.
+        #[test]
+        fn versioned_blocks_are_the_indexed_ones(kind in 0u8..3, offset in 0u64..(1 << 22), len in 0u64..(3 << 20)) {
+            let event = match kind {
+                0 => Event::Write { disk: "d".into(), offset, data: vec![1; len.min(1 << 20) as usize] },
+                1 => Event::WriteZeroes { disk: "d".into(), offset, len },
+                _ => Event::Trim { disk: "d".into(), offset, len },
+            };
+            let puts = index_event::<()>("d", &event, |_| Ok(vec![0; 4096])).unwrap();
+            let indexed: Vec<u64> = puts.iter().filter_map(|p| match p { IndexPut::Block { block, .. } => Some(*block), _ => None }).collect();
+            let (_, listed) = versioned_blocks(&event).unwrap();
+            prop_assert_eq!(indexed, listed);
         }
     }
 

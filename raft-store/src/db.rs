@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use rocksdb::{ColumnFamilyDescriptor, Direction, IteratorMode, Options, DB};
 
-use crate::apply::{GroupRecord, ProducerRecord, StoredEvent};
+use crate::apply::{BranchRecord, GroupRecord, ProducerRecord, StoredEvent};
 use rewind_wire::dr::DrRecord;
 use crate::{corrupt, io_err, LogStore, StateMachine};
 
@@ -21,9 +21,10 @@ pub(crate) const CF_EXTENTS: &str = "extents";
 pub(crate) const CF_MARKS: &str = "marks";
 pub(crate) const CF_CHAIN: &str = "chain";
 pub(crate) const CF_DR: &str = "dr";
+pub(crate) const CF_BRANCHES: &str = "branches";
 
 /// The column families that make up the state machine, in snapshot order.
-pub(crate) const SM_CFS: [&str; 10] = [CF_SM, CF_GROUPS, CF_EVENTS, CF_TIMES, CF_PRODUCERS, CF_BLOCKS, CF_EXTENTS, CF_MARKS, CF_CHAIN, CF_DR];
+pub(crate) const SM_CFS: [&str; 11] = [CF_SM, CF_GROUPS, CF_EVENTS, CF_TIMES, CF_PRODUCERS, CF_BLOCKS, CF_EXTENTS, CF_MARKS, CF_CHAIN, CF_DR, CF_BRANCHES];
 
 /// A shard replica's storage: the log store and state machine share one DB.
 pub struct Store {
@@ -65,7 +66,7 @@ pub fn open(dir: &Path) -> std::io::Result<Store> {
     blocks.set_enable_blob_files(true);
     blocks.set_min_blob_size(4096);
     blocks.set_enable_blob_gc(true);
-    let cfs = [CF_LOG, CF_META, CF_SM, CF_GROUPS, CF_EVENTS, CF_TIMES, CF_PRODUCERS, CF_BLOCKS, CF_EXTENTS, CF_MARKS, CF_CHAIN, CF_DR].map(|name| {
+    let cfs = [CF_LOG, CF_META, CF_SM, CF_GROUPS, CF_EVENTS, CF_TIMES, CF_PRODUCERS, CF_BLOCKS, CF_EXTENTS, CF_MARKS, CF_CHAIN, CF_DR, CF_BRANCHES].map(|name| {
         let o = match name {
             CF_LOG | CF_EVENTS => payload.clone(),
             CF_BLOCKS => blocks.clone(),
@@ -212,13 +213,15 @@ pub(crate) struct Overlay {
 
 /// Reads blocks of one disk as of LSNs, from the store and an overlay.
 /// Keeps the last events it decoded, since neighbouring blocks usually come
-/// from the same write.
+/// from the same write. A branch group (a failback's kept events) reads
+/// what it does not hold from its base group as of the fork.
 pub(crate) struct BlockReader<'a> {
     db: &'a DB,
     overlay: Option<&'a Overlay>,
     group: &'a str,
     disk: &'a str,
-    prefix: Vec<u8>,
+    /// The base group and the LSN it is read at, for a branch.
+    base: Option<(String, u64)>,
     recent: std::collections::VecDeque<(u64, Arc<StoredEvent>)>,
     /// Iterators kept across blocks (making one costs more than a seek),
     /// made on first use: indexing an aligned write reads nothing.
@@ -228,24 +231,32 @@ pub(crate) struct BlockReader<'a> {
 
 const RECENT_EVENTS: usize = 8;
 
+/// A branch's record: the group and LSN it forked from.
+pub(crate) fn branch_of(db: &DB, group: &str) -> std::io::Result<Option<BranchRecord>> {
+    let bytes = db.get_cf(cf(db, CF_BRANCHES), group.as_bytes()).map_err(io_err)?;
+    bytes.map(|b| rewind_wire::frame::decode_record(&b).map_err(|e| corrupt("branch record", e))).transpose()
+}
+
 impl<'a> BlockReader<'a> {
-    pub(crate) fn new(db: &'a DB, overlay: Option<&'a Overlay>, group: &'a str, disk: &'a str) -> BlockReader<'a> {
-        BlockReader {
-            db,
-            overlay,
-            group,
-            disk,
-            prefix: disk_prefix(group, disk),
-            recent: Default::default(),
-            blocks_it: None,
-            extents_it: None,
+    pub(crate) fn new(db: &'a DB, overlay: Option<&'a Overlay>, group: &'a str, disk: &'a str) -> std::io::Result<BlockReader<'a>> {
+        let base = branch_of(db, group)?.map(|b| (b.base, b.base_lsn));
+        Ok(BlockReader { db, overlay, group, disk, base, recent: Default::default(), blocks_it: None, extents_it: None })
+    }
+
+    /// The group whose keys hold LSN `lsn`: the base, for a branch's LSNs
+    /// up to its fork.
+    fn owner(&self, lsn: u64) -> &str {
+        match &self.base {
+            Some((base, at)) if lsn <= *at => base,
+            _ => self.group,
         }
     }
 
-    /// The newest version of `block` at or below `lsn`: (its LSN, encoded).
-    fn encoded_version(&mut self, block: u64, lsn: u64) -> std::io::Result<Option<(u64, Vec<u8>)>> {
-        let key = block_key(self.group, self.disk, block, lsn);
-        let block_prefix = &key[..self.prefix.len() + 8];
+    /// The newest version of `block` at or below `lsn` in `group`'s keys:
+    /// (its LSN, encoded).
+    fn seek_version(&mut self, group: &str, block: u64, lsn: u64) -> std::io::Result<Option<(u64, Vec<u8>)>> {
+        let key = block_key(group, self.disk, block, lsn);
+        let block_prefix = &key[..key.len() - 8];
         let db = self.db;
         let it = self.blocks_it.get_or_insert_with(|| db.raw_iterator_cf(cf(db, CF_BLOCKS)));
         it.seek_for_prev(&key);
@@ -259,7 +270,7 @@ impl<'a> BlockReader<'a> {
             it.status().map_err(io_err)?;
         }
         if let Some(o) = self.overlay {
-            let low = block_key(self.group, self.disk, block, 0);
+            let low = block_key(group, self.disk, block, 0);
             if let Some((k, v)) = o.blocks.range(low..=key.clone()).next_back() {
                 let l = be_u64(&k[block_prefix.len()..]);
                 if found.as_ref().is_none_or(|(f, _)| l > *f) {
@@ -270,11 +281,23 @@ impl<'a> BlockReader<'a> {
         Ok(found)
     }
 
+    /// The newest version of `block` at or below `lsn`: (its LSN, encoded).
+    fn encoded_version(&mut self, block: u64, lsn: u64) -> std::io::Result<Option<(u64, Vec<u8>)>> {
+        let group = self.group;
+        if let Some(found) = self.seek_version(group, block, lsn)? {
+            return Ok(Some(found));
+        }
+        match self.base.clone() {
+            Some((base, at)) => self.seek_version(&base, block, lsn.min(at)),
+            None => Ok(None),
+        }
+    }
+
     fn write_event(&mut self, lsn: u64) -> std::io::Result<Arc<StoredEvent>> {
         if let Some((_, e)) = self.recent.iter().find(|(l, _)| *l == lsn) {
             return Ok(e.clone());
         }
-        let key = event_key(self.group, lsn);
+        let key = event_key(self.owner(lsn), lsn);
         let event = match self.overlay.and_then(|o| o.writes.get(&key)) {
             Some(e) => e.clone(),
             None => {
@@ -303,24 +326,15 @@ impl<'a> BlockReader<'a> {
     pub(crate) fn block_at(&mut self, block: u64, lsn: u64) -> std::io::Result<Vec<u8>> {
         Ok(crate::blocks::block_or_zero(self, block, lsn)?.unwrap_or_else(|| vec![0u8; crate::blocks::BLOCK_BYTES as usize]))
     }
-}
 
-impl crate::blocks::VersionIndex for BlockReader<'_> {
-    type Error = std::io::Error;
-
-    fn version(&mut self, block: u64, lsn: u64) -> std::io::Result<Option<(u64, crate::blocks::Version)>> {
-        let Some((vlsn, bytes)) = self.encoded_version(block, lsn)? else { return Ok(None) };
-        let version = crate::blocks::Version::decode(&bytes).map_err(|e| corrupt(&self.what(block, vlsn), e))?;
-        Ok(Some((vlsn, version)))
-    }
-
-    /// Whether an extent with LSN in `after+1..=upto` zeroes `block`.
-    fn zeroed_by_extent(&mut self, block: u64, after: u64, upto: u64) -> std::io::Result<bool> {
+    /// Whether an extent of `group` with LSN in `after+1..=upto` zeroes `block`.
+    fn extent_covers(&mut self, group: &str, block: u64, after: u64, upto: u64) -> std::io::Result<bool> {
         if after >= upto {
             return Ok(false);
         }
-        let start = extent_key(self.group, self.disk, after + 1);
-        let end = extent_key(self.group, self.disk, upto);
+        let start = extent_key(group, self.disk, after + 1);
+        let end = extent_key(group, self.disk, upto);
+        let prefix = &start[..start.len() - 8];
         let covers = |v: &[u8]| {
             let first = u64::from_le_bytes(v[..8].try_into().expect("8 bytes"));
             let last = u64::from_le_bytes(v[8..16].try_into().expect("8 bytes"));
@@ -331,7 +345,7 @@ impl crate::blocks::VersionIndex for BlockReader<'_> {
         it.seek(&start);
         while it.valid() {
             let k = it.key().expect("valid");
-            if k.len() != start.len() || k[..self.prefix.len()] != self.prefix[..] || k > &end[..] {
+            if k.len() != start.len() || k[..prefix.len()] != prefix[..] || k > &end[..] {
                 break;
             }
             let v = it.value().expect("valid");
@@ -345,13 +359,36 @@ impl crate::blocks::VersionIndex for BlockReader<'_> {
         }
         it.status().map_err(io_err)?;
         if let Some(o) = self.overlay {
-            for (_, (first, last)) in o.extents.range(start..=end) {
+            for (_, (first, last)) in o.extents.range(start.clone()..=end) {
                 if (*first..*last).contains(&block) {
                     return Ok(true);
                 }
             }
         }
         Ok(false)
+    }
+}
+
+impl crate::blocks::VersionIndex for BlockReader<'_> {
+    type Error = std::io::Error;
+
+    fn version(&mut self, block: u64, lsn: u64) -> std::io::Result<Option<(u64, crate::blocks::Version)>> {
+        let Some((vlsn, bytes)) = self.encoded_version(block, lsn)? else { return Ok(None) };
+        let version = crate::blocks::Version::decode(&bytes).map_err(|e| corrupt(&self.what(block, vlsn), e))?;
+        Ok(Some((vlsn, version)))
+    }
+
+    /// Whether an extent with LSN in `after+1..=upto` zeroes `block`: the
+    /// group's own, and for a branch its base's up to the fork.
+    fn zeroed_by_extent(&mut self, block: u64, after: u64, upto: u64) -> std::io::Result<bool> {
+        let group = self.group;
+        if self.extent_covers(group, block, after, upto)? {
+            return Ok(true);
+        }
+        match self.base.clone() {
+            Some((base, at)) => self.extent_covers(&base, block, after, upto.min(at)),
+            None => Ok(false),
+        }
     }
 
     fn write_bytes(&mut self, lsn: u64, offset: u32) -> std::io::Result<Vec<u8>> {
@@ -439,7 +476,7 @@ impl StoreReader {
     /// rest reads as zeroes. Each block is checked against its checksum (or
     /// its event's). The caller bounds `len`.
     pub fn read_disk(&self, group: &str, disk: &str, lsn: u64, offset: u64, len: u64) -> std::io::Result<Vec<(u64, Vec<u8>)>> {
-        crate::blocks::read_runs(&mut BlockReader::new(&self.db, None, group, disk), lsn, offset, len)
+        crate::blocks::read_runs(&mut BlockReader::new(&self.db, None, group, disk)?, lsn, offset, len)
     }
 
     /// The bookmarks of `group`, oldest first (by LSN), at most `max`

@@ -12,12 +12,15 @@ use rewind_wire::frame::{decode_record, encode_record};
 use rewind_wire::raft::{Command, CommandReply};
 use rocksdb::{WriteBatch, DB};
 
-use crate::apply::{apply_batch, apply_replicated, check_writable, create_group, dr_set, BatchOutcome, GroupRecord, ProducerRecord, StoredEvent};
+use crate::apply::{
+    apply_batch, apply_replicated, check_not_branch, check_writable, create_group, dr_set, fork_check, BatchOutcome, BranchRecord, GroupRecord,
+    ProducerRecord, StoredEvent,
+};
 use rewind_wire::dr::DrRecord;
 use crate::codec::{self, LogId, SnapshotMeta, StoredMembership};
 use crate::blocks::{index_event, IndexPut};
 use crate::db::{
-    block_key, cf, event_key, extent_key, mark_key, mark_value, producer_key, time_key, BlockReader, Overlay, CF_BLOCKS, CF_CHAIN, CF_DR,
+    block_key, cf, event_key, extent_key, mark_key, mark_value, producer_key, time_key, BlockReader, Overlay, CF_BLOCKS, CF_BRANCHES, CF_CHAIN, CF_DR,
     CF_EVENTS, CF_EXTENTS, CF_GROUPS, CF_MARKS, CF_PRODUCERS, CF_SM, CF_TIMES,
 };
 use crate::snapshot::{SnapshotBuilder, SnapshotFile, Snapshots};
@@ -63,6 +66,13 @@ impl StateMachine {
         bytes.map(|b| decode_record(&b).map_err(|e| corrupt("DR record", e))).transpose()
     }
 
+    fn branch(&self, pending: &Pending, name: &str) -> io::Result<Option<BranchRecord>> {
+        match pending.branches.get(name) {
+            Some(b) => Ok(Some(b.clone())),
+            None => crate::db::branch_of(&self.db, name),
+        }
+    }
+
     fn pending_group(&self, pending: &Pending, name: &str) -> io::Result<Option<GroupRecord>> {
         match pending.groups.get(name) {
             Some(g) => Ok(Some(g.clone())),
@@ -81,6 +91,7 @@ impl StateMachine {
         mut digest: [u8; 32],
         events: Vec<(StoredEvent, Vec<u8>)>,
     ) -> io::Result<()> {
+        pending.appended.insert(group.to_string());
         for (event, record) in events {
             let key = event_key(group, event.lsn);
             digest = crate::apply::chain(&digest, &record);
@@ -99,6 +110,12 @@ struct Pending {
     groups: BTreeMap<String, GroupRecord>,
     producers: BTreeMap<(u64, String), ProducerRecord>,
     dr: BTreeMap<String, DrRecord>,
+    branches: BTreeMap<String, BranchRecord>,
+    /// Groups that got new events in this call, and groups a failback
+    /// step moved events out of: the two never mix in one call (the moves
+    /// read the store, which does not show this call's writes yet).
+    appended: std::collections::BTreeSet<String>,
+    forked: std::collections::BTreeSet<String>,
     overlay: Overlay,
 }
 
@@ -118,7 +135,8 @@ impl StateMachine {
                 let Some(mut group) = self.pending_group(pending, &b.group)? else {
                     return Ok(CommandReply::Refused { reason: format!("no consistency group {:?}", b.group) });
                 };
-                if let Err(reason) = check_writable(&b.group, self.dr(pending, &b.group)?.as_ref()) {
+                let branch = self.branch(pending, &b.group)?;
+                if let Err(reason) = check_writable(&b.group, self.dr(pending, &b.group)?.as_ref()).and_then(|_| check_not_branch(&b.group, branch.as_ref())) {
                     return Ok(CommandReply::Refused { reason });
                 }
                 let pkey = (b.client_id, b.group.clone());
@@ -138,7 +156,8 @@ impl StateMachine {
             Command::DrSet { group, record } => {
                 let exists = self.pending_group(pending, group)?.is_some();
                 let stored = self.dr(pending, group)?;
-                if let Err(reason) = dr_set(group, exists, stored.as_ref(), record) {
+                let branch = self.branch(pending, group)?;
+                if let Err(reason) = dr_set(group, exists, stored.as_ref(), record).and_then(|_| check_not_branch(group, branch.as_ref())) {
                     return Ok(CommandReply::Refused { reason });
                 }
                 pending.dr.insert(group.clone(), record.clone());
@@ -148,6 +167,9 @@ impl StateMachine {
                 let Some(mut group) = self.pending_group(pending, name)? else {
                     return Ok(CommandReply::Refused { reason: format!("no consistency group {name:?}") });
                 };
+                if pending.forked.contains(name) {
+                    return Ok(CommandReply::Refused { reason: format!("group {name:?} was forked in this same step; resend") });
+                }
                 let before = group.digest;
                 let first = group.last_lsn + 1;
                 match apply_replicated(&mut group, self.dr(pending, name)?.as_ref(), *epoch, events, digest) {
@@ -160,7 +182,93 @@ impl StateMachine {
                     Err(reason) => Ok(CommandReply::Refused { reason }),
                 }
             }
+            Command::Fork { group: name, branch, fork_lsn } => self.fork(pending, batch, name, branch, *fork_lsn),
         }
+    }
+
+    /// One failback step: moves the group's newest events after the fork
+    /// (a bounded piece) into the branch, keys and all, newest first.
+    fn fork(&self, pending: &mut Pending, batch: &mut WriteBatch, name: &str, branch: &str, fork_lsn: u64) -> io::Result<CommandReply> {
+        use rewind_wire::event::Event;
+        use rewind_wire::limits::{FORK_BLOCKS_MAX, FORK_BYTES_MAX, FORK_EVENTS_MAX};
+        let Some(mut g) = self.pending_group(pending, name)? else {
+            return Ok(CommandReply::Refused { reason: format!("no consistency group {name:?}") });
+        };
+        if pending.appended.contains(name) {
+            return Ok(CommandReply::Refused { reason: format!("group {name:?} took events in this same step; resend") });
+        }
+        let record = self.branch(pending, branch)?;
+        let named = self.pending_group(pending, branch)?.is_some();
+        let dr = self.dr(pending, name)?;
+        if let Err(reason) = fork_check(&g, dr.as_ref(), branch, record.as_ref(), named, fork_lsn) {
+            return Ok(CommandReply::Refused { reason });
+        }
+        // The events to move, newest first, within this step's bounds.
+        let mut take = Vec::new();
+        let (mut bytes, mut blocks) = (0u64, 0u64);
+        let mut lsn = g.last_lsn;
+        while lsn > fork_lsn && (take.len() as u64) < FORK_EVENTS_MAX && bytes < FORK_BYTES_MAX && blocks < FORK_BLOCKS_MAX {
+            let key = event_key(name, lsn);
+            let raw = self.db.get_cf(cf(&self.db, CF_EVENTS), &key).map_err(io_err)?.ok_or_else(|| corrupt("group", format!("{name:?} has no event at LSN {lsn}")))?;
+            let event: StoredEvent = decode_record(&raw).map_err(|e| corrupt("event record", e))?;
+            if let Event::DiskCreate { disk, .. } | Event::DiskResize { disk, .. } = &event.event {
+                return Ok(CommandReply::Refused {
+                    reason: format!("LSN {lsn} of group {name:?}, after the fork, changes disk {disk:?}; a failback over disk changes is not built"),
+                });
+            }
+            bytes += event.event.payload_bytes() as u64;
+            blocks += crate::blocks::versioned_blocks(&event.event).map_or(1, |(_, b)| b.len() as u64 + 1);
+            take.push((event, raw));
+            lsn -= 1;
+        }
+        if record.is_none() {
+            let b = GroupRecord { name: branch.to_string(), ..g.clone() };
+            pending.groups.insert(branch.to_string(), b);
+            let epoch = dr.as_ref().map_or(0, |d| d.epoch);
+            pending.branches.insert(branch.to_string(), BranchRecord { base: name.to_string(), base_lsn: fork_lsn, epoch });
+        }
+        let old_last = g.last_lsn;
+        let mv = |batch: &mut WriteBatch, family: &str, from: Vec<u8>, to: Vec<u8>| -> io::Result<()> {
+            if let Some(v) = self.db.get_cf(cf(&self.db, family), &from).map_err(io_err)? {
+                batch.delete_cf(cf(&self.db, family), &from);
+                batch.put_cf(cf(&self.db, family), &to, v);
+            }
+            Ok(())
+        };
+        for (event, raw) in &take {
+            let lsn = event.lsn;
+            batch.delete_cf(cf(&self.db, CF_EVENTS), event_key(name, lsn));
+            batch.put_cf(cf(&self.db, CF_EVENTS), event_key(branch, lsn), raw);
+            batch.delete_cf(cf(&self.db, CF_TIMES), time_key(name, event.time_ns, lsn));
+            batch.put_cf(cf(&self.db, CF_TIMES), time_key(branch, event.time_ns, lsn), []);
+            mv(batch, CF_CHAIN, event_key(name, lsn), event_key(branch, lsn))?;
+            if let Event::Bookmark { name: mark, .. } = &event.event {
+                mv(batch, CF_MARKS, mark_key(name, mark, lsn), mark_key(branch, mark, lsn))?;
+            }
+            if let Some((disk, range)) = crate::blocks::versioned_blocks(&event.event) {
+                for block in range.iter().copied() {
+                    mv(batch, CF_BLOCKS, block_key(name, disk, block, lsn), block_key(branch, disk, block, lsn))?;
+                }
+                mv(batch, CF_EXTENTS, extent_key(name, disk, lsn), extent_key(branch, disk, lsn))?;
+            }
+            g.events -= 1;
+            g.payload_bytes -= event.event.payload_bytes() as u64;
+        }
+        g.last_lsn = lsn;
+        g.digest = if lsn == 0 {
+            [0; 32]
+        } else {
+            let d = self.db.get_cf(cf(&self.db, CF_CHAIN), event_key(name, lsn)).map_err(io_err)?;
+            d.and_then(|d| <[u8; 32]>::try_from(d.as_slice()).ok())
+                .ok_or_else(|| corrupt("chain", format!("group {name:?} has no chain digest at LSN {lsn} (written before this build kept them)")))?
+        };
+        if lsn > 0 {
+            let raw = self.db.get_cf(cf(&self.db, CF_EVENTS), event_key(name, lsn)).map_err(io_err)?.ok_or_else(|| corrupt("group", format!("{name:?} has no event at LSN {lsn}")))?;
+            g.last_time_ns = decode_record::<StoredEvent>(&raw).map_err(|e| corrupt("event record", e))?.time_ns;
+        }
+        pending.groups.insert(name.to_string(), g);
+        pending.forked.insert(name.to_string());
+        Ok(CommandReply::Appended { lsn_first: lsn + 1, lsn_last: old_last })
     }
 }
 
@@ -177,7 +285,7 @@ impl StateMachine {
             }
             Event::Write { disk, .. } | Event::WriteZeroes { disk, .. } | Event::Trim { disk, .. } | Event::Revert { disk, .. } => {
                 let puts = {
-                    let mut reader = BlockReader::new(&self.db, Some(&pending.overlay), group, disk);
+                    let mut reader = BlockReader::new(&self.db, Some(&pending.overlay), group, disk)?;
                     match &event.event {
                         Event::Revert { to_lsn, block_first, block_end, .. } => {
                             crate::blocks::revert_puts(&mut reader, *block_first, *block_end, *to_lsn, lsn)?
@@ -278,6 +386,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let sm = cf(&self.db, CF_SM);
         for (name, group) in &pending.groups {
             batch.put_cf(cf(&self.db, CF_GROUPS), name.as_bytes(), encode_record(group).map_err(io_err)?);
+        }
+        for (group, b) in &pending.branches {
+            batch.put_cf(cf(&self.db, CF_BRANCHES), group.as_bytes(), encode_record(b).map_err(io_err)?);
         }
         for (group, d) in &pending.dr {
             batch.put_cf(cf(&self.db, CF_DR), group.as_bytes(), encode_record(d).map_err(io_err)?);

@@ -117,3 +117,87 @@ async fn snapshot_moves_state_to_another_replica() {
     assert_eq!(current.meta.last_log_id, Some(log_id(5)));
     assert!(!snapshot.snapshot.path.exists(), "the older checkpoint is removed");
 }
+
+/// Failback on a real store: a site whose history diverged after LSN F
+/// moves its events after F into a branch, in bounded steps. The group
+/// then reads as it did at F and can take the primary's events; the branch
+/// reads, at every LSN, what the group read before the failback.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failback_keeps_the_diverged_events_as_a_readable_branch() {
+    use rewind_wire::dr::{DrRecord, SiteLink};
+    const DISK: u64 = 4 << 20;
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = crate::open(dir.path()).unwrap();
+    let disks = vec![DiskSpec { name: "d0".into(), size_bytes: DISK, sector_bytes: 512 }];
+    let link = SiteLink { addrs: vec!["x:1".into()], ca_pem: String::new(), cert_pem: String::new(), key_pem: String::new() };
+    let record = |primary: &str, epoch| DrRecord { local: "a".into(), remote: "b".into(), primary: primary.into(), epoch, rpo_alarm_ms: 0, link: link.clone() };
+    let mut commands = vec![Command::CreateGroup { group: "g".into(), disks, time_ns: 1 }, Command::DrSet { group: "g".into(), record: record("a", 1) }];
+    // 40 batches of writes, zero ranges, a large trim (an extent), bookmarks.
+    let mut x = 7u64;
+    for seq in 1..=40u64 {
+        x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        let offset = (x >> 20) % (DISK / 512 - 300) * 512;
+        let event = match seq % 7 {
+            3 => Event::WriteZeroes { disk: "d0".into(), offset, len: 8192 },
+            5 => Event::Trim { disk: "d0".into(), offset: 0, len: 2 << 20 },
+            6 => Event::Bookmark { name: format!("m{seq}"), app_consistent: false },
+            _ => Event::Write { disk: "d0".into(), offset, data: vec![seq as u8; 12288 + 512] },
+        };
+        commands.push(Command::Append(EventBatch { group: "g".into(), client_id: 5, seq, events: vec![TimedEvent { time_ns: seq * 10, event }] }));
+    }
+    // 1100 bookmarks more, so that the failback takes more than one step.
+    for seq in 41..=51u64 {
+        let marks = (0..100).map(|i| TimedEvent { time_ns: 500, event: Event::Bookmark { name: format!("k{seq}-{i}"), app_consistent: false } }).collect();
+        commands.push(Command::Append(EventBatch { group: "g".into(), client_id: 5, seq, events: marks }));
+    }
+    let n = commands.len() as u64;
+    apply_all(&mut store.state_machine, commands).await;
+    let r = store.reader.clone();
+    let disk_at = |group: &str, lsn: u64| r.read_disk(group, "d0", lsn, 0, DISK).unwrap();
+    let before: Vec<_> = (0..=40).map(|l| disk_at("g", l)).collect();
+    let digest_at_fork = r.digest_at("g", 25).unwrap().unwrap();
+    let digest_at_head = r.digest_at("g", 1140).unwrap();
+    // A failover elsewhere: this site is the secondary now, and fails back.
+    apply_all_from(&mut store.state_machine, n + 1, vec![Command::DrSet { group: "g".into(), record: record("b", 2) }]).await;
+    let mut index = n + 2;
+    loop {
+        let fork = Command::Fork { group: "g".into(), branch: "g.branch-e2".into(), fork_lsn: 25 };
+        apply_all_from(&mut store.state_machine, index, vec![fork]).await;
+        index += 1;
+        if r.group("g").unwrap().unwrap().last_lsn == 25 {
+            break;
+        }
+        assert!(index < n + 100, "the failback never finished");
+    }
+    assert!(index >= n + 4, "one step moved everything: the bounds were not exercised");
+    let g = r.group("g").unwrap().unwrap();
+    assert_eq!((g.last_lsn, g.digest, g.last_time_ns), (25, digest_at_fork, 250));
+    assert_eq!(r.events("g", 26, 100, usize::MAX).unwrap(), vec![]);
+    for l in 0..=25 {
+        assert!(disk_at("g", l) == before[l as usize], "the group at LSN {l} changed");
+    }
+    for l in 0..=40 {
+        assert!(disk_at("g.branch-e2", l) == before[l as usize], "the branch at LSN {l} differs from the group before the failback");
+    }
+    let kept = r.events("g.branch-e2", 26, 10_000, usize::MAX).unwrap();
+    assert_eq!(kept.iter().map(|e| e.lsn).collect::<Vec<_>>(), (26..=1140).collect::<Vec<_>>());
+    assert!(disk_at("g.branch-e2", 1140) == before[40]);
+    assert!(r.bookmarks("g", 100).unwrap().iter().all(|b| b.lsn <= 25));
+    assert_eq!(r.bookmarks("g.branch-e2", 10_000).unwrap().iter().filter(|b| b.lsn > 25).count(), 1100 + 2);
+    assert_eq!(r.digest_at("g.branch-e2", 1140).unwrap(), digest_at_head);
+    // The branch takes no writes; the group takes the primary's events.
+    let events: Vec<_> = (26..=30).map(|lsn| rewind_wire::event::LoggedEvent { lsn, time_ns: 1000 + lsn, event: Event::Write { disk: "d0".into(), offset: 0, data: vec![0xee; 4096] } }).collect();
+    let mut d = digest_at_fork;
+    for e in &events {
+        d = crate::apply::chain(&d, &rewind_wire::frame::encode_record(e).unwrap());
+    }
+    let to_branch = Command::Append(EventBatch { group: "g.branch-e2".into(), client_id: 9, seq: 1, events: vec![write(0, 5000)] });
+    apply_all_from(&mut store.state_machine, index, vec![to_branch, Command::Replicate { group: "g".into(), epoch: 2, events, digest: d }]).await;
+    assert_eq!(r.group("g.branch-e2").unwrap().unwrap().last_lsn, 1140, "the branch took a write");
+    assert_eq!(r.group("g").unwrap().unwrap().last_lsn, 30);
+    assert_eq!(&disk_at("g", 30)[0].1[..4096], &[0xee; 4096][..]);
+    for l in 0..=40 {
+        assert!(disk_at("g.branch-e2", l) == before[l as usize], "the branch at LSN {l} changed when the group went on");
+    }
+}
+

@@ -148,7 +148,9 @@ fn group_of(request: &Request) -> Option<&str> {
         | Request::DrState { group, .. }
         | Request::Ship { group, .. }
         | Request::DrSet { group, .. }
-        | Request::DrSwitch { group, .. } => Some(group),
+        | Request::DrSwitch { group, .. }
+        | Request::DrForkPoint { group }
+        | Request::DrFork { group, .. } => Some(group),
         Request::TapReport(r) => Some(&r.group),
         _ => None,
     }

@@ -118,3 +118,68 @@ pub fn next_step(record: &DrRecord, mine: &DrInfo, theirs: &DrInfo) -> Step {
     }
     Step::Pull { lsn_first: mine.last_lsn + 1 }
 }
+
+/// The fork point of two histories by bisection over chain digests: the
+/// last LSN both hold with the same digest. Digests agree up to the fork
+/// and never after it (each covers every event before it). Start with the
+/// lower of the two heads; feed it `answer` for each `probe`.
+#[derive(Debug, Clone)]
+pub struct ForkSearch {
+    /// Known to agree (LSN 0 always does).
+    agree: u64,
+    /// Known to differ, or one past the lower head.
+    differ: u64,
+}
+
+impl ForkSearch {
+    pub fn new(lower_head: u64) -> ForkSearch {
+        ForkSearch { agree: 0, differ: lower_head + 1 }
+    }
+
+    /// The next LSN to compare, or None when the fork is found.
+    pub fn probe(&self) -> Option<u64> {
+        (self.differ - self.agree > 1).then(|| self.agree + (self.differ - self.agree) / 2)
+    }
+
+    pub fn answer(&mut self, lsn: u64, agree: bool) {
+        if agree {
+            self.agree = self.agree.max(lsn);
+        } else {
+            self.differ = self.differ.min(lsn);
+        }
+    }
+
+    pub fn fork(&self) -> u64 {
+        self.agree
+    }
+}
+
+/// The name of the branch a failback keeps a group's own events in.
+pub fn branch_name(group: &str, epoch: u64) -> String {
+    let suffix = format!(".branch-e{epoch}");
+    let keep = rewind_wire::limits::NAME_BYTES_MAX.saturating_sub(suffix.len()).min(group.len());
+    format!("{}{suffix}", &group[..keep])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_search_finds_the_last_shared_lsn() {
+        for head in 0..40u64 {
+            for fork in 0..=head {
+                let mut s = ForkSearch::new(head);
+                let mut probes = 0;
+                while let Some(p) = s.probe() {
+                    s.answer(p, p <= fork);
+                    probes += 1;
+                }
+                assert_eq!(s.fork(), fork, "head {head}");
+                assert!(probes <= 7);
+            }
+        }
+        assert_eq!(branch_name("vm1", 2), "vm1.branch-e2");
+        assert_eq!(branch_name(&"x".repeat(64), 12).len(), 64);
+    }
+}

@@ -197,6 +197,10 @@ impl<T: ServiceTypes> Service<T> {
                 self.write(Command::DrSet { group, record }).await
             }
             Request::DrSwitch { group, from_epoch, to } => self.dr_switch(group, from_epoch, to).await,
+            Request::DrFork { group, branch, fork_lsn } => self.write(Command::Fork { group, branch, fork_lsn }).await.map(|r| match r {
+                Response::Done => Response::Appended { lsn_first: fork_lsn + 1, lsn_last: fork_lsn },
+                other => other,
+            }),
             Request::ClusterInit { members } => self.init(members).await,
             Request::AddLearner { member } => self.add_learner(member).await,
             Request::ChangeVoters { voters } => self.change_voters(voters).await,

@@ -12,7 +12,10 @@ use std::sync::{Arc, Mutex};
 use futures::{Stream, TryStreamExt};
 use openraft::storage::{EntryResponder, RaftStateMachine};
 use openraft::{EntryPayload, OptionalSend, RaftSnapshotBuilder};
-use rewind_raft_store::apply::{apply_batch, apply_replicated, check_writable, create_group, dr_set, BatchOutcome, GroupRecord, ProducerRecord, StoredEvent};
+use rewind_raft_store::apply::{
+    apply_batch, apply_replicated, check_not_branch, check_writable, create_group, dr_set, fork_check, BatchOutcome, BranchRecord, GroupRecord,
+    ProducerRecord, StoredEvent,
+};
 use rewind_raft_store::blocks::{block_or_zero, index_event, read_runs, revert_puts, IndexPut, Version, VersionIndex, BLOCK_BYTES};
 use rewind_wire::dr::DrRecord;
 use rewind_raft_store::{Bookmark, ReadState};
@@ -39,6 +42,8 @@ pub struct SmImage {
     pub chain: BTreeMap<String, Vec<[u8; 32]>>,
     /// Each linked group's cross-site state.
     pub dr: BTreeMap<String, DrRecord>,
+    /// Branches kept by a failback.
+    pub branches: BTreeMap<String, BranchRecord>,
 }
 
 impl SmImage {
@@ -61,7 +66,7 @@ impl SmImage {
                 let Some(mut group) = self.groups.get(&b.group).cloned() else {
                     return CommandReply::Refused { reason: format!("no consistency group {:?}", b.group) };
                 };
-                if let Err(reason) = check_writable(&b.group, self.dr.get(&b.group)) {
+                if let Err(reason) = check_writable(&b.group, self.dr.get(&b.group)).and_then(|_| check_not_branch(&b.group, self.branches.get(&b.group))) {
                     return CommandReply::Refused { reason };
                 }
                 let key = (b.client_id, b.group.clone());
@@ -73,7 +78,7 @@ impl SmImage {
                 }
                 reply
             }
-            Command::DrSet { group, record } => match dr_set(group, self.groups.contains_key(group), self.dr.get(group), record) {
+            Command::DrSet { group, record } => match dr_set(group, self.groups.contains_key(group), self.dr.get(group), record).and_then(|_| check_not_branch(group, self.branches.get(group))) {
                 Ok(()) => {
                     self.dr.insert(group.clone(), record.clone());
                     CommandReply::Created
@@ -95,7 +100,57 @@ impl SmImage {
                     Err(reason) => CommandReply::Refused { reason },
                 }
             }
+            Command::Fork { group, branch, fork_lsn } => self.fork(group, branch, *fork_lsn),
         }
+    }
+
+    /// A failback, modelled whole (production moves the keys of the events
+    /// after the fork in bounded steps; `raft-store`'s store test checks
+    /// that against this same behaviour): the branch gets the group's whole
+    /// history to its head, and the group is cut back to the fork.
+    fn fork(&mut self, name: &str, branch: &str, fork_lsn: u64) -> CommandReply {
+        let Some(mut g) = self.groups.get(name).cloned() else {
+            return CommandReply::Refused { reason: format!("no consistency group {name:?}") };
+        };
+        if let Err(reason) = fork_check(&g, self.dr.get(name), branch, self.branches.get(branch), self.groups.contains_key(branch), fork_lsn) {
+            return CommandReply::Refused { reason };
+        }
+        let old_last = g.last_lsn;
+        if !self.branches.contains_key(branch) {
+            self.groups.insert(branch.to_string(), GroupRecord { name: branch.to_string(), ..g.clone() });
+            self.branches.insert(branch.to_string(), BranchRecord { base: name.to_string(), base_lsn: fork_lsn, epoch: self.dr.get(name).map_or(0, |d| d.epoch) });
+            let events = self.events.get(name).cloned().unwrap_or_default();
+            self.events.insert(branch.to_string(), events);
+            let chain = self.chain.get(name).cloned().unwrap_or_default();
+            self.chain.insert(branch.to_string(), chain);
+            let blocks: Vec<_> = self.blocks.iter().filter(|((gr, _, _), _)| gr == name).map(|((_, d, b), v)| ((branch.to_string(), d.clone(), *b), v.clone())).collect();
+            self.blocks.extend(blocks);
+            let extents: Vec<_> = self.extents.iter().filter(|((gr, _), _)| gr == name).map(|((_, d), v)| ((branch.to_string(), d.clone()), v.clone())).collect();
+            self.extents.extend(extents);
+        }
+        let keep = fork_lsn as usize;
+        let events = self.events.entry(name.to_string()).or_default();
+        for e in events.drain(keep.min(events.len())..) {
+            g.events -= 1;
+            g.payload_bytes -= e.event.payload_bytes() as u64;
+        }
+        g.last_time_ns = events.last().map_or(0, |e| e.time_ns);
+        let chain = self.chain.entry(name.to_string()).or_default();
+        chain.truncate(keep);
+        g.digest = chain.last().copied().unwrap_or([0; 32]);
+        g.last_lsn = fork_lsn;
+        for ((gr, _, _), versions) in self.blocks.iter_mut() {
+            if gr == name {
+                versions.retain(|lsn, _| *lsn <= fork_lsn);
+            }
+        }
+        for ((gr, _), ext) in self.extents.iter_mut() {
+            if gr == name {
+                ext.retain(|lsn, _| *lsn <= fork_lsn);
+            }
+        }
+        self.groups.insert(name.to_string(), g);
+        CommandReply::Appended { lsn_first: fork_lsn + 1, lsn_last: old_last }
     }
 
     /// Indexes and keeps new events of `group` (its record already advanced).

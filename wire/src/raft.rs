@@ -59,6 +59,11 @@ pub enum Command {
     /// they keep their LSNs and times, and the chain must reach `digest`.
     /// Events this site holds already are skipped, so a resend is harmless.
     Replicate { group: String, epoch: u64, events: Vec<crate::event::LoggedEvent>, digest: [u8; 32] },
+    /// Failback at a site whose history diverged from the new primary's:
+    /// moves its newest events after `fork_lsn` into the read-only group
+    /// `branch` (made by the first such command), a bounded piece per
+    /// command, until the group ends at the fork and can follow the primary.
+    Fork { group: String, branch: String, fork_lsn: u64 },
 }
 
 impl Command {
@@ -68,7 +73,7 @@ impl Command {
         match self {
             Command::Append(b) => b.payload_bytes(),
             Command::Replicate { events, .. } => events.iter().map(|e| e.event.payload_bytes()).sum(),
-            Command::CreateGroup { .. } | Command::DrSet { .. } => 0,
+            Command::CreateGroup { .. } | Command::DrSet { .. } | Command::Fork { .. } => 0,
         }
     }
 }
@@ -152,6 +157,7 @@ impl std::fmt::Display for Command {
                 events.len(),
                 events.first().map_or(0, |e| e.lsn)
             ),
+            Command::Fork { group, branch, fork_lsn } => write!(f, "fork {group} after LSN {fork_lsn} into {branch}"),
             Command::Append(batch) => write!(
                 f,
                 "append {} events ({} bytes) to {} from client {} seq {}",

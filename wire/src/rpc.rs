@@ -67,6 +67,12 @@ pub enum Request {
     // Administration.
     /// Sets a group's DR state at this site (`rewind dr link`).
     DrSet { group: String, record: crate::dr::DrRecord },
+    /// Failback, at the old primary: the fork point with the primary's
+    /// history (the node asks the other site over its link).
+    DrForkPoint { group: String },
+    /// Failback: one step of moving this site's events after `fork_lsn`
+    /// into `branch` (see `Command::Fork`).
+    DrFork { group: String, branch: String, fork_lsn: u64 },
     /// Makes site `to` the group's primary in the next epoch, if the group
     /// is still at `from_epoch` here (`rewind failover`, `dr switchover`).
     DrSwitch { group: String, from_epoch: u64, to: String },
@@ -132,6 +138,8 @@ impl Request {
             Request::Ship { .. } => "ship",
             Request::DrSet { .. } => "dr-set",
             Request::DrSwitch { .. } => "dr-switch",
+            Request::DrForkPoint { .. } => "dr-fork-point",
+            Request::DrFork { .. } => "dr-fork",
             Request::ClusterInit { .. } => "cluster-init",
             Request::AddLearner { .. } => "add-learner",
             Request::ChangeVoters { .. } => "change-voters",
@@ -281,6 +289,9 @@ pub enum Response {
     /// that may be non-zero; everything else reads as zeroes.
     DiskPiece { len: u64, runs: Vec<(u64, Vec<u8>)> },
     Dr(Box<crate::dr::DrInfo>),
+    /// The fork point of this site's history and the other site's, and
+    /// both heads.
+    ForkPoint { lsn: u64, here_last: u64, there_last: u64, epoch: u64 },
     Shipped(Box<crate::dr::Shipment>),
     Error(RpcError),
 }

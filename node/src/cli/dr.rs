@@ -402,3 +402,41 @@ pub async fn failover(a: FailoverArgs) -> anyhow::Result<()> {
     println!("failover: wrote disk {disk} of group {} as of LSN {} to {} ({} bytes, blake3 {})", a.group, r.lsn, opts.out.display(), r.image_bytes, r.blake3_hex);
     Ok(())
 }
+
+#[derive(Args)]
+pub struct FailbackArgs {
+    #[command(flatten)]
+    client: ClientArgs,
+    /// The consistency group.
+    group: String,
+    /// Seconds to wait for this site to catch up with the primary.
+    #[arg(long, default_value_t = 600)]
+    wait: u64,
+}
+
+pub async fn failback(a: FailbackArgs) -> anyhow::Result<()> {
+    let client = a.client.client()?;
+    let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let started = std::time::Instant::now();
+    let f = dr::failback(&client, &a.group, Duration::from_secs(a.wait), |done, total| {
+        if tty {
+            eprint!("\rkeeping this site's own events in a branch: {done}/{total}   ");
+        }
+    })
+    .await?;
+    if tty {
+        eprintln!();
+    }
+    match &f.branch {
+        Some(b) => println!(
+            "failback of {}: this site shares LSN 1..={} with the primary; its own {} events after that are kept, read-only, in group {b} (replay it like any group); it follows the primary again at LSN {}, having received {} bytes since the fork ({:.1} s)",
+            a.group, f.fork_lsn, f.kept_events, f.head_lsn, f.received_bytes, started.elapsed().as_secs_f64()
+        ),
+        None => println!(
+            "failback of {}: this site held nothing the primary lacks (shared LSN 1..={}); it follows the primary at LSN {}, having received {} bytes ({:.1} s)",
+            a.group, f.fork_lsn, f.head_lsn, f.received_bytes, started.elapsed().as_secs_f64()
+        ),
+    }
+    println!("give the primary role back with `rewind dr switchover {}` at the other site", a.group);
+    Ok(())
+}

@@ -127,6 +127,12 @@ pub enum Command {
     ///   rewind failover vm1 --latest --test --serve 127.0.0.1:10811
     #[command(verbatim_doc_comment)]
     Failover(dr::FailoverArgs),
+    /// At the old primary, after a failover elsewhere: keep this site's
+    /// events after the fork point (the last LSN both sites share) as a
+    /// read-only branch group, cut the group back to the fork, and follow
+    /// the new primary, receiving only what it wrote since. Then `rewind dr
+    /// switchover` at the other site gives the roles back.
+    Failback(dr::FailbackArgs),
     /// Append generated writes to a group (a load generator and smoke test).
     Load(load::LoadArgs),
     /// A local site of real node processes on 127.0.0.1.
@@ -212,6 +218,7 @@ pub async fn run(command: Command) -> anyhow::Result<()> {
         Command::Load(a) => load::run(a).await,
         Command::Dr(c) => dr::run(c).await,
         Command::Failover(a) => dr::failover(a).await,
+        Command::Failback(a) => dr::failback(a).await,
         Command::Dev(c) => site::dev(c).await,
     }
 }
