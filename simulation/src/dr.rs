@@ -370,6 +370,24 @@ pub fn run(seed: u64) -> Vec<String> {
         }
         w.step(true, &writers);
     }
+    // A site that diverged fails back: its own events after the fork go to
+    // a branch (production's fork search over both chains), and it follows.
+    let mut failback = None;
+    if w.sites[0].diverged {
+        world::count("dr failback");
+        let before = w.sites[0].image.lock().expect("image").clone();
+        let (la, lb) = (w.sites[0].info(None).last_lsn, w.sites[1].info(None).last_lsn);
+        let mut search = rewind_service::dr::ForkSearch::new(la.min(lb));
+        while let Some(lsn) = search.probe() {
+            let (x, y) = (w.sites[0].state().digest_at(GROUP, lsn).expect("memory"), w.sites[1].state().digest_at(GROUP, lsn).expect("memory"));
+            search.answer(lsn, x.is_some() && x == y);
+        }
+        let branch = rewind_service::dr::branch_name(GROUP, w.sites[0].epoch);
+        let reply = w.apply(0, Command::Fork { group: GROUP.into(), branch: branch.clone(), fork_lsn: search.fork() });
+        world::trace_at(w.tick * 1_000_000, format!("dr: site a fails back after LSN {} into {branch}: {reply:?}", search.fork()));
+        w.sites[0].diverged = false;
+        failback = Some((search.fork(), la, branch, before));
+    }
     // The faults stop; writers stop; the links run until everything settles.
     w.cut_until = 0;
     for _ in 0..DRAIN_TICKS {
@@ -407,6 +425,20 @@ pub fn run(seed: u64) -> Vec<String> {
         let (la, lb) = (a.len() as u64, b.len() as u64);
         if a != b && !w.sites[0].diverged {
             w.fail(format!("site a (LSN {la}) neither follows site b (LSN {lb}, failover head {head}) nor saw that it diverged"));
+        }
+    }
+    if let Some((fork_lsn, kept_to, branch, before)) = failback {
+        if Some(fork_lsn) != fork.map(|f| f.0) {
+            w.fail(format!("the failback found the fork at LSN {fork_lsn}, not at {:?}", fork.map(|f| f.0)));
+        }
+        for _ in 0..4 {
+            let lsn = w.rng.range(0, kept_to + 1);
+            for block in 0..BLOCKS {
+                if before.block_at(GROUP, DISK, block, lsn) != w.sites[0].image.lock().expect("image").block_at(&branch, DISK, block, lsn) {
+                    w.fail(format!("the branch {branch} at LSN {lsn}, block {block}, differs from site a before its failback"));
+                    break;
+                }
+            }
         }
     }
     world::trace_at(w.tick * 1_000_000, format!(

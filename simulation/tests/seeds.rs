@@ -73,6 +73,7 @@ fn a_budget_of_seeds_passes_twice_with_the_same_trace_hashes() {
         "dr proposal lost with its leader",
         "dr site rebuilt from its log",
         "dr failover",
+        "dr failback",
     ] {
         assert!(text.lines().any(|l| l.starts_with(&format!("{kind} | "))), "fault kind {kind:?} never fired:\n{text}");
     }
