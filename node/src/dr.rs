@@ -24,7 +24,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use rewind_wire::dr::{DrInfo, DrRecord, PeerView, SiteLink};
+use rewind_wire::dr::{DrInfo, DrRecord, PeerView, Shipment, SiteLink};
 use rewind_wire::raft::{Command, CommandReply};
 use rewind_wire::rpc::{Request, Response};
 
@@ -133,9 +133,10 @@ fn peer_client(dir: &Path, link: &SiteLink) -> anyhow::Result<Client> {
 
 async fn run_link(node: Arc<Node>, group: String) {
     let mut peer: Option<PeerClient> = None;
+    let mut pacer = Pacer::default();
     let dir = node.dr_dir.join(&group);
     loop {
-        let busy = match step(&node, &dir, &group, &mut peer).await {
+        let busy = match step(&node, &dir, &group, &mut peer, &mut pacer).await {
             Ok(more) => more,
             Err(why) => {
                 node.dr.problem(&group, why);
@@ -153,7 +154,7 @@ fn call_error(site: &str, e: CallError) -> String {
 }
 
 /// One round of a link. Returns whether there is more to do at once.
-async fn step(node: &Node, dir: &Path, group: &str, peer: &mut Option<PeerClient>) -> Result<bool, String> {
+async fn step(node: &Node, dir: &Path, group: &str, peer: &mut Option<PeerClient>, pacer: &mut Pacer) -> Result<bool, String> {
     let shard = node.data_shard().map_err(|e| e.to_string())?;
     let leader = {
         use openraft::async_runtime::WatchReceiver;
@@ -198,7 +199,7 @@ async fn step(node: &Node, dir: &Path, group: &str, peer: &mut Option<PeerClient
             tracing::info!(group, epoch, primary, "DR: adopted the peer site's epoch");
             Ok(true)
         }
-        Step::Pull { lsn_first } => pull(node, client, group, &record, lsn_first).await,
+        Step::Pull { lsn_first } => pull(node, client, group, &record, lsn_first, pacer).await,
         Step::Diverged(why) => {
             node.dr.update(group, |s| s.view.chains_agree = Some(false));
             Err(why)
@@ -206,9 +207,66 @@ async fn step(node: &Node, dir: &Path, group: &str, peer: &mut Option<PeerClient
     }
 }
 
+/// zstd level for shipments: fast, and most of the gain.
+const ZSTD_LEVEL: i32 = 1;
+
+/// A shipment as it travels to the other site: compressed.
+pub fn compress(shipment: &Shipment) -> Response {
+    let raw = match rewind_wire::frame::encode_record(shipment) {
+        Ok(r) => r,
+        Err(e) => return rewind_service::ServiceError::Internal(format!("encode a shipment: {e}")).into(),
+    };
+    match zstd::bulk::compress(&raw, ZSTD_LEVEL) {
+        Ok(data) => {
+            metrics::counter!("rewind_dr_sent_raw_bytes_total").increment(raw.len() as u64);
+            metrics::counter!("rewind_dr_sent_wire_bytes_total").increment(data.len() as u64);
+            Response::ShippedZstd { raw_len: raw.len() as u64, data }
+        }
+        Err(e) => rewind_service::ServiceError::Internal(format!("compress a shipment: {e}")).into(),
+    }
+}
+
+/// A shipment back from its compressed form, checked (its size bounded
+/// before anything is decompressed, then its record's checksum).
+pub fn decompress(raw_len: u64, data: &[u8]) -> Result<Shipment, String> {
+    if raw_len > rewind_wire::limits::FRAME_BODY_BYTES_MAX as u64 {
+        return Err(format!("a shipment of {raw_len} bytes decompressed is over the limit"));
+    }
+    let raw = zstd::bulk::decompress(data, raw_len as usize).map_err(|e| format!("a shipment does not decompress: {e}"))?;
+    rewind_wire::frame::decode_record(&raw).map_err(|e| format!("a shipment is damaged: {e}"))
+}
+
+/// Paces pulls to a link's `max_rate_bytes`.
+#[derive(Default)]
+struct Pacer {
+    next: Option<Instant>,
+}
+
+impl Pacer {
+    async fn wait(&self) {
+        if let Some(at) = self.next {
+            tokio::time::sleep_until(at.into()).await;
+        }
+    }
+
+    fn spent(&mut self, bytes: u64, rate: u64) {
+        if rate == 0 {
+            self.next = None;
+            return;
+        }
+        let from = self.next.map_or_else(Instant::now, |n| n.max(Instant::now()));
+        self.next = Some(from + Duration::from_secs_f64(bytes as f64 / rate as f64));
+    }
+}
+
 /// Pulls one shipment from the peer and commits it here.
-async fn pull(node: &Node, client: &Client, group: &str, record: &DrRecord, lsn_first: u64) -> Result<bool, String> {
+async fn pull(node: &Node, client: &Client, group: &str, record: &DrRecord, lsn_first: u64, pacer: &mut Pacer) -> Result<bool, String> {
+    pacer.wait().await;
     let shipment = match client.call_leader(&Request::Ship { group: group.to_string(), lsn_first }).await {
+        Ok(Response::ShippedZstd { raw_len, data }) => {
+            metrics::counter!("rewind_dr_received_wire_bytes_total", "group" => group.to_string()).increment(data.len() as u64);
+            decompress(raw_len, &data)?
+        }
         Ok(Response::Shipped(s)) => *s,
         Ok(other) => return Err(format!("site {:?} answered a shipment with {other:?}", record.remote)),
         Err(e) => return Err(call_error(&record.remote, e)),
@@ -220,6 +278,7 @@ async fn pull(node: &Node, client: &Client, group: &str, record: &DrRecord, lsn_
     let bytes: u64 = shipment.events.iter().map(|e| e.event.payload_bytes() as u64).sum();
     let last = shipment.events.last().map_or(0, |e| e.lsn);
     let more = shipment.last_lsn > last;
+    pacer.spent(bytes, record.max_rate_bytes);
     let reply = write(node, Command::Replicate { group: group.to_string(), epoch: record.epoch, events: shipment.events, digest: shipment.digest }).await?;
     match reply {
         CommandReply::Appended { .. } => {
@@ -405,6 +464,7 @@ pub struct LinkPlan {
     pub to_there: SiteLink,
     pub to_here: SiteLink,
     pub rpo_alarm_ms: u64,
+    pub max_rate_bytes: u64,
 }
 
 /// Pairs a group with a second site: creates it there with the same disks
@@ -442,6 +502,7 @@ pub async fn link(local: &Client, remote: &Client, plan: &LinkPlan) -> anyhow::R
         primary: plan.here.clone(),
         epoch: 1,
         rpo_alarm_ms: plan.rpo_alarm_ms,
+        max_rate_bytes: plan.max_rate_bytes,
         link: plan.to_there.clone(),
     };
     let theirs = ours.mirrored(plan.to_here.clone());
@@ -558,5 +619,43 @@ pub async fn switchover(client: &Client, group: &str, wait: Duration) -> anyhow:
             );
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rewind_wire::event::{Event, LoggedEvent};
+
+    #[test]
+    fn shipments_travel_compressed_and_garbage_is_refused() {
+        let events = (1..=50u64).map(|lsn| LoggedEvent { lsn, time_ns: lsn, event: Event::Write { disk: "d0".into(), offset: lsn * 4096, data: vec![lsn as u8; 4096] } }).collect();
+        let s = Shipment { events, digest: [7; 32], epoch: 3, primary: "a".into(), last_lsn: 90 };
+        let Response::ShippedZstd { raw_len, data } = compress(&s) else { panic!("not compressed") };
+        assert!(data.len() * 10 < raw_len as usize, "{} of {raw_len}", data.len());
+        assert_eq!(decompress(raw_len, &data).unwrap(), s);
+        assert!(decompress(raw_len, &data[..data.len() / 2]).is_err());
+        assert!(decompress(raw_len - 1, &data).is_err());
+        assert!(decompress(u64::MAX, &data).unwrap_err().contains("over the limit"));
+        let mut flipped = data.clone();
+        let mid = flipped.len() / 2;
+        flipped[mid] ^= 0x55;
+        assert!(decompress(raw_len, &flipped).is_err());
+        for n in 0..64u8 {
+            let junk: Vec<u8> = (0..200).map(|i: u8| i.wrapping_mul(n).wrapping_add(n)).collect();
+            assert!(decompress(4096, &junk).is_err());
+        }
+    }
+
+    #[test]
+    fn the_pacer_spreads_pulls_over_the_rate() {
+        let mut p = Pacer::default();
+        p.spent(10 << 20, 0);
+        assert!(p.next.is_none(), "no cap, no wait");
+        let start = Instant::now();
+        p.spent(5 << 20, 10 << 20);
+        p.spent(5 << 20, 10 << 20);
+        let wait = p.next.unwrap() - start;
+        assert!(wait >= Duration::from_millis(990) && wait < Duration::from_millis(1100), "{wait:?}");
     }
 }

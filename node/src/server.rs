@@ -278,6 +278,14 @@ impl Node {
                 Err(e) => Err(e),
             },
             Request::DrForkPoint { group } => crate::dr::fork_point(self, &group).await,
+            // Shipments cross sites compressed.
+            ship @ Request::Ship { .. } => match self.data_shard() {
+                Ok(shard) => Ok(match shard.handle(ship).await {
+                    Response::Shipped(s) => crate::dr::compress(&s),
+                    other => other,
+                }),
+                Err(e) => Err(e),
+            },
             other => match self.data_shard() {
                 Ok(shard) => Ok(shard.handle(other).await),
                 Err(e) => Err(e),

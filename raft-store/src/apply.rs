@@ -522,7 +522,7 @@ mod tests {
             remote: if local == "a" { "b".into() } else { "a".into() },
             primary: primary.into(),
             epoch,
-            rpo_alarm_ms: 0,
+            rpo_alarm_ms: 0, max_rate_bytes: 0,
             link: rewind_wire::dr::SiteLink { addrs: vec!["127.0.0.1:1".into()], ca_pem: String::new(), cert_pem: String::new(), key_pem: String::new() },
         }
     }

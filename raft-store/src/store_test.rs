@@ -130,7 +130,7 @@ async fn failback_keeps_the_diverged_events_as_a_readable_branch() {
     let mut store = crate::open(dir.path()).unwrap();
     let disks = vec![DiskSpec { name: "d0".into(), size_bytes: DISK, sector_bytes: 512 }];
     let link = SiteLink { addrs: vec!["x:1".into()], ca_pem: String::new(), cert_pem: String::new(), key_pem: String::new() };
-    let record = |primary: &str, epoch| DrRecord { local: "a".into(), remote: "b".into(), primary: primary.into(), epoch, rpo_alarm_ms: 0, link: link.clone() };
+    let record = |primary: &str, epoch| DrRecord { local: "a".into(), remote: "b".into(), primary: primary.into(), epoch, rpo_alarm_ms: 0, max_rate_bytes: 0, link: link.clone() };
     let mut commands = vec![Command::CreateGroup { group: "g".into(), disks, time_ns: 1 }, Command::DrSet { group: "g".into(), record: record("a", 1) }];
     // 40 batches of writes, zero ranges, a large trim (an extent), bookmarks.
     let mut x = 7u64;

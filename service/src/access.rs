@@ -257,7 +257,7 @@ mod tests {
             remote: "b".into(),
             primary: "a".into(),
             epoch: 1,
-            rpo_alarm_ms: 0,
+            rpo_alarm_ms: 0, max_rate_bytes: 0,
             link: rewind_wire::dr::SiteLink { addrs: vec!["127.0.0.1:1".into()], ca_pem: String::new(), cert_pem: String::new(), key_pem: String::new() },
         }
     }

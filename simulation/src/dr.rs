@@ -342,7 +342,7 @@ pub fn run(seed: u64) -> Vec<String> {
     let disks = vec![DiskSpec { name: DISK.into(), size_bytes: BLOCKS * 4096, sector_bytes: 512 }];
     for (i, site) in w.sites.iter_mut().enumerate() {
         site.apply(Command::CreateGroup { group: GROUP.into(), disks: disks.clone(), time_ns: 0 });
-        let record = DrRecord { local: NAMES[i].into(), remote: NAMES[1 - i].into(), primary: "a".into(), epoch: 1, rpo_alarm_ms: 0, link: link() };
+        let record = DrRecord { local: NAMES[i].into(), remote: NAMES[1 - i].into(), primary: "a".into(), epoch: 1, rpo_alarm_ms: 0, max_rate_bytes: 0, link: link() };
         site.apply(Command::DrSet { group: GROUP.into(), record });
         site.epoch = 1;
     }

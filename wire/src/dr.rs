@@ -37,6 +37,8 @@ pub struct DrRecord {
     pub epoch: u64,
     /// A lag (seconds of event time) over this is an alarm; 0: none.
     pub rpo_alarm_ms: u64,
+    /// Payload bytes per second the secondary pulls at most; 0: no cap.
+    pub max_rate_bytes: u64,
     pub link: SiteLink,
 }
 

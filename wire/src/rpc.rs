@@ -293,6 +293,10 @@ pub enum Response {
     /// both heads.
     ForkPoint { lsn: u64, here_last: u64, there_last: u64, epoch: u64 },
     Shipped(Box<crate::dr::Shipment>),
+    /// A shipment as the node sends it to the other site: its record
+    /// (`frame::encode_record`) compressed with zstd; `raw_len` bounds the
+    /// decompressed size.
+    ShippedZstd { raw_len: u64, data: Vec<u8> },
     Error(RpcError),
 }
 

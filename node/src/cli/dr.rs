@@ -83,6 +83,11 @@ pub struct LinkArgs {
     /// 30s, 5m, 1h (default: no alarm).
     #[arg(long)]
     rpo_alarm: Option<String>,
+    /// Payload bytes per second the other site pulls at most, e.g. 50M
+    /// (default: as fast as the link goes). Leaves room on a shared WAN;
+    /// the RPO grows when writes outpace it.
+    #[arg(long)]
+    max_rate: Option<String>,
 }
 
 /// Parses 500ms, 30s, 5m, 1h, 7d.
@@ -196,7 +201,8 @@ async fn link(a: LinkArgs) -> anyhow::Result<()> {
         None => dr::default_site_name(&to_there.ca_pem),
     };
     let rpo_alarm_ms = a.rpo_alarm.as_deref().map(parse_duration).transpose().context("--rpo-alarm")?.map_or(0, |d| d.as_millis() as u64);
-    let plan = dr::LinkPlan { group: a.group.clone(), here: here.clone(), there: there.clone(), to_there, to_here, rpo_alarm_ms };
+    let max_rate_bytes = a.max_rate.as_deref().map(super::parse_size).transpose().context("--max-rate")?.unwrap_or(0);
+    let plan = dr::LinkPlan { group: a.group.clone(), here: here.clone(), there: there.clone(), to_there, to_here, rpo_alarm_ms, max_rate_bytes };
     let local = rewind_node::client::Client::new(&local_config)?;
     let remote = rewind_node::client::Client::new(&remote_config)?;
     dr::link(&local, &remote, &plan).await?;
