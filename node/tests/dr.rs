@@ -332,3 +332,49 @@ async fn failover_at_the_second_site_fences_the_first() {
     compare(&at_a, &at_b);
     eprintln!("failback and switchover: site a primary again in epoch 3, both at LSN {}", head(&b).await.0);
 }
+
+/// A failover plan: groups in boot order, each to its point; a typo in the
+/// plan is refused before anything changes; a group that fails stops the
+/// plan (the rest are listed as skipped) unless --keep-going.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failover_plan_fails_groups_over_in_order() {
+    let (a, b, dir) = linked_sites().await;
+    let d = dir.path();
+    a.client.create_group("app", vec![DiskSpec { name: "d0".into(), size_bytes: DISK_BYTES, sector_bytes: 512 }]).await.unwrap();
+    let out = a.cli(&["dr", "link", "app", "--remote-config", b.config().to_str().unwrap(), "--peer-identity-there", b.path().join("peer.toml").to_str().unwrap(), "--name-here", "a", "--name-there", "b"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    for g in [GROUP, "app"] {
+        let out = a.cli(&["bookmark", g, "ready"]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+    caught_up(&a, &b, Duration::from_secs(60)).await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while rewind_node::dr::state(&b.client, "app", None).await.unwrap().last_lsn == 0 {
+        assert!(Instant::now() < deadline, "app never reached site b");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for n in a.site().nodes {
+        kill9(n.pid);
+    }
+    tokio::time::sleep(rewind_node::dr::PEER_SILENT + Duration::from_secs(1)).await;
+    let plan = d.join("plan.toml");
+    std::fs::write(&plan, "[[group]]\nname = \"vm1\"\nlatst = true\n").unwrap();
+    let out = b.cli(&["failover", "--plan", plan.to_str().unwrap()]);
+    let why = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && why.contains("unknown field `latst`"), "{why}");
+    assert_eq!(info(&b).await.epoch, 1, "a bad plan changed something");
+    std::fs::write(&plan, "[[group]]\nname = \"vm1\"\nat-bookmark = \"ready\"\n[[group]]\nname = \"nope\"\nlatest = true\n[[group]]\nname = \"app\"\nlatest = true\n").unwrap();
+    let out = b.cli(&["failover", "--plan", plan.to_str().unwrap()]);
+    let table = String::from_utf8_lossy(&out.stdout);
+    eprintln!("{table}");
+    assert!(!out.status.success() && table.contains("FAILED") && table.contains("app                  skipped"), "{table}");
+    assert_eq!(info(&b).await.epoch, 2);
+    assert_eq!(rewind_node::dr::state(&b.client, "app", None).await.unwrap().epoch, 1, "the plan went on after a failure");
+    let out = b.cli(&["failover", "--plan", plan.to_str().unwrap(), "--keep-going", "--json"]);
+    let rows: serde_json::Value = serde_json::from_slice(&out.stdout).expect("--json");
+    assert!(!out.status.success(), "a plan with a failed group exits 1");
+    assert_eq!(rows.as_array().map(|r| r.len()), Some(3), "{rows}");
+    assert_eq!((rows[0]["ok"].as_bool(), rows[1]["ok"].as_bool(), rows[2]["ok"].as_bool()), (Some(false), Some(false), Some(true)), "{rows}");
+    assert!(rows[0]["error"].as_str().unwrap_or("").contains("primary of group \"vm1\" already"), "{rows}");
+    assert_eq!(rewind_node::dr::state(&b.client, "app", None).await.unwrap().epoch, 2);
+}

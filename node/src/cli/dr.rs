@@ -108,12 +108,27 @@ pub fn parse_duration(s: &str) -> anyhow::Result<Duration> {
 }
 
 #[derive(Args)]
-#[command(group(clap::ArgGroup::new("output").required(true).args(["out", "serve"])))]
+#[command(group(clap::ArgGroup::new("output").args(["out", "serve"])))]
 pub struct FailoverArgs {
     #[command(flatten)]
     client: ClientArgs,
     /// The consistency group.
-    group: String,
+    #[arg(required_unless_present = "plan", conflicts_with = "plan")]
+    group: Option<String>,
+    /// A failover plan: a TOML file listing groups in boot order, each with
+    /// its point ([[group]] name = "db", at-time = "...", or at, at-bookmark,
+    /// latest = true). Each is failed over in turn (epoch and revert events,
+    /// as for one group; no disk is served: start the taps or replays
+    /// after), and a table of results is printed. Stops at the first group
+    /// that fails unless --keep-going.
+    #[arg(long, conflicts_with_all = ["out", "serve", "test", "disk", "at", "at_time", "at_bookmark", "latest"])]
+    plan: Option<PathBuf>,
+    /// With --plan: go on with the next groups after one fails.
+    #[arg(long, requires = "plan")]
+    keep_going: bool,
+    /// With --plan: the results as JSON.
+    #[arg(long, requires = "plan")]
+    json: bool,
     /// The point to bring the disks up as of.
     #[command(flatten)]
     target: super::TargetArgs,
@@ -320,16 +335,24 @@ async fn status(args: ClientArgs, group: Option<String>, json: bool) -> anyhow::
 
 pub async fn failover(a: FailoverArgs) -> anyhow::Result<()> {
     let client = a.client.client()?;
+    if let Some(plan) = &a.plan {
+        return run_plan(&client, plan, a.force, a.keep_going, a.json).await;
+    }
+    let group = a.group.clone().context("name the group, or give --plan FILE")?;
+    let group = group.as_str();
+    if a.out.is_none() && a.serve.is_none() {
+        bail!("say where the disk goes: --out FILE or --serve ADDR");
+    }
     let started = std::time::Instant::now();
     let target = a.target.target()?;
-    let points = match client.call_leader(&Request::Points { group: a.group.clone(), on_leader: true }).await? {
+    let points = match client.call_leader(&Request::Points { group: group.to_string(), on_leader: true }).await? {
         Response::Points(p) => p,
         other => bail!("unexpected reply {other:?}"),
     };
     let disk = match (&a.disk, points.disks.as_slice()) {
         (Some(d), _) => d.clone(),
         (None, [only]) => only.name.clone(),
-        (None, disks) => bail!("group {} has {} disks ({}): name one with --disk", a.group, disks.len(), disks.iter().map(|d| d.name.as_str()).collect::<Vec<_>>().join(", ")),
+        (None, disks) => bail!("group {} has {} disks ({}): name one with --disk", group, disks.len(), disks.iter().map(|d| d.name.as_str()).collect::<Vec<_>>().join(", ")),
     };
     if a.writable && a.backing.is_none() {
         bail!("--writable needs --backing FILE: the tap's backing file, written new with the disk as of the target");
@@ -337,10 +360,10 @@ pub async fn failover(a: FailoverArgs) -> anyhow::Result<()> {
     let (lsn, what) = if a.test {
         (None, "test failover (a copy-on-write branch outside the log; replication goes on)".to_string())
     } else {
-        let f = dr::failover(&client, &a.group, &target, a.force).await?;
+        let f = dr::failover(&client, group, &target, a.force).await?;
         let what = format!(
             "failover: this site is the primary of {} in epoch {}; disks as of LSN {} ({}){}",
-            a.group,
+            group,
             f.epoch,
             f.target_lsn,
             format_time_ns(f.target_time_ns),
@@ -350,7 +373,7 @@ pub async fn failover(a: FailoverArgs) -> anyhow::Result<()> {
     };
     eprintln!("{what}");
     let opts = rewind_node::replay::ReplayOptions {
-        group: a.group.clone(),
+        group: group.to_string(),
         disk: disk.clone(),
         target: lsn.map_or(target, Target::Lsn),
         out: a.out.clone().or(a.backing.clone()).unwrap_or_default(),
@@ -369,7 +392,7 @@ pub async fn failover(a: FailoverArgs) -> anyhow::Result<()> {
                 use std::io::Write;
                 println!(
                     "failover: serving disk {disk} of group {} at LSN {} at {} ({}), first read possible {:.0} ms after the command started",
-                    a.group,
+                    group,
                     s.lsn,
                     s.uri,
                     if a.test { "writable test branch" } else { "read-only" },
@@ -384,7 +407,7 @@ pub async fn failover(a: FailoverArgs) -> anyhow::Result<()> {
     let r = rewind_node::replay::run(&client, &opts, |_, _| {}, |msg| eprintln!("failover: {msg}")).await?;
     if let (Some(listen), Some(backing)) = (a.serve.clone(), a.backing.clone()) {
         let tap = rewind_node::tap::TapOptions {
-            group: a.group.clone(),
+            group: group.to_string(),
             disk: disk.clone(),
             backing: backing.clone(),
             listen: rewind_node::tap::Listen::Tcp(listen, super::tap::nbd_tls_policy(a.tls, false)),
@@ -397,7 +420,7 @@ pub async fn failover(a: FailoverArgs) -> anyhow::Result<()> {
             use std::io::Write;
             println!(
                 "failover: tap serving disk {disk} of group {} at {uri} (writable, from LSN {}), ready {:.0} ms after the command started",
-                a.group,
+                group,
                 r.lsn,
                 started.elapsed().as_secs_f64() * 1000.0
             );
@@ -405,7 +428,7 @@ pub async fn failover(a: FailoverArgs) -> anyhow::Result<()> {
         })
         .await;
     }
-    println!("failover: wrote disk {disk} of group {} as of LSN {} to {} ({} bytes, blake3 {})", a.group, r.lsn, opts.out.display(), r.image_bytes, r.blake3_hex);
+    println!("failover: wrote disk {disk} of group {} as of LSN {} to {} ({} bytes, blake3 {})", group, r.lsn, opts.out.display(), r.image_bytes, r.blake3_hex);
     Ok(())
 }
 
@@ -444,5 +467,107 @@ pub async fn failback(a: FailbackArgs) -> anyhow::Result<()> {
         ),
     }
     println!("give the primary role back with `rewind dr switchover {}` at the other site", a.group);
+    Ok(())
+}
+
+/// One group of a failover plan.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct PlanGroup {
+    name: String,
+    at: Option<u64>,
+    at_time: Option<String>,
+    at_bookmark: Option<String>,
+    #[serde(default)]
+    latest: bool,
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Plan {
+    group: Vec<PlanGroup>,
+}
+
+/// A plan's result for one group.
+#[derive(Serialize)]
+struct PlanRow {
+    group: String,
+    ok: bool,
+    epoch: Option<u64>,
+    target_lsn: Option<u64>,
+    target_time: Option<String>,
+    head_lsn: Option<u64>,
+    seconds: f64,
+    error: Option<String>,
+}
+
+fn plan_target(g: &PlanGroup) -> anyhow::Result<Target> {
+    let given = [g.at.is_some(), g.at_time.is_some(), g.at_bookmark.is_some(), g.latest].iter().filter(|x| **x).count();
+    if given != 1 {
+        bail!("group {:?} in the plan: give exactly one of at, at-time, at-bookmark or latest = true ({given} given)", g.name);
+    }
+    super::TargetArgs { at: g.at, at_time: g.at_time.clone(), at_bookmark: g.at_bookmark.clone(), latest: g.latest }.target()
+}
+
+async fn run_plan(client: &rewind_node::client::Client, path: &std::path::Path, force: bool, keep_going: bool, json: bool) -> anyhow::Result<()> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("read the plan {}", path.display()))?;
+    let plan: Plan = toml::from_str(&text).map_err(|e| anyhow::anyhow!("plan {}: {}", path.display(), e.to_string().trim()))?;
+    if plan.group.is_empty() {
+        bail!("plan {} lists no group ([[group]] name = ...)", path.display());
+    }
+    // Every entry is checked before anything is failed over.
+    let targets = plan.group.iter().map(plan_target).collect::<anyhow::Result<Vec<_>>>()?;
+    let mut rows = Vec::new();
+    for (g, target) in plan.group.iter().zip(targets) {
+        let started = std::time::Instant::now();
+        let r = dr::failover(client, &g.name, &target, force).await;
+        let row = match r {
+            Ok(f) => PlanRow {
+                group: g.name.clone(),
+                ok: true,
+                epoch: Some(f.epoch),
+                target_lsn: Some(f.target_lsn),
+                target_time: Some(format_time_ns(f.target_time_ns)),
+                head_lsn: Some(f.head_lsn),
+                seconds: started.elapsed().as_secs_f64(),
+                error: None,
+            },
+            Err(e) => PlanRow { group: g.name.clone(), ok: false, epoch: None, target_lsn: None, target_time: None, head_lsn: None, seconds: started.elapsed().as_secs_f64(), error: Some(format!("{e:#}")) },
+        };
+        let failed = !row.ok;
+        rows.push(row);
+        if failed && !keep_going {
+            break;
+        }
+    }
+    let failed = rows.iter().filter(|r| !r.ok).count();
+    let skipped = plan.group.len() - rows.len();
+    if json {
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+    } else {
+        println!("{:<20} {:<7} {:>6} {:>10} {:<32} {:>10} {:>8}", "GROUP", "RESULT", "EPOCH", "AT LSN", "AT TIME", "HEAD LSN", "SECONDS");
+        for r in &rows {
+            let opt = |v: Option<u64>| v.map_or_else(|| "-".to_string(), |v| v.to_string());
+            println!(
+                "{:<20} {:<7} {:>6} {:>10} {:<32} {:>10} {:>8.2}",
+                r.group,
+                if r.ok { "ok" } else { "FAILED" },
+                opt(r.epoch),
+                opt(r.target_lsn),
+                r.target_time.clone().unwrap_or_else(|| "-".into()),
+                opt(r.head_lsn),
+                r.seconds
+            );
+            if let Some(e) = &r.error {
+                println!("  {e}");
+            }
+        }
+        for g in &plan.group[rows.len()..] {
+            println!("{:<20} skipped (an earlier group failed; --keep-going goes on)", g.name);
+        }
+    }
+    if failed > 0 {
+        bail!("{failed} of {} groups failed over with an error{}", plan.group.len(), if skipped > 0 { format!(", {skipped} skipped") } else { String::new() });
+    }
     Ok(())
 }

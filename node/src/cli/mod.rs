@@ -142,7 +142,7 @@ pub enum Command {
 
 /// A point in a group's log, as `replay` and `failover` take it.
 #[derive(Args, Clone)]
-#[group(id = "target", required = true, multiple = false)]
+#[group(id = "target", multiple = false)]
 pub struct TargetArgs {
     /// This LSN (see `rewind points GROUP`).
     #[arg(long)]
@@ -167,7 +167,8 @@ impl TargetArgs {
             (Some(n), _, _) => Target::Lsn(n),
             (_, Some(t), _) => Target::TimeNs(rewind_wire::timefmt::parse_time_ns(t).context("--at-time")?),
             (_, _, Some(b)) => Target::Bookmark(b.clone()),
-            _ => Target::Latest,
+            _ if self.latest => Target::Latest,
+            _ => anyhow::bail!("give the point: one of --at LSN, --at-time T, --at-bookmark NAME or --latest"),
         })
     }
 }
