@@ -34,6 +34,10 @@ pub struct Client {
     network: Network,
     leader: Arc<Mutex<Option<HostPort>>>,
     deadline: Duration,
+    /// Dial only the configured addresses: a leader hint's address is
+    /// ignored (another site's nodes may be reached through NAT or a relay
+    /// under other addresses than they advertise).
+    fixed: bool,
 }
 
 /// Why a call to the site's leader failed.
@@ -51,7 +55,7 @@ impl Client {
     pub fn new(config: &ClientConfig) -> anyhow::Result<Client> {
         let tls = crate::tls::client_config(&config.tls)?;
         let endpoint = crate::transport::client_endpoint(&config.nodes[0].addr, tls)?;
-        Ok(Client { nodes: config.nodes.clone(), tls: config.tls.clone(), network: Network::new(endpoint), leader: Arc::default(), deadline: RETRY_DEADLINE })
+        Ok(Client { nodes: config.nodes.clone(), tls: config.tls.clone(), network: Network::new(endpoint), leader: Arc::default(), deadline: RETRY_DEADLINE, fixed: false })
     }
 
     pub fn from_file(path: Option<&std::path::Path>) -> anyhow::Result<Client> {
@@ -61,6 +65,13 @@ impl Client {
 
     pub fn with_deadline(mut self, deadline: Duration) -> Client {
         self.deadline = deadline;
+        self
+    }
+
+    /// A client that dials only its configured addresses, trying the next
+    /// one when a node is not the leader, whatever address it names.
+    pub fn with_fixed_addresses(mut self) -> Client {
+        self.fixed = true;
         self
     }
 
@@ -95,10 +106,12 @@ impl Client {
             match self.call_node(&addr, request).await {
                 Ok(Response::Error(e)) => match e.kind {
                     ErrorKind::NotLeader => {
-                        let hint = e.leader.as_ref().and_then(|m| m.addr.parse().ok());
+                        let hint = e.leader.as_ref().filter(|_| !self.fixed).and_then(|m| m.addr.parse().ok());
                         *self.leader.lock().expect("leader lock") = hint.clone();
                         last_error = anyhow!("{e}");
-                        if hint.is_none() {
+                        // With fixed addresses, a node that names a leader
+                        // sends us on to the next address at once.
+                        if hint.is_none() && !(self.fixed && e.leader.is_some()) {
                             tokio::time::sleep(RETRY_PAUSE).await;
                         }
                     }

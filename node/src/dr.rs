@@ -64,7 +64,7 @@ impl DrViews {
     fn update(&self, group: &str, f: impl FnOnce(&mut Seen)) {
         let mut map = self.0.lock().expect("dr views");
         let seen = map.entry(group.to_string()).or_insert_with(|| Seen {
-            view: PeerView { epoch: 0, primary: None, last_lsn: 0, last_time_ns: 0, payload_bytes: 0, seen_ms_ago: u64::MAX, problem: None, chains_agree: None },
+            view: PeerView { epoch: 0, primary: None, last_lsn: 0, last_time_ns: 0, first_time_ns: 0, payload_bytes: 0, seen_ms_ago: u64::MAX, problem: None, chains_agree: None },
             at: None,
         });
         f(seen);
@@ -128,17 +128,32 @@ fn peer_client(dir: &Path, link: &SiteLink) -> anyhow::Result<Client> {
     for (i, a) in link.addrs.iter().enumerate() {
         nodes.push(NodeAddr { id: i as u64 + 1, addr: a.parse().map_err(|e| anyhow::anyhow!("peer address {a:?}: {e}"))? });
     }
-    Ok(Client::new(&ClientConfig { nodes, tls })?.with_deadline(PEER_DEADLINE))
+    Ok(Client::new(&ClientConfig { nodes, tls })?.with_deadline(PEER_DEADLINE).with_fixed_addresses())
 }
 
+/// A link task's memory: the peer's client, the pacer, and a shipment
+/// fetched ahead while the previous one committed.
+#[derive(Default)]
+struct Link {
+    peer: Option<PeerClient>,
+    pacer: Pacer,
+    ahead: Option<(u64, Shipment)>,
+    /// When the peer's whole state was last asked (a full round).
+    asked: Option<Instant>,
+}
+
+/// A streak of shipments fetched ahead still asks the peer's whole state
+/// this often, so status, metrics and epochs stay fresh.
+const FULL_ROUND_EVERY: Duration = Duration::from_secs(1);
+
 async fn run_link(node: Arc<Node>, group: String) {
-    let mut peer: Option<PeerClient> = None;
-    let mut pacer = Pacer::default();
+    let mut link = Link::default();
     let dir = node.dr_dir.join(&group);
     loop {
-        let busy = match step(&node, &dir, &group, &mut peer, &mut pacer).await {
+        let busy = match step(&node, &dir, &group, &mut link).await {
             Ok(more) => more,
             Err(why) => {
+                link.ahead = None;
                 node.dr.problem(&group, why);
                 false
             }
@@ -154,28 +169,39 @@ fn call_error(site: &str, e: CallError) -> String {
 }
 
 /// One round of a link. Returns whether there is more to do at once.
-async fn step(node: &Node, dir: &Path, group: &str, peer: &mut Option<PeerClient>, pacer: &mut Pacer) -> Result<bool, String> {
+async fn step(node: &Node, dir: &Path, group: &str, link: &mut Link) -> Result<bool, String> {
     let shard = node.data_shard().map_err(|e| e.to_string())?;
     let leader = {
         use openraft::async_runtime::WatchReceiver;
         shard.raft.metrics().borrow_watched().current_leader
     };
     if leader != Some(node.id) {
-        *peer = None;
+        *link = Link::default();
         return Ok(false);
     }
     let mine = local_state(node, group).await?;
     let Some(record) = shard.reader.dr(group).map_err(|e| e.to_string())? else { return Ok(false) };
-    if peer.as_ref().is_none_or(|p| p.link != record.link) {
+    if link.peer.as_ref().is_none_or(|p| p.link != record.link) {
         let client = peer_client(dir, &record.link).map_err(|e| format!("the link to site {:?}: {e:#}", record.remote))?;
-        *peer = Some(PeerClient { link: record.link.clone(), client });
+        link.peer = Some(PeerClient { link: record.link.clone(), client });
     }
-    let client = &peer.as_ref().expect("just set").client;
+    let client = &link.peer.as_ref().expect("just set").client;
+    // A shipment fetched ahead that continues this site's log, from the
+    // primary of this site's epoch: commit it without asking again.
+    if let Some((lsn_first, s)) = link.ahead.take() {
+        let fresh = link.asked.is_some_and(|at| at.elapsed() < FULL_ROUND_EVERY);
+        if fresh && lsn_first == mine.last_lsn + 1 && !record.is_primary() && s.epoch == record.epoch && s.primary == record.primary {
+            // The peer answered: it counts as seen.
+            node.dr.update(group, |v| v.at = Some(Instant::now()));
+            return commit(node, client, group, &record, s, &mut link.pacer, &mut link.ahead).await;
+        }
+    }
     let theirs = match client.call_leader(&Request::DrState { group: group.to_string(), digest_at: Some(mine.last_lsn) }).await {
         Ok(Response::Dr(info)) => *info,
         Ok(other) => return Err(format!("site {:?} answered DR state with {other:?}", record.remote)),
         Err(e) => return Err(call_error(&record.remote, e)),
     };
+    link.asked = Some(Instant::now());
     let agree = theirs.digest_at_hex.as_ref().map(|d| *d == mine.digest_hex);
     node.dr.update(group, |s| {
         s.at = Some(Instant::now());
@@ -185,6 +211,7 @@ async fn step(node: &Node, dir: &Path, group: &str, peer: &mut Option<PeerClient
             last_lsn: theirs.last_lsn,
             last_time_ns: theirs.last_time_ns,
             payload_bytes: theirs.payload_bytes,
+            first_time_ns: theirs.first_time_ns,
             seen_ms_ago: 0,
             problem: None,
             chains_agree: agree,
@@ -199,7 +226,11 @@ async fn step(node: &Node, dir: &Path, group: &str, peer: &mut Option<PeerClient
             tracing::info!(group, epoch, primary, "DR: adopted the peer site's epoch");
             Ok(true)
         }
-        Step::Pull { lsn_first } => pull(node, client, group, &record, lsn_first, pacer).await,
+        Step::Pull { lsn_first } => {
+            link.pacer.wait().await;
+            let shipment = fetch(client, group, &record, lsn_first).await?;
+            commit(node, client, group, &record, shipment, &mut link.pacer, &mut link.ahead).await
+        }
         Step::Diverged(why) => {
             node.dr.update(group, |s| s.view.chains_agree = Some(false));
             Err(why)
@@ -259,18 +290,30 @@ impl Pacer {
     }
 }
 
-/// Pulls one shipment from the peer and commits it here.
-async fn pull(node: &Node, client: &Client, group: &str, record: &DrRecord, lsn_first: u64, pacer: &mut Pacer) -> Result<bool, String> {
-    pacer.wait().await;
-    let shipment = match client.call_leader(&Request::Ship { group: group.to_string(), lsn_first }).await {
+/// One shipment from the peer, from `lsn_first` on.
+async fn fetch(client: &Client, group: &str, record: &DrRecord, lsn_first: u64) -> Result<Shipment, String> {
+    match client.call_leader(&Request::Ship { group: group.to_string(), lsn_first }).await {
         Ok(Response::ShippedZstd { raw_len, data }) => {
             metrics::counter!("rewind_dr_received_wire_bytes_total", "group" => group.to_string()).increment(data.len() as u64);
-            decompress(raw_len, &data)?
+            decompress(raw_len, &data)
         }
-        Ok(Response::Shipped(s)) => *s,
-        Ok(other) => return Err(format!("site {:?} answered a shipment with {other:?}", record.remote)),
-        Err(e) => return Err(call_error(&record.remote, e)),
-    };
+        Ok(Response::Shipped(s)) => Ok(*s),
+        Ok(other) => Err(format!("site {:?} answered a shipment with {other:?}", record.remote)),
+        Err(e) => Err(call_error(&record.remote, e)),
+    }
+}
+
+/// Commits a shipment here; while it commits, fetches the next one when
+/// the peer has more (kept in `ahead` for the next round).
+async fn commit(
+    node: &Node,
+    client: &Client,
+    group: &str,
+    record: &DrRecord,
+    shipment: Shipment,
+    pacer: &mut Pacer,
+    ahead: &mut Option<(u64, Shipment)>,
+) -> Result<bool, String> {
     if shipment.events.is_empty() {
         return Ok(false);
     }
@@ -279,14 +322,23 @@ async fn pull(node: &Node, client: &Client, group: &str, record: &DrRecord, lsn_
     let last = shipment.events.last().map_or(0, |e| e.lsn);
     let more = shipment.last_lsn > last;
     pacer.spent(bytes, record.max_rate_bytes);
-    let reply = write(node, Command::Replicate { group: group.to_string(), epoch: record.epoch, events: shipment.events, digest: shipment.digest }).await?;
-    match reply {
+    let replicate = write(node, Command::Replicate { group: group.to_string(), epoch: record.epoch, events: shipment.events, digest: shipment.digest });
+    let pacer = &*pacer;
+    let next = async {
+        if !more {
+            return None;
+        }
+        pacer.wait().await;
+        fetch(client, group, record, last + 1).await.ok()
+    };
+    let (reply, next) = tokio::join!(replicate, next);
+    match reply? {
         CommandReply::Appended { .. } => {
             metrics::counter!("rewind_dr_shipped_events_total", "group" => group.to_string()).increment(count);
             metrics::counter!("rewind_dr_shipped_bytes_total", "group" => group.to_string()).increment(bytes);
+            *ahead = next.map(|s| (last + 1, s));
             Ok(more)
         }
-        CommandReply::Refused { reason } => Err(reason),
         other => Err(format!("replicate answered {other:?}")),
     }
 }
@@ -312,20 +364,21 @@ async fn local_state(node: &Node, group: &str) -> Result<DrInfo, String> {
 }
 
 /// The lag of the secondary behind the primary, from both heads: LSNs,
-/// payload bytes and seconds of event time not yet at the secondary.
-pub fn lag(primary: (u64, u64, u64), secondary: (u64, u64, u64)) -> (u64, u64, f64) {
-    let (p_lsn, p_time, p_bytes) = primary;
+/// payload bytes and seconds of event time not yet at the secondary (all
+/// of the primary's history when the secondary holds nothing yet).
+pub fn lag(primary: &DrInfo, secondary: (u64, u64, u64)) -> (u64, u64, f64) {
+    let (p_lsn, p_time, p_bytes) = (primary.last_lsn, primary.last_time_ns, primary.payload_bytes);
     let (s_lsn, s_time, s_bytes) = secondary;
     if p_lsn <= s_lsn {
         return (0, 0, 0.0);
     }
-    (p_lsn - s_lsn, p_bytes.saturating_sub(s_bytes), p_time.saturating_sub(s_time) as f64 / 1e9)
+    let since = if s_lsn == 0 { primary.first_time_ns } else { s_time };
+    (p_lsn - s_lsn, p_bytes.saturating_sub(s_bytes), p_time.saturating_sub(since) as f64 / 1e9)
 }
 
 fn publish(group: &str, record: &DrRecord, mine: &DrInfo, theirs: &DrInfo) {
-    let here = (mine.last_lsn, mine.last_time_ns, mine.payload_bytes);
-    let there = (theirs.last_lsn, theirs.last_time_ns, theirs.payload_bytes);
-    let (lsns, bytes, secs) = if record.is_primary() { lag(here, there) } else { lag(there, here) };
+    let head = |i: &DrInfo| (i.last_lsn, i.last_time_ns, i.payload_bytes);
+    let (lsns, bytes, secs) = if record.is_primary() { lag(mine, head(theirs)) } else { lag(theirs, head(mine)) };
     let g = group.to_string();
     metrics::gauge!("rewind_dr_lag_lsn", "group" => g.clone()).set(lsns as f64);
     metrics::gauge!("rewind_dr_lag_bytes", "group" => g.clone()).set(bytes as f64);
@@ -515,9 +568,9 @@ pub async fn link(local: &Client, remote: &Client, plan: &LinkPlan) -> anyhow::R
 /// seconds), or None when the peer was never reached.
 pub fn lag_of(info: &DrInfo) -> Option<(u64, u64, f64)> {
     let peer = info.peer.as_ref().filter(|p| p.seen_ms_ago != u64::MAX)?;
-    let here = (info.last_lsn, info.last_time_ns, info.payload_bytes);
-    let there = (peer.last_lsn, peer.last_time_ns, peer.payload_bytes);
-    Some(if info.primary == info.local { lag(here, there) } else { lag(there, here) })
+    let there = DrInfo { last_lsn: peer.last_lsn, last_time_ns: peer.last_time_ns, payload_bytes: peer.payload_bytes, first_time_ns: peer.first_time_ns, ..info.clone() };
+    let head = |i: &DrInfo| (i.last_lsn, i.last_time_ns, i.payload_bytes);
+    Some(if info.primary == info.local { lag(info, head(&there)) } else { lag(&there, head(info)) })
 }
 
 /// What a failover did.

@@ -42,6 +42,7 @@ pub fn dr_info<R: ReadState>(r: &R, group: &str, digest_at: Option<u64>) -> Resu
         rpo_alarm_ms: dr.as_ref().map_or(0, |d| d.rpo_alarm_ms),
         last_lsn: g.last_lsn,
         last_time_ns,
+        first_time_ns: if g.last_lsn == 0 { 0 } else { r.time_of(group, 1).map_err(io)?.unwrap_or(0) },
         payload_bytes: g.payload_bytes,
         digest_hex: hex(&g.digest),
         digest_at_hex,

@@ -94,6 +94,8 @@ pub struct DrInfo {
     pub rpo_alarm_ms: u64,
     pub last_lsn: u64,
     pub last_time_ns: u64,
+    /// The time of LSN 1 (0 with no events).
+    pub first_time_ns: u64,
     pub payload_bytes: u64,
     pub digest_hex: String,
     /// The chain digest at the LSN asked for (`DrState::digest_at`), if
@@ -110,6 +112,7 @@ pub struct PeerView {
     pub primary: Option<String>,
     pub last_lsn: u64,
     pub last_time_ns: u64,
+    pub first_time_ns: u64,
     pub payload_bytes: u64,
     /// How long ago, in ms; u64::MAX: never reached.
     pub seen_ms_ago: u64,

@@ -62,7 +62,7 @@ pub const LINK_PEM_BYTES_MAX: usize = 64 * 1024;
 
 /// Most events and payload bytes one cross-site shipment carries.
 pub const SHIP_EVENTS_MAX: usize = 4096;
-pub const SHIP_BYTES_MAX: usize = 4 * 1024 * 1024;
+pub const SHIP_BYTES_MAX: usize = 8 * 1024 * 1024;
 
 /// Payload bytes, events and block keys one failback step moves at most
 /// into its branch (one Raft entry's work).
