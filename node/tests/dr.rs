@@ -135,15 +135,27 @@ async fn the_second_site_holds_every_phase_through_cuts_and_kills() {
 
     // Phase 2, with B unreachable (its processes stopped) for a while: A
     // takes writes, the lag A sees grows; then B comes back and catches up.
+    // B is unreachable for 30 s (its processes stopped) while A takes
+    // three rounds of fio writes; the lag A reports grows with each.
     set_stopped(&b, true);
-    fio_nbd(&tap.uri, 7, "16M");
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let during = info(&a).await;
-    let lag_during = rewind_node::dr::lag_of(&during).expect("a saw b before the cut");
+    let cut = Instant::now();
+    let mut lags = Vec::new();
+    for round in 0..3u32 {
+        fio_nbd(&tap.uri, 7 + round, "6M");
+        let during = info(&a).await;
+        lags.push(rewind_node::dr::lag_of(&during).expect("a saw b before the cut"));
+        tokio::time::sleep(Duration::from_secs(8)).await;
+    }
     let status = a.cli(&["dr", "status", GROUP]);
-    eprintln!("during the cut:\n{}", String::from_utf8_lossy(&status.stdout));
+    let text = String::from_utf8_lossy(&status.stdout).to_string();
+    eprintln!("during the cut:\n{text}");
+    assert!(text.contains("RPO ALARM") && text.contains("problem: site \"b\""), "a 5 s RPO alarm and the unreachable peer should show:\n{text}");
+    if let Some(rest) = Duration::from_secs(30).checked_sub(cut.elapsed()) {
+        tokio::time::sleep(rest).await;
+    }
     set_stopped(&b, false);
-    assert!(lag_during.0 > 100, "the lag did not grow while b was unreachable: {lag_during:?}");
+    assert!(lags.windows(2).all(|w| w[1].0 > w[0].0 && w[1].1 > w[0].1), "the lag did not grow while b was unreachable: {lags:?}");
+    let lag_during = *lags.last().expect("three rounds");
     boundaries.push(boundary(&a, &backing, d, 2).await);
     caught_up(&a, &b, Duration::from_secs(120)).await;
     // A sees the lag gone once it has looked again.
@@ -157,7 +169,7 @@ async fn the_second_site_holds_every_phase_through_cuts_and_kills() {
         assert!(Instant::now() < deadline, "a never saw b caught up: {now:?}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    eprintln!("lag while b was unreachable: {} LSNs, {} bytes, {:.2} s; then 0", lag_during.0, lag_during.1, lag_during.2);
+    eprintln!("lag while b was unreachable for 30 s: {lags:?} (LSNs, bytes, s); then 0; last {} LSNs", lag_during.0);
 
     // Phase 3: nbdcopy of a source image, while A's leader and then B's
     // leader are SIGKILLed and restarted.

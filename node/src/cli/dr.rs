@@ -334,17 +334,17 @@ async fn status(args: ClientArgs, group: Option<String>, json: bool) -> anyhow::
 }
 
 pub async fn failover(a: FailoverArgs) -> anyhow::Result<()> {
-    let client = a.client.client()?;
     if let Some(plan) = &a.plan {
-        return run_plan(&client, plan, a.force, a.keep_going, a.json).await;
+        return run_plan(&a.client.client()?, plan, a.force, a.keep_going, a.json).await;
     }
-    let group = a.group.clone().context("name the group, or give --plan FILE")?;
+    let Some(group) = a.group.clone() else { super::usage_error("name the group, or give --plan FILE") };
     let group = group.as_str();
     if a.out.is_none() && a.serve.is_none() {
-        bail!("say where the disk goes: --out FILE or --serve ADDR");
+        super::usage_error("say where the disk goes: --out FILE or --serve ADDR");
     }
-    let started = std::time::Instant::now();
     let target = a.target.target()?;
+    let client = a.client.client()?;
+    let started = std::time::Instant::now();
     let points = match client.call_leader(&Request::Points { group: group.to_string(), on_leader: true }).await? {
         Response::Points(p) => p,
         other => bail!("unexpected reply {other:?}"),
@@ -355,7 +355,7 @@ pub async fn failover(a: FailoverArgs) -> anyhow::Result<()> {
         (None, disks) => bail!("group {} has {} disks ({}): name one with --disk", group, disks.len(), disks.iter().map(|d| d.name.as_str()).collect::<Vec<_>>().join(", ")),
     };
     if a.writable && a.backing.is_none() {
-        bail!("--writable needs --backing FILE: the tap's backing file, written new with the disk as of the target");
+        super::usage_error("--writable needs --backing FILE: the tap's backing file, written new with the disk as of the target");
     }
     let (lsn, what) = if a.test {
         (None, "test failover (a copy-on-write branch outside the log; replication goes on)".to_string())

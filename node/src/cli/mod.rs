@@ -168,9 +168,15 @@ impl TargetArgs {
             (_, Some(t), _) => Target::TimeNs(rewind_wire::timefmt::parse_time_ns(t).context("--at-time")?),
             (_, _, Some(b)) => Target::Bookmark(b.clone()),
             _ if self.latest => Target::Latest,
-            _ => anyhow::bail!("give the point: one of --at LSN, --at-time T, --at-bookmark NAME or --latest"),
+            _ => usage_error("give the point: one of --at LSN, --at-time T, --at-bookmark NAME or --latest"),
         })
     }
+}
+
+/// Stops with a usage error (exit status 2), as clap does for flags that
+/// must be given together, for checks clap cannot express.
+pub fn usage_error(message: &str) -> ! {
+    clap::Error::raw(clap::error::ErrorKind::MissingRequiredArgument, format!("{message}\n")).exit()
 }
 
 /// Parses 4096, 4K, 64M, 1G, 256MiB, 4GiB (binary multiples).
