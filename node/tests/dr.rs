@@ -235,8 +235,14 @@ async fn failover_at_the_second_site_fences_the_first() {
     run(Command::new("qemu-io").args(["-f", "raw", &test.uri, "-c", "write -P 0x77 0 1M", "-c", "read -P 0x77 0 1M", "-c", "read -P 0x43 40M 64k"]));
     run(Command::new("qemu-io").args(["-f", "raw", &tap.uri, "-c", "write -P 0x44 8M 64k", "-c", "flush"]));
     caught_up(&a, &b, Duration::from_secs(60)).await;
-    unsafe { libc::kill(test.child.id() as i32, libc::SIGTERM) };
+    // A second test of the same group is refused while one runs; --stop ends it.
+    let again = b.cli(&["failover", GROUP, "--latest", "--test", "--serve", "127.0.0.1:0"]);
+    assert!(!again.status.success() && String::from_utf8_lossy(&again.stderr).contains("runs already"), "{}", String::from_utf8_lossy(&again.stderr));
+    let stop = b.cli(&["failover", GROUP, "--test", "--stop"]);
+    assert!(stop.status.success(), "--test --stop: {}", String::from_utf8_lossy(&stop.stderr));
     let _ = test.child.wait();
+    let none = b.cli(&["failover", GROUP, "--test", "--stop"]);
+    assert!(!none.status.success() && String::from_utf8_lossy(&none.stderr).contains("no test failover"), "{}", String::from_utf8_lossy(&none.stderr));
     assert_eq!(info(&b).await.epoch, 1, "a test failover changes no epoch");
     assert!(log_of(&a, GROUP).await == log_of(&b, GROUP).await, "the test branch left a trace in b's log");
 

@@ -139,10 +139,14 @@ pub struct FailoverArgs {
     force: bool,
     /// A test failover: serve the disk at the target on a writable,
     /// copy-on-write branch outside the log, while replication goes on.
-    /// Nothing enters the group's history; stop it with Ctrl-C or SIGTERM,
-    /// which throws the branch away.
-    #[arg(long, requires = "serve", conflicts_with_all = ["force", "backing"])]
+    /// Nothing enters the group's history; `--test --stop` (or Ctrl-C)
+    /// ends it and throws the branch away.
+    #[arg(long, conflicts_with_all = ["force", "backing"])]
     test: bool,
+    /// With --test: stop the group's running test failover (started with
+    /// the same --config) and throw its branch away.
+    #[arg(long, requires = "test", conflicts_with_all = ["serve", "out", "at", "at_time", "at_bookmark", "latest"])]
+    stop: bool,
     /// The disk to bring up (default: the group's only disk).
     #[arg(long)]
     disk: Option<String>,
@@ -339,6 +343,12 @@ pub async fn failover(a: FailoverArgs) -> anyhow::Result<()> {
     }
     let Some(group) = a.group.clone() else { super::usage_error("name the group, or give --plan FILE") };
     let group = group.as_str();
+    if a.stop {
+        return stop_test(&a.client, group);
+    }
+    if a.test && a.serve.is_none() {
+        super::usage_error("--test serves the branch: give --serve ADDR");
+    }
     if a.out.is_none() && a.serve.is_none() {
         super::usage_error("say where the disk goes: --out FILE or --serve ADDR");
     }
@@ -381,6 +391,8 @@ pub async fn failover(a: FailoverArgs) -> anyhow::Result<()> {
         node: None,
         wait: Duration::from_secs(60),
     };
+    // A test failover leaves a pid file, so that `--test --stop` finds it.
+    let _running = if a.test { Some(TestFile::create(&a.client, group)?) } else { None };
     if let (Some(listen), false) = (a.serve.clone(), a.writable) {
         let tls = super::tap::nbd_tls_policy(a.tls, false);
         let serve = rewind_node::replay::ServeOptions { listen, tls, writable: a.test, overlay: None, keep_overlay: false, connections_max: rewind_nbd::listen::CONNECTIONS_MAX_DEFAULT };
@@ -569,5 +581,63 @@ async fn run_plan(client: &rewind_node::client::Client, path: &std::path::Path, 
     if failed > 0 {
         bail!("{failed} of {} groups failed over with an error{}", plan.group.len(), if skipped > 0 { format!(", {skipped} skipped") } else { String::new() });
     }
+    Ok(())
+}
+
+/// Where a running test failover of a group says it runs: beside the
+/// client config, `failover-tests/GROUP.pid`.
+fn test_file(client: &ClientArgs, group: &str) -> PathBuf {
+    let config = ClientConfig::locate(client.config.as_deref());
+    config.parent().unwrap_or(std::path::Path::new(".")).join("failover-tests").join(format!("{group}.pid"))
+}
+
+/// A running test failover's pid file, removed when it ends.
+struct TestFile(PathBuf);
+
+impl TestFile {
+    fn create(client: &ClientArgs, group: &str) -> anyhow::Result<TestFile> {
+        let path = test_file(client, group);
+        std::fs::create_dir_all(path.parent().expect("a folder"))?;
+        if let Ok(text) = std::fs::read_to_string(&path) {
+            if text.trim().parse::<u32>().is_ok_and(rewind_node::dev::alive) {
+                bail!("a test failover of group {group} runs already (pid {}, {}); stop it with `rewind failover {group} --test --stop`", text.trim(), path.display());
+            }
+        }
+        std::fs::write(&path, format!("{}\n", std::process::id())).with_context(|| format!("write {}", path.display()))?;
+        Ok(TestFile(path))
+    }
+}
+
+impl Drop for TestFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// `--test --stop`: SIGTERM to the group's test failover, then waits (up
+/// to 20 s) until it has ended and thrown its branch away.
+fn stop_test(client: &ClientArgs, group: &str) -> anyhow::Result<()> {
+    let path = test_file(client, group);
+    let text = match std::fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => bail!("no test failover of group {group} runs here ({} does not exist)", path.display()),
+        Err(e) => return Err(anyhow::anyhow!(e).context(format!("read {}", path.display()))),
+    };
+    let pid: u32 = text.trim().parse().with_context(|| format!("{} holds no pid", path.display()))?;
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    let args: Vec<String> = cmdline.split(|b| *b == 0).map(|a| String::from_utf8_lossy(a).into_owned()).collect();
+    if !args.iter().any(|a| a == "failover") || !args.iter().any(|a| a == group) || !args.iter().any(|a| a == "--test") {
+        let _ = std::fs::remove_file(&path);
+        bail!("the test failover of group {group} (pid {pid}) is not running any more; removed its stale {}", path.display());
+    }
+    unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while rewind_node::dev::alive(pid) {
+        if std::time::Instant::now() > deadline {
+            bail!("the test failover of group {group} (pid {pid}) did not stop within 20 s of SIGTERM");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    println!("stopped the test failover of group {group} (pid {pid}); its copy-on-write branch is gone, and the group's history never saw it");
     Ok(())
 }
