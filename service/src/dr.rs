@@ -151,6 +151,10 @@ impl ForkSearch {
     }
 
     pub fn fork(&self) -> u64 {
+        #[cfg(feature = "simulation-bugs")]
+        if crate::bugs::FORK_ONE_LATE.load(std::sync::atomic::Ordering::Relaxed) {
+            return self.agree + 1;
+        }
         self.agree
     }
 }

@@ -146,6 +146,9 @@ pub mod bugs {
     /// check `ReadDisk` makes is skipped, so it answers with the disk as of
     /// what it has applied.
     pub static REPLAY_BEFORE_APPLIED: AtomicBool = AtomicBool::new(false);
+    /// The fork search answers one LSN past the last shared one: a
+    /// failback keeps the first diverged event in the group.
+    pub static FORK_ONE_LATE: AtomicBool = AtomicBool::new(false);
 }
 
 fn no_group(group: &str) -> ServiceError {

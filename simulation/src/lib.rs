@@ -124,6 +124,9 @@ pub enum Bug {
     /// A failover's revert restores blocks that have a newer version but
     /// not blocks a large trim (an extent) zeroed after the target.
     DrRevertIgnoresExtents,
+    /// The failback's fork search answers one LSN late, so the old
+    /// primary keeps its first diverged event and can never follow.
+    DrForkOneLate,
 }
 
 pub use site::{run_seed, Outcome};

@@ -77,6 +77,7 @@ pub fn run_seed(opts: &Options) -> Outcome {
     rewind_service::bugs::REPLAY_BEFORE_APPLIED.store(opts.bug == Some(Bug::ReplayBeforeApplied), std::sync::atomic::Ordering::Relaxed);
     rewind_raft_store::bugs::FENCE_IGNORED.store(opts.bug == Some(Bug::DrFenceIgnored), std::sync::atomic::Ordering::Relaxed);
     rewind_raft_store::bugs::REVERT_IGNORES_EXTENTS.store(opts.bug == Some(Bug::DrRevertIgnoresExtents), std::sync::atomic::Ordering::Relaxed);
+    rewind_service::bugs::FORK_ONE_LATE.store(opts.bug == Some(Bug::DrForkOneLate), std::sync::atomic::Ordering::Relaxed);
     let plan_text = format!("{plan:?}");
     world::install(World::new(opts.seed, opts.bug, plan, &mut rng));
     let history: Shared = Rc::default();

@@ -114,6 +114,7 @@ fn every_reintroduced_bug_is_caught() {
         ("cut-damaged-journal-entry", 300),
         ("dr-fence-ignored", 300),
         ("dr-revert-ignores-extents", 300),
+        ("dr-fork-one-late", 300),
     ] {
         counts.push((bug, caught_after(bug, budget)));
     }
