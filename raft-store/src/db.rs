@@ -238,9 +238,16 @@ pub(crate) fn branch_of(db: &DB, group: &str) -> std::io::Result<Option<BranchRe
 }
 
 impl<'a> BlockReader<'a> {
-    pub(crate) fn new(db: &'a DB, overlay: Option<&'a Overlay>, group: &'a str, disk: &'a str) -> std::io::Result<BlockReader<'a>> {
+    /// A reader for indexing a group's new events: never a branch (a
+    /// branch takes no events), so no branch record is looked up.
+    pub(crate) fn new(db: &'a DB, overlay: Option<&'a Overlay>, group: &'a str, disk: &'a str) -> BlockReader<'a> {
+        BlockReader { db, overlay, group, disk, base: None, recent: Default::default(), blocks_it: None, extents_it: None }
+    }
+
+    /// A reader of the applied state, for any group, a branch included.
+    pub(crate) fn for_read(db: &'a DB, group: &'a str, disk: &'a str) -> std::io::Result<BlockReader<'a>> {
         let base = branch_of(db, group)?.map(|b| (b.base, b.base_lsn));
-        Ok(BlockReader { db, overlay, group, disk, base, recent: Default::default(), blocks_it: None, extents_it: None })
+        Ok(BlockReader { base, ..BlockReader::new(db, None, group, disk) })
     }
 
     /// The group whose keys hold LSN `lsn`: the base, for a branch's LSNs
@@ -476,7 +483,7 @@ impl StoreReader {
     /// rest reads as zeroes. Each block is checked against its checksum (or
     /// its event's). The caller bounds `len`.
     pub fn read_disk(&self, group: &str, disk: &str, lsn: u64, offset: u64, len: u64) -> std::io::Result<Vec<(u64, Vec<u8>)>> {
-        crate::blocks::read_runs(&mut BlockReader::new(&self.db, None, group, disk)?, lsn, offset, len)
+        crate::blocks::read_runs(&mut BlockReader::for_read(&self.db, group, disk)?, lsn, offset, len)
     }
 
     /// The bookmarks of `group`, oldest first (by LSN), at most `max`

@@ -285,7 +285,7 @@ impl StateMachine {
             }
             Event::Write { disk, .. } | Event::WriteZeroes { disk, .. } | Event::Trim { disk, .. } | Event::Revert { disk, .. } => {
                 let puts = {
-                    let mut reader = BlockReader::new(&self.db, Some(&pending.overlay), group, disk)?;
+                    let mut reader = BlockReader::new(&self.db, Some(&pending.overlay), group, disk);
                     match &event.event {
                         Event::Revert { to_lsn, block_first, block_end, .. } => {
                             crate::blocks::revert_puts(&mut reader, *block_first, *block_end, *to_lsn, lsn)?
