@@ -274,6 +274,7 @@ pub fn apply_replicated(
     epoch: u64,
     events: &[StoredEvent],
     digest: &[u8; 32],
+    policy: &mut Policy,
 ) -> Result<Vec<(StoredEvent, Vec<u8>)>, String> {
     let name = group.name.clone();
     let dr = dr.ok_or_else(|| format!("group {name:?} is not linked to another site"))?;
@@ -287,6 +288,8 @@ pub fn apply_replicated(
         return Err(format!("a shipment of {} events; {} at most", events.len(), rewind_wire::limits::SHIP_EVENTS_MAX));
     }
     let mut next = group.clone();
+    let mut retention = policy.retention.clone();
+    let mut marks = policy.marks.clone();
     let mut out = Vec::new();
     for e in events.iter().filter(|e| e.lsn > group.last_lsn) {
         if e.lsn != next.last_lsn + 1 {
@@ -296,6 +299,15 @@ pub fn apply_replicated(
             return Err(format!("LSN {} of group {name:?} goes back in time", e.lsn));
         }
         next.check_replicated(&e.event).map_err(|why| format!("LSN {} of group {name:?}: {why}", e.lsn))?;
+        match &e.event {
+            Event::Bookmark { name: mark, .. } => {
+                marks.insert(mark.clone(), e.lsn);
+            }
+            p if p.is_policy() => {
+                crate::retention::apply_policy(&mut retention, &name, p, e.time_ns, &marks).map_err(|why| format!("LSN {} of group {name:?}: {why}", e.lsn))?
+            }
+            _ => {}
+        }
         next.absorb(&e.event);
         next.last_lsn = e.lsn;
         next.last_time_ns = e.time_ns;
@@ -314,6 +326,7 @@ pub fn apply_replicated(
         ));
     }
     *group = next;
+    policy.retention = retention;
     Ok(out)
 }
 
@@ -340,6 +353,7 @@ pub fn apply_batch(
     group: &mut GroupRecord,
     producer: Option<ProducerRecord>,
     batch: &EventBatch,
+    policy: &mut Policy,
 ) -> (BatchOutcome, CommandReply) {
     let mut producer = producer.unwrap_or_default();
     let (epoch, last_epoch) = (seq_epoch(batch.seq), seq_epoch(producer.last_seq));
@@ -367,7 +381,7 @@ pub fn apply_batch(
         let expected_seq = if epoch > last_epoch { seq_in_epoch(epoch, 1) } else { producer.last_seq + 1 };
         return (BatchOutcome::Unchanged, CommandReply::OutOfOrder { expected_seq });
     }
-    let (events, reply) = match sequence_events(group, batch) {
+    let (events, reply) = match sequence_events(group, batch, policy) {
         Ok((next, events)) => {
             let reply = CommandReply::Appended { lsn_first: group.last_lsn + 1, lsn_last: next.last_lsn };
             *group = next;
@@ -383,15 +397,24 @@ pub fn apply_batch(
 /// event applies (a batch may create a disk and then write to it), and gives
 /// them LSNs, times and digests. Returns the advanced group and the records.
 #[allow(clippy::type_complexity)]
-fn sequence_events(group: &GroupRecord, batch: &EventBatch) -> Result<(GroupRecord, Vec<(StoredEvent, Vec<u8>)>), String> {
+fn sequence_events(group: &GroupRecord, batch: &EventBatch, policy: &mut Policy) -> Result<(GroupRecord, Vec<(StoredEvent, Vec<u8>)>), String> {
     batch.check().map_err(|e| e.to_string())?;
     let mut next = group.clone();
+    let mut retention = policy.retention.clone();
+    let mut marks = policy.marks.clone();
     let mut events = Vec::with_capacity(batch.events.len());
     for timed in &batch.events {
         next.check_event(&timed.event)?;
         next.absorb(&timed.event);
         next.last_lsn += 1;
         next.last_time_ns = next.last_time_ns.max(timed.time_ns);
+        match &timed.event {
+            Event::Bookmark { name, .. } => {
+                marks.insert(name.clone(), next.last_lsn);
+            }
+            e if e.is_policy() => crate::retention::apply_policy(&mut retention, &group.name, e, next.last_time_ns, &marks)?,
+            _ => {}
+        }
         let stored = StoredEvent { lsn: next.last_lsn, time_ns: next.last_time_ns, event: timed.event.clone() };
         let record = rewind_wire::frame::encode_record(&stored).expect("an event within limits always encodes");
         next.digest = chain(&next.digest, &record);
@@ -399,7 +422,17 @@ fn sequence_events(group: &GroupRecord, batch: &EventBatch) -> Result<(GroupReco
         next.payload_bytes += timed.event.payload_bytes() as u64;
         events.push((stored, record));
     }
+    policy.retention = retention;
     Ok((next, events))
+}
+
+/// What a batch's policy events (retention, lock, pin) check against and
+/// change: the group's retention record, and its bookmarks by name (the
+/// newest LSN of each name a pin in the batch may name).
+#[derive(Debug, Clone, Default)]
+pub struct Policy {
+    pub retention: crate::retention::RetentionRecord,
+    pub marks: std::collections::BTreeMap<String, u64>,
 }
 
 #[cfg(test)]
@@ -427,7 +460,7 @@ mod tests {
         expected_last_lsn: u64,
     ) {
         let mut g = group();
-        let (_, reply) = apply_batch(&mut g, producer, &b);
+        let (_, reply) = apply_batch(&mut g, producer, &b, &mut Policy::default());
         assert!(expected_reply(&reply), "{reply:?}");
         assert_eq!(g.last_lsn, expected_last_lsn);
     }
@@ -450,7 +483,7 @@ mod tests {
         let mut g = full;
         let create = TimedEvent { time_ns: 1, event: Event::DiskCreate { disk: "extra".into(), size_bytes: 4096, sector_bytes: 512 } };
         let b = EventBatch { group: "g".into(), client_id: 9, seq: 1, events: vec![create] };
-        let (_, reply) = apply_batch(&mut g, None, &b);
+        let (_, reply) = apply_batch(&mut g, None, &b, &mut Policy::default());
         assert!(matches!(&reply, CommandReply::Refused { reason } if reason.contains("the most a group holds")), "{reply:?}");
     }
 
@@ -488,7 +521,7 @@ mod tests {
         let e1 = |n| seq_in_epoch(1, n);
         let mut p = None;
         let step = |g: &mut GroupRecord, p: &mut Option<ProducerRecord>, seq: u64, off: u64| {
-            let (outcome, reply) = apply_batch(g, p.clone(), &batch(seq, w(off)));
+            let (outcome, reply) = apply_batch(g, p.clone(), &batch(seq, w(off)), &mut Policy::default());
             if let BatchOutcome::Sequenced { producer, .. } = outcome {
                 *p = Some(producer);
             }
@@ -512,7 +545,7 @@ mod tests {
         assert_eq!(step(&mut g, &mut p, seq_in_epoch(3, 1), 0), CommandReply::Appended { lsn_first: 5, lsn_last: 5 });
         assert_eq!(step(&mut g, &mut p, e1(3), 0), fenced_like());
         // A fresh producer may start in any epoch.
-        let (_, reply) = apply_batch(&mut g, None, &batch(seq_in_epoch(7, 1), w(0)));
+        let (_, reply) = apply_batch(&mut g, None, &batch(seq_in_epoch(7, 1), w(0)), &mut Policy::default());
         assert_eq!(reply, CommandReply::Appended { lsn_first: 6, lsn_last: 6 });
     }
 
@@ -557,7 +590,7 @@ mod tests {
         let mut events = Vec::new();
         let mut producer = None;
         for i in 0..20u64 {
-            let (outcome, _) = apply_batch(&mut primary, producer.clone(), &batch(i + 1, vec![write(i * 512, 700, 10 * i), write(0, 4096, 10 * i + 5)]));
+            let (outcome, _) = apply_batch(&mut primary, producer.clone(), &batch(i + 1, vec![write(i * 512, 700, 10 * i), write(0, 4096, 10 * i + 5)]), &mut Policy::default());
             let BatchOutcome::Sequenced { events: e, producer: p } = outcome else { panic!() };
             events.extend(e.into_iter().map(|(s, _)| s));
             producer = Some(p);
@@ -573,7 +606,7 @@ mod tests {
         let dr = link("b", "a", 1);
         for (from, to) in [(0usize, 7usize), (3, 12), (12, 12), (10, 40)] {
             let held = secondary.last_lsn as usize;
-            let got = apply_replicated(&mut secondary, Some(&dr), 1, &events[from..to], &digest_at(to.max(held))).unwrap();
+            let got = apply_replicated(&mut secondary, Some(&dr), 1, &events[from..to], &digest_at(to.max(held)), &mut Policy::default()).unwrap();
             assert_eq!(got.len(), to.saturating_sub(held), "{from}..{to}: only the events not held yet");
             assert_eq!(secondary.last_lsn, to.max(held) as u64);
         }
@@ -581,11 +614,11 @@ mod tests {
         assert_eq!((secondary.last_lsn, secondary.last_time_ns, secondary.events), (primary.last_lsn, primary.last_time_ns, primary.events));
         // A gap, a wrong digest, a wrong epoch, a primary: refused, nothing applied.
         let mut g = group();
-        assert!(apply_replicated(&mut g, Some(&dr), 1, &events[1..3], &digest_at(3)).unwrap_err().contains("skips"));
-        assert!(apply_replicated(&mut g, Some(&dr), 1, &events[0..3], &digest_at(2)).unwrap_err().contains("diverged"));
-        assert!(apply_replicated(&mut g, Some(&dr), 2, &events[0..3], &digest_at(3)).unwrap_err().contains("epoch 2"));
-        assert!(apply_replicated(&mut g, Some(&link("a", "a", 1)), 1, &events[0..3], &digest_at(3)).unwrap_err().contains("primary"));
-        assert!(apply_replicated(&mut g, None, 1, &events[0..3], &digest_at(3)).unwrap_err().contains("not linked"));
+        assert!(apply_replicated(&mut g, Some(&dr), 1, &events[1..3], &digest_at(3), &mut Policy::default()).unwrap_err().contains("skips"));
+        assert!(apply_replicated(&mut g, Some(&dr), 1, &events[0..3], &digest_at(2), &mut Policy::default()).unwrap_err().contains("diverged"));
+        assert!(apply_replicated(&mut g, Some(&dr), 2, &events[0..3], &digest_at(3), &mut Policy::default()).unwrap_err().contains("epoch 2"));
+        assert!(apply_replicated(&mut g, Some(&link("a", "a", 1)), 1, &events[0..3], &digest_at(3), &mut Policy::default()).unwrap_err().contains("primary"));
+        assert!(apply_replicated(&mut g, None, 1, &events[0..3], &digest_at(3), &mut Policy::default()).unwrap_err().contains("not linked"));
         assert_eq!(g, group());
     }
 
@@ -600,13 +633,13 @@ mod tests {
     fn refused_batch_uses_its_number_and_is_remembered() {
         let mut g = group();
         let bad = batch(1, vec![write((1 << 20) - 1, 512, 1)]);
-        let (outcome, reply) = apply_batch(&mut g, None, &bad);
+        let (outcome, reply) = apply_batch(&mut g, None, &bad, &mut Policy::default());
         let BatchOutcome::Sequenced { events, producer } = outcome else { panic!("not sequenced") };
         assert!(events.is_empty());
         assert_eq!(producer.last_seq, 1);
-        let (_, again) = apply_batch(&mut g, Some(producer.clone()), &bad);
+        let (_, again) = apply_batch(&mut g, Some(producer.clone()), &bad, &mut Policy::default());
         assert_eq!(again, reply);
-        let (_, next) = apply_batch(&mut g, Some(producer), &batch(2, vec![write(0, 512, 1)]));
+        let (_, next) = apply_batch(&mut g, Some(producer), &batch(2, vec![write(0, 512, 1)]), &mut Policy::default());
         assert_eq!(next, CommandReply::Appended { lsn_first: 1, lsn_last: 1 });
     }
 
@@ -624,7 +657,7 @@ mod tests {
     #[test]
     fn time_never_goes_back() {
         let mut g = group();
-        let (outcome, _) = apply_batch(&mut g, None, &batch(1, vec![write(0, 1, 100), write(0, 1, 50)]));
+        let (outcome, _) = apply_batch(&mut g, None, &batch(1, vec![write(0, 1, 100), write(0, 1, 50)]), &mut Policy::default());
         let BatchOutcome::Sequenced { events, .. } = outcome else { panic!("not sequenced") };
         let times: Vec<u64> = events.iter().map(|(e, _)| e.time_ns).collect();
         assert_eq!(times, vec![100, 100]);
@@ -641,7 +674,7 @@ mod tests {
             let mut applied: Vec<u64> = Vec::new();
             for (i, (epoch, n)) in arrivals.iter().enumerate() {
                 let seq = seq_in_epoch(*epoch, *n);
-                let (outcome, reply) = apply_batch(&mut g, p.clone(), &batch(seq, vec![write(0, 512, i as u64)]));
+                let (outcome, reply) = apply_batch(&mut g, p.clone(), &batch(seq, vec![write(0, 512, i as u64)]), &mut Policy::default());
                 if let BatchOutcome::Sequenced { producer, events } = outcome {
                     prop_assert_eq!(events.len(), 1);
                     prop_assert!(applied.last().is_none_or(|last| *last < seq), "applied {:?} then {:#x}", applied, seq);
@@ -662,11 +695,11 @@ mod tests {
             let events: Vec<TimedEvent> =
                 lens.iter().enumerate().map(|(i, l)| write((i as u64) * 512, *l, i as u64)).collect();
             let mut whole = group();
-            apply_batch(&mut whole, None, &batch(1, events.clone()));
+            apply_batch(&mut whole, None, &batch(1, events.clone()), &mut Policy::default());
             let mut parts = group();
             let mut producer = None;
             for (i, chunk) in events.chunks(cut).enumerate() {
-                let (outcome, _) = apply_batch(&mut parts, producer.clone(), &batch(i as u64 + 1, chunk.to_vec()));
+                let (outcome, _) = apply_batch(&mut parts, producer.clone(), &batch(i as u64 + 1, chunk.to_vec()), &mut Policy::default());
                 if let BatchOutcome::Sequenced { producer: p, .. } = outcome { producer = Some(p); }
             }
             prop_assert_eq!(whole.last_lsn, events.len() as u64);

@@ -6,6 +6,8 @@ use std::sync::Arc;
 use rocksdb::{ColumnFamilyDescriptor, Direction, IteratorMode, Options, DB};
 
 use crate::apply::{BranchRecord, GroupRecord, ProducerRecord, StoredEvent};
+use crate::gc::GcRecord;
+use crate::retention::RetentionRecord;
 use rewind_wire::dr::DrRecord;
 use crate::{corrupt, io_err, LogStore, StateMachine};
 
@@ -22,15 +24,23 @@ pub(crate) const CF_MARKS: &str = "marks";
 pub(crate) const CF_CHAIN: &str = "chain";
 pub(crate) const CF_DR: &str = "dr";
 pub(crate) const CF_BRANCHES: &str = "branches";
+pub(crate) const CF_RETENTION: &str = "retention";
+pub(crate) const CF_GC: &str = "gc";
 
 /// The column families that make up the state machine, in snapshot order.
-pub(crate) const SM_CFS: [&str; 11] = [CF_SM, CF_GROUPS, CF_EVENTS, CF_TIMES, CF_PRODUCERS, CF_BLOCKS, CF_EXTENTS, CF_MARKS, CF_CHAIN, CF_DR, CF_BRANCHES];
+pub(crate) const SM_CFS: [&str; 13] =
+    [CF_SM, CF_GROUPS, CF_EVENTS, CF_TIMES, CF_PRODUCERS, CF_BLOCKS, CF_EXTENTS, CF_MARKS, CF_CHAIN, CF_DR, CF_BRANCHES, CF_RETENTION, CF_GC];
+
+/// The column families a group's keys live in under its prefix.
+pub(crate) const GROUP_KEYED_CFS: [&str; 6] = [CF_EVENTS, CF_TIMES, CF_BLOCKS, CF_EXTENTS, CF_MARKS, CF_CHAIN];
 
 /// A shard replica's storage: the log store and state machine share one DB.
 pub struct Store {
     pub log: LogStore,
     pub state_machine: StateMachine,
     pub reader: StoreReader,
+    /// Frees what the groups' windows released (run it on a thread).
+    pub collector: crate::gc::Collector,
 }
 
 /// Opens (or creates) the store in `dir`, finishing a snapshot install that
@@ -66,7 +76,7 @@ pub fn open(dir: &Path) -> std::io::Result<Store> {
     blocks.set_enable_blob_files(true);
     blocks.set_min_blob_size(4096);
     blocks.set_enable_blob_gc(true);
-    let cfs = [CF_LOG, CF_META, CF_SM, CF_GROUPS, CF_EVENTS, CF_TIMES, CF_PRODUCERS, CF_BLOCKS, CF_EXTENTS, CF_MARKS, CF_CHAIN, CF_DR, CF_BRANCHES].map(|name| {
+    let cfs = [CF_LOG, CF_META].into_iter().chain(SM_CFS).map(|name| {
         let o = match name {
             CF_LOG | CF_EVENTS => payload.clone(),
             CF_BLOCKS => blocks.clone(),
@@ -74,13 +84,16 @@ pub fn open(dir: &Path) -> std::io::Result<Store> {
         };
         ColumnFamilyDescriptor::new(name, o)
     });
+    let cfs: Vec<ColumnFamilyDescriptor> = cfs.collect();
     let db = DB::open_cf_descriptors(&opts, dir.join("db"), cfs).map_err(io_err)?;
     check_format(&db, dir)?;
     let db = Arc::new(db);
     let snapshot_dir: PathBuf = dir.join("snapshots");
     std::fs::create_dir_all(&snapshot_dir)?;
-    let state_machine = StateMachine::open(db.clone(), snapshot_dir.clone())?;
-    Ok(Store { log: LogStore::new(db.clone()), state_machine, reader: StoreReader { db, snapshot_dir } })
+    let gc_lock = Arc::new(tokio::sync::Mutex::new(()));
+    let state_machine = StateMachine::open(db.clone(), snapshot_dir.clone(), gc_lock.clone())?;
+    let collector = crate::gc::Collector::new(db.clone(), gc_lock);
+    Ok(Store { log: LogStore::new(db.clone()), state_machine, reader: StoreReader { db, snapshot_dir }, collector })
 }
 
 /// The layout of the tables this build reads and writes. Format 2 added the
@@ -188,6 +201,37 @@ pub(crate) fn mark_value(time_ns: u64, app_consistent: bool) -> Vec<u8> {
     v
 }
 
+/// A chain record: the digest after the event, and (since retention) the
+/// event's time and payload bytes, which move the window without reading
+/// the event. A 32-byte record (written before) has only the digest.
+pub(crate) fn chain_value_of(digest: &[u8; 32], time_ns: u64, payload_bytes: u64) -> Vec<u8> {
+    let mut v = digest.to_vec();
+    v.extend_from_slice(&time_ns.to_le_bytes());
+    v.extend_from_slice(&payload_bytes.to_le_bytes());
+    v
+}
+
+pub(crate) fn chain_value(v: &[u8]) -> std::io::Result<([u8; 32], Option<(u64, u64)>)> {
+    let digest: [u8; 32] = v.get(..32).and_then(|d| d.try_into().ok()).ok_or_else(|| corrupt("chain record", format!("{} bytes", v.len())))?;
+    match v.len() {
+        32 => Ok((digest, None)),
+        48 => Ok((digest, Some((u64::from_le_bytes(v[32..40].try_into().expect("8")), u64::from_le_bytes(v[40..48].try_into().expect("8")))))),
+        n => Err(corrupt("chain record", format!("{n} bytes"))),
+    }
+}
+
+/// The first key after every key that starts with `prefix`.
+pub(crate) fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    vec![0xff; prefix.len() + 1]
+}
+
 fn be_u64(b: &[u8]) -> u64 {
     u64::from_be_bytes(b.try_into().expect("8 bytes"))
 }
@@ -217,6 +261,9 @@ pub(crate) struct Overlay {
 /// what it does not hold from its base group as of the fork.
 pub(crate) struct BlockReader<'a> {
     db: &'a DB,
+    /// A replay's consistent view: the collector may change the index
+    /// between two reads of one block otherwise.
+    snap: Option<&'a rocksdb::SnapshotWithThreadMode<'a, DB>>,
     overlay: Option<&'a Overlay>,
     group: &'a str,
     disk: &'a str,
@@ -231,6 +278,11 @@ pub(crate) struct BlockReader<'a> {
 
 const RECENT_EVENTS: usize = 8;
 
+/// Decodes a checked record read from the store, if there was one.
+pub(crate) fn decode_opt<T: rewind_wire::Decode>(bytes: Option<Vec<u8>>, what: &str) -> std::io::Result<Option<T>> {
+    bytes.map(|b| rewind_wire::frame::decode_record(&b).map_err(|e| corrupt(what, e))).transpose()
+}
+
 /// A branch's record: the group and LSN it forked from.
 pub(crate) fn branch_of(db: &DB, group: &str) -> std::io::Result<Option<BranchRecord>> {
     let bytes = db.get_cf(cf(db, CF_BRANCHES), group.as_bytes()).map_err(io_err)?;
@@ -241,13 +293,21 @@ impl<'a> BlockReader<'a> {
     /// A reader for indexing a group's new events: never a branch (a
     /// branch takes no events), so no branch record is looked up.
     pub(crate) fn new(db: &'a DB, overlay: Option<&'a Overlay>, group: &'a str, disk: &'a str) -> BlockReader<'a> {
-        BlockReader { db, overlay, group, disk, base: None, recent: Default::default(), blocks_it: None, extents_it: None }
+        BlockReader { db, snap: None, overlay, group, disk, base: None, recent: Default::default(), blocks_it: None, extents_it: None }
     }
 
-    /// A reader of the applied state, for any group, a branch included.
-    pub(crate) fn for_read(db: &'a DB, group: &'a str, disk: &'a str) -> std::io::Result<BlockReader<'a>> {
+    /// A reader of the applied state as of `snap`, for any group, a
+    /// branch included.
+    pub(crate) fn for_read(db: &'a DB, snap: &'a rocksdb::SnapshotWithThreadMode<'a, DB>, group: &'a str, disk: &'a str) -> std::io::Result<BlockReader<'a>> {
         let base = branch_of(db, group)?.map(|b| (b.base, b.base_lsn));
-        Ok(BlockReader { base, ..BlockReader::new(db, None, group, disk) })
+        Ok(BlockReader { base, snap: Some(snap), ..BlockReader::new(db, None, group, disk) })
+    }
+
+    fn iterator(&self, family: &str) -> rocksdb::DBRawIteratorWithThreadMode<'a, DB> {
+        match self.snap {
+            Some(s) => s.raw_iterator_cf(cf(self.db, family)),
+            None => self.db.raw_iterator_cf(cf(self.db, family)),
+        }
     }
 
     /// The group whose keys hold LSN `lsn`: the base, for a branch's LSNs
@@ -264,8 +324,10 @@ impl<'a> BlockReader<'a> {
     fn seek_version(&mut self, group: &str, block: u64, lsn: u64) -> std::io::Result<Option<(u64, Vec<u8>)>> {
         let key = block_key(group, self.disk, block, lsn);
         let block_prefix = &key[..key.len() - 8];
-        let db = self.db;
-        let it = self.blocks_it.get_or_insert_with(|| db.raw_iterator_cf(cf(db, CF_BLOCKS)));
+        if self.blocks_it.is_none() {
+            self.blocks_it = Some(self.iterator(CF_BLOCKS));
+        }
+        let it = self.blocks_it.as_mut().expect("made above");
         it.seek_for_prev(&key);
         let mut found = None;
         if it.valid() {
@@ -308,9 +370,11 @@ impl<'a> BlockReader<'a> {
         let event = match self.overlay.and_then(|o| o.writes.get(&key)) {
             Some(e) => e.clone(),
             None => {
-                let bytes = self
-                    .db
-                    .get_cf(cf(self.db, CF_EVENTS), &key)
+                let got = match self.snap {
+                    Some(s) => s.get_cf(cf(self.db, CF_EVENTS), &key),
+                    None => self.db.get_cf(cf(self.db, CF_EVENTS), &key),
+                };
+                let bytes = got
                     .map_err(io_err)?
                     .ok_or_else(|| corrupt("block index", format!("block refers to LSN {lsn}, which the store does not hold")))?;
                 let e: StoredEvent = rewind_wire::frame::decode_record(&bytes)
@@ -347,8 +411,10 @@ impl<'a> BlockReader<'a> {
             let last = u64::from_le_bytes(v[8..16].try_into().expect("8 bytes"));
             (first..last).contains(&block)
         };
-        let db = self.db;
-        let it = self.extents_it.get_or_insert_with(|| db.raw_iterator_cf(cf(db, CF_EXTENTS)));
+        if self.extents_it.is_none() {
+            self.extents_it = Some(self.iterator(CF_EXTENTS));
+        }
+        let it = self.extents_it.as_mut().expect("made above");
         it.seek(&start);
         while it.valid() {
             let k = it.key().expect("valid");
@@ -410,7 +476,7 @@ impl crate::blocks::VersionIndex for BlockReader<'_> {
     }
 }
 
-fn group_prefix(group: &str) -> Vec<u8> {
+pub(crate) fn group_prefix(group: &str) -> Vec<u8> {
     let mut k = Vec::with_capacity(1 + group.len() + 16);
     k.push(group.len() as u8);
     k.extend_from_slice(group.as_bytes());
@@ -482,8 +548,31 @@ impl StoreReader {
     /// that may be non-zero: (offset from `offset`, bytes), in order; the
     /// rest reads as zeroes. Each block is checked against its checksum (or
     /// its event's). The caller bounds `len`.
+    ///
+    /// A point outside what the group keeps (`RetentionRecord::keeps`) is
+    /// a `NotFound` error: the check and the reads see one snapshot, so
+    /// the collector cannot free what a read is using.
     pub fn read_disk(&self, group: &str, disk: &str, lsn: u64, offset: u64, len: u64) -> std::io::Result<Vec<(u64, Vec<u8>)>> {
-        crate::blocks::read_runs(&mut BlockReader::for_read(&self.db, group, disk)?, lsn, offset, len)
+        let snap = self.db.snapshot();
+        let retention = decode_opt::<RetentionRecord>(snap.get_cf(cf(&self.db, CF_RETENTION), group.as_bytes()).map_err(io_err)?, "retention record")?.unwrap_or_default();
+        if !retention.keeps(lsn) {
+            let last = self.group(group)?.map_or(0, |g| g.last_lsn);
+            return Err(std::io::Error::new(std::io::ErrorKind::NotFound, retention.outside(group, lsn, last)));
+        }
+        let mut reader = BlockReader::for_read(&self.db, &snap, group, disk)?;
+        let runs = crate::blocks::read_runs(&mut reader, lsn, offset, len);
+        drop(reader);
+        runs
+    }
+
+    /// The group's retention record (the default if it has none).
+    pub fn retention(&self, group: &str) -> std::io::Result<RetentionRecord> {
+        Ok(decode_opt(self.db.get_cf(cf(&self.db, CF_RETENTION), group.as_bytes()).map_err(io_err)?, "retention record")?.unwrap_or_default())
+    }
+
+    /// What the collector has done for the group on this replica.
+    pub fn gc(&self, group: &str) -> std::io::Result<GcRecord> {
+        Ok(decode_opt(self.db.get_cf(cf(&self.db, CF_GC), group.as_bytes()).map_err(io_err)?, "collector record")?.unwrap_or_default())
     }
 
     /// The bookmarks of `group`, oldest first (by LSN), at most `max`
@@ -544,7 +633,7 @@ impl StoreReader {
             return Ok(Some([0; 32]));
         }
         match self.db.get_cf(cf(&self.db, CF_CHAIN), event_key(group, lsn)).map_err(io_err)? {
-            Some(v) => Ok(Some(v.as_slice().try_into().map_err(|_| corrupt("chain record", format!("{} bytes", v.len())))?)),
+            Some(v) => Ok(Some(chain_value(&v)?.0)),
             None => Ok(None),
         }
     }

@@ -38,6 +38,12 @@ pub mod bugs {
     /// A revert restores only blocks with a newer version, not blocks a
     /// large trim or zero range (an extent) changed after the target.
     pub static REVERT_IGNORES_EXTENTS: AtomicBool = AtomicBool::new(false);
+    /// The collector frees the version current at the window's start as
+    /// if a newer one replaced it: the oldest retained point reads wrong.
+    pub static GC_FREES_LIVE: AtomicBool = AtomicBool::new(false);
+    /// The collector ignores pinned bookmarks: the window moves past a
+    /// pinned point and frees what it needs.
+    pub static GC_IGNORES_PINS: AtomicBool = AtomicBool::new(false);
 }
 
 /// Whether a bug switch is on (always false without `simulation-bugs`).
@@ -49,6 +55,8 @@ pub(crate) fn bug(which: &str) -> bool {
         match which {
             "fence-ignored" => return bugs::FENCE_IGNORED.load(Relaxed),
             "revert-ignores-extents" => return bugs::REVERT_IGNORES_EXTENTS.load(Relaxed),
+            "gc-frees-live" => return bugs::GC_FREES_LIVE.load(Relaxed),
+            "gc-ignores-pins" => return bugs::GC_IGNORES_PINS.load(Relaxed),
             _ => {}
         }
     }
@@ -57,7 +65,9 @@ pub(crate) fn bug(which: &str) -> bool {
 pub mod blocks;
 pub mod codec;
 mod db;
+pub mod gc;
 mod log;
+pub mod retention;
 pub mod read;
 mod sm;
 mod snapshot;

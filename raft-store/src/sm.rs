@@ -13,15 +13,17 @@ use rewind_wire::raft::{Command, CommandReply};
 use rocksdb::{WriteBatch, DB};
 
 use crate::apply::{
-    apply_batch, apply_replicated, check_not_branch, check_writable, create_group, dr_set, fork_check, BatchOutcome, BranchRecord, GroupRecord,
+    apply_batch, apply_replicated, check_not_branch, check_writable, create_group, dr_set, fork_check, BatchOutcome, BranchRecord, GroupRecord, Policy,
     ProducerRecord, StoredEvent,
 };
+use crate::retention::{advance_window, delete_check, RetentionRecord};
 use rewind_wire::dr::DrRecord;
 use crate::codec::{self, LogId, SnapshotMeta, StoredMembership};
 use crate::blocks::{index_event, IndexPut};
 use crate::db::{
-    block_key, cf, event_key, extent_key, mark_key, mark_value, producer_key, time_key, BlockReader, Overlay, CF_BLOCKS, CF_BRANCHES, CF_CHAIN, CF_DR,
-    CF_EVENTS, CF_EXTENTS, CF_GROUPS, CF_MARKS, CF_PRODUCERS, CF_SM, CF_TIMES,
+    block_key, cf, chain_value, chain_value_of, decode_opt, event_key, extent_key, group_prefix, mark_key, mark_value, prefix_end, producer_key, time_key,
+    BlockReader, Overlay, CF_BLOCKS, CF_BRANCHES, CF_CHAIN, CF_DR, CF_EVENTS, CF_EXTENTS, CF_GC, CF_GROUPS, CF_MARKS, CF_PRODUCERS, CF_RETENTION, CF_SM,
+    CF_TIMES, GROUP_KEYED_CFS,
 };
 use crate::snapshot::{SnapshotBuilder, SnapshotFile, Snapshots};
 use crate::{corrupt, io_err, TypeConfig};
@@ -40,12 +42,88 @@ pub(crate) struct MembershipRecord {
 pub struct StateMachine {
     db: Arc<DB>,
     snapshots: Snapshots,
+    /// Held by `apply`, snapshot installs and each collector step: the
+    /// collector never changes the index under an apply that reads it.
+    gc_lock: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl StateMachine {
-    pub(crate) fn open(db: Arc<DB>, snapshot_dir: PathBuf) -> io::Result<StateMachine> {
+    pub(crate) fn open(db: Arc<DB>, snapshot_dir: PathBuf, gc_lock: Arc<tokio::sync::Mutex<()>>) -> io::Result<StateMachine> {
         let snapshots = Snapshots::open(db.clone(), snapshot_dir)?;
-        Ok(StateMachine { db, snapshots })
+        Ok(StateMachine { db, snapshots, gc_lock })
+    }
+
+    fn retention(&self, pending: &Pending, group: &str) -> io::Result<RetentionRecord> {
+        if let Some(r) = pending.retention.get(group) {
+            return Ok(r.clone());
+        }
+        if pending.deleted.contains(group) {
+            return Ok(RetentionRecord::default());
+        }
+        Ok(decode_opt(self.db.get_cf(cf(&self.db, CF_RETENTION), group.as_bytes()).map_err(io_err)?, "retention record")?.unwrap_or_default())
+    }
+
+    /// The policy a batch's events check against: the retention record and
+    /// the newest LSN of each bookmark the batch pins.
+    fn policy(&self, pending: &Pending, group: &str, events: impl Iterator<Item = rewind_wire::event::Event>) -> io::Result<Policy> {
+        let mut policy = Policy { retention: self.retention(pending, group)?, marks: Default::default() };
+        for e in events {
+            if let rewind_wire::event::Event::Pin { name, .. } = e {
+                if let Some(lsn) = self.newest_mark(pending, group, &name)? {
+                    policy.marks.insert(name, lsn);
+                }
+            }
+        }
+        Ok(policy)
+    }
+
+    fn newest_mark(&self, pending: &Pending, group: &str, name: &str) -> io::Result<Option<u64>> {
+        if let Some(l) = pending.marks.get(&(group.to_string(), name.to_string())) {
+            return Ok(Some(*l));
+        }
+        if pending.deleted.contains(group) {
+            return Ok(None);
+        }
+        let probe = mark_key(group, name, u64::MAX);
+        let mut it = self.db.raw_iterator_cf(cf(&self.db, CF_MARKS));
+        it.seek_for_prev(&probe);
+        if it.valid() {
+            let k = it.key().expect("valid");
+            if k.len() == probe.len() && k[..k.len() - 8] == probe[..probe.len() - 8] {
+                return Ok(Some(u64::from_be_bytes(k[k.len() - 8..].try_into().expect("8 bytes"))));
+            }
+        } else {
+            it.status().map_err(io_err)?;
+        }
+        Ok(None)
+    }
+
+    /// (time, payload bytes) of a group's event, from this call's writes
+    /// or its chain record (or the event itself, for a chain record
+    /// written before retention).
+    fn event_info(&self, pending: &Pending, group: &str, lsn: u64) -> io::Result<(u64, u64)> {
+        if let Some(i) = pending.info.get(&(group.to_string(), lsn)) {
+            return Ok(*i);
+        }
+        let key = event_key(group, lsn);
+        if let Some(v) = self.db.get_cf(cf(&self.db, CF_CHAIN), &key).map_err(io_err)? {
+            if let (_, Some(info)) = chain_value(&v)? {
+                return Ok(info);
+            }
+        }
+        let raw = self.db.get_cf(cf(&self.db, CF_EVENTS), &key).map_err(io_err)?.ok_or_else(|| corrupt("group", format!("{group:?} has no event at LSN {lsn}")))?;
+        let e: StoredEvent = decode_record(&raw).map_err(|e| corrupt("event record", e))?;
+        Ok((e.time_ns, e.event.payload_bytes() as u64))
+    }
+
+    /// Moves the group's window as its policy allows, after new events.
+    fn move_window(&self, pending: &mut Pending, group: &GroupRecord, mut r: RetentionRecord) -> io::Result<()> {
+        let before = r.clone();
+        advance_window(&mut r, group, |lsn| self.event_info(pending, &group.name, lsn))?;
+        if r != before || pending.retention.contains_key(&group.name) {
+            pending.retention.insert(group.name.clone(), r);
+        }
+        Ok(())
     }
 
     fn group(&self, name: &str) -> io::Result<Option<GroupRecord>> {
@@ -76,6 +154,7 @@ impl StateMachine {
     fn pending_group(&self, pending: &Pending, name: &str) -> io::Result<Option<GroupRecord>> {
         match pending.groups.get(name) {
             Some(g) => Ok(Some(g.clone())),
+            None if pending.deleted.contains(name) => Ok(None),
             None => self.group(name),
         }
     }
@@ -95,7 +174,9 @@ impl StateMachine {
         for (event, record) in events {
             let key = event_key(group, event.lsn);
             digest = crate::apply::chain(&digest, &record);
-            batch.put_cf(cf(&self.db, CF_CHAIN), &key, digest);
+            let info = (event.time_ns, event.event.payload_bytes() as u64);
+            batch.put_cf(cf(&self.db, CF_CHAIN), &key, chain_value_of(&digest, info.0, info.1));
+            pending.info.insert((group.to_string(), event.lsn), info);
             batch.put_cf(cf(&self.db, CF_EVENTS), &key, record);
             batch.put_cf(cf(&self.db, CF_TIMES), time_key(group, event.time_ns, event.lsn), []);
             self.index(pending, batch, group, &key, event)?;
@@ -117,13 +198,20 @@ struct Pending {
     appended: std::collections::BTreeSet<String>,
     forked: std::collections::BTreeSet<String>,
     overlay: Overlay,
+    retention: BTreeMap<String, RetentionRecord>,
+    /// (group, LSN) -> (time, payload bytes) of this call's new events.
+    info: BTreeMap<(String, u64), (u64, u64)>,
+    /// (group, bookmark) -> LSN of this call's new bookmarks.
+    marks: BTreeMap<(String, String), u64>,
+    /// Groups deleted in this call (a later command may create one again).
+    deleted: std::collections::BTreeSet<String>,
 }
 
 impl StateMachine {
     fn apply_command(&self, pending: &mut Pending, batch: &mut WriteBatch, command: &Command) -> io::Result<CommandReply> {
         match command {
             Command::CreateGroup { group, disks, .. } => {
-                let exists = pending.groups.contains_key(group) || self.group(group)?.is_some();
+                let exists = self.pending_group(pending, group)?.is_some();
                 let record = match create_group(exists, group, disks) {
                     Ok(record) => record,
                     Err(reason) => return Ok(CommandReply::Refused { reason }),
@@ -145,10 +233,15 @@ impl StateMachine {
                     None => self.producer(b.client_id, &b.group)?,
                 };
                 let before = group.digest;
-                let (outcome, reply) = apply_batch(&mut group, producer, b);
+                let mut policy = self.policy(pending, &b.group, b.events.iter().map(|e| e.event.clone()))?;
+                let (outcome, reply) = apply_batch(&mut group, producer, b, &mut policy);
                 if let BatchOutcome::Sequenced { events, producer } = outcome {
+                    let any = !events.is_empty();
                     self.put_events(pending, batch, &b.group, before, events)?;
                     pending.producers.insert(pkey, producer);
+                    if any {
+                        self.move_window(pending, &group, policy.retention)?;
+                    }
                     pending.groups.insert(b.group.clone(), group);
                 }
                 Ok(reply)
@@ -172,9 +265,14 @@ impl StateMachine {
                 }
                 let before = group.digest;
                 let first = group.last_lsn + 1;
-                match apply_replicated(&mut group, self.dr(pending, name)?.as_ref(), *epoch, events, digest) {
+                let mut policy = self.policy(pending, name, events.iter().map(|e| e.event.clone()))?;
+                match apply_replicated(&mut group, self.dr(pending, name)?.as_ref(), *epoch, events, digest, &mut policy) {
                     Ok(new) => {
+                        let any = !new.is_empty();
                         self.put_events(pending, batch, name, before, new)?;
+                        if any {
+                            self.move_window(pending, &group, policy.retention)?;
+                        }
                         let reply = CommandReply::Appended { lsn_first: first.min(group.last_lsn + 1), lsn_last: group.last_lsn };
                         pending.groups.insert(name.clone(), group);
                         Ok(reply)
@@ -182,8 +280,61 @@ impl StateMachine {
                     Err(reason) => Ok(CommandReply::Refused { reason }),
                 }
             }
-            Command::Fork { group: name, branch, fork_lsn } => self.fork(pending, batch, name, branch, *fork_lsn),
+            Command::Fork { group: name, branch, fork_lsn } => {
+                let first = self.retention(pending, name)?.first();
+                if *fork_lsn + 1 < first {
+                    return Ok(CommandReply::Refused {
+                        reason: format!("the fork point LSN {fork_lsn} of group {name:?} is before its window (LSN {first} on): that history is released; link the group again"),
+                    });
+                }
+                self.fork(pending, batch, name, branch, *fork_lsn)
+            }
+            Command::DeleteGroup { group, time_ns } => self.delete_group(pending, batch, group, *time_ns),
         }
+    }
+
+    /// Deletes a group, its history and its records, in this same write
+    /// (RocksDB's range deletes over the group's key prefix).
+    fn delete_group(&self, pending: &mut Pending, batch: &mut WriteBatch, group: &str, time_ns: u64) -> io::Result<CommandReply> {
+        if self.pending_group(pending, group)?.is_none() {
+            return Ok(CommandReply::Refused { reason: format!("no consistency group {group:?}") });
+        }
+        if pending.appended.contains(group) || pending.forked.contains(group) {
+            return Ok(CommandReply::Refused { reason: format!("group {group:?} changed in this same step; resend") });
+        }
+        let retention = self.retention(pending, group)?;
+        let linked = self.dr(pending, group)?.is_some();
+        let mut branches = Vec::new();
+        for item in self.db.iterator_cf(cf(&self.db, CF_BRANCHES), rocksdb::IteratorMode::Start) {
+            let (k, v) = item.map_err(io_err)?;
+            let b: BranchRecord = decode_record(&v).map_err(|e| corrupt("branch record", e))?;
+            if b.base == group {
+                branches.push(String::from_utf8_lossy(&k).into_owned());
+            }
+        }
+        branches.extend(pending.branches.iter().filter(|(_, b)| b.base == group).map(|(n, _)| n.clone()));
+        if let Err(reason) = delete_check(group, Some(&retention), time_ns, linked, &branches) {
+            return Ok(CommandReply::Refused { reason });
+        }
+        let prefix = group_prefix(group);
+        for family in GROUP_KEYED_CFS {
+            batch.delete_range_cf(cf(&self.db, family), &prefix, &prefix_end(&prefix));
+        }
+        for family in [CF_GROUPS, CF_RETENTION, CF_GC, CF_BRANCHES] {
+            batch.delete_cf(cf(&self.db, family), group.as_bytes());
+        }
+        for item in self.db.iterator_cf(cf(&self.db, CF_PRODUCERS), rocksdb::IteratorMode::Start) {
+            let (k, _) = item.map_err(io_err)?;
+            if k.len() == 8 + group.len() && &k[8..] == group.as_bytes() {
+                batch.delete_cf(cf(&self.db, CF_PRODUCERS), &k);
+            }
+        }
+        pending.groups.remove(group);
+        pending.retention.remove(group);
+        pending.branches.remove(group);
+        pending.producers.retain(|(_, g), _| g != group);
+        pending.deleted.insert(group.to_string());
+        Ok(CommandReply::Created)
     }
 
     /// One failback step: moves the group's newest events after the fork
@@ -259,7 +410,7 @@ impl StateMachine {
             [0; 32]
         } else {
             let d = self.db.get_cf(cf(&self.db, CF_CHAIN), event_key(name, lsn)).map_err(io_err)?;
-            d.and_then(|d| <[u8; 32]>::try_from(d.as_slice()).ok())
+            d.and_then(|d| chain_value(&d).ok().map(|(digest, _)| digest))
                 .ok_or_else(|| corrupt("chain", format!("group {name:?} has no chain digest at LSN {lsn} (written before this build kept them)")))?
         };
         if lsn > 0 {
@@ -282,6 +433,7 @@ impl StateMachine {
         match &event.event {
             Event::Bookmark { name, app_consistent } => {
                 batch.put_cf(cf(&self.db, CF_MARKS), mark_key(group, name, lsn), mark_value(event.time_ns, *app_consistent));
+                pending.marks.insert((group.to_string(), name.clone()), lsn);
             }
             Event::Write { disk, .. } | Event::WriteZeroes { disk, .. } | Event::Trim { disk, .. } | Event::Revert { disk, .. } => {
                 let puts = {
@@ -361,6 +513,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     where
         Strm: Stream<Item = io::Result<EntryResponder<TypeConfig>>> + Unpin + OptionalSend,
     {
+        let _gc = self.gc_lock.clone().lock_owned().await;
         let mut batch = WriteBatch::default();
         let mut pending = Pending::default();
         let mut last_applied = None;
@@ -386,6 +539,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let sm = cf(&self.db, CF_SM);
         for (name, group) in &pending.groups {
             batch.put_cf(cf(&self.db, CF_GROUPS), name.as_bytes(), encode_record(group).map_err(io_err)?);
+        }
+        for (group, r) in &pending.retention {
+            batch.put_cf(cf(&self.db, CF_RETENTION), group.as_bytes(), encode_record(r).map_err(io_err)?);
         }
         for (group, b) in &pending.branches {
             batch.put_cf(cf(&self.db, CF_BRANCHES), group.as_bytes(), encode_record(b).map_err(io_err)?);
@@ -421,6 +577,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     }
 
     async fn install_snapshot(&mut self, meta: &SnapshotMeta, snapshot: SnapshotFile) -> io::Result<()> {
+        let _gc = self.gc_lock.clone().lock_owned().await;
         self.snapshots.install(meta, snapshot).await
     }
 

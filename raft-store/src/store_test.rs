@@ -201,3 +201,132 @@ async fn failback_keeps_the_diverged_events_as_a_readable_branch() {
     }
 }
 
+
+/// Retention through the store: a byte policy moves the window while
+/// writes (whole and partial blocks, large zero ranges) arrive; a pinned
+/// bookmark keeps its point; the collector frees every event before the
+/// window; and every kept point reads what a model of the disk says.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_collector_frees_history_before_the_window_and_keeps_every_kept_point() {
+    const SIZE: u64 = 2 << 20;
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = crate::open(dir.path()).unwrap();
+    let disks = vec![DiskSpec { name: "d0".into(), size_bytes: SIZE, sector_bytes: 512 }];
+    let mut commands = vec![Command::CreateGroup { group: "g".into(), disks, time_ns: 1 }];
+    let batch = |seq: u64, events: Vec<TimedEvent>| Command::Append(EventBatch { group: "g".into(), client_id: 5, seq, events });
+    let mut rng = 0x9e3779b97f4a7c15u64;
+    let mut next = move || {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng
+    };
+    // The model: every event, so the disk at any LSN can be rebuilt.
+    let mut events: Vec<Event> = Vec::new();
+    let mut seq = 0;
+    let mut t = 10;
+    let mut push = |commands: &mut Vec<Command>, events: &mut Vec<Event>, e: Event| {
+        seq += 1;
+        t += 10;
+        events.push(e.clone());
+        commands.push(batch(seq, vec![TimedEvent { time_ns: t, event: e }]));
+    };
+    push(&mut commands, &mut events, Event::Retain { keep_ns: 0, keep_bytes: 64 << 10 });
+    for i in 0..300u64 {
+        let e = match next() % 10 {
+            0 => Event::WriteZeroes { disk: "d0".into(), offset: (next() % 4) * 4096, len: 300 * 4096 },
+            1 => Event::Trim { disk: "d0".into(), offset: next() % (SIZE / 2), len: 4096 + next() % 8192 },
+            2..=4 => {
+                let offset = next() % (SIZE - 9000);
+                Event::Write { disk: "d0".into(), offset, data: vec![(i % 251) as u8 + 1; 1 + (next() % 9000) as usize] }
+            }
+            _ => Event::Write { disk: "d0".into(), offset: (next() % 64) * 4096, data: vec![(i % 251) as u8 + 1; 4096 * (1 + (next() % 3) as usize)] },
+        };
+        push(&mut commands, &mut events, e);
+        if i == 40 {
+            push(&mut commands, &mut events, Event::Bookmark { name: "keep".into(), app_consistent: false });
+            push(&mut commands, &mut events, Event::Pin { name: "keep".into(), until_ns: u64::MAX });
+        }
+        if i == 60 {
+            push(&mut commands, &mut events, Event::Bookmark { name: "gone".into(), app_consistent: false });
+        }
+    }
+    apply_all(&mut store.state_machine, commands).await;
+    let r = store.reader.clone();
+    let g = r.group("g").unwrap().unwrap();
+    let ret = r.retention("g").unwrap();
+    let first = ret.first();
+    assert!(first > 100 && first < g.last_lsn, "the window moved: first LSN {first} of {}", g.last_lsn);
+    assert!(ret.window_bytes(&g) <= 64 << 10);
+    let pinned = r.bookmarks("g", 100).unwrap().into_iter().find(|b| b.name == "keep").unwrap().lsn;
+    assert!(pinned < first);
+    let collector = store.collector.clone();
+    let freed = tokio::task::spawn_blocking(move || {
+        let mut freed = 0;
+        for _ in 0..1000 {
+            let s = collector.step().unwrap();
+            if s.group.is_none() {
+                break;
+            }
+            freed += s.events;
+        }
+        freed
+    })
+    .await
+    .unwrap();
+    assert_eq!(freed, first - 1, "every event before the window is freed");
+    assert_eq!(r.gc("g").unwrap().debt(&r.retention("g").unwrap()), 0);
+    assert!(r.events("g", 1, 10, usize::MAX).unwrap().first().is_some_and(|e| e.lsn == first));
+    let marks: Vec<String> = r.bookmarks("g", 100).unwrap().into_iter().map(|b| b.name).collect();
+    assert_eq!(marks, vec!["keep".to_string()], "the unpinned bookmark before the window is gone");
+    let model_at = |lsn: u64| {
+        let mut disk = vec![0u8; SIZE as usize];
+        for e in &events[..lsn as usize] {
+            match e {
+                Event::Write { offset, data, .. } => disk[*offset as usize..*offset as usize + data.len()].copy_from_slice(data),
+                Event::WriteZeroes { offset, len, .. } | Event::Trim { offset, len, .. } => disk[*offset as usize..(*offset + *len) as usize].fill(0),
+                _ => {}
+            }
+        }
+        disk
+    };
+    let read_at = |lsn: u64| -> std::io::Result<Vec<u8>> {
+        let mut disk = vec![0u8; SIZE as usize];
+        for (at, bytes) in r.read_disk("g", "d0", lsn, 0, SIZE)? {
+            disk[at as usize..at as usize + bytes.len()].copy_from_slice(&bytes);
+        }
+        Ok(disk)
+    };
+    for lsn in [pinned, first, first + 1, (first + g.last_lsn) / 2, g.last_lsn] {
+        assert!(read_at(lsn).unwrap() == model_at(lsn), "the disk at LSN {lsn} (window from {first}, pin at {pinned})");
+    }
+    let err = read_at(first - 1).unwrap_err();
+    assert_eq!(err.kind(), std::io::ErrorKind::NotFound);
+    assert!(err.to_string().contains("before the window"), "{err}");
+}
+
+/// A lock refuses a shorter policy and the group's deletion until it
+/// ends; then the group and all its keys go. (The refusals' texts are
+/// checked in `retention`'s tests; here, their effect on the store.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_locked_group_refuses_a_shorter_policy_and_deletion() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = crate::open(dir.path()).unwrap();
+    let mut commands = commands();
+    let batch = |seq: u64, e: Event, time_ns: u64| Command::Append(EventBatch { group: "g".into(), client_id: 6, seq, events: vec![TimedEvent { time_ns, event: e }] });
+    commands.push(batch(1, Event::Retain { keep_ns: 1000, keep_bytes: 0 }, 40));
+    commands.push(batch(2, Event::Lock { until_ns: 500 }, 41));
+    commands.push(batch(3, Event::Retain { keep_ns: 10, keep_bytes: 0 }, 42));
+    commands.push(Command::DeleteGroup { group: "g".into(), time_ns: 499 });
+    let n = commands.len() as u64;
+    apply_all(&mut store.state_machine, commands).await;
+    let r = store.reader.retention("g").unwrap();
+    assert_eq!((r.keep_ns, r.lock_until_ns), (1000, 500), "the shorter policy was refused");
+    assert_eq!(store.reader.group("g").unwrap().unwrap().last_lsn, 6, "the refused batch took no LSN");
+    apply_all_from(&mut store.state_machine, n + 1, vec![Command::DeleteGroup { group: "g".into(), time_ns: 500 }]).await;
+    assert!(store.reader.group("g").unwrap().is_none());
+    assert!(store.reader.events("g", 1, 10, usize::MAX).unwrap().is_empty());
+    assert!(store.reader.bookmarks("g", 10).unwrap().is_empty());
+    assert_eq!(store.reader.retention("g").unwrap(), Default::default());
+    assert!(store.reader.producer(5, "g").unwrap().is_none());
+}

@@ -34,6 +34,23 @@ pub enum Event {
     /// they were as of `to_lsn`: a failover to a past point starts its
     /// branch of the history here, keeping everything after `to_lsn`.
     Revert { disk: String, to_lsn: u64, block_first: u64, block_end: u64 },
+    /// The group's retention policy from here on: history older than
+    /// `keep_ns` behind the newest event, or more than `keep_bytes` of
+    /// payload, may be released (0: no limit of that kind).
+    Retain { keep_ns: u64, keep_bytes: u64 },
+    /// Until `until_ns`, nothing may shorten the retention, delete the
+    /// group, or unpin a bookmark. A lock is never shortened.
+    Lock { until_ns: u64 },
+    /// The point of bookmark `name` is kept until `until_ns`, beyond the
+    /// window if need be (0 unpins it).
+    Pin { name: String, until_ns: u64 },
+}
+
+impl Event {
+    /// Whether the event changes what the group keeps (an admin's event).
+    pub fn is_policy(&self) -> bool {
+        matches!(self, Event::Retain { .. } | Event::Lock { .. } | Event::Pin { .. })
+    }
 }
 
 /// An event with the time its source gave it (nanoseconds since the Unix epoch).
@@ -147,7 +164,7 @@ impl Event {
             Event::BackupExtent { backup, .. } | Event::BackupCommit { backup } | Event::BackupAbort { backup } => {
                 check_name(backup)
             }
-            Event::Bookmark { name, .. } => check_name(name),
+            Event::Bookmark { name, .. } | Event::Pin { name, .. } => check_name(name),
             Event::DiskCreate { size_bytes, sector_bytes, .. } => check_disk_geometry(*size_bytes, *sector_bytes),
             Event::DiskResize { .. } => Ok(()),
             Event::Revert { block_first, block_end, .. } if block_end <= block_first || block_end - block_first > REVERT_BLOCKS_MAX => {
@@ -298,5 +315,16 @@ mod tests {
         ] {
             assert_eq!(check_disk_geometry(size, sector).is_ok(), ok, "{size} {sector}");
         }
+    }
+}
+
+#[cfg(test)]
+mod layout_tests {
+    /// Stored events (and the log's entries) hold archived events: a new
+    /// variant must not change their layout, or stores written before it
+    /// could not be read. Format-2 stores hold 40-byte archived events.
+    #[test]
+    fn the_archived_event_keeps_its_size() {
+        assert_eq!(std::mem::size_of::<super::ArchivedEvent>(), 40);
     }
 }

@@ -42,6 +42,23 @@ pub const REASON_BYTES_MAX: usize = 256;
 /// Most disk bytes one read-disk reply carries.
 pub const READ_DISK_BYTES_MAX: u64 = 4 * 1024 * 1024;
 
+/// Most bookmarks a group keeps pinned at once.
+pub const PINS_MAX: usize = 256;
+
+/// How far ahead of the site's clock an event's time may be: a later time
+/// would move a retention window (and a lock's end) early.
+pub const EVENT_TIME_AHEAD_MAX_NS: u64 = 300 * 1_000_000_000;
+
+/// How far a policy event's time (retention, lock, pin) may be from the
+/// site's clock, either way.
+pub const POLICY_TIME_SKEW_MAX_NS: u64 = 60 * 1_000_000_000;
+
+/// Most events one apply moves a group's window over, and most events
+/// (and payload bytes) one collector step frees.
+pub const WINDOW_STEP_EVENTS_MAX: u64 = 4096;
+pub const GC_STEP_EVENTS_MAX: usize = 256;
+pub const GC_STEP_BYTES_MAX: u64 = 16 << 20;
+
 /// Most bookmarks one points reply lists (the newest).
 pub const POINTS_BOOKMARKS_MAX: usize = 1000;
 

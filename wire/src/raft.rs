@@ -64,6 +64,10 @@ pub enum Command {
     /// `branch` (made by the first such command), a bounded piece per
     /// command, until the group ends at the fork and can follow the primary.
     Fork { group: String, branch: String, fork_lsn: u64 },
+    /// Deletes a group and its whole history. `time_ns` is the leader's
+    /// clock when it proposed the command (a retention lock is checked
+    /// against it, never against a client's clock).
+    DeleteGroup { group: String, time_ns: u64 },
 }
 
 impl Command {
@@ -73,7 +77,7 @@ impl Command {
         match self {
             Command::Append(b) => b.payload_bytes(),
             Command::Replicate { events, .. } => events.iter().map(|e| e.event.payload_bytes()).sum(),
-            Command::CreateGroup { .. } | Command::DrSet { .. } | Command::Fork { .. } => 0,
+            Command::CreateGroup { .. } | Command::DrSet { .. } | Command::Fork { .. } | Command::DeleteGroup { .. } => 0,
         }
     }
 }
@@ -158,6 +162,7 @@ impl std::fmt::Display for Command {
                 events.first().map_or(0, |e| e.lsn)
             ),
             Command::Fork { group, branch, fork_lsn } => write!(f, "fork {group} after LSN {fork_lsn} into {branch}"),
+            Command::DeleteGroup { group, .. } => write!(f, "delete-group {group}"),
             Command::Append(batch) => write!(
                 f,
                 "append {} events ({} bytes) to {} from client {} seq {}",

@@ -33,6 +33,8 @@ pub enum Request {
 
     // From clients.
     CreateGroup { group: String, disks: Vec<DiskSpec>, time_ns: u64 },
+    /// Deletes a group and its history (refused while it is locked).
+    DeleteGroup { group: String },
     Append { batch: EventBatch },
     Status,
     GroupState { group: String },
@@ -100,6 +102,25 @@ pub struct BookmarkInfo {
     pub lsn: u64,
     pub time_ns: u64,
     pub app_consistent: bool,
+    /// Pinned until then (0: not pinned): kept beyond the window.
+    pub keep_until_ns: u64,
+}
+
+/// A group's retention policy, lock and the history it holds.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq, Default)]
+pub struct RetentionInfo {
+    /// 0: no limit of that kind.
+    pub keep_ns: u64,
+    pub keep_bytes: u64,
+    /// 0: never locked.
+    pub lock_until_ns: u64,
+    /// Payload bytes of the events in the window.
+    pub window_bytes: u64,
+    /// Payload bytes released by the window's moves and not yet freed.
+    pub gc_debt_bytes: u64,
+    /// Bytes the collector freed and rewrote on this node.
+    pub freed_bytes: u64,
+    pub rewritten_bytes: u64,
 }
 
 /// What can be replayed: the continuous window and the named points in it.
@@ -114,6 +135,7 @@ pub struct PointsInfo {
     /// Newest first.
     pub bookmarks: Vec<BookmarkInfo>,
     pub disks: Vec<DiskSpec>,
+    pub retention: RetentionInfo,
 }
 
 impl Request {
@@ -125,6 +147,7 @@ impl Request {
             Request::RaftSnapshot { .. } => "raft-snapshot",
             Request::SnapshotChunk { .. } => "snapshot-chunk",
             Request::CreateGroup { .. } => "create-group",
+            Request::DeleteGroup { .. } => "delete-group",
             Request::Append { .. } => "append",
             Request::Status => "status",
             Request::GroupState { .. } => "group-state",
@@ -210,6 +233,7 @@ pub struct GroupState {
     pub disks: Vec<DiskSpec>,
     pub events: u64,
     pub payload_bytes: u64,
+    pub retention: RetentionInfo,
 }
 
 #[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]

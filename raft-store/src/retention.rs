@@ -1,0 +1,340 @@
+//! Retention's pure core: a group's policy and lock, the window of points
+//! it keeps (moved forward deterministically as events arrive, so every
+//! replica moves it alike), pinned bookmarks, and the collector's rule for
+//! what the events before the window leave live. No I/O: `sm.rs` and
+//! `gc.rs` load what this needs and write what it returns, and the
+//! simulation runs the same functions over memory.
+//!
+//! The rules:
+//! * the window is the points `first_lsn..=last_lsn`; a replay outside it
+//!   is refused, except at a pinned bookmark's point;
+//! * `keep_ns` keeps every point from `last_time - keep_ns` on (the point
+//!   that was current at that time included); `keep_bytes` bounds the
+//!   payload of the events `first_lsn..=last_lsn`. With both, the window is
+//!   cut by whichever is reached first;
+//! * a block version written at LSN `l` whose block next changes at `n`
+//!   (a newer version, or a zero extent that covers it) is live while
+//!   some kept point `p` has `l <= p < n`: `n > first_lsn` (it is current
+//!   at the window's start), or a pin at `p`. Everything else an event
+//!   before the window wrote is garbage;
+//! * under a lock (`lock_until_ns` after the command's time), the policy
+//!   may only grow, a pin only lengthen, the lock only extend, and the
+//!   group cannot be deleted.
+
+use std::collections::BTreeMap;
+
+use rewind_wire::event::{Event, LoggedEvent};
+use rewind_wire::limits::{PINS_MAX, WINDOW_STEP_EVENTS_MAX};
+use rewind_wire::timefmt::format_time_ns;
+use rkyv::{Archive, Deserialize, Serialize};
+
+use crate::apply::GroupRecord;
+use crate::blocks::{versioned_blocks, Version, BLOCK_BYTES};
+
+/// A pinned bookmark: its point is kept until `until_ns`.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct PinRecord {
+    pub name: String,
+    pub lsn: u64,
+    pub until_ns: u64,
+}
+
+/// A group's retention state, part of the replicated state machine.
+/// Absent (a store written before retention) reads as the default: no
+/// policy, no lock, the window from LSN 1.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq, Default)]
+pub struct RetentionRecord {
+    /// 0: no limit of that kind.
+    pub keep_ns: u64,
+    pub keep_bytes: u64,
+    /// 0: never locked.
+    pub lock_until_ns: u64,
+    /// The window's first point (0 reads as 1).
+    pub first_lsn: u64,
+    /// The event time of `first_lsn` (0 until the window first moves).
+    pub first_time_ns: u64,
+    /// Payload bytes of the events before `first_lsn`.
+    pub released_bytes: u64,
+    pub pins: Vec<PinRecord>,
+}
+
+impl RetentionRecord {
+    pub fn first(&self) -> u64 {
+        self.first_lsn.max(1)
+    }
+
+    /// Payload bytes of the events `first..=last`.
+    pub fn window_bytes(&self, g: &GroupRecord) -> u64 {
+        g.payload_bytes.saturating_sub(self.released_bytes)
+    }
+
+    /// Whether `time_ns` is before the lock's end.
+    pub fn locked_at(&self, time_ns: u64) -> bool {
+        self.lock_until_ns > time_ns
+    }
+
+    /// Whether a replay at `lsn` is kept: in the window, or a pin's point
+    /// (or LSN 0, the empty disk, while nothing was released).
+    pub fn keeps(&self, lsn: u64) -> bool {
+        lsn >= self.first() || self.first() == 1 || self.pins.iter().any(|p| p.lsn == lsn)
+    }
+
+    /// The points before the window that pins keep, ascending.
+    pub fn pinned_points(&self) -> Vec<u64> {
+        let mut v: Vec<u64> = self.pins.iter().map(|p| p.lsn).filter(|l| *l < self.first()).collect();
+        v.sort_unstable();
+        v.dedup();
+        v
+    }
+
+    fn lock_text(&self) -> String {
+        format!("it is locked until {} (`rewind group lock`)", format_time_ns(self.lock_until_ns))
+    }
+
+    /// The refusal for a replay at `lsn` outside what the group keeps.
+    pub fn outside(&self, group: &str, lsn: u64, last_lsn: u64) -> String {
+        format!(
+            "LSN {lsn} is before the window of group {group:?}: its retention policy has released the history before LSN {} (window LSN {}..={last_lsn}; see `rewind points {group}`)",
+            self.first(),
+            self.first()
+        )
+    }
+}
+
+fn limit_text(v: u64, unit: &str) -> String {
+    if v == 0 {
+        "no limit".to_string()
+    } else {
+        format!("{v} {unit}")
+    }
+}
+
+/// A limit where 0 means none, for comparing: none is the longest.
+fn as_limit(v: u64) -> u64 {
+    if v == 0 {
+        u64::MAX
+    } else {
+        v
+    }
+}
+
+/// Checks a policy event (retention, lock, pin) at `time_ns` against the
+/// record, and applies it. `marks`: the group's bookmarks by name (newest
+/// LSN and time), those of the same batch included. Deterministic.
+pub fn apply_policy(r: &mut RetentionRecord, group: &str, event: &Event, time_ns: u64, marks: &BTreeMap<String, u64>) -> Result<(), String> {
+    let locked = r.locked_at(time_ns);
+    match event {
+        Event::Retain { keep_ns, keep_bytes } => {
+            if locked && (as_limit(*keep_ns) < as_limit(r.keep_ns) || as_limit(*keep_bytes) < as_limit(r.keep_bytes)) {
+                return Err(format!(
+                    "group {group:?} keeps {} and {}; a shorter retention is refused: {}",
+                    limit_text(r.keep_ns / 1_000_000_000, "s"),
+                    limit_text(r.keep_bytes, "bytes"),
+                    r.lock_text()
+                ));
+            }
+            r.keep_ns = *keep_ns;
+            r.keep_bytes = *keep_bytes;
+        }
+        Event::Lock { until_ns } => {
+            if *until_ns < r.lock_until_ns {
+                return Err(format!("group {group:?} is locked until {}; a lock is never shortened", format_time_ns(r.lock_until_ns)));
+            }
+            r.lock_until_ns = *until_ns;
+        }
+        Event::Pin { name, until_ns } => {
+            let Some(&lsn) = marks.get(name) else {
+                return Err(format!("group {group:?} has no bookmark {name:?} to pin"));
+            };
+            let old = r.pins.iter().position(|p| p.name == *name);
+            let shorter = old.is_some_and(|i| r.pins[i].until_ns > *until_ns);
+            if locked && shorter {
+                return Err(format!("bookmark {name:?} of group {group:?} is pinned until {}; unpinning it early is refused: {}", format_time_ns(r.pins[old.expect("found")].until_ns), r.lock_text()));
+            }
+            if lsn < r.first() && !r.pins.iter().any(|p| p.lsn == lsn) {
+                return Err(format!("bookmark {name:?} of group {group:?} (LSN {lsn}) is before the window (LSN {} on); its point is released and cannot be pinned", r.first()));
+            }
+            if let Some(i) = old {
+                r.pins.remove(i);
+            }
+            if *until_ns > time_ns {
+                if r.pins.len() >= PINS_MAX {
+                    return Err(format!("group {group:?} has {PINS_MAX} pinned bookmarks, the most it keeps; unpin one first"));
+                }
+                r.pins.push(PinRecord { name: name.clone(), lsn, until_ns: *until_ns });
+            }
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+/// Checks a `DeleteGroup` at `time_ns`.
+pub fn delete_check(group: &str, r: Option<&RetentionRecord>, time_ns: u64, linked: bool, branches: &[String]) -> Result<(), String> {
+    if let Some(r) = r.filter(|r| r.locked_at(time_ns)) {
+        return Err(format!("group {group:?} cannot be deleted: {}", r.lock_text()));
+    }
+    if linked {
+        return Err(format!("group {group:?} is linked to another site; deleting a linked group is not built"));
+    }
+    if let Some(b) = branches.first() {
+        return Err(format!("group {group:?} is the base of branch {b:?}, which reads its history; delete the branch first"));
+    }
+    Ok(())
+}
+
+/// Moves the window forward as the policy allows, by at most
+/// `WINDOW_STEP_EVENTS_MAX` events (the next append moves it on), and
+/// drops pins that ended before the group's newest event. `info(lsn)`
+/// gives an event's (time, payload bytes). Returns how many events the
+/// window passed.
+pub fn advance_window<E>(r: &mut RetentionRecord, g: &GroupRecord, mut info: impl FnMut(u64) -> Result<(u64, u64), E>) -> Result<u64, E> {
+    r.pins.retain(|p| p.until_ns > g.last_time_ns);
+    if g.last_lsn == 0 || (r.keep_ns == 0 && r.keep_bytes == 0) {
+        return Ok(0);
+    }
+    let cutoff = (r.keep_ns > 0).then(|| g.last_time_ns.saturating_sub(r.keep_ns));
+    let mut first = r.first();
+    let mut moved = 0;
+    while first < g.last_lsn && moved < WINDOW_STEP_EVENTS_MAX {
+        let by_bytes = r.keep_bytes > 0 && r.window_bytes(g) > r.keep_bytes;
+        let (next_time, _) = info(first + 1)?;
+        let by_time = cutoff.is_some_and(|c| next_time <= c);
+        if !by_bytes && !by_time {
+            break;
+        }
+        let (_, bytes) = info(first)?;
+        r.released_bytes += bytes;
+        first += 1;
+        r.first_time_ns = next_time;
+        moved += 1;
+    }
+    r.first_lsn = first;
+    Ok(moved)
+}
+
+/// What the collector reads of one disk's block index.
+pub trait GcIndex {
+    type Error;
+    /// The version of `block` written at exactly `lsn`, if there is one.
+    fn version_at(&mut self, block: u64, lsn: u64) -> Result<Option<Version>, Self::Error>;
+    /// The LSN of the next version of `block` after `after`, if it is at
+    /// most `upto`.
+    fn next_version(&mut self, block: u64, after: u64, upto: u64) -> Result<Option<u64>, Self::Error>;
+    /// The zero extents with LSN in `after+1..=upto`: (LSN, first block,
+    /// end block).
+    fn extents(&mut self, after: u64, upto: u64) -> Result<Vec<(u64, u64, u64)>, Self::Error>;
+    /// Whether an extent is stored at exactly `lsn`.
+    fn extent_at(&mut self, lsn: u64) -> Result<bool, Self::Error>;
+}
+
+/// One change the collector makes for an event before the window.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GcOp {
+    /// The version is live and referred into the event's payload: it gets
+    /// its own copy of the 4 KiB, so the event can go.
+    Materialise { block: u64, version: Version },
+    /// A garbage version.
+    DeleteVersion { block: u64 },
+    /// A garbage zero extent.
+    DeleteExtent,
+}
+
+/// The collector's changes to the block index for event `e` (before the
+/// window): for each version it wrote, live or garbage by the rule above;
+/// its zero extent, dropped unless a pin before it may still need it.
+/// `pins`: the pinned points before the window, ascending.
+pub fn collect_event<I: GcIndex>(index: &mut I, e: &LoggedEvent, first: u64, pins: &[u64]) -> Result<Vec<GcOp>, I::Error> {
+    let mut ops = Vec::new();
+    let l = e.lsn;
+    debug_assert!(l < first);
+    let Some((_, blocks)) = versioned_blocks(&e.event) else { return Ok(ops) };
+    let pins: &[u64] = if crate::bug("gc-ignores-pins") { &[] } else { pins };
+    let extents = if blocks.is_empty() { Vec::new() } else { index.extents(l, first)? };
+    for block in blocks {
+        let Some(version) = index.version_at(block, l)? else { continue };
+        let by_version = index.next_version(block, l, first)?;
+        let by_extent = extents.iter().filter(|(_, b0, b1)| (*b0..*b1).contains(&block)).map(|(x, _, _)| *x).min();
+        let next = match (by_version, by_extent) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        let live = match next {
+            None => !crate::bug("gc-frees-live"),
+            Some(n) => pins.iter().any(|p| l <= *p && *p < n),
+        };
+        if !live {
+            ops.push(GcOp::DeleteVersion { block });
+        } else if let Version::Ref { offset } = version {
+            let Event::Write { data, .. } = &e.event else { continue };
+            let at = offset as usize;
+            if let Some(bytes) = data.get(at..at + BLOCK_BYTES as usize) {
+                ops.push(GcOp::Materialise { block, version: Version::Data(bytes.to_vec()) });
+            }
+        }
+    }
+    if index.extent_at(l)? && !pins.iter().any(|p| *p < l) {
+        ops.push(GcOp::DeleteExtent);
+    }
+    Ok(ops)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rewind_wire::rpc::DiskSpec;
+
+    fn group(last_lsn: u64, last_time_ns: u64, payload_bytes: u64) -> GroupRecord {
+        let mut g = GroupRecord::new("g", &[DiskSpec { name: "d".into(), size_bytes: 1 << 20, sector_bytes: 512 }]);
+        g.last_lsn = last_lsn;
+        g.last_time_ns = last_time_ns;
+        g.payload_bytes = payload_bytes;
+        g
+    }
+
+    #[test]
+    fn the_window_moves_by_bytes_and_by_time_whichever_cuts_first() {
+        // 10 events of 100 bytes at times 10, 20, ..., 100.
+        let info = |l: u64| Ok::<_, ()>((l * 10, 100));
+        let g = group(10, 100, 1000);
+        let mut r = RetentionRecord { keep_bytes: 350, ..Default::default() };
+        advance_window(&mut r, &g, info).unwrap();
+        // Events first..=10 hold at most 350 bytes: first = 8 (8, 9, 10).
+        assert_eq!((r.first(), r.window_bytes(&g), r.first_time_ns), (8, 300, 80));
+        let mut r = RetentionRecord { keep_ns: 45, ..Default::default() };
+        advance_window(&mut r, &g, info).unwrap();
+        // Points from time 55 on: the point current at 55 is LSN 5.
+        assert_eq!(r.first(), 5);
+        let mut r = RetentionRecord { keep_ns: 45, keep_bytes: 350, ..Default::default() };
+        advance_window(&mut r, &g, info).unwrap();
+        assert_eq!(r.first(), 8);
+        // No policy: never moves; the window never passes the last event.
+        let mut r = RetentionRecord::default();
+        assert_eq!(advance_window(&mut r, &g, info).unwrap(), 0);
+        let mut r = RetentionRecord { keep_bytes: 1, ..Default::default() };
+        advance_window(&mut r, &g, info).unwrap();
+        assert_eq!(r.first(), 10);
+    }
+
+    #[test]
+    fn a_lock_refuses_a_shorter_policy_an_early_unpin_and_a_delete() {
+        let marks: BTreeMap<String, u64> = [("m".to_string(), 3)].into();
+        let mut r = RetentionRecord::default();
+        apply_policy(&mut r, "g", &Event::Retain { keep_ns: 100, keep_bytes: 0 }, 1, &marks).unwrap();
+        apply_policy(&mut r, "g", &Event::Pin { name: "m".into(), until_ns: 500 }, 1, &marks).unwrap();
+        apply_policy(&mut r, "g", &Event::Lock { until_ns: 1000 }, 1, &marks).unwrap();
+        let e = apply_policy(&mut r, "g", &Event::Retain { keep_ns: 50, keep_bytes: 0 }, 2, &marks).unwrap_err();
+        assert!(e.contains("locked until"), "{e}");
+        assert!(apply_policy(&mut r, "g", &Event::Retain { keep_ns: 100, keep_bytes: 1 << 30 }, 2, &marks).is_err(), "a byte limit where there was none is shorter");
+        apply_policy(&mut r, "g", &Event::Retain { keep_ns: 200, keep_bytes: 0 }, 2, &marks).unwrap();
+        assert!(apply_policy(&mut r, "g", &Event::Pin { name: "m".into(), until_ns: 0 }, 2, &marks).unwrap_err().contains("unpinning"));
+        assert!(apply_policy(&mut r, "g", &Event::Lock { until_ns: 900 }, 2, &marks).unwrap_err().contains("never shortened"));
+        assert!(delete_check("g", Some(&r), 999, false, &[]).unwrap_err().contains("cannot be deleted"));
+        // After the lock's end, all of it is allowed.
+        apply_policy(&mut r, "g", &Event::Retain { keep_ns: 1, keep_bytes: 0 }, 1000, &marks).unwrap();
+        apply_policy(&mut r, "g", &Event::Pin { name: "m".into(), until_ns: 0 }, 1000, &marks).unwrap();
+        assert!(r.pins.is_empty());
+        delete_check("g", Some(&r), 1000, false, &[]).unwrap();
+        assert!(apply_policy(&mut r, "g", &Event::Pin { name: "nope".into(), until_ns: 5000 }, 1000, &marks).unwrap_err().contains("no bookmark"));
+    }
+}
