@@ -86,6 +86,15 @@ pub struct NodeConfig {
     pub tls: TlsFiles,
     #[serde(default)]
     pub raft: RaftTuning,
+    /// The collector frees at most this many MiB per second (payload freed
+    /// plus blocks rewritten), so that ingest keeps its latency; 0: no
+    /// limit.
+    #[serde(default = "default_gc_rate_mib")]
+    pub gc_rate_mib: u64,
+}
+
+pub fn default_gc_rate_mib() -> u64 {
+    64
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -13,7 +13,7 @@ use anyhow::{bail, Context};
 use serde::{Deserialize, Serialize};
 
 use crate::client::Client;
-use crate::config::{ClientConfig, NodeAddr, NodeConfig, RaftTuning, TlsFiles};
+use crate::config::{default_gc_rate_mib, ClientConfig, NodeAddr, NodeConfig, RaftTuning, TlsFiles};
 use rewind_wire::raft::Member;
 use rewind_wire::rpc::{Request, Response};
 
@@ -191,6 +191,7 @@ pub async fn up(opts: &UpOptions) -> anyhow::Result<PathBuf> {
                 metrics_listen: Some(free_port()?.into()),
                 tls: TlsFiles { ca: certs.join("ca.pem"), cert: certs.join(format!("{name}.pem")), key: certs.join(format!("{name}.key")) },
                 raft: opts.raft.clone(),
+                gc_rate_mib: default_gc_rate_mib(),
             };
             std::fs::write(&path, toml::to_string(&config)?)?;
             config

@@ -36,6 +36,10 @@ impl ServiceTypes for NodeTypes {
     fn responder() -> (openraft::alias::WriteResponderOf<TypeConfig>, rewind_service::WriteReceiver<TypeConfig>) {
         openraft::impls::ProgressResponder::complete_only()
     }
+
+    fn wall_ns() -> u64 {
+        crate::now_ns()
+    }
 }
 
 /// Largest snapshot a node accepts from a peer, 1 TiB.
@@ -110,6 +114,7 @@ pub async fn run(config: NodeConfig) -> anyhow::Result<()> {
     }
     let dir: PathBuf = config.data_dir.join(format!("shard-{DATA_SHARD}"));
     let store = rewind_raft_store::open(&dir).with_context(|| format!("open the store in {}", dir.display()))?;
+    let collector = start_collector(store.collector.clone(), config.gc_rate_mib << 20);
     let network = Network::new(endpoint.clone());
     let raft = Raft::new(config.id, raft_config(&config)?, network, store.log, store.state_machine)
         .await
@@ -146,8 +151,53 @@ pub async fn run(config: NodeConfig) -> anyhow::Result<()> {
         _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: stopping"),
     }
     let _ = raft.shutdown().await;
+    collector.stop().await;
     endpoint.close(0u32.into(), b"node stopping");
     Ok(())
+}
+
+/// The collector's thread, and its metrics.
+struct CollectorThread {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl CollectorThread {
+    async fn stop(mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = tokio::task::spawn_blocking(move || t.join()).await;
+        }
+    }
+}
+
+/// Runs the collector on a thread of its own (it reads and writes RocksDB
+/// synchronously), `rate_bytes` a second at most, and publishes
+/// `rewind_gc_debt_bytes`, `rewind_gc_freed_bytes_total` and
+/// `rewind_gc_rewritten_bytes_total` every 5 s.
+fn start_collector(collector: rewind_raft_store::gc::Collector, rate_bytes: u64) -> CollectorThread {
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let thread = {
+        let (collector, stop) = (collector.clone(), stop.clone());
+        std::thread::Builder::new()
+            .name("collector".into())
+            .spawn(move || collector.run(rate_bytes, std::time::Duration::from_secs(1), &stop))
+            .expect("spawn the collector thread")
+    };
+    let stats = collector.stats.clone();
+    spawn(async move {
+        use std::sync::atomic::Ordering::Relaxed;
+        loop {
+            let c = collector.clone();
+            if let Ok(Ok(debt)) = tokio::task::spawn_blocking(move || c.debt()).await {
+                metrics::gauge!("rewind_gc_debt_bytes").set(debt as f64);
+            }
+            metrics::counter!("rewind_gc_freed_bytes_total").absolute(stats.freed_bytes.load(Relaxed));
+            metrics::counter!("rewind_gc_rewritten_bytes_total").absolute(stats.rewritten_bytes.load(Relaxed));
+            tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+        }
+    });
+    CollectorThread { stop, thread: Some(thread) }
 }
 
 /// Publishes Raft's progress as metrics: apply lag, leader changes, term.

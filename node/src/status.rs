@@ -14,7 +14,12 @@ pub async fn node_status(node: &Node) -> Result<NodeStatus, rewind_service::Serv
         let voters: Vec<u64> = membership.voter_ids().collect();
         let learners: Vec<u64> = membership.learner_ids().collect();
         let members = membership.nodes().map(|(id, n)| Member { id: *id, addr: n.addr.clone() }).collect();
-        let groups = shard.reader.groups().map_err(|e| rewind_service::ServiceError::Internal(format!("read groups: {e}")))?;
+        let internal = |e: std::io::Error| rewind_service::ServiceError::Internal(format!("read groups: {e}"));
+        let mut groups = Vec::new();
+        for g in shard.reader.groups().map_err(internal)? {
+            let info = rewind_service::retention_info(&g, &shard.reader.retention(&g.name).map_err(internal)?, &shard.reader.gc(&g.name).map_err(internal)?);
+            groups.push((g, info));
+        }
         shards.push(ShardStatus {
             shard: *id,
             role: match m.state {
@@ -51,11 +56,11 @@ pub async fn node_status(node: &Node) -> Result<NodeStatus, rewind_service::Serv
 
 /// As many group states as fit `STATUS_GROUPS_BYTES_MAX` (by a generous
 /// estimate of their encoded size), so a status reply always fits a frame.
-pub fn bounded_groups(groups: &[rewind_raft_store::apply::GroupRecord]) -> Vec<rewind_wire::rpc::GroupState> {
+pub fn bounded_groups(groups: &[(rewind_raft_store::apply::GroupRecord, rewind_wire::rpc::RetentionInfo)]) -> Vec<rewind_wire::rpc::GroupState> {
     let mut bytes = 0usize;
     let mut out = Vec::new();
-    for g in groups {
-        let state = rewind_service::group_state(g);
+    for (g, info) in groups {
+        let state = rewind_service::group_state(g, info.clone());
         // Names, the digest, and each disk's name and numbers, with room
         // for the archive's own headers.
         let size = 256 + state.name.len() + state.digest_hex.len() + state.disks.iter().map(|d| 64 + d.name.len()).sum::<usize>();
@@ -78,7 +83,8 @@ mod tests {
     #[test]
     fn a_status_of_many_groups_fits_one_frame() {
         let disks: Vec<DiskSpec> = (0..256).map(|i| DiskSpec { name: format!("disk-with-a-long-name-{i:04}"), size_bytes: 1 << 30, sector_bytes: 512 }).collect();
-        let groups: Vec<GroupRecord> = (0..1500).map(|i| GroupRecord::new(&format!("group-{i:05}"), &disks)).collect();
+        let groups: Vec<(GroupRecord, rewind_wire::rpc::RetentionInfo)> =
+            (0..1500).map(|i| (GroupRecord::new(&format!("group-{i:05}"), &disks), Default::default())).collect();
         let kept = super::bounded_groups(&groups);
         assert!(!kept.is_empty() && kept.len() < groups.len(), "{} of {}", kept.len(), groups.len());
         let shard = ShardStatus {

@@ -139,8 +139,22 @@ impl GcIndex for Index<'_> {
         Ok(out)
     }
 
-    fn extent_at(&mut self, lsn: u64) -> std::io::Result<bool> {
-        Ok(self.db.get_pinned_cf(cf(self.db, CF_EXTENTS), extent_key(self.group, self.disk, lsn)).map_err(io_err)?.is_some())
+    fn older_versions(&mut self, block: u64, before: u64) -> std::io::Result<Vec<u64>> {
+        let from = block_key(self.group, self.disk, block, 0);
+        let prefix = &from[..from.len() - 8];
+        let mut out = Vec::new();
+        for item in self.db.iterator_cf(cf(self.db, CF_BLOCKS), IteratorMode::From(&from, Direction::Forward)) {
+            let (k, _) = item.map_err(io_err)?;
+            if k.len() != from.len() || !k.starts_with(prefix) {
+                break;
+            }
+            let l = u64::from_be_bytes(k[prefix.len()..].try_into().expect("8 bytes"));
+            if l >= before {
+                break;
+            }
+            out.push(l);
+        }
+        Ok(out)
     }
 }
 
@@ -193,8 +207,7 @@ impl Collector {
                             batch.put_cf(cf(&self.db, CF_BLOCKS), block_key(name, disk, block, lsn), version.encode());
                             step.rewritten_bytes += BLOCK_BYTES;
                         }
-                        GcOp::DeleteVersion { block } => batch.delete_cf(cf(&self.db, CF_BLOCKS), block_key(name, disk, block, lsn)),
-                        GcOp::DeleteExtent => batch.delete_cf(cf(&self.db, CF_EXTENTS), extent_key(name, disk, lsn)),
+                        GcOp::DeleteVersion { block, lsn } => batch.delete_cf(cf(&self.db, CF_BLOCKS), block_key(name, disk, block, lsn)),
                     }
                 }
             }

@@ -39,6 +39,10 @@ pub trait ReadState: Clone + Send + Sync + 'static {
     fn dr(&self, group: &str) -> io::Result<Option<DrRecord>>;
     /// The group's chain digest after `lsn`, if this replica holds it.
     fn digest_at(&self, group: &str, lsn: u64) -> io::Result<Option<[u8; 32]>>;
+    /// The group's retention record (the default when it has none).
+    fn retention(&self, group: &str) -> io::Result<crate::retention::RetentionRecord>;
+    /// What the collector has done for the group on this replica.
+    fn gc(&self, group: &str) -> io::Result<crate::gc::GcRecord>;
     /// Runs `f`, which reads, where blocking is allowed: inline unless the
     /// implementation reads real disks, which moves it off the async
     /// workers.
@@ -82,6 +86,14 @@ impl ReadState for crate::StoreReader {
 
     fn digest_at(&self, group: &str, lsn: u64) -> io::Result<Option<[u8; 32]>> {
         crate::StoreReader::digest_at(self, group, lsn)
+    }
+
+    fn retention(&self, group: &str) -> io::Result<crate::retention::RetentionRecord> {
+        crate::StoreReader::retention(self, group)
+    }
+
+    fn gc(&self, group: &str) -> io::Result<crate::gc::GcRecord> {
+        crate::StoreReader::gc(self, group)
     }
 
     fn run_blocking<T: Send + 'static>(self, f: impl FnOnce(Self) -> T + Send + 'static) -> BoxFuture<'static, io::Result<T>> {

@@ -16,7 +16,11 @@
 //!   (a newer version, or a zero extent that covers it) is live while
 //!   some kept point `p` has `l <= p < n`: `n > first_lsn` (it is current
 //!   at the window's start), or a pin at `p`. Everything else an event
-//!   before the window wrote is garbage;
+//!   before the window wrote is garbage. The collector walks the events
+//!   before the window in order; a version it kept (current then) becomes
+//!   garbage when a later event before the window writes its block, and is
+//!   freed then. Zero extents are kept (16 bytes each): a version they
+//!   shadow is freed when its block is written again;
 //! * under a lock (`lock_until_ns` after the command's time), the policy
 //!   may only grow, a pin only lengthen, the lock only extend, and the
 //!   group cannot be deleted.
@@ -221,11 +225,11 @@ pub trait GcIndex {
     /// The LSN of the next version of `block` after `after`, if it is at
     /// most `upto`.
     fn next_version(&mut self, block: u64, after: u64, upto: u64) -> Result<Option<u64>, Self::Error>;
+    /// The LSNs of the versions of `block` below `before`, ascending.
+    fn older_versions(&mut self, block: u64, before: u64) -> Result<Vec<u64>, Self::Error>;
     /// The zero extents with LSN in `after+1..=upto`: (LSN, first block,
     /// end block).
     fn extents(&mut self, after: u64, upto: u64) -> Result<Vec<(u64, u64, u64)>, Self::Error>;
-    /// Whether an extent is stored at exactly `lsn`.
-    fn extent_at(&mut self, lsn: u64) -> Result<bool, Self::Error>;
 }
 
 /// One change the collector makes for an event before the window.
@@ -234,16 +238,14 @@ pub enum GcOp {
     /// The version is live and referred into the event's payload: it gets
     /// its own copy of the 4 KiB, so the event can go.
     Materialise { block: u64, version: Version },
-    /// A garbage version.
-    DeleteVersion { block: u64 },
-    /// A garbage zero extent.
-    DeleteExtent,
+    /// A garbage version (of the event's LSN, or an older one).
+    DeleteVersion { block: u64, lsn: u64 },
 }
 
 /// The collector's changes to the block index for event `e` (before the
-/// window): for each version it wrote, live or garbage by the rule above;
-/// its zero extent, dropped unless a pin before it may still need it.
-/// `pins`: the pinned points before the window, ascending.
+/// window): for each version it wrote, live or garbage by the rule above,
+/// and the older versions of those blocks, which it replaced, freed unless
+/// a pin needs them. `pins`: the pinned points before the window.
 pub fn collect_event<I: GcIndex>(index: &mut I, e: &LoggedEvent, first: u64, pins: &[u64]) -> Result<Vec<GcOp>, I::Error> {
     let mut ops = Vec::new();
     let l = e.lsn;
@@ -253,6 +255,11 @@ pub fn collect_event<I: GcIndex>(index: &mut I, e: &LoggedEvent, first: u64, pin
     let extents = if blocks.is_empty() { Vec::new() } else { index.extents(l, first)? };
     for block in blocks {
         let Some(version) = index.version_at(block, l)? else { continue };
+        for u in index.older_versions(block, l)? {
+            if !pins.iter().any(|p| u <= *p && *p < l) {
+                ops.push(GcOp::DeleteVersion { block, lsn: u });
+            }
+        }
         let by_version = index.next_version(block, l, first)?;
         let by_extent = extents.iter().filter(|(_, b0, b1)| (*b0..*b1).contains(&block)).map(|(x, _, _)| *x).min();
         let next = match (by_version, by_extent) {
@@ -264,7 +271,7 @@ pub fn collect_event<I: GcIndex>(index: &mut I, e: &LoggedEvent, first: u64, pin
             Some(n) => pins.iter().any(|p| l <= *p && *p < n),
         };
         if !live {
-            ops.push(GcOp::DeleteVersion { block });
+            ops.push(GcOp::DeleteVersion { block, lsn: l });
         } else if let Version::Ref { offset } = version {
             let Event::Write { data, .. } = &e.event else { continue };
             let at = offset as usize;
@@ -272,9 +279,6 @@ pub fn collect_event<I: GcIndex>(index: &mut I, e: &LoggedEvent, first: u64, pin
                 ops.push(GcOp::Materialise { block, version: Version::Data(bytes.to_vec()) });
             }
         }
-    }
-    if index.extent_at(l)? && !pins.iter().any(|p| *p < l) {
-        ops.push(GcOp::DeleteExtent);
     }
     Ok(ops)
 }

@@ -177,6 +177,11 @@ pub fn check(access: &Access, request: &Request) -> Result<(), Denied> {
     if !allowed {
         return Err(Denied { role: access.name(), what: request.name().to_string(), why: String::new() });
     }
+    if let (Access::Tap { .. }, R::Append { batch }) = (access, request) {
+        if batch.events.iter().any(|e| e.event.is_policy()) {
+            return Err(Denied { role: access.name(), what: "a retention, lock or pin event".into(), why: " (an admin's)".into() });
+        }
+    }
     if let Some(group) = group_of(request) {
         if !access.may_touch(group) {
             let Access::Tap { groups } = access else { unreachable!("only a tap is limited to groups") };

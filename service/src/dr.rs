@@ -67,6 +67,13 @@ pub fn shipment<R: ReadState>(r: &R, group: &str, lsn_first: u64) -> Result<Ship
             g.last_lsn, dr.local
         )));
     }
+    let first = r.retention(group).map_err(io)?.first();
+    if lsn_first < first {
+        return Err(ServiceError::Refused(format!(
+            "the copy of group {group:?} asks from LSN {lsn_first}, but the retention policy at site {:?} released the history before LSN {first}: the copy cannot catch up; give the group a longer retention and link it again",
+            dr.local
+        )));
+    }
     let events = if lsn_first > g.last_lsn { Vec::new() } else { r.events(group, lsn_first, SHIP_EVENTS_MAX, SHIP_BYTES_MAX).map_err(io)? };
     let upto = events.last().map_or(lsn_first - 1, |e| e.lsn);
     let digest = r

@@ -51,6 +51,9 @@ pub trait ServiceTypes: Send + Sync + Sized + 'static {
     type Read: ReadState;
     /// A responder for one write and the receiver of its result.
     fn responder() -> (WriteResponderOf<Self::C>, WriteReceiver<Self::C>);
+    /// The site's clock (nanoseconds since the Unix epoch): what a lock's
+    /// end and a new event's time are checked against.
+    fn wall_ns() -> u64;
 }
 
 pub type RaftOf<T> = openraft::Raft<<T as ServiceTypes>::C, <T as ServiceTypes>::SM>;
@@ -104,9 +107,23 @@ pub fn reply_response(reply: CommandReply) -> Response {
     }
 }
 
+/// A group's retention as a client sees it, from its records here.
+pub fn retention_info(g: &GroupRecord, r: &rewind_raft_store::retention::RetentionRecord, gc: &rewind_raft_store::gc::GcRecord) -> rewind_wire::rpc::RetentionInfo {
+    rewind_wire::rpc::RetentionInfo {
+        keep_ns: r.keep_ns,
+        keep_bytes: r.keep_bytes,
+        lock_until_ns: r.lock_until_ns,
+        window_bytes: r.window_bytes(g),
+        gc_debt_bytes: gc.debt(r),
+        freed_bytes: gc.collected_bytes,
+        rewritten_bytes: gc.rewritten_bytes,
+    }
+}
+
 /// A group's state as a client sees it.
-pub fn group_state(g: &GroupRecord) -> GroupState {
+pub fn group_state(g: &GroupRecord, retention: rewind_wire::rpc::RetentionInfo) -> GroupState {
     GroupState {
+        retention,
         name: g.name.clone(),
         last_lsn: g.last_lsn,
         digest_hex: blake3::Hash::from_bytes(g.digest).to_hex().to_string(),
@@ -175,6 +192,7 @@ impl<T: ServiceTypes> Service<T> {
     async fn try_handle(&self, request: Request) -> Result<Response, ServiceError> {
         match request {
             Request::CreateGroup { group, disks, time_ns } => self.write(Command::CreateGroup { group, disks, time_ns }).await,
+            Request::DeleteGroup { group } => self.write(Command::DeleteGroup { group, time_ns: T::wall_ns() }).await,
             Request::GroupState { group } => self.group_state(group).await,
             Request::ReadEvents { group, lsn_first, count_max } => self.read_events(group, lsn_first, count_max).await,
             Request::ProducerState { group, client_id } => self.producer_state(group, client_id).await,
@@ -247,6 +265,9 @@ impl<T: ServiceTypes> Service<T> {
         if let Err(e) = batch.check() {
             return PendingAppend::Ready(ServiceError::BadRequest(e.to_string()).into());
         }
+        if let Err(why) = check_times(&batch, T::wall_ns()) {
+            return PendingAppend::Ready(ServiceError::BadRequest(why).into());
+        }
         let bytes = batch.payload_bytes() as u64;
         let (responder, rx) = T::responder();
         match self.raft.client_write_ff(Command::Append(batch), Some(responder)).await {
@@ -300,8 +321,11 @@ impl<T: ServiceTypes> Service<T> {
 
     async fn group_state(&self, group: String) -> Result<Response, ServiceError> {
         let internal = self.internal();
-        self.read(move |r| match r.group(&group).map_err(internal)? {
-            Some(g) => Ok(Response::Group(group_state(&g))),
+        self.read(move |r| match r.group(&group).map_err(&internal)? {
+            Some(g) => {
+                let info = retention_info(&g, &r.retention(&group).map_err(&internal)?, &r.gc(&group).map_err(&internal)?);
+                Ok(Response::Group(group_state(&g, info)))
+            }
             None => Err(no_group(&group)),
         })
         .await
@@ -324,19 +348,26 @@ impl<T: ServiceTypes> Service<T> {
         let internal = self.internal();
         self.read(move |r| {
             let g = r.group(&group).map_err(&internal)?.ok_or_else(|| no_group(&group))?;
+            let retention = r.retention(&group).map_err(&internal)?;
             let (first_lsn, first_time_ns, last_time_ns) = if g.last_lsn == 0 {
                 (0, 0, 0)
             } else {
-                (1, r.time_of(&group, 1).map_err(&internal)?.unwrap_or(0), r.time_of(&group, g.last_lsn).map_err(&internal)?.unwrap_or(0))
+                let first = retention.first();
+                (first, r.time_of(&group, first).map_err(&internal)?.unwrap_or(retention.first_time_ns), g.last_time_ns)
             };
             let mut bookmarks: Vec<BookmarkInfo> = r
                 .bookmarks(&group, rewind_wire::limits::POINTS_BOOKMARKS_MAX)
                 .map_err(&internal)?
                 .into_iter()
-                .map(|b| BookmarkInfo { name: b.name, lsn: b.lsn, time_ns: b.time_ns, app_consistent: b.app_consistent })
+                .filter(|b| retention.keeps(b.lsn))
+                .map(|b| {
+                    let keep_until_ns = retention.pins.iter().find(|p| p.name == b.name && p.lsn == b.lsn).map_or(0, |p| p.until_ns);
+                    BookmarkInfo { name: b.name, lsn: b.lsn, time_ns: b.time_ns, app_consistent: b.app_consistent, keep_until_ns }
+                })
                 .collect();
             bookmarks.reverse();
-            Ok(Response::Points(PointsInfo { group, first_lsn, last_lsn: g.last_lsn, first_time_ns, last_time_ns, bookmarks, disks: g.disks }))
+            let info = retention_info(&g, &retention, &r.gc(&group).map_err(&internal)?);
+            Ok(Response::Points(PointsInfo { group, first_lsn, last_lsn: g.last_lsn, first_time_ns, last_time_ns, bookmarks, disks: g.disks, retention: info }))
         })
         .await
     }
@@ -379,6 +410,9 @@ impl<T: ServiceTypes> Service<T> {
                 return Err(ServiceError::BadRequest(format!("range {offset}+{len} is past the end of disk {disk:?} ({} bytes)", spec.size_bytes)));
             }
             let runs = r.read_disk(&group, &disk, lsn, offset, len).map_err(|e| {
+                if e.kind() == std::io::ErrorKind::NotFound {
+                    return ServiceError::Refused(e.to_string());
+                }
                 tracing::error!("read of disk {disk:?} in group {group:?} at LSN {lsn} failed: {e}");
                 internal(e)
             })?;
@@ -493,11 +527,51 @@ impl From<std::io::Error> for Resolve {
     }
 }
 
+/// Refuses a batch with an event time too far ahead of the site's clock
+/// (it would move a retention window and a lock's end early), and a
+/// policy event whose time is far from it either way.
+fn check_times(batch: &EventBatch, wall_ns: u64) -> Result<(), String> {
+    use rewind_wire::limits::{EVENT_TIME_AHEAD_MAX_NS, POLICY_TIME_SKEW_MAX_NS};
+    for e in &batch.events {
+        if e.time_ns > wall_ns.saturating_add(EVENT_TIME_AHEAD_MAX_NS) {
+            return Err(format!(
+                "event time {} is {} s ahead of the site's clock ({}); check the sender's clock",
+                format_time_ns(e.time_ns),
+                (e.time_ns - wall_ns) / 1_000_000_000,
+                format_time_ns(wall_ns)
+            ));
+        }
+        if e.event.is_policy() && e.time_ns.abs_diff(wall_ns) > POLICY_TIME_SKEW_MAX_NS {
+            return Err(format!(
+                "a retention, lock or pin event must carry the current time; {} is {} s from the site's clock ({})",
+                format_time_ns(e.time_ns),
+                e.time_ns.abs_diff(wall_ns) / 1_000_000_000,
+                format_time_ns(wall_ns)
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// The LSN a target names in group `g` on this replica. `leads`: this node
 /// leads, so an LSN beyond its log is beyond the site's.
 fn resolve_lsn<R: ReadState>(r: &R, g: &GroupRecord, target: &Target, leads: bool, id: u64) -> Result<u64, Resolve> {
+    let retention = r.retention(&g.name)?;
+    let lsn = resolve_in_log(r, g, target, leads, id, retention.first())?;
+    if lsn > 0 && !retention.keeps(lsn) {
+        let what = match target {
+            Target::TimeNs(t) => format!("time {} (LSN {lsn})", format_time_ns(*t)),
+            Target::Bookmark(b) => format!("bookmark {b:?} (LSN {lsn}, not pinned)"),
+            _ => format!("LSN {lsn}"),
+        };
+        return Err(Resolve::Refused(retention.outside(&g.name, lsn, g.last_lsn).replacen(&format!("LSN {lsn}"), &what, 1)));
+    }
+    Ok(lsn)
+}
+
+fn resolve_in_log<R: ReadState>(r: &R, g: &GroupRecord, target: &Target, leads: bool, id: u64, first: u64) -> Result<u64, Resolve> {
     let group = &g.name;
-    let window = if g.last_lsn == 0 { "it has no events yet".to_string() } else { format!("its window is LSN 1..={}", g.last_lsn) };
+    let window = if g.last_lsn == 0 { "it has no events yet".to_string() } else { format!("its window is LSN {first}..={}", g.last_lsn) };
     Ok(match target {
         Target::Latest if g.last_lsn == 0 => return Err(Resolve::Refused(format!("group {group:?} has no events yet"))),
         Target::Latest => g.last_lsn,
@@ -510,7 +584,7 @@ fn resolve_lsn<R: ReadState>(r: &R, g: &GroupRecord, target: &Target, leads: boo
         Target::TimeNs(t) => match r.lsn_at_time(group, *t)? {
             Some(l) => l,
             None => {
-                let first = if g.last_lsn > 0 { r.time_of(group, 1)? } else { None };
+                let first = if g.last_lsn > 0 { r.time_of(group, first)? } else { None };
                 return Err(Resolve::Refused(match first {
                     Some(f) => format!("time {} is before the window of group {group:?}: its first event is at {} ({window})", format_time_ns(*t), format_time_ns(f)),
                     None => format!("group {group:?} has no events yet"),

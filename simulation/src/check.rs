@@ -5,7 +5,8 @@ use openraft::EntryPayload;
 use rewind_wire::event::Event;
 
 use crate::rng::Rng;
-use crate::model::{read_tag, History, DISKS, DISK_BYTES, GROUP};
+use crate::model::{read_tag, History, DISKS, DISK_BYTES, GROUP, PINNED};
+use crate::world;
 use crate::sm::SmImage;
 use crate::Entry;
 
@@ -68,11 +69,15 @@ pub fn check(history: &History, images: &[(u64, SmImage)], rng: &mut Rng) -> Vec
             failures.push(format!("LSN {lsn} at position {pos}: LSNs are not dense"));
             break;
         }
-        if let Event::Bookmark { name, .. } = &events[pos].event {
-            if name == "end" {
-                pos += 1;
-                continue;
-            }
+        // The harness's own events: the final marker, the retention
+        // policy, and the pinned bookmark.
+        let admin = match &events[pos].event {
+            Event::Bookmark { name, .. } => name == "end" || name == PINNED,
+            e => e.is_policy(),
+        };
+        if admin {
+            pos += 1;
+            continue;
         }
         let Some(key) = read_tag(&events[pos].event) else {
             failures.push(format!("phantom event at LSN {lsn}: it starts no batch a client sent: {:?}", short(&events[pos].event)));
@@ -114,9 +119,21 @@ pub fn check(history: &History, images: &[(u64, SmImage)], rng: &mut Rng) -> Vec
     points.push(group.last_lsn);
     let mut chosen: Vec<u64> = (0..4).filter_map(|_| points.get(rng.range(0, points.len() as u64) as usize).copied()).collect();
     chosen.push(group.last_lsn);
+    let other = &images[rng.range(0, images.len() as u64) as usize];
+    // With retention, only the points both replicas keep: and always the
+    // window's start and the pinned points, where the collector's mistakes
+    // would show.
+    let kept = |lsn: u64| [reference, &other.1].iter().all(|i| i.retention.get(GROUP).is_none_or(|r| r.keeps(lsn)));
+    if let Some(r) = reference.retention.get(GROUP) {
+        chosen.push(r.first());
+        chosen.extend(r.pins.iter().map(|p| p.lsn));
+        if r.first() > 1 {
+            world::trace(format!("retention: window LSN {}..={} ({} bytes), pins {:?}", r.first(), group.last_lsn, r.window_bytes(group), r.pinned_points()));
+        }
+    }
+    chosen.retain(|l| *l <= group.last_lsn && kept(*l));
     chosen.sort_unstable();
     chosen.dedup();
-    let other = &images[rng.range(0, images.len() as u64) as usize];
     for disk in DISKS {
         let mut model = Model { bytes: vec![0; DISK_BYTES as usize] };
         let mut applied = 0u64;
@@ -127,10 +144,16 @@ pub fn check(history: &History, images: &[(u64, SmImage)], rng: &mut Rng) -> Vec
             applied = lsn;
             for (id, image) in [(ref_id, reference), (&other.0, &other.1)] {
                 for b in 0..DISK_BYTES / 4096 {
-                    let got = image.block_at(GROUP, disk, b, lsn);
-                    if got[..] != model.bytes[(b * 4096) as usize..((b + 1) * 4096) as usize] {
-                        failures.push(format!("replay of {disk} at LSN {lsn} on n{id}: block {b} differs from the model"));
-                        break;
+                    match image.block_at(GROUP, disk, b, lsn) {
+                        Ok(got) if got[..] == model.bytes[(b * 4096) as usize..((b + 1) * 4096) as usize] => {}
+                        Ok(_) => {
+                            failures.push(format!("replay of {disk} at LSN {lsn} on n{id}: block {b} differs from the model"));
+                            break;
+                        }
+                        Err(e) => {
+                            failures.push(format!("replay of {disk} at LSN {lsn} on n{id}: block {b} cannot be read: {e}"));
+                            break;
+                        }
                     }
                 }
             }
@@ -179,7 +202,12 @@ pub fn replicas_agree(group: &str, images: &[(u64, SmImage)]) -> Vec<String> {
     };
     for (id, image) in images {
         match image.groups.get(group) {
-            Some(g) if g.digest == want.digest && g.last_lsn == want.last_lsn => {}
+            Some(g) if g.digest == want.digest && g.last_lsn == want.last_lsn => {
+                // The window moves deterministically: equal logs, equal windows.
+                if image.retention.get(group) != reference.retention.get(group) {
+                    failures.push(format!("group {group}: n{id} and n{ref_id} hold the same log but different retention windows"));
+                }
+            }
             Some(g) => failures.push(format!(
                 "group {group}: n{id} differs from n{ref_id}: LSN {} vs {}, digests {} vs {}",
                 g.last_lsn,

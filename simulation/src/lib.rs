@@ -51,6 +51,10 @@ impl rewind_service::ServiceTypes for SimTypes {
     fn responder() -> (openraft::alias::WriteResponderOf<SimConfig>, rewind_service::WriteReceiver<SimConfig>) {
         openraft::impls::ProgressResponder::complete_only()
     }
+
+    fn wall_ns() -> u64 {
+        rt::local_now_ns()
+    }
 }
 
 /// Production's request handling on one simulated node.
@@ -127,6 +131,12 @@ pub enum Bug {
     /// The failback's fork search answers one LSN late, so the old
     /// primary keeps its first diverged event and can never follow.
     DrForkOneLate,
+    /// The collector frees the block version current at the window's
+    /// start as if a newer one had replaced it.
+    GcFreesLive,
+    /// The collector ignores pinned bookmarks: the window moves past a
+    /// pinned point and its blocks are freed.
+    GcIgnoresPins,
 }
 
 pub use site::{run_seed, Outcome};

@@ -19,6 +19,8 @@ pub const SECTOR: u64 = 512;
 pub const NODES: [u64; 4] = [1, 2, 3, 4];
 /// Client ids start here; a client's network address is its id.
 pub const CLIENT_BASE: u64 = 100;
+/// The bookmark the harness pins (it keeps its point beyond the window).
+pub const PINNED: &str = "pinned";
 
 /// The tap's consistency group and its one disk.
 pub const TAP_GROUP: &str = "tg";

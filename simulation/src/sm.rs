@@ -13,9 +13,11 @@ use futures::{Stream, TryStreamExt};
 use openraft::storage::{EntryResponder, RaftStateMachine};
 use openraft::{EntryPayload, OptionalSend, RaftSnapshotBuilder};
 use rewind_raft_store::apply::{
-    apply_batch, apply_replicated, check_not_branch, check_writable, create_group, dr_set, fork_check, BatchOutcome, BranchRecord, GroupRecord,
+    apply_batch, apply_replicated, check_not_branch, check_writable, create_group, dr_set, fork_check, BatchOutcome, BranchRecord, GroupRecord, Policy,
     ProducerRecord, StoredEvent,
 };
+use rewind_raft_store::gc::GcRecord;
+use rewind_raft_store::retention::{advance_window, collect_event, delete_check, GcIndex, GcOp, RetentionRecord};
 use rewind_raft_store::blocks::{block_or_zero, index_event, read_runs, revert_puts, IndexPut, Version, VersionIndex, BLOCK_BYTES};
 use rewind_wire::dr::DrRecord;
 use rewind_raft_store::{Bookmark, ReadState};
@@ -44,13 +46,92 @@ pub struct SmImage {
     pub dr: BTreeMap<String, DrRecord>,
     /// Branches kept by a failback.
     pub branches: BTreeMap<String, BranchRecord>,
+    /// Each group's retention (replicated) and what this replica's
+    /// collector has freed. A collected event stays in `events` for the
+    /// checker's model, but the index must never read it again.
+    pub retention: BTreeMap<String, RetentionRecord>,
+    pub gc: BTreeMap<String, GcRecord>,
 }
+
+/// Events one apply lets the simulated collector free (production's runs
+/// on its own thread; here it runs between commands).
+const GC_EVENTS_PER_COMMAND: u64 = 24;
 
 impl SmImage {
     /// Block `b` of a disk as of LSN `lsn`, read by production's rules.
-    pub fn block_at(&self, group: &str, disk: &str, b: u64, lsn: u64) -> Vec<u8> {
-        let found = block_or_zero(&mut ImageIndex { image: self, group, disk }, b, lsn).expect("the simulation's index refers only to its own writes");
-        found.unwrap_or_else(|| vec![0u8; BLOCK_BYTES as usize])
+    pub fn block_at(&self, group: &str, disk: &str, b: u64, lsn: u64) -> io::Result<Vec<u8>> {
+        let found = block_or_zero(&mut ImageIndex { image: self, group, disk }, b, lsn)?;
+        Ok(found.unwrap_or_else(|| vec![0u8; BLOCK_BYTES as usize]))
+    }
+
+    /// The newest LSN of a bookmark named `name` in the group's events.
+    fn newest_mark(&self, group: &str, name: &str) -> Option<u64> {
+        self.events.get(group)?.iter().rev().find(|e| matches!(&e.event, Event::Bookmark { name: n, .. } if n == name)).map(|e| e.lsn)
+    }
+
+    fn policy<'a>(&self, group: &str, events: impl Iterator<Item = &'a Event>) -> Policy {
+        let mut policy = Policy { retention: self.retention.get(group).cloned().unwrap_or_default(), marks: Default::default() };
+        for e in events {
+            if let Event::Pin { name, .. } = e {
+                if let Some(l) = self.newest_mark(group, name) {
+                    policy.marks.insert(name.clone(), l);
+                }
+            }
+        }
+        policy
+    }
+
+    /// After new events: the window moves as production's does, then the
+    /// collector frees a bounded piece.
+    fn after_events(&mut self, group: &GroupRecord, mut r: RetentionRecord) {
+        let events = self.events.get(&group.name).cloned().unwrap_or_default();
+        let info = |lsn: u64| -> Result<(u64, u64), ()> {
+            let e = events.get(lsn as usize - 1).ok_or(())?;
+            Ok((e.time_ns, e.event.payload_bytes() as u64))
+        };
+        advance_window(&mut r, group, info).expect("the window moves over held events");
+        self.retention.insert(group.name.clone(), r);
+        self.collect(&group.name, GC_EVENTS_PER_COMMAND);
+    }
+
+    /// Production's collector rule (`retention::collect_event`) over
+    /// memory: frees up to `max` events before the window.
+    pub fn collect(&mut self, group: &str, max: u64) -> u64 {
+        let Some(r) = self.retention.get(group).cloned() else { return 0 };
+        let mut gc = self.gc.get(group).cloned().unwrap_or_default();
+        let (first, pins) = (r.first(), r.pinned_points());
+        let mut done = 0;
+        let mut lsn = gc.collected_to();
+        while lsn < first && done < max {
+            let Some(e) = self.events.get(group).and_then(|v| v.get(lsn as usize - 1)).cloned() else { break };
+            if let Some(disk) = e.event.disk() {
+                let ops = collect_event(&mut ImageIndex { image: self, group, disk }, &e, first, &pins).expect("memory reads cannot fail");
+                for op in ops {
+                    match op {
+                        GcOp::Materialise { block, version } => {
+                            gc.rewritten_bytes += BLOCK_BYTES;
+                            self.blocks.entry((group.to_string(), disk.to_string(), block)).or_default().insert(lsn, version);
+                        }
+                        GcOp::DeleteVersion { block, lsn } => {
+                            if let Some(v) = self.blocks.get_mut(&(group.to_string(), disk.to_string(), block)) {
+                                v.remove(&lsn);
+                            }
+                        }
+                    }
+                }
+            }
+            gc.collected_bytes += e.event.payload_bytes() as u64;
+            lsn += 1;
+            done += 1;
+        }
+        gc.collected_to = lsn;
+        self.gc.insert(group.to_string(), gc);
+        done
+    }
+
+    /// Whether this replica's index may still read event `lsn` of `group`.
+    fn held(&self, group: &str, lsn: u64) -> bool {
+        self.gc.get(group).is_none_or(|g| lsn >= g.collected_to())
     }
 
     pub fn apply_command(&mut self, command: &Command) -> CommandReply {
@@ -70,10 +151,15 @@ impl SmImage {
                     return CommandReply::Refused { reason };
                 }
                 let key = (b.client_id, b.group.clone());
-                let (outcome, reply) = apply_batch(&mut group, self.producers.get(&key).cloned(), b);
+                let mut policy = self.policy(&b.group, b.events.iter().map(|e| &e.event));
+                let (outcome, reply) = apply_batch(&mut group, self.producers.get(&key).cloned(), b, &mut policy);
                 if let BatchOutcome::Sequenced { events, producer } = outcome {
+                    let any = !events.is_empty();
                     self.push_events(&group, events);
                     self.producers.insert(key, producer);
+                    if any {
+                        self.after_events(&group, policy.retention);
+                    }
                     self.groups.insert(b.group.clone(), group);
                 }
                 reply
@@ -90,9 +176,14 @@ impl SmImage {
                     return CommandReply::Refused { reason: format!("no consistency group {name:?}") };
                 };
                 let first = group.last_lsn + 1;
-                match apply_replicated(&mut group, self.dr.get(name), *epoch, events, digest) {
+                let mut policy = self.policy(name, events.iter().map(|e| &e.event));
+                match apply_replicated(&mut group, self.dr.get(name), *epoch, events, digest, &mut policy) {
                     Ok(new) => {
+                        let any = !new.is_empty();
                         self.push_events(&group, new);
+                        if any {
+                            self.after_events(&group, policy.retention);
+                        }
                         let reply = CommandReply::Appended { lsn_first: first.min(group.last_lsn + 1), lsn_last: group.last_lsn };
                         self.groups.insert(name.clone(), group);
                         reply
@@ -100,7 +191,32 @@ impl SmImage {
                     Err(reason) => CommandReply::Refused { reason },
                 }
             }
-            Command::Fork { group, branch, fork_lsn } => self.fork(group, branch, *fork_lsn),
+            Command::Fork { group, branch, fork_lsn } => {
+                let first = self.retention.get(group).map_or(1, |r| r.first());
+                if *fork_lsn + 1 < first {
+                    return CommandReply::Refused { reason: format!("the fork point LSN {fork_lsn} of group {group:?} is before its window (LSN {first} on)") };
+                }
+                self.fork(group, branch, *fork_lsn)
+            }
+            Command::DeleteGroup { group, time_ns } => {
+                if !self.groups.contains_key(group) {
+                    return CommandReply::Refused { reason: format!("no consistency group {group:?}") };
+                }
+                let branches: Vec<String> = self.branches.iter().filter(|(_, b)| b.base == *group).map(|(n, _)| n.clone()).collect();
+                if let Err(reason) = delete_check(group, self.retention.get(group), *time_ns, self.dr.contains_key(group), &branches) {
+                    return CommandReply::Refused { reason };
+                }
+                self.groups.remove(group);
+                self.events.remove(group);
+                self.chain.remove(group);
+                self.retention.remove(group);
+                self.gc.remove(group);
+                self.branches.remove(group);
+                self.producers.retain(|(_, g), _| g != group);
+                self.blocks.retain(|(g, _, _), _| g != group);
+                self.extents.retain(|(g, _), _| g != group);
+                CommandReply::Created
+            }
         }
     }
 
@@ -175,7 +291,7 @@ impl SmImage {
                 revert_puts(&mut ImageIndex { image: self, group, disk: &disk }, *block_first, *block_end, *to_lsn, event.lsn)
                     .expect("the simulation's index refers only to its own writes")
             }
-            other => index_event(&disk, other, |b| Ok::<_, ()>(self.block_at(group, &disk, b, event.lsn - 1))).expect("reading memory cannot fail"),
+            other => index_event(&disk, other, |b| self.block_at(group, &disk, b, event.lsn - 1)).expect("the index reads only what the collector keeps"),
         };
         for put in puts {
             match put {
@@ -212,6 +328,9 @@ impl VersionIndex for ImageIndex<'_> {
     }
 
     fn write_bytes(&mut self, lsn: u64, offset: u32) -> io::Result<Vec<u8>> {
+        if !self.image.held(self.group, lsn) {
+            return Err(io::Error::new(io::ErrorKind::InvalidData, format!("a Ref version points at LSN {lsn}, which the collector freed")));
+        }
         let event = self.image.events.get(self.group).and_then(|e| e.get(lsn as usize - 1));
         match event.map(|e| &e.event) {
             Some(Event::Write { data, .. }) if offset as usize + BLOCK_BYTES as usize <= data.len() => {
@@ -219,6 +338,32 @@ impl VersionIndex for ImageIndex<'_> {
             }
             other => Err(io::Error::new(io::ErrorKind::InvalidData, format!("a Ref version at LSN {lsn} points at {other:?}"))),
         }
+    }
+}
+
+impl GcIndex for ImageIndex<'_> {
+    type Error = io::Error;
+
+    fn version_at(&mut self, block: u64, lsn: u64) -> io::Result<Option<Version>> {
+        Ok(self.image.blocks.get(&(self.group.to_string(), self.disk.to_string(), block)).and_then(|v| v.get(&lsn)).cloned())
+    }
+
+    fn next_version(&mut self, block: u64, after: u64, upto: u64) -> io::Result<Option<u64>> {
+        let versions = self.image.blocks.get(&(self.group.to_string(), self.disk.to_string(), block));
+        Ok(versions.and_then(|v| v.range(after + 1..=upto.max(after + 1)).next()).map(|(l, _)| *l).filter(|l| *l <= upto))
+    }
+
+    fn extents(&mut self, after: u64, upto: u64) -> io::Result<Vec<(u64, u64, u64)>> {
+        let Some(ext) = self.image.extents.get(&(self.group.to_string(), self.disk.to_string())) else { return Ok(Vec::new()) };
+        if after >= upto {
+            return Ok(Vec::new());
+        }
+        Ok(ext.range(after + 1..=upto).map(|(l, (f, e))| (*l, *f, *e)).collect())
+    }
+
+    fn older_versions(&mut self, block: u64, before: u64) -> io::Result<Vec<u64>> {
+        let versions = self.image.blocks.get(&(self.group.to_string(), self.disk.to_string(), block));
+        Ok(versions.map(|v| v.range(..before).map(|(l, _)| *l).collect()).unwrap_or_default())
     }
 }
 
@@ -245,7 +390,8 @@ impl ReadState for SimState {
         let image = self.image();
         let mut out = Vec::new();
         let mut bytes = 0usize;
-        for e in image.events.get(group).into_iter().flatten().skip(lsn_first.saturating_sub(1) as usize).take(count_max) {
+        let from = lsn_first.max(image.gc.get(group).map_or(1, |g| g.collected_to()));
+        for e in image.events.get(group).into_iter().flatten().skip(from.saturating_sub(1) as usize).take(count_max) {
             bytes += e.event.payload_bytes();
             out.push(e.clone());
             if bytes >= bytes_max {
@@ -256,7 +402,20 @@ impl ReadState for SimState {
     }
 
     fn read_disk(&self, group: &str, disk: &str, lsn: u64, offset: u64, len: u64) -> io::Result<Vec<(u64, Vec<u8>)>> {
-        read_runs(&mut ImageIndex { image: &self.image(), group, disk }, lsn, offset, len)
+        let image = self.image();
+        let r = image.retention.get(group).cloned().unwrap_or_default();
+        if !r.keeps(lsn) {
+            return Err(io::Error::new(io::ErrorKind::NotFound, r.outside(group, lsn, image.groups.get(group).map_or(0, |g| g.last_lsn))));
+        }
+        read_runs(&mut ImageIndex { image: &image, group, disk }, lsn, offset, len)
+    }
+
+    fn retention(&self, group: &str) -> io::Result<RetentionRecord> {
+        Ok(self.image().retention.get(group).cloned().unwrap_or_default())
+    }
+
+    fn gc(&self, group: &str) -> io::Result<GcRecord> {
+        Ok(self.image().gc.get(group).cloned().unwrap_or_default())
     }
 
     fn bookmarks(&self, group: &str, max: usize) -> io::Result<Vec<Bookmark>> {
@@ -267,6 +426,12 @@ impl ReadState for SimState {
             .into_iter()
             .flatten()
             .filter_map(|e| match &e.event {
+                // The collector drops a freed bookmark unless it is pinned.
+                Event::Bookmark { name, .. }
+                    if !image.held(group, e.lsn) && !image.retention.get(group).is_some_and(|r| r.pins.iter().any(|p| p.lsn == e.lsn && p.name == *name)) =>
+                {
+                    None
+                }
                 Event::Bookmark { name, app_consistent } => Some(Bookmark { name: name.clone(), lsn: e.lsn, time_ns: e.time_ns, app_consistent: *app_consistent }),
                 _ => None,
             })
@@ -278,7 +443,11 @@ impl ReadState for SimState {
     }
 
     fn time_of(&self, group: &str, lsn: u64) -> io::Result<Option<u64>> {
-        Ok(self.image().events.get(group).and_then(|e| e.get(lsn.checked_sub(1)? as usize)).map(|e| e.time_ns))
+        let image = self.image();
+        if !image.held(group, lsn) {
+            return Ok(None);
+        }
+        Ok(image.events.get(group).and_then(|e| e.get(lsn.checked_sub(1)? as usize)).map(|e| e.time_ns))
     }
 
     fn lsn_at_time(&self, group: &str, time_ns: u64) -> io::Result<Option<u64>> {

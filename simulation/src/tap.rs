@@ -570,7 +570,7 @@ pub fn check(history: &History, image: &crate::sm::SmImage, file: &[u8]) -> Vec<
     }
     let mut compared = 0u64;
     for b in 0..TAP_DISK_BYTES / 4096 {
-        let block = image.block_at(TAP_GROUP, TAP_DISK, b, group.last_lsn);
+        let block = image.block_at(TAP_GROUP, TAP_DISK, b, group.last_lsn).expect("the tap's group keeps its whole history");
         for s in 0..(4096 / SECTOR) {
             let sector = b * (4096 / SECTOR) + s;
             if uncertain[sector as usize] {

@@ -37,6 +37,9 @@ pub struct Plan {
     /// The tap runs in async mode: a journal on the tap's host, shipped
     /// behind the guest (only with a tap).
     pub tap_async: bool,
+    /// The group gets a byte retention policy and a pinned bookmark: its
+    /// window moves and the collector frees history while the faults run.
+    pub retention: bool,
     /// Log reads that come back corrupt once.
     pub read_errors: bool,
     /// Snapshots that arrive corrupt (they fail their checksum).
@@ -81,6 +84,7 @@ impl Plan {
             tap: false,
             tap_crashes: false,
             tap_async: false,
+            retention: false,
             read_errors: false,
             snapshot_errors: false,
             slow_disks: false,
@@ -110,6 +114,7 @@ impl Plan {
         self.replays = rng.chance(0.5);
         self.stalled_frames = rng.chance(0.5);
         self.tap_async = self.tap && rng.chance(0.5);
+        self.retention = rng.chance(0.5);
         self
     }
 }

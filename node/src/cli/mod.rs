@@ -111,6 +111,30 @@ pub enum Command {
         /// quiesced or flushed when it was taken).
         #[arg(long)]
         app_consistent: bool,
+        /// Pin the point until then (a time, RFC 3339, or a duration from
+        /// now such as 90d): it is kept even when the retention window
+        /// passes it.
+        #[arg(long)]
+        keep_until: Option<String>,
+    },
+    /// Pin an existing bookmark until a time (kept beyond the retention
+    /// window), or release its pin (refused while the group is locked).
+    ///
+    /// Examples:
+    ///   rewind pin vm1 before-upgrade --until 2027-01-31T00:00:00Z
+    ///   rewind pin vm1 before-upgrade --release
+    #[command(verbatim_doc_comment)]
+    Pin {
+        #[command(flatten)]
+        client: ClientArgs,
+        group: String,
+        name: String,
+        /// A time (RFC 3339) or a duration from now (90d).
+        #[arg(long, required_unless_present = "release", conflicts_with = "release")]
+        until: Option<String>,
+        /// Release the pin.
+        #[arg(long)]
+        release: bool,
     },
     /// Cross-site disaster recovery: link a group to a second site, watch
     /// the lag, hand it over for maintenance.
@@ -221,7 +245,8 @@ pub async fn run(command: Command) -> anyhow::Result<()> {
         Command::Tap(a) => tap::run(a).await,
         Command::Replay(a) => replay::run(a).await,
         Command::Points { client, group, json } => group::points(client, &group, json).await,
-        Command::Bookmark { client, group, name, app_consistent } => group::bookmark(client, &group, &name, app_consistent).await,
+        Command::Bookmark { client, group, name, app_consistent, keep_until } => group::bookmark(client, &group, &name, app_consistent, keep_until.as_deref()).await,
+        Command::Pin { client, group, name, until, .. } => group::pin(client, &group, &name, until.as_deref()).await,
         Command::Load(a) => load::run(a).await,
         Command::Dr(c) => dr::run(c).await,
         Command::Failover(a) => dr::failover(a).await,

@@ -48,6 +48,17 @@ struct GroupJson {
     digest: String,
     events: u64,
     payload_bytes: u64,
+    /// Payload and block bytes this node holds for the group: every write
+    /// since it was created, less what the collector freed, plus the
+    /// blocks it rewrote.
+    stored_bytes: u64,
+    window_bytes: u64,
+    gc_debt_bytes: u64,
+}
+
+/// What a node holds for a group (see `GroupJson::stored_bytes`).
+fn stored(g: &rewind_wire::rpc::GroupState) -> u64 {
+    (g.payload_bytes + g.retention.rewritten_bytes).saturating_sub(g.retention.freed_bytes)
 }
 
 impl NodeJson {
@@ -75,7 +86,16 @@ impl NodeJson {
             groups: sh.map(|x| {
                 x.groups
                     .iter()
-                    .map(|g| GroupJson { name: g.name.clone(), last_lsn: g.last_lsn, digest: g.digest_hex.clone(), events: g.events, payload_bytes: g.payload_bytes })
+                    .map(|g| GroupJson {
+                        name: g.name.clone(),
+                        last_lsn: g.last_lsn,
+                        digest: g.digest_hex.clone(),
+                        events: g.events,
+                        payload_bytes: g.payload_bytes,
+                        stored_bytes: stored(g),
+                        window_bytes: g.retention.window_bytes,
+                        gc_debt_bytes: g.retention.gc_debt_bytes,
+                    })
                     .collect()
             }),
         }
@@ -148,7 +168,7 @@ pub async fn run(args: ClientArgs, json: bool) -> anyhow::Result<()> {
                 for sh in &s.shards {
                     println!("{:<5} {:<22} {:<10} {:>5} {:>7} {:>9} {:>10} {:>8} {:>8}", s.id, s.addr, sh.role, sh.term, opt(sh.leader), opt(sh.last_log_index), opt(sh.committed_index), opt(sh.applied_index), s.pid);
                     for g in &sh.groups {
-                        groups.entry(g.name.clone()).or_default().push((s.id, g.last_lsn, g.digest_hex.clone()));
+                        groups.entry(g.name.clone()).or_default().push((s.id, g.last_lsn, g.digest_hex.clone(), stored(g), g.retention.gc_debt_bytes));
                     }
                 }
             }
@@ -156,10 +176,10 @@ pub async fn run(args: ClientArgs, json: bool) -> anyhow::Result<()> {
         }
     }
     if !groups.is_empty() {
-        println!("\n{:<20} {:<6} {:>10}  DIGEST", "GROUP", "NODE", "LAST-LSN");
+        println!("\n{:<20} {:<6} {:>10}  {:<16} {:>11} {:>12}", "GROUP", "NODE", "LAST-LSN", "DIGEST", "STORED-MiB", "GC-DEBT-MiB");
         for (name, per_node) in &groups {
-            for (id, lsn, digest) in per_node {
-                println!("{:<20} {:<6} {:>10}  {}", name, id, lsn, &digest[..16]);
+            for (id, lsn, digest, stored, debt) in per_node {
+                println!("{:<20} {:<6} {:>10}  {:<16} {:>11} {:>12}", name, id, lsn, &digest[..16], stored >> 20, debt >> 20);
             }
         }
     }
