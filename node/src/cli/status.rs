@@ -161,7 +161,7 @@ pub async fn run(args: ClientArgs, json: bool) -> anyhow::Result<()> {
     }
     println!("{:<5} {:<22} {:<10} {:>5} {:>7} {:>9} {:>10} {:>8} {:>8}", "NODE", "ADDR", "ROLE", "TERM", "LEADER", "LAST-LOG", "COMMITTED", "APPLIED", "PID");
     let opt = |v: Option<u64>| v.map_or("-".to_string(), |v| v.to_string());
-    let mut groups: std::collections::BTreeMap<String, Vec<(u64, u64, String)>> = Default::default();
+    let mut groups: std::collections::BTreeMap<String, Vec<(u64, u64, String, u64, u64)>> = Default::default();
     for (n, s) in &all {
         match s {
             Ok(s) => {
