@@ -34,6 +34,14 @@ pub struct RaftTuning {
     /// Entries kept in the log behind the last snapshot, for lagging followers.
     #[serde(default = "default_logs_kept_after_snapshot")]
     pub logs_kept_after_snapshot: u64,
+    /// Also build a snapshot once this many MiB were appended to the log
+    /// since the last one: the log holds every payload until then.
+    #[serde(default = "default_snapshot_every_mib")]
+    pub snapshot_every_mib: u64,
+}
+
+fn default_snapshot_every_mib() -> u64 {
+    256
 }
 
 fn default_heartbeat_ms() -> u64 {
@@ -49,7 +57,7 @@ fn default_snapshot_every_entries() -> u64 {
     2000
 }
 fn default_logs_kept_after_snapshot() -> u64 {
-    500
+    128
 }
 
 impl Default for RaftTuning {
@@ -60,6 +68,7 @@ impl Default for RaftTuning {
             election_timeout_max_ms: default_election_timeout_max_ms(),
             snapshot_every_entries: default_snapshot_every_entries(),
             logs_kept_after_snapshot: default_logs_kept_after_snapshot(),
+            snapshot_every_mib: default_snapshot_every_mib(),
         }
     }
 }

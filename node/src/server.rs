@@ -116,10 +116,12 @@ pub async fn run(config: NodeConfig) -> anyhow::Result<()> {
     let store = rewind_raft_store::open(&dir).with_context(|| format!("open the store in {}", dir.display()))?;
     let collector = start_collector(store.collector.clone(), config.gc_rate_mib << 20);
     let network = Network::new(endpoint.clone());
+    let appended = store.log.appended_bytes();
     let raft = Raft::new(config.id, raft_config(&config)?, network, store.log, store.state_machine)
         .await
         .context("start raft")?;
     watch_raft(raft.clone());
+    snapshot_by_size(raft.clone(), appended, config.raft.snapshot_every_mib << 20);
     let mut shards = BTreeMap::new();
     shards.insert(DATA_SHARD, Service::new(config.id, raft.clone(), store.reader));
     let node = Arc::new(Node {
@@ -198,6 +200,29 @@ fn start_collector(collector: rewind_raft_store::gc::Collector, rate_bytes: u64)
         }
     });
     CollectorThread { stop, thread: Some(thread) }
+}
+
+/// Builds a snapshot once `every` bytes were appended to the log since the
+/// last one this task asked for (0: never): with large writes, a count of
+/// entries alone lets the log, which holds every payload, grow to
+/// gigabytes before it may be purged.
+fn snapshot_by_size(raft: Raft, appended: Arc<std::sync::atomic::AtomicU64>, every: u64) {
+    if every == 0 {
+        return;
+    }
+    spawn(async move {
+        let mut at = 0u64;
+        loop {
+            tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+            let now = appended.load(std::sync::atomic::Ordering::Relaxed);
+            if now.saturating_sub(at) >= every {
+                at = now;
+                if raft.trigger().snapshot().await.is_err() {
+                    return;
+                }
+            }
+        }
+    });
 }
 
 /// Publishes Raft's progress as metrics: apply lag, leader changes, term.

@@ -51,7 +51,7 @@ pub fn open(dir: &Path) -> std::io::Result<Store> {
     opts.create_if_missing(true);
     opts.create_missing_column_families(true);
     opts.set_max_background_jobs(2);
-    opts.set_max_total_wal_size(512 << 20);
+    opts.set_max_total_wal_size(128 << 20);
     // The state machine writes without the WAL (the Raft log already holds
     // every payload); flushing all column families together keeps what a
     // crash leaves on disk consistent across them.

@@ -84,7 +84,14 @@ pub struct Collector {
     db: Arc<DB>,
     lock: Arc<tokio::sync::Mutex<()>>,
     pub stats: Arc<GcStats>,
+    /// Bytes freed since the freed key ranges were last compacted.
+    uncompacted: Arc<AtomicU64>,
 }
+
+/// Freed bytes after which the collector compacts the ranges it freed:
+/// RocksDB drops a blob file (where payloads lie) only once compaction has
+/// met the deletes of every key that referred into it.
+const COMPACT_AFTER_BYTES: u64 = 128 << 20;
 
 /// The collector's view of one disk's block index.
 struct Index<'a> {
@@ -160,7 +167,7 @@ impl GcIndex for Index<'_> {
 
 impl Collector {
     pub(crate) fn new(db: Arc<DB>, lock: Arc<tokio::sync::Mutex<()>>) -> Collector {
-        Collector { db, lock, stats: Arc::default() }
+        Collector { db, lock, stats: Arc::default(), uncompacted: Arc::default() }
     }
 
     fn groups_with_debt(&self) -> std::io::Result<Vec<(GroupRecord, RetentionRecord, GcRecord)>> {
@@ -236,8 +243,27 @@ impl Collector {
         self.stats.rewritten_bytes.fetch_add(step.rewritten_bytes, Relaxed);
         self.stats.events.fetch_add(step.events, Relaxed);
         self.stats.steps.fetch_add(1, Relaxed);
+        if self.uncompacted.fetch_add(step.freed_bytes + step.rewritten_bytes, Relaxed) + step.freed_bytes >= COMPACT_AFTER_BYTES {
+            self.uncompacted.store(0, Relaxed);
+            drop(_guard);
+            self.compact(name, lsn);
+        }
         tracing::debug!(group = name, events = step.events, freed = step.freed_bytes, rewritten = step.rewritten_bytes, upto = lsn, "collector step");
         Ok(step)
+    }
+
+    /// Compacts the group's freed ranges (events and times below `upto`,
+    /// and its block versions), outside the lock: RocksDB compacts
+    /// alongside writes.
+    fn compact(&self, group: &str, upto: u64) {
+        let prefix = crate::db::group_prefix(group);
+        let end = event_key(group, upto);
+        let started = std::time::Instant::now();
+        self.db.compact_range_cf(cf(&self.db, CF_EVENTS), Some(&prefix), Some(&end));
+        self.db.compact_range_cf(cf(&self.db, CF_CHAIN), Some(&prefix), Some(&end));
+        self.db.compact_range_cf(cf(&self.db, CF_TIMES), Some(&prefix), Some(&crate::db::prefix_end(&prefix)));
+        self.db.compact_range_cf(cf(&self.db, CF_BLOCKS), Some(&prefix), Some(&crate::db::prefix_end(&prefix)));
+        tracing::debug!(group, upto, ms = started.elapsed().as_millis() as u64, "collector compacted the freed ranges");
     }
 
     /// Payload bytes released by windows and not yet collected here, over

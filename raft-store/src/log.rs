@@ -27,6 +27,10 @@ const SYNC_GROUP_MAX: usize = 4096;
 pub struct LogStore {
     db: Arc<DB>,
     syncer: mpsc::Sender<IOFlushed<TypeConfig>>,
+    /// A compaction of the purged range is running.
+    compacting: Arc<std::sync::atomic::AtomicBool>,
+    /// Bytes of entries appended since this store opened.
+    appended_bytes: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl LogStore {
@@ -39,7 +43,13 @@ impl LogStore {
             .name("log-sync".into())
             .spawn(move || sync_loop(&sync_db, &rx))
             .expect("spawn the log syncer thread");
-        LogStore { db, syncer: tx }
+        LogStore { db, syncer: tx, compacting: Arc::default(), appended_bytes: Arc::default() }
+    }
+
+    /// Bytes of entries appended since the store opened (for a snapshot
+    /// policy by size).
+    pub fn appended_bytes(&self) -> Arc<std::sync::atomic::AtomicU64> {
+        self.appended_bytes.clone()
     }
 
     fn read_meta<T: rewind_wire::Decode>(&self, key: &[u8]) -> io::Result<Option<T>> {
@@ -162,6 +172,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         let log = cf(&self.db, CF_LOG);
         for entry in entries {
             let record = encode_record(&codec::entry_to_wire(&entry)).map_err(io_err)?;
+            self.appended_bytes.fetch_add(record.len() as u64, std::sync::atomic::Ordering::Relaxed);
             batch.put_cf(log, index_key(entry.log_id.index), record);
         }
         // Written (readable) now; durable when the syncer's fsync returns.
@@ -181,6 +192,23 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         let mut batch = WriteBatch::default();
         batch.put_cf(cf(&self.db, CF_META), KEY_PURGED, record);
         batch.delete_range_cf(cf(&self.db, CF_LOG), index_key(0), index_key(log_id.index + 1));
-        self.db.write(batch).map_err(io_err)
+        self.db.write(batch).map_err(io_err)?;
+        // The purged entries' payloads lie in blob files that RocksDB drops
+        // once compaction has met the range delete; compact it now, on a
+        // thread of its own, one at a time.
+        use std::sync::atomic::Ordering::{AcqRel, Release};
+        if !self.compacting.swap(true, AcqRel) {
+            let (db, flag, end) = (Arc::downgrade(&self.db), self.compacting.clone(), index_key(log_id.index + 1));
+            std::thread::Builder::new()
+                .name("log-compact".into())
+                .spawn(move || {
+                    if let Some(db) = db.upgrade() {
+                        db.compact_range_cf(cf(&db, CF_LOG), None::<&[u8]>, Some(&end[..]));
+                    }
+                    flag.store(false, Release);
+                })
+                .map_err(io_err)?;
+        }
+        Ok(())
     }
 }

@@ -118,11 +118,8 @@ impl StateMachine {
 
     /// Moves the group's window as its policy allows, after new events.
     fn move_window(&self, pending: &mut Pending, group: &GroupRecord, mut r: RetentionRecord) -> io::Result<()> {
-        let before = r.clone();
         advance_window(&mut r, group, |lsn| self.event_info(pending, &group.name, lsn))?;
-        if r != before || pending.retention.contains_key(&group.name) {
-            pending.retention.insert(group.name.clone(), r);
-        }
+        pending.retention.insert(group.name.clone(), r);
         Ok(())
     }
 

@@ -74,7 +74,7 @@ pub enum DevCommand {
         #[arg(long, default_value_t = 2000)]
         snapshot_every: u64,
         /// Entries kept in the log behind a snapshot for lagging followers.
-        #[arg(long, default_value_t = 500)]
+        #[arg(long, default_value_t = 128)]
         logs_kept: u64,
         /// Groups the site's `tap` certificate (DIR/tap.toml) may write;
         /// the admin's DIR/client.toml may write any group.
