@@ -173,6 +173,33 @@ impl CollectorThread {
     }
 }
 
+/// Runs collector steps until `stop` is set, at most `rate_bytes` per
+/// second of freed plus rewritten bytes (0: no limit), looking for work
+/// every `idle` when there is none. An error is logged and retried after
+/// `idle`: a failed read must not stop ingest.
+fn run_collector(collector: &rewind_raft_store::gc::Collector, rate_bytes: u64, idle: std::time::Duration, stop: &std::sync::atomic::AtomicBool) {
+    use std::sync::atomic::Ordering::Relaxed;
+    while !stop.load(Relaxed) {
+        let started = std::time::Instant::now();
+        match collector.step() {
+            Ok(s) if s.group.is_some() => {
+                let cost = s.freed_bytes + s.rewritten_bytes;
+                if rate_bytes > 0 {
+                    let due = std::time::Duration::from_secs_f64(cost as f64 / rate_bytes as f64);
+                    if let Some(wait) = due.checked_sub(started.elapsed()) {
+                        std::thread::sleep(wait.min(std::time::Duration::from_secs(1)));
+                    }
+                }
+            }
+            Ok(_) => std::thread::sleep(idle),
+            Err(e) => {
+                tracing::error!("the collector failed a step and retries: {e}");
+                std::thread::sleep(idle);
+            }
+        }
+    }
+}
+
 /// Runs the collector on a thread of its own (it reads and writes RocksDB
 /// synchronously), `rate_bytes` a second at most, and publishes
 /// `rewind_gc_debt_bytes`, `rewind_gc_freed_bytes_total` and
@@ -183,7 +210,7 @@ fn start_collector(collector: rewind_raft_store::gc::Collector, rate_bytes: u64)
         let (collector, stop) = (collector.clone(), stop.clone());
         std::thread::Builder::new()
             .name("collector".into())
-            .spawn(move || collector.run(rate_bytes, std::time::Duration::from_secs(1), &stop))
+            .spawn(move || run_collector(&collector, rate_bytes, std::time::Duration::from_secs(1), &stop))
             .expect("spawn the collector thread")
     };
     let stats = collector.stats.clone();

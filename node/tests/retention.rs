@@ -76,7 +76,7 @@ async fn a_moving_window_keeps_space_bounded_and_every_kept_point_replays() {
     let site = Site::up(&["--snapshot-every", "64", "--logs-kept", "16"]);
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let keep = format!("{}M", 3 * DISK >> 20);
+    let keep = format!("{}M", (3 * DISK) >> 20);
     let out = site.cli(&["group", "create", "g", "--disk", &format!("d0:{}M", DISK >> 20), "--keep-bytes", &keep]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let backing = d.join("d0.raw");
@@ -90,7 +90,8 @@ async fn a_moving_window_keeps_space_bounded_and_every_kept_point_replays() {
         // is the disk as of the bookmark that follows.
         let reference = d.join(format!("ref{pass}.raw"));
         std::fs::copy(&backing, &reference).unwrap();
-        let mut args = vec!["bookmark", "g", Box::leak(format!("p{pass}").into_boxed_str()) as &str];
+        let name = format!("p{pass}");
+        let mut args = vec!["bookmark", "g", &name];
         if pass == 1 {
             args.extend_from_slice(&["--keep-until", "1d"]);
         }

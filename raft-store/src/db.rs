@@ -211,7 +211,10 @@ pub(crate) fn chain_value_of(digest: &[u8; 32], time_ns: u64, payload_bytes: u64
     v
 }
 
-pub(crate) fn chain_value(v: &[u8]) -> std::io::Result<([u8; 32], Option<(u64, u64)>)> {
+/// A chain record's digest and, if it has them, (time, payload bytes).
+pub(crate) type ChainValue = ([u8; 32], Option<(u64, u64)>);
+
+pub(crate) fn chain_value(v: &[u8]) -> std::io::Result<ChainValue> {
     let digest: [u8; 32] = v.get(..32).and_then(|d| d.try_into().ok()).ok_or_else(|| corrupt("chain record", format!("{} bytes", v.len())))?;
     match v.len() {
         32 => Ok((digest, None)),

@@ -258,43 +258,16 @@ impl Collector {
     fn compact(&self, group: &str, upto: u64) {
         let prefix = crate::db::group_prefix(group);
         let end = event_key(group, upto);
-        let started = std::time::Instant::now();
         self.db.compact_range_cf(cf(&self.db, CF_EVENTS), Some(&prefix), Some(&end));
         self.db.compact_range_cf(cf(&self.db, CF_CHAIN), Some(&prefix), Some(&end));
         self.db.compact_range_cf(cf(&self.db, CF_TIMES), Some(&prefix), Some(&crate::db::prefix_end(&prefix)));
         self.db.compact_range_cf(cf(&self.db, CF_BLOCKS), Some(&prefix), Some(&crate::db::prefix_end(&prefix)));
-        tracing::debug!(group, upto, ms = started.elapsed().as_millis() as u64, "collector compacted the freed ranges");
+        tracing::debug!(group, upto, "collector compacted the freed ranges");
     }
 
     /// Payload bytes released by windows and not yet collected here, over
     /// every group.
     pub fn debt(&self) -> std::io::Result<u64> {
         Ok(self.groups_with_debt()?.iter().map(|(_, r, gc)| gc.debt(r)).sum())
-    }
-
-    /// Runs steps until nothing is owed or `stop` is set, at most
-    /// `rate_bytes` per second of freed plus rewritten bytes (0: no limit),
-    /// looking for work every `idle` when there is none. An error is
-    /// logged and retried after `idle`: a read error must not stop ingest.
-    pub fn run(&self, rate_bytes: u64, idle: std::time::Duration, stop: &std::sync::atomic::AtomicBool) {
-        while !stop.load(Relaxed) {
-            let started = std::time::Instant::now();
-            match self.step() {
-                Ok(s) if s.group.is_some() => {
-                    let cost = s.freed_bytes + s.rewritten_bytes;
-                    if rate_bytes > 0 {
-                        let due = std::time::Duration::from_secs_f64(cost as f64 / rate_bytes as f64);
-                        if let Some(wait) = due.checked_sub(started.elapsed()) {
-                            std::thread::sleep(wait.min(std::time::Duration::from_secs(1)));
-                        }
-                    }
-                }
-                Ok(_) => std::thread::sleep(idle),
-                Err(e) => {
-                    tracing::error!("the collector failed a step and retries: {e}");
-                    std::thread::sleep(idle);
-                }
-            }
-        }
     }
 }

@@ -209,6 +209,23 @@ mod tests {
         Request::Append { batch: EventBatch { group: group.into(), client_id: 1, seq: 1, events: vec![] } }
     }
 
+    /// A tap writes its group's data, never what the group keeps: a
+    /// stolen tap certificate cannot shorten retention or unpin.
+    #[test]
+    fn only_an_admin_appends_retention_lock_and_pin_events() {
+        use rewind_wire::event::{Event, TimedEvent};
+        let tap = Access::Tap { groups: vec!["a".into()] };
+        for e in [Event::Retain { keep_ns: 1, keep_bytes: 0 }, Event::Lock { until_ns: 1 }, Event::Pin { name: "m".into(), until_ns: 0 }] {
+            let r = Request::Append { batch: EventBatch { group: "a".into(), client_id: 1, seq: 1, events: vec![TimedEvent { time_ns: 1, event: e }] } };
+            let denied = check(&tap, &r).unwrap_err();
+            assert!(denied.to_string().contains("retention, lock or pin"), "{denied}");
+            assert!(check(&Access::Admin, &r).is_ok());
+        }
+        let mark = Event::Bookmark { name: "m".into(), app_consistent: false };
+        let r = Request::Append { batch: EventBatch { group: "a".into(), client_id: 1, seq: 1, events: vec![TimedEvent { time_ns: 1, event: mark }] } };
+        assert!(check(&tap, &r).is_ok());
+    }
+
     #[test]
     fn roles_round_trip_as_text() {
         for a in [Access::Node, Access::Admin, Access::Reader, Access::Peer, Access::Tap { groups: vec!["vm1".into(), "db-2".into()] }] {

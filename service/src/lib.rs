@@ -600,3 +600,27 @@ fn resolve_in_log<R: ReadState>(r: &R, g: &GroupRecord, target: &Target, leads: 
         }
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use rewind_wire::event::{Event, EventBatch, TimedEvent};
+
+    fn batch(time_ns: u64, event: Event) -> EventBatch {
+        EventBatch { group: "g".into(), client_id: 1, seq: 1, events: vec![TimedEvent { time_ns, event }] }
+    }
+
+    /// An event time far ahead of the site's clock would move a retention
+    /// window (and a lock's end) early; a policy event must carry now.
+    #[test]
+    fn event_times_ahead_of_the_clock_and_stale_policy_events_are_refused() {
+        let now = 1_000_000_000_000_000_000u64;
+        let s = 1_000_000_000u64;
+        let write = || Event::Write { disk: "d".into(), offset: 0, data: vec![1] };
+        assert!(super::check_times(&batch(now + 299 * s, write()), now).is_ok());
+        assert!(super::check_times(&batch(now + 301 * s, write()), now).unwrap_err().contains("ahead of the site's clock"));
+        assert!(super::check_times(&batch(now - 3600 * s, write()), now).is_ok(), "an async tap ships old events");
+        let lock = || Event::Lock { until_ns: now + 3600 * s };
+        assert!(super::check_times(&batch(now - 30 * s, lock()), now).is_ok());
+        assert!(super::check_times(&batch(now - 120 * s, lock()), now).unwrap_err().contains("must carry the current time"));
+    }
+}

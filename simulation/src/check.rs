@@ -130,6 +130,12 @@ pub fn check(history: &History, images: &[(u64, SmImage)], rng: &mut Rng) -> Vec
         if r.first() > 1 {
             world::trace(format!("retention: window LSN {}..={} ({} bytes), pins {:?}", r.first(), group.last_lsn, r.window_bytes(group), r.pinned_points()));
         }
+        if reference.gc.get(GROUP).is_some_and(|g| g.collected_to() > 1) {
+            world::count("retention: history freed by the collector");
+        }
+        if !r.pinned_points().is_empty() {
+            world::count("retention: a pinned point behind the window");
+        }
     }
     chosen.retain(|l| *l <= group.last_lsn && kept(*l));
     chosen.sort_unstable();

@@ -67,6 +67,10 @@ struct Cli {
     /// Wall-clock limit per seed, in seconds.
     #[arg(long, default_value_t = 300)]
     seed_timeout: u64,
+    /// Never give the group a retention policy: the world as it was
+    /// before retention (seeds pinned for older bugs replay in it).
+    #[arg(long)]
+    no_retention: bool,
 }
 
 #[derive(Subcommand)]
@@ -80,6 +84,8 @@ enum Worker {
         bug: Option<Bug>,
         #[arg(long, default_value_t = 20)]
         fault_secs: u64,
+        #[arg(long)]
+        no_retention: bool,
     },
 }
 
@@ -98,6 +104,9 @@ fn spawn(cli: &Cli, seed: u64) -> std::io::Result<Running> {
     cmd.args(["worker", "--seed", &seed.to_string(), "--fault-secs", &cli.fault_secs.to_string()]);
     if let Some(b) = cli.bug {
         cmd.args(["--bug", &bug_name(b)]);
+    }
+    if cli.no_retention {
+        cmd.arg("--no-retention");
     }
     let child = cmd.stdout(Stdio::piped()).stderr(Stdio::null()).spawn()?;
     Ok(Running { seed, child, started: Instant::now() })
@@ -148,12 +157,13 @@ fn log_to_stderr() {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    if let Some(Worker::Worker { seed, bug, fault_secs }) = cli.worker {
+    if let Some(Worker::Worker { seed, bug, fault_secs, no_retention }) = cli.worker {
         rewind_simulation::site::hook_panics();
         log_to_stderr();
         let mut opts = Options::new(seed);
         opts.bug = bug;
         opts.fault_secs = fault_secs;
+        opts.no_retention = no_retention;
         let outcome = run_seed(&opts);
         println!("{}", serde_json::to_string(&outcome).expect("outcome encodes"));
         return ExitCode::SUCCESS;
@@ -255,7 +265,8 @@ fn report(cli: &Cli, results: &BTreeMap<u64, Vec<Outcome>>, caught: Option<u64>,
             println!("  {line}");
         }
         println!("  plan: {}", f.plan);
-        println!("  reproduce: cargo run -p rewind-simulation -- --seed {} --fault-secs {}{bug}", f.seed, cli.fault_secs);
+        let world = if cli.no_retention { " --no-retention" } else { "" };
+        println!("  reproduce: cargo run -p rewind-simulation -- --seed {} --fault-secs {}{bug}{world}", f.seed, cli.fault_secs);
         if cli.seed.is_some() || failed.len() == 1 {
             println!("  last {} lines of its trace:", f.tail.len());
             for l in &f.tail {

@@ -39,11 +39,13 @@ pub struct Options {
     pub batches: u64,
     /// Requests the guest sends the tap, when the plan has a tap.
     pub tap_ops: u64,
+    /// The plan never has retention (the world before it existed).
+    pub no_retention: bool,
 }
 
 impl Options {
     pub fn new(seed: u64) -> Options {
-        Options { seed, bug: None, fault_secs: 20, clients: 3, batches: 60, tap_ops: 200 }
+        Options { seed, bug: None, fault_secs: 20, clients: 3, batches: 60, tap_ops: 200, no_retention: false }
     }
 }
 
@@ -751,7 +753,7 @@ async fn scenario(opts: Options, mut rng: Rng, history: Shared) -> Vec<String> {
     if plan.replays {
         rt::spawn_local(crate::replay::replayer(extra.fork(7), fault_end, history.clone()));
     }
-    if plan.retention {
+    if plan.retention && !opts.no_retention {
         rt::spawn_local(retention_admin(extra.fork(8), start, fault_end));
     }
     let observer = rt::spawn_local(observe(history.clone(), stop.clone()));

@@ -161,7 +161,9 @@ pub async fn run(args: ClientArgs, json: bool) -> anyhow::Result<()> {
     }
     println!("{:<5} {:<22} {:<10} {:>5} {:>7} {:>9} {:>10} {:>8} {:>8}", "NODE", "ADDR", "ROLE", "TERM", "LEADER", "LAST-LOG", "COMMITTED", "APPLIED", "PID");
     let opt = |v: Option<u64>| v.map_or("-".to_string(), |v| v.to_string());
-    let mut groups: std::collections::BTreeMap<String, Vec<(u64, u64, String, u64, u64)>> = Default::default();
+    // Per group: (node, last LSN, digest, stored bytes, collector debt).
+    type PerNode = Vec<(u64, u64, String, u64, u64)>;
+    let mut groups: std::collections::BTreeMap<String, PerNode> = Default::default();
     for (n, s) in &all {
         match s {
             Ok(s) => {
