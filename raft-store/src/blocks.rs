@@ -154,6 +154,15 @@ pub fn index_event<E>(disk: &str, event: &Event, mut before: impl FnMut(u64) -> 
 /// (an extent, if any, is keyed by the LSN alone): a zero or trim range
 /// that became an extent has versions only at its partial edge blocks. At
 /// most `REVERT_BLOCKS_MAX` or 258 blocks.
+/// The blocks a write of `len` bytes at `offset` versions: every block it
+/// touches.
+pub fn write_blocks(offset: u64, len: u64) -> Vec<u64> {
+    if len == 0 {
+        return Vec::new();
+    }
+    (offset / BLOCK_BYTES..=(offset + len - 1) / BLOCK_BYTES).collect()
+}
+
 pub fn versioned_blocks(event: &Event) -> Option<(&str, Vec<u64>)> {
     let (disk, offset, len) = match event {
         Event::Revert { disk, block_first, block_end, .. } => return Some((disk, (*block_first..*block_end).collect())),

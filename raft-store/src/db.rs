@@ -77,11 +77,17 @@ pub fn open(dir: &Path) -> std::io::Result<Store> {
     blocks.set_min_blob_size(4096);
     blocks.set_enable_blob_gc(true);
     let cfs = [CF_LOG, CF_META].into_iter().chain(SM_CFS).map(|name| {
-        let o = match name {
+        let mut o = match name {
             CF_LOG | CF_EVENTS => payload.clone(),
             CF_BLOCKS => blocks.clone(),
             _ => Options::default(),
         };
+        // The collector deletes old events, times, chain links and block
+        // versions in runs: a table file dense with deletes is compacted
+        // soon, or reads would step over the tombstones for long.
+        if matches!(name, CF_EVENTS | CF_TIMES | CF_CHAIN | CF_BLOCKS | CF_MARKS) {
+            o.add_compact_on_deletion_collector_factory(128, 32, 0.25);
+        }
         ColumnFamilyDescriptor::new(name, o)
     });
     let cfs: Vec<ColumnFamilyDescriptor> = cfs.collect();
@@ -91,8 +97,9 @@ pub fn open(dir: &Path) -> std::io::Result<Store> {
     let snapshot_dir: PathBuf = dir.join("snapshots");
     std::fs::create_dir_all(&snapshot_dir)?;
     let gc_lock = Arc::new(tokio::sync::Mutex::new(()));
-    let state_machine = StateMachine::open(db.clone(), snapshot_dir.clone(), gc_lock.clone())?;
-    let collector = crate::gc::Collector::new(db.clone(), gc_lock);
+    let generation = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let state_machine = StateMachine::open(db.clone(), snapshot_dir.clone(), gc_lock.clone(), generation.clone())?;
+    let collector = crate::gc::Collector::new(db.clone(), gc_lock, generation);
     Ok(Store { log: LogStore::new(db.clone()), state_machine, reader: StoreReader { db, snapshot_dir }, collector })
 }
 
@@ -202,25 +209,38 @@ pub(crate) fn mark_value(time_ns: u64, app_consistent: bool) -> Vec<u8> {
 }
 
 /// A chain record: the digest after the event, and (since retention) the
-/// event's time and payload bytes, which move the window without reading
-/// the event. A 32-byte record (written before) has only the digest.
-pub(crate) fn chain_value_of(digest: &[u8; 32], time_ns: u64, payload_bytes: u64) -> Vec<u8> {
-    let mut v = digest.to_vec();
-    v.extend_from_slice(&time_ns.to_le_bytes());
-    v.extend_from_slice(&payload_bytes.to_le_bytes());
+/// event's time, payload bytes and shape (`retention::Shape`), which move
+/// the window and free the event without reading its payload. A 32-byte
+/// record (written before) has only the digest.
+pub(crate) fn chain_value_of(digest: &[u8; 32], event: &StoredEvent) -> Vec<u8> {
+    let shape = crate::retention::Shape::encode(&event.event);
+    let mut v = Vec::with_capacity(48 + shape.len());
+    v.extend_from_slice(digest);
+    v.extend_from_slice(&event.time_ns.to_le_bytes());
+    v.extend_from_slice(&(event.event.payload_bytes() as u64).to_le_bytes());
+    v.extend_from_slice(&shape);
     v
 }
 
-/// A chain record's digest and, if it has them, (time, payload bytes).
-pub(crate) type ChainValue = ([u8; 32], Option<(u64, u64)>);
+/// A chain record's digest and, if it has them, (time, payload bytes)
+/// and the event's shape.
+pub(crate) struct ChainValue {
+    pub digest: [u8; 32],
+    pub info: Option<(u64, u64)>,
+    pub shape: Option<crate::retention::Shape>,
+}
 
 pub(crate) fn chain_value(v: &[u8]) -> std::io::Result<ChainValue> {
     let digest: [u8; 32] = v.get(..32).and_then(|d| d.try_into().ok()).ok_or_else(|| corrupt("chain record", format!("{} bytes", v.len())))?;
-    match v.len() {
-        32 => Ok((digest, None)),
-        48 => Ok((digest, Some((u64::from_le_bytes(v[32..40].try_into().expect("8")), u64::from_le_bytes(v[40..48].try_into().expect("8")))))),
-        n => Err(corrupt("chain record", format!("{n} bytes"))),
+    if v.len() == 32 {
+        return Ok(ChainValue { digest, info: None, shape: None });
     }
+    if v.len() < 48 {
+        return Err(corrupt("chain record", format!("{} bytes", v.len())));
+    }
+    let info = Some((u64::from_le_bytes(v[32..40].try_into().expect("8")), u64::from_le_bytes(v[40..48].try_into().expect("8"))));
+    let shape = crate::retention::Shape::decode(&v[48..]).map_err(|e| corrupt("chain record", e))?;
+    Ok(ChainValue { digest, info, shape: Some(shape) })
 }
 
 /// The first key after every key that starts with `prefix`.
@@ -636,7 +656,7 @@ impl StoreReader {
             return Ok(Some([0; 32]));
         }
         match self.db.get_cf(cf(&self.db, CF_CHAIN), event_key(group, lsn)).map_err(io_err)? {
-            Some(v) => Ok(Some(chain_value(&v)?.0)),
+            Some(v) => Ok(Some(chain_value(&v)?.digest)),
             None => Ok(None),
         }
     }

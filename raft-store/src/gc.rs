@@ -29,10 +29,10 @@ use rocksdb::{Direction, IteratorMode, WriteBatch, DB};
 use crate::apply::{GroupRecord, StoredEvent};
 use crate::blocks::{Version, BLOCK_BYTES};
 use crate::db::{
-    block_key, cf, decode_opt, disk_prefix, event_key, extent_key, mark_key, time_key, CF_BLOCKS, CF_CHAIN, CF_EVENTS, CF_EXTENTS, CF_GC, CF_GROUPS, CF_MARKS,
+    block_key, cf, chain_value, decode_opt, disk_prefix, event_key, extent_key, mark_key, time_key, CF_BLOCKS, CF_CHAIN, CF_EVENTS, CF_EXTENTS, CF_GC, CF_GROUPS, CF_MARKS,
     CF_RETENTION, CF_TIMES,
 };
-use crate::retention::{collect_event, GcIndex, GcOp, RetentionRecord};
+use crate::retention::{collect_event, GcIndex, GcOp, RetentionRecord, Shape};
 use crate::{corrupt, io_err};
 
 /// What the collector has done for one group on this replica. Part of
@@ -46,6 +46,9 @@ pub struct GcRecord {
     pub collected_bytes: u64,
     /// Bytes of live blocks given their own copy.
     pub rewritten_bytes: u64,
+    /// Versions before the window freed later, when their block was
+    /// written again (counted as 4 KiB each: copies, mostly).
+    pub rewritten_freed_bytes: u64,
 }
 
 impl GcRecord {
@@ -76,6 +79,7 @@ pub struct Step {
     /// Payload bytes of the events freed.
     pub freed_bytes: u64,
     pub rewritten_bytes: u64,
+    pub rewritten_freed_bytes: u64,
 }
 
 /// The collector of one store.
@@ -83,6 +87,10 @@ pub struct Step {
 pub struct Collector {
     db: Arc<DB>,
     lock: Arc<tokio::sync::Mutex<()>>,
+    /// Bumped (under the lock) by whatever replaces or removes a group's
+    /// tables wholesale: a snapshot install, a group's deletion. A step
+    /// planned across a bump is dropped.
+    generation: Arc<AtomicU64>,
     pub stats: Arc<GcStats>,
     /// Bytes freed since the freed key ranges were last compacted.
     uncompacted: Arc<AtomicU64>,
@@ -91,27 +99,40 @@ pub struct Collector {
 /// Freed bytes after which the collector compacts the ranges it freed:
 /// RocksDB drops a blob file (where payloads lie) only once compaction has
 /// met the deletes of every key that referred into it.
-const COMPACT_AFTER_BYTES: u64 = 128 << 20;
+const COMPACT_AFTER_BYTES: u64 = 256 << 20;
 
-/// The collector's view of one disk's block index.
-struct Index<'a> {
+/// The collector's view of one disk's block index. One iterator serves a
+/// whole step (making one costs more than a seek); the step holds the
+/// lock, so nothing else writes meanwhile.
+struct Index<'a, 'b, 'c> {
     db: &'a DB,
-    group: &'a str,
-    disk: &'a str,
+    snap: &'a rocksdb::SnapshotWithThreadMode<'a, DB>,
+    group: &'c str,
+    disk: &'c str,
+    blocks: &'b mut rocksdb::DBRawIteratorWithThreadMode<'a, DB>,
 }
 
-impl GcIndex for Index<'_> {
+impl GcIndex for Index<'_, '_, '_> {
     type Error = std::io::Error;
 
     fn version_at(&mut self, block: u64, lsn: u64) -> std::io::Result<Option<Version>> {
-        let v = self.db.get_cf(cf(self.db, CF_BLOCKS), block_key(self.group, self.disk, block, lsn)).map_err(io_err)?;
-        v.map(|v| Version::decode(&v).map_err(|e| corrupt("block version", e))).transpose()
+        let key = block_key(self.group, self.disk, block, lsn);
+        self.blocks.seek(&key);
+        if !self.blocks.valid() {
+            self.blocks.status().map_err(io_err)?;
+            return Ok(None);
+        }
+        if self.blocks.key() != Some(&key[..]) {
+            return Ok(None);
+        }
+        let v = self.blocks.value().expect("valid");
+        Version::decode(v).map(Some).map_err(|e| corrupt("block version", e))
     }
 
     fn next_version(&mut self, block: u64, after: u64, upto: u64) -> std::io::Result<Option<u64>> {
         let from = block_key(self.group, self.disk, block, after + 1);
         let prefix = &from[..from.len() - 8];
-        let mut it = self.db.raw_iterator_cf(cf(self.db, CF_BLOCKS));
+        let it = &mut *self.blocks;
         it.seek(&from);
         if it.valid() {
             let k = it.key().expect("valid");
@@ -129,7 +150,7 @@ impl GcIndex for Index<'_> {
         let prefix = disk_prefix(self.group, self.disk);
         let start = extent_key(self.group, self.disk, after + 1);
         let mut out = Vec::new();
-        for item in self.db.iterator_cf(cf(self.db, CF_EXTENTS), IteratorMode::From(&start, Direction::Forward)) {
+        for item in self.snap.iterator_cf(cf(self.db, CF_EXTENTS), IteratorMode::From(&start, Direction::Forward)) {
             let (k, v) = item.map_err(io_err)?;
             if k.len() != prefix.len() + 8 || !k.starts_with(&prefix) {
                 break;
@@ -150,8 +171,9 @@ impl GcIndex for Index<'_> {
         let from = block_key(self.group, self.disk, block, 0);
         let prefix = &from[..from.len() - 8];
         let mut out = Vec::new();
-        for item in self.db.iterator_cf(cf(self.db, CF_BLOCKS), IteratorMode::From(&from, Direction::Forward)) {
-            let (k, _) = item.map_err(io_err)?;
+        self.blocks.seek(&from);
+        while self.blocks.valid() {
+            let k = self.blocks.key().expect("valid");
             if k.len() != from.len() || !k.starts_with(prefix) {
                 break;
             }
@@ -160,14 +182,16 @@ impl GcIndex for Index<'_> {
                 break;
             }
             out.push(l);
+            self.blocks.next();
         }
+        self.blocks.status().map_err(io_err)?;
         Ok(out)
     }
 }
 
 impl Collector {
-    pub(crate) fn new(db: Arc<DB>, lock: Arc<tokio::sync::Mutex<()>>) -> Collector {
-        Collector { db, lock, stats: Arc::default(), uncompacted: Arc::default() }
+    pub(crate) fn new(db: Arc<DB>, lock: Arc<tokio::sync::Mutex<()>>, generation: Arc<AtomicU64>) -> Collector {
+        Collector { db, lock, generation, stats: Arc::default(), uncompacted: Arc::default() }
     }
 
     fn groups_with_debt(&self) -> std::io::Result<Vec<(GroupRecord, RetentionRecord, GcRecord)>> {
@@ -187,8 +211,17 @@ impl Collector {
 
     /// Runs one step (see the module's text) for the group with the most
     /// debt. Returns what it did; `group` is None when nothing is owed.
+    ///
+    /// The step reads (from a snapshot) without the lock, so that apply is
+    /// never held behind the collector's disk reads, and takes the lock
+    /// only to write. Its plan stays right meanwhile: apply adds versions
+    /// only at new LSNs, after the window's start; the window and the
+    /// collected mark only move forward; pins only go (keeping more is
+    /// safe); and a snapshot install or a group's deletion, which would
+    /// change what the plan read, bumps the generation, which drops it.
     pub fn step(&self) -> std::io::Result<Step> {
-        let _guard = self.lock.blocking_lock();
+        let generation = self.generation.load(std::sync::atomic::Ordering::Acquire);
+        let snap = self.db.snapshot();
         let mut owed = self.groups_with_debt()?;
         owed.sort_by_key(|(_, r, gc)| std::cmp::Reverse(gc.debt(r)));
         let Some((g, r, mut gc)) = owed.into_iter().next() else { return Ok(Step::default()) };
@@ -198,70 +231,116 @@ impl Collector {
         let mut batch = WriteBatch::default();
         let mut step = Step { group: Some(name.to_string()), ..Default::default() };
         let mut lsn = gc.collected_to();
+        let mut blocks_it: Option<rocksdb::DBRawIteratorWithThreadMode<'_, DB>> = None;
         while lsn < first && (step.events as usize) < GC_STEP_EVENTS_MAX && step.freed_bytes < GC_STEP_BYTES_MAX {
             let key = event_key(name, lsn);
-            let Some(raw) = self.db.get_cf(cf(&self.db, CF_EVENTS), &key).map_err(io_err)? else {
+            // The chain record says what the event versioned; its payload
+            // is read only for the blocks it keeps.
+            let Some(link) = snap.get_cf(cf(&self.db, CF_CHAIN), &key).map_err(io_err)? else {
                 // Moved to a branch by a failback, or never held: nothing to free.
                 lsn += 1;
                 continue;
             };
-            let e: StoredEvent = decode_record(&raw).map_err(|e| corrupt("event record", e))?;
-            if let Some(disk) = e.event.disk() {
-                let ops = collect_event(&mut Index { db: &self.db, group: name, disk }, &e, first, &pins)?;
-                for op in ops {
-                    match op {
-                        GcOp::Materialise { block, version } => {
-                            batch.put_cf(cf(&self.db, CF_BLOCKS), block_key(name, disk, block, lsn), version.encode());
-                            step.rewritten_bytes += BLOCK_BYTES;
+            let link = chain_value(&link)?;
+            let mut event: Option<StoredEvent> = None;
+            let read_event = |event: &mut Option<StoredEvent>| -> std::io::Result<()> {
+                if event.is_none() {
+                    let raw = snap.get_cf(cf(&self.db, CF_EVENTS), &key).map_err(io_err)?.ok_or_else(|| corrupt("group", format!("{name:?} has no event at LSN {lsn}")))?;
+                    *event = Some(decode_record(&raw).map_err(|e| corrupt("event record", e))?);
+                }
+                Ok(())
+            };
+            let (shape, (time_ns, payload)) = match (link.shape, link.info) {
+                (Some(shape), Some(info)) => (shape, info),
+                _ => {
+                    read_event(&mut event)?;
+                    let e = event.as_ref().expect("read above");
+                    (Shape::of(&e.event), (e.time_ns, e.event.payload_bytes() as u64))
+                }
+            };
+            match &shape {
+                Shape::Blocks { disk, blocks, .. } => {
+                    let it = blocks_it.get_or_insert_with(|| snap.raw_iterator_cf(cf(&self.db, CF_BLOCKS)));
+                    let ops = collect_event(&mut Index { db: &self.db, snap: &snap, group: name, disk, blocks: it }, lsn, blocks, first, &pins)?;
+                    for op in ops {
+                        match op {
+                            GcOp::Materialise { block, offset } => {
+                                read_event(&mut event)?;
+                                let e = event.as_ref().expect("read above");
+                                let at = offset as usize;
+                                let bytes = match &e.event {
+                                    rewind_wire::event::Event::Write { data, .. } => data.get(at..at + BLOCK_BYTES as usize),
+                                    _ => None,
+                                };
+                                let bytes = bytes.ok_or_else(|| corrupt("block index", format!("a version at LSN {lsn} refers to bytes its event does not hold")))?;
+                                batch.put_cf(cf(&self.db, CF_BLOCKS), block_key(name, disk, block, lsn), Version::Data(bytes.to_vec()).encode());
+                                step.rewritten_bytes += BLOCK_BYTES;
+                            }
+                            GcOp::DeleteVersion { block, lsn: at } => {
+                                if at < lsn {
+                                    step.rewritten_freed_bytes += BLOCK_BYTES;
+                                }
+                                batch.delete_cf(cf(&self.db, CF_BLOCKS), block_key(name, disk, block, at));
+                            }
                         }
-                        GcOp::DeleteVersion { block, lsn } => batch.delete_cf(cf(&self.db, CF_BLOCKS), block_key(name, disk, block, lsn)),
                     }
                 }
-            }
-            if let rewind_wire::event::Event::Bookmark { name: mark, .. } = &e.event {
-                if !r.pins.iter().any(|p| p.lsn == lsn && p.name == *mark) {
-                    batch.delete_cf(cf(&self.db, CF_MARKS), mark_key(name, mark, lsn));
+                Shape::Bookmark { name: mark } => {
+                    if !r.pins.iter().any(|p| p.lsn == lsn && p.name == *mark) {
+                        batch.delete_cf(cf(&self.db, CF_MARKS), mark_key(name, mark, lsn));
+                    }
                 }
+                Shape::Other => {}
             }
             batch.delete_cf(cf(&self.db, CF_EVENTS), &key);
-            batch.delete_cf(cf(&self.db, CF_TIMES), time_key(name, e.time_ns, lsn));
+            batch.delete_cf(cf(&self.db, CF_TIMES), time_key(name, time_ns, lsn));
             if lsn + 1 < first {
                 batch.delete_cf(cf(&self.db, CF_CHAIN), &key);
             }
             step.events += 1;
-            step.freed_bytes += e.event.payload_bytes() as u64;
+            step.freed_bytes += payload;
             lsn += 1;
         }
+        let planned = gc.clone();
         gc.collected_to = lsn;
         gc.collected_bytes += step.freed_bytes;
         gc.rewritten_bytes += step.rewritten_bytes;
+        gc.rewritten_freed_bytes += step.rewritten_freed_bytes;
         batch.put_cf(cf(&self.db, CF_GC), name.as_bytes(), encode_record(&gc).map_err(io_err)?);
+        drop(blocks_it);
+        drop(snap);
+        let guard = self.lock.blocking_lock();
+        let now: GcRecord = decode_opt(self.db.get_cf(cf(&self.db, CF_GC), name.as_bytes()).map_err(io_err)?, "collector record")?.unwrap_or_default();
+        if self.generation.load(std::sync::atomic::Ordering::Acquire) != generation || now != planned {
+            tracing::debug!(group = name, "a collector step was planned across a snapshot install or a deletion; dropped");
+            return Ok(Step { group: Some(name.to_string()), ..Default::default() });
+        }
         let mut opts = rocksdb::WriteOptions::default();
         opts.disable_wal(true);
         self.db.write_opt(batch, &opts).map_err(io_err)?;
+        drop(guard);
         self.stats.freed_bytes.fetch_add(step.freed_bytes, Relaxed);
         self.stats.rewritten_bytes.fetch_add(step.rewritten_bytes, Relaxed);
         self.stats.events.fetch_add(step.events, Relaxed);
         self.stats.steps.fetch_add(1, Relaxed);
         if self.uncompacted.fetch_add(step.freed_bytes + step.rewritten_bytes, Relaxed) + step.freed_bytes >= COMPACT_AFTER_BYTES {
             self.uncompacted.store(0, Relaxed);
-            drop(_guard);
             self.compact(name, lsn);
         }
         tracing::debug!(group = name, events = step.events, freed = step.freed_bytes, rewritten = step.rewritten_bytes, upto = lsn, "collector step");
         Ok(step)
     }
 
-    /// Compacts the group's freed ranges (events and times below `upto`,
-    /// and its block versions), outside the lock: RocksDB compacts
-    /// alongside writes.
+    /// Compacts the group's freed events (below `upto`).
     fn compact(&self, group: &str, upto: u64) {
         let prefix = crate::db::group_prefix(group);
         let end = event_key(group, upto);
-        self.db.compact_range_cf(cf(&self.db, CF_EVENTS), Some(&prefix), Some(&end));
-        self.db.compact_range_cf(cf(&self.db, CF_CHAIN), Some(&prefix), Some(&end));
-        self.db.compact_range_cf(cf(&self.db, CF_TIMES), Some(&prefix), Some(&crate::db::prefix_end(&prefix)));
-        self.db.compact_range_cf(cf(&self.db, CF_BLOCKS), Some(&prefix), Some(&crate::db::prefix_end(&prefix)));
+        // Not exclusive: RocksDB's own compactions go on meanwhile, or
+        // level 0 fills and stalls ingest. Only the payload's table: the
+        // others hold small keys their own compactions reclaim.
+        let mut opts = rocksdb::CompactOptions::default();
+        opts.set_exclusive_manual_compaction(false);
+        self.db.compact_range_cf_opt(cf(&self.db, CF_EVENTS), Some(&prefix), Some(&end), &opts);
         tracing::debug!(group, upto, "collector compacted the freed ranges");
     }
 

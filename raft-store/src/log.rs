@@ -203,7 +203,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
                 .name("log-compact".into())
                 .spawn(move || {
                     if let Some(db) = db.upgrade() {
-                        db.compact_range_cf(cf(&db, CF_LOG), None::<&[u8]>, Some(&end[..]));
+                        let mut opts = rocksdb::CompactOptions::default();
+                        opts.set_exclusive_manual_compaction(false);
+                        db.compact_range_cf_opt(cf(&db, CF_LOG), None::<&[u8]>, Some(&end[..]), &opts);
                     }
                     flag.store(false, Release);
                 })

@@ -27,13 +27,13 @@
 
 use std::collections::BTreeMap;
 
-use rewind_wire::event::{Event, LoggedEvent};
+use rewind_wire::event::Event;
 use rewind_wire::limits::{PINS_MAX, WINDOW_STEP_EVENTS_MAX};
 use rewind_wire::timefmt::format_time_ns;
 use rkyv::{Archive, Deserialize, Serialize};
 
 use crate::apply::GroupRecord;
-use crate::blocks::{versioned_blocks, Version, BLOCK_BYTES};
+use crate::blocks::Version;
 
 /// A pinned bookmark: its point is kept until `until_ns`.
 #[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
@@ -217,6 +217,69 @@ pub fn advance_window<E>(r: &mut RetentionRecord, g: &GroupRecord, mut info: imp
     Ok(moved)
 }
 
+/// What the collector needs of an event without its payload: the blocks
+/// it versioned, and a bookmark's name. Stored beside its chain link, so
+/// freeing an event reads its payload only for the blocks it keeps.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Shape {
+    /// An event with versions: its disk and blocks.
+    Blocks { disk: String, blocks: Vec<u64>, write: bool },
+    Bookmark { name: String },
+    Other,
+}
+
+const SHAPE_OTHER: u8 = 0;
+const SHAPE_WRITE: u8 = 1;
+const SHAPE_ZEROES: u8 = 2;
+const SHAPE_REVERT: u8 = 3;
+const SHAPE_BOOKMARK: u8 = 4;
+
+impl Shape {
+    /// `kind | a u64 | b u64 | name length u8 | name`: (offset, length) of
+    /// a write, zero or trim; (first, end block) of a revert.
+    pub fn encode(event: &Event) -> Vec<u8> {
+        let (kind, a, b, name) = match event {
+            Event::Write { disk, offset, data } => (SHAPE_WRITE, *offset, data.len() as u64, disk.as_str()),
+            Event::WriteZeroes { disk, offset, len } | Event::Trim { disk, offset, len } => (SHAPE_ZEROES, *offset, *len, disk.as_str()),
+            Event::Revert { disk, block_first, block_end, .. } => (SHAPE_REVERT, *block_first, *block_end, disk.as_str()),
+            Event::Bookmark { name, .. } => (SHAPE_BOOKMARK, 0, 0, name.as_str()),
+            _ => (SHAPE_OTHER, 0, 0, ""),
+        };
+        let mut v = Vec::with_capacity(18 + name.len());
+        v.push(kind);
+        v.extend_from_slice(&a.to_le_bytes());
+        v.extend_from_slice(&b.to_le_bytes());
+        v.push(name.len() as u8);
+        v.extend_from_slice(name.as_bytes());
+        v
+    }
+
+    pub fn decode(v: &[u8]) -> Result<Shape, String> {
+        if v.len() < 18 || v.len() != 18 + v[17] as usize {
+            return Err(format!("event shape of {} bytes", v.len()));
+        }
+        let a = u64::from_le_bytes(v[1..9].try_into().expect("8"));
+        let b = u64::from_le_bytes(v[9..17].try_into().expect("8"));
+        let name = std::str::from_utf8(&v[18..]).map_err(|e| format!("event shape: {e}"))?.to_string();
+        let stub = |event: Event| match crate::blocks::versioned_blocks(&event) {
+            Some((disk, blocks)) => Shape::Blocks { disk: disk.to_string(), blocks, write: matches!(event, Event::Write { .. }) },
+            None => Shape::Other,
+        };
+        Ok(match v[0] {
+            SHAPE_WRITE => Shape::Blocks { disk: name, blocks: crate::blocks::write_blocks(a, b), write: true },
+            SHAPE_ZEROES => stub(Event::Trim { disk: name, offset: a, len: b }),
+            SHAPE_REVERT => stub(Event::Revert { disk: name, to_lsn: 0, block_first: a, block_end: b }),
+            SHAPE_BOOKMARK => Shape::Bookmark { name },
+            SHAPE_OTHER => Shape::Other,
+            k => return Err(format!("event shape of kind {k}")),
+        })
+    }
+
+    pub fn of(event: &Event) -> Shape {
+        Shape::decode(&Shape::encode(event)).expect("a shape decodes what it encodes")
+    }
+}
+
 /// What the collector reads of one disk's block index.
 pub trait GcIndex {
     type Error;
@@ -235,22 +298,22 @@ pub trait GcIndex {
 /// One change the collector makes for an event before the window.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum GcOp {
-    /// The version is live and referred into the event's payload: it gets
-    /// its own copy of the 4 KiB, so the event can go.
-    Materialise { block: u64, version: Version },
+    /// The version is live and refers to bytes `offset..offset + 4 KiB`
+    /// of the event's payload: it gets its own copy, so the event can go.
+    Materialise { block: u64, offset: u32 },
     /// A garbage version (of the event's LSN, or an older one).
     DeleteVersion { block: u64, lsn: u64 },
 }
 
-/// The collector's changes to the block index for event `e` (before the
-/// window): for each version it wrote, live or garbage by the rule above,
-/// and the older versions of those blocks, which it replaced, freed unless
-/// a pin needs them. `pins`: the pinned points before the window.
-pub fn collect_event<I: GcIndex>(index: &mut I, e: &LoggedEvent, first: u64, pins: &[u64]) -> Result<Vec<GcOp>, I::Error> {
+/// The collector's changes to the block index for the event at LSN `l`
+/// (before the window) that versioned `blocks`: for each version it wrote,
+/// live or garbage by the rule above, and the older versions of those
+/// blocks, which it replaced, freed unless a pin needs them. `pins`: the
+/// pinned points before the window.
+pub fn collect_event<I: GcIndex>(index: &mut I, l: u64, blocks: &[u64], first: u64, pins: &[u64]) -> Result<Vec<GcOp>, I::Error> {
     let mut ops = Vec::new();
-    let l = e.lsn;
     debug_assert!(l < first);
-    let Some((_, blocks)) = versioned_blocks(&e.event) else { return Ok(ops) };
+    let blocks = blocks.to_vec();
     let pins: &[u64] = if crate::bug("gc-ignores-pins") { &[] } else { pins };
     let extents = if blocks.is_empty() { Vec::new() } else { index.extents(l, first)? };
     for block in blocks {
@@ -273,11 +336,7 @@ pub fn collect_event<I: GcIndex>(index: &mut I, e: &LoggedEvent, first: u64, pin
         if !live {
             ops.push(GcOp::DeleteVersion { block, lsn: l });
         } else if let Version::Ref { offset } = version {
-            let Event::Write { data, .. } = &e.event else { continue };
-            let at = offset as usize;
-            if let Some(bytes) = data.get(at..at + BLOCK_BYTES as usize) {
-                ops.push(GcOp::Materialise { block, version: Version::Data(bytes.to_vec()) });
-            }
+            ops.push(GcOp::Materialise { block, offset });
         }
     }
     Ok(ops)
@@ -318,6 +377,24 @@ mod tests {
         let mut r = RetentionRecord { keep_bytes: 1, ..Default::default() };
         advance_window(&mut r, &g, info).unwrap();
         assert_eq!(r.first(), 10);
+    }
+
+    #[test]
+    fn an_event_shape_gives_the_blocks_the_index_versioned() {
+        let d = || "disk-a".to_string();
+        for e in [
+            Event::Write { disk: d(), offset: 4095, data: vec![1; 4098] },
+            Event::Write { disk: d(), offset: 0, data: vec![1; 1 << 20] },
+            Event::Trim { disk: d(), offset: 512, len: 300 * 4096 },
+            Event::WriteZeroes { disk: d(), offset: 8192, len: 4096 },
+            Event::Revert { disk: d(), to_lsn: 3, block_first: 7, block_end: 19 },
+        ] {
+            let (disk, blocks) = crate::blocks::versioned_blocks(&e).unwrap();
+            assert_eq!(Shape::of(&e), Shape::Blocks { disk: disk.to_string(), blocks, write: matches!(e, Event::Write { .. }) }, "{e:?}");
+        }
+        assert_eq!(Shape::of(&Event::Bookmark { name: "m".into(), app_consistent: true }), Shape::Bookmark { name: "m".into() });
+        assert_eq!(Shape::of(&Event::Lock { until_ns: 5 }), Shape::Other);
+        assert!(Shape::decode(&[9; 18]).is_err());
     }
 
     #[test]

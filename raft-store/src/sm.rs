@@ -45,12 +45,20 @@ pub struct StateMachine {
     /// Held by `apply`, snapshot installs and each collector step: the
     /// collector never changes the index under an apply that reads it.
     gc_lock: Arc<tokio::sync::Mutex<()>>,
+    /// Bumped under `gc_lock` when a snapshot install or a group's
+    /// deletion replaces tables wholesale (see `gc::Collector::step`).
+    gc_generation: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl StateMachine {
-    pub(crate) fn open(db: Arc<DB>, snapshot_dir: PathBuf, gc_lock: Arc<tokio::sync::Mutex<()>>) -> io::Result<StateMachine> {
+    pub(crate) fn open(
+        db: Arc<DB>,
+        snapshot_dir: PathBuf,
+        gc_lock: Arc<tokio::sync::Mutex<()>>,
+        gc_generation: Arc<std::sync::atomic::AtomicU64>,
+    ) -> io::Result<StateMachine> {
         let snapshots = Snapshots::open(db.clone(), snapshot_dir)?;
-        Ok(StateMachine { db, snapshots, gc_lock })
+        Ok(StateMachine { db, snapshots, gc_lock, gc_generation })
     }
 
     fn retention(&self, pending: &Pending, group: &str) -> io::Result<RetentionRecord> {
@@ -107,7 +115,7 @@ impl StateMachine {
         }
         let key = event_key(group, lsn);
         if let Some(v) = self.db.get_cf(cf(&self.db, CF_CHAIN), &key).map_err(io_err)? {
-            if let (_, Some(info)) = chain_value(&v)? {
+            if let Some(info) = chain_value(&v)?.info {
                 return Ok(info);
             }
         }
@@ -172,7 +180,7 @@ impl StateMachine {
             let key = event_key(group, event.lsn);
             digest = crate::apply::chain(&digest, &record);
             let info = (event.time_ns, event.event.payload_bytes() as u64);
-            batch.put_cf(cf(&self.db, CF_CHAIN), &key, chain_value_of(&digest, info.0, info.1));
+            batch.put_cf(cf(&self.db, CF_CHAIN), &key, chain_value_of(&digest, &event));
             pending.info.insert((group.to_string(), event.lsn), info);
             batch.put_cf(cf(&self.db, CF_EVENTS), &key, record);
             batch.put_cf(cf(&self.db, CF_TIMES), time_key(group, event.time_ns, event.lsn), []);
@@ -331,6 +339,7 @@ impl StateMachine {
         pending.branches.remove(group);
         pending.producers.retain(|(_, g), _| g != group);
         pending.deleted.insert(group.to_string());
+        self.gc_generation.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
         Ok(CommandReply::Created)
     }
 
@@ -407,7 +416,7 @@ impl StateMachine {
             [0; 32]
         } else {
             let d = self.db.get_cf(cf(&self.db, CF_CHAIN), event_key(name, lsn)).map_err(io_err)?;
-            d.and_then(|d| chain_value(&d).ok().map(|(digest, _)| digest))
+            d.and_then(|d| chain_value(&d).ok().map(|c| c.digest))
                 .ok_or_else(|| corrupt("chain", format!("group {name:?} has no chain digest at LSN {lsn} (written before this build kept them)")))?
         };
         if lsn > 0 {
@@ -575,6 +584,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
 
     async fn install_snapshot(&mut self, meta: &SnapshotMeta, snapshot: SnapshotFile) -> io::Result<()> {
         let _gc = self.gc_lock.clone().lock_owned().await;
+        self.gc_generation.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
         self.snapshots.install(meta, snapshot).await
     }
 

@@ -117,6 +117,7 @@ pub fn retention_info(g: &GroupRecord, r: &rewind_raft_store::retention::Retenti
         gc_debt_bytes: gc.debt(r),
         freed_bytes: gc.collected_bytes,
         rewritten_bytes: gc.rewritten_bytes,
+        stored_bytes: (g.payload_bytes + gc.rewritten_bytes).saturating_sub(gc.collected_bytes + gc.rewritten_freed_bytes),
     }
 }
 

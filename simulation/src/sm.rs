@@ -17,7 +17,7 @@ use rewind_raft_store::apply::{
     ProducerRecord, StoredEvent,
 };
 use rewind_raft_store::gc::GcRecord;
-use rewind_raft_store::retention::{advance_window, collect_event, delete_check, GcIndex, GcOp, RetentionRecord};
+use rewind_raft_store::retention::{advance_window, collect_event, delete_check, GcIndex, GcOp, RetentionRecord, Shape};
 use rewind_raft_store::blocks::{block_or_zero, index_event, read_runs, revert_puts, IndexPut, Version, VersionIndex, BLOCK_BYTES};
 use rewind_wire::dr::DrRecord;
 use rewind_raft_store::{Bookmark, ReadState};
@@ -104,13 +104,17 @@ impl SmImage {
         let mut lsn = gc.collected_to();
         while lsn < first && done < max {
             let Some(e) = self.events.get(group).and_then(|v| v.get(lsn as usize - 1)).cloned() else { break };
-            if let Some(disk) = e.event.disk() {
-                let ops = collect_event(&mut ImageIndex { image: self, group, disk }, &e, first, &pins).expect("memory reads cannot fail");
+            // Production's shape of the event (what its chain record holds).
+            if let Shape::Blocks { disk, blocks, .. } = Shape::of(&e.event) {
+                let disk = disk.as_str();
+                let ops = collect_event(&mut ImageIndex { image: self, group, disk }, lsn, &blocks, first, &pins).expect("memory reads cannot fail");
                 for op in ops {
                     match op {
-                        GcOp::Materialise { block, version } => {
+                        GcOp::Materialise { block, offset } => {
                             gc.rewritten_bytes += BLOCK_BYTES;
-                            self.blocks.entry((group.to_string(), disk.to_string(), block)).or_default().insert(lsn, version);
+                            let Event::Write { data, .. } = &e.event else { panic!("a Ref version at LSN {lsn} of a non-write") };
+                            let bytes = data[offset as usize..offset as usize + BLOCK_BYTES as usize].to_vec();
+                            self.blocks.entry((group.to_string(), disk.to_string(), block)).or_default().insert(lsn, Version::Data(bytes));
                         }
                         GcOp::DeleteVersion { block, lsn } => {
                             if let Some(v) = self.blocks.get_mut(&(group.to_string(), disk.to_string(), block)) {

@@ -121,6 +121,9 @@ pub struct RetentionInfo {
     /// Bytes the collector freed and rewrote on this node.
     pub freed_bytes: u64,
     pub rewritten_bytes: u64,
+    /// Payload and block bytes this node holds for the group: its writes,
+    /// less what the collector freed, plus the copies it keeps.
+    pub stored_bytes: u64,
 }
 
 /// What can be replayed: the continuous window and the named points in it.

@@ -58,7 +58,7 @@ struct GroupJson {
 
 /// What a node holds for a group (see `GroupJson::stored_bytes`).
 fn stored(g: &rewind_wire::rpc::GroupState) -> u64 {
-    (g.payload_bytes + g.retention.rewritten_bytes).saturating_sub(g.retention.freed_bytes)
+    g.retention.stored_bytes
 }
 
 impl NodeJson {
