@@ -194,16 +194,19 @@ impl Collector {
         Collector { db, lock, generation, stats: Arc::default(), uncompacted: Arc::default() }
     }
 
-    fn groups_with_debt(&self) -> std::io::Result<Vec<(GroupRecord, RetentionRecord, GcRecord)>> {
+    /// The groups whose window passed what was collected, as of `snap`:
+    /// a plan must read the window and the events from one view, or it
+    /// could meet a window start whose events it cannot see.
+    fn groups_with_debt(&self, snap: &rocksdb::SnapshotWithThreadMode<'_, DB>) -> std::io::Result<Vec<(GroupRecord, RetentionRecord, GcRecord)>> {
         let mut out = Vec::new();
-        for item in self.db.iterator_cf(cf(&self.db, CF_RETENTION), IteratorMode::Start) {
+        for item in snap.iterator_cf(cf(&self.db, CF_RETENTION), IteratorMode::Start) {
             let (k, v) = item.map_err(io_err)?;
             let r: RetentionRecord = decode_record(&v).map_err(|e| corrupt("retention record", e))?;
-            let gc: GcRecord = decode_opt(self.db.get_cf(cf(&self.db, CF_GC), &k).map_err(io_err)?, "collector record")?.unwrap_or_default();
+            let gc: GcRecord = decode_opt(snap.get_cf(cf(&self.db, CF_GC), &k).map_err(io_err)?, "collector record")?.unwrap_or_default();
             if gc.collected_to() >= r.first() {
                 continue;
             }
-            let Some(g) = decode_opt::<GroupRecord>(self.db.get_cf(cf(&self.db, CF_GROUPS), &k).map_err(io_err)?, "group record")? else { continue };
+            let Some(g) = decode_opt::<GroupRecord>(snap.get_cf(cf(&self.db, CF_GROUPS), &k).map_err(io_err)?, "group record")? else { continue };
             out.push((g, r, gc));
         }
         Ok(out)
@@ -222,7 +225,7 @@ impl Collector {
     pub fn step(&self) -> std::io::Result<Step> {
         let generation = self.generation.load(std::sync::atomic::Ordering::Acquire);
         let snap = self.db.snapshot();
-        let mut owed = self.groups_with_debt()?;
+        let mut owed = self.groups_with_debt(&snap)?;
         owed.sort_by_key(|(_, r, gc)| std::cmp::Reverse(gc.debt(r)));
         let Some((g, r, mut gc)) = owed.into_iter().next() else { return Ok(Step::default()) };
         let name = g.name.as_str();
@@ -347,6 +350,6 @@ impl Collector {
     /// Payload bytes released by windows and not yet collected here, over
     /// every group.
     pub fn debt(&self) -> std::io::Result<u64> {
-        Ok(self.groups_with_debt()?.iter().map(|(_, r, gc)| gc.debt(r)).sum())
+        Ok(self.groups_with_debt(&self.db.snapshot())?.iter().map(|(_, r, gc)| gc.debt(r)).sum())
     }
 }
