@@ -65,6 +65,7 @@ pub(crate) fn bug(which: &str) -> bool {
 pub mod blocks;
 pub mod codec;
 mod db;
+pub mod dr;
 pub mod gc;
 mod log;
 pub mod retention;

@@ -125,9 +125,13 @@ impl StateMachine {
     }
 
     /// Moves the group's window as its policy allows, after new events.
-    fn move_window(&self, pending: &mut Pending, group: &GroupRecord, mut r: RetentionRecord) -> io::Result<()> {
+    /// `before`: the record the batch started from; it is written again
+    /// only if the batch or the move changed it (most appends do neither).
+    fn move_window(&self, pending: &mut Pending, group: &GroupRecord, mut r: RetentionRecord, before: &RetentionRecord) -> io::Result<()> {
         advance_window(&mut r, group, |lsn| self.event_info(pending, &group.name, lsn))?;
-        pending.retention.insert(group.name.clone(), r);
+        if r != *before {
+            pending.retention.insert(group.name.clone(), r);
+        }
         Ok(())
     }
 
@@ -239,13 +243,14 @@ impl StateMachine {
                 };
                 let before = group.digest;
                 let mut policy = self.policy(pending, &b.group, b.events.iter().map(|e| e.event.clone()))?;
+                let before_policy = policy.retention.clone();
                 let (outcome, reply) = apply_batch(&mut group, producer, b, &mut policy);
                 if let BatchOutcome::Sequenced { events, producer } = outcome {
                     let any = !events.is_empty();
                     self.put_events(pending, batch, &b.group, before, events)?;
                     pending.producers.insert(pkey, producer);
                     if any {
-                        self.move_window(pending, &group, policy.retention)?;
+                        self.move_window(pending, &group, policy.retention, &before_policy)?;
                     }
                     pending.groups.insert(b.group.clone(), group);
                 }
@@ -271,12 +276,13 @@ impl StateMachine {
                 let before = group.digest;
                 let first = group.last_lsn + 1;
                 let mut policy = self.policy(pending, name, events.iter().map(|e| e.event.clone()))?;
+                let before_policy = policy.retention.clone();
                 match apply_replicated(&mut group, self.dr(pending, name)?.as_ref(), *epoch, events, digest, &mut policy) {
                     Ok(new) => {
                         let any = !new.is_empty();
                         self.put_events(pending, batch, name, before, new)?;
                         if any {
-                            self.move_window(pending, &group, policy.retention)?;
+                            self.move_window(pending, &group, policy.retention, &before_policy)?;
                         }
                         let reply = CommandReply::Appended { lsn_first: first.min(group.last_lsn + 1), lsn_last: group.last_lsn };
                         pending.groups.insert(name.clone(), group);

@@ -18,6 +18,7 @@ pub mod journal;
 pub mod model;
 pub mod net;
 pub mod replay;
+pub mod retention;
 pub mod rng;
 pub mod rt;
 pub mod site;

@@ -2,7 +2,6 @@
 //! clients writing through it, a fault injector, an observer that checks
 //! Raft safety as the run goes, and the end-of-run checkers.
 
-use crate::model::PINNED;
 use std::cell::RefCell;
 use std::collections::{BTreeMap, BTreeSet};
 use std::rc::Rc;
@@ -668,24 +667,6 @@ fn short<T, E: std::fmt::Display, F: std::fmt::Display>(r: &Result<Result<T, E>,
     }
 }
 
-/// The group's retention, set as an admin would: a byte policy at the
-/// start, so the window moves and the collector frees history while the
-/// faults run, and a bookmark pinned part-way, which the window passes.
-async fn retention_admin(mut rng: Rng, start: u64, fault_end: u64) {
-    let keep_bytes = rng.range(96 << 10, 384 << 10);
-    let batch = |seq: u64, events: Vec<Event>| {
-        let events = events.into_iter().map(|event| TimedEvent { time_ns: rt::now_ns(), event }).collect();
-        Command::Append(EventBatch { group: GROUP.into(), client_id: CLIENT_BASE - 2, seq, events })
-    };
-    let reply = submit(CLIENT_BASE - 2, batch(1, vec![Event::Retain { keep_ns: 0, keep_bytes }]), &mut rng, fault_end).await;
-    world::trace(format!("retention: keep {keep_bytes} bytes: {reply:?}"));
-    let at = start + (fault_end - start) * rng.range(15, 45) / 100;
-    rt::sleep(Duration::from_nanos(at.saturating_sub(rt::now_ns()))).await;
-    let pin = vec![Event::Bookmark { name: PINNED.into(), app_consistent: false }, Event::Pin { name: PINNED.into(), until_ns: u64::MAX }];
-    let reply = submit(CLIENT_BASE - 2, batch(2, pin), &mut rng, fault_end).await;
-    world::trace(format!("retention: bookmark {PINNED} pinned: {reply:?}"));
-}
-
 /// Creates a group through the site; `what` names it in the trace.
 async fn create_group(group: &str, disks: Vec<DiskSpec>, what: &str, rng: &mut Rng, deadline_ns: u64) -> Result<(), String> {
     let create = Command::CreateGroup { group: group.into(), disks, time_ns: 0 };
@@ -754,7 +735,7 @@ async fn scenario(opts: Options, mut rng: Rng, history: Shared) -> Vec<String> {
         rt::spawn_local(crate::replay::replayer(extra.fork(7), fault_end, history.clone()));
     }
     if plan.retention && !opts.no_retention {
-        rt::spawn_local(retention_admin(extra.fork(8), start, fault_end));
+        rt::spawn_local(crate::retention::admin(extra.fork(8), start, fault_end));
     }
     let observer = rt::spawn_local(observe(history.clone(), stop.clone()));
     let skews: Vec<Rc<RefCell<i64>>> = (0..opts.clients).map(|_| Rc::new(RefCell::new(0))).collect();
