@@ -202,8 +202,9 @@ struct Pending {
     dr: BTreeMap<String, DrRecord>,
     branches: BTreeMap<String, BranchRecord>,
     /// Groups that got new events in this call, and groups a failback
-    /// step moved events out of: the two never mix in one call (the moves
-    /// read the store, which does not show this call's writes yet).
+    /// step moved events out of: the two never mix in one write (the moves
+    /// read the store, which does not show this write's changes yet);
+    /// `apply` writes what it has first (`Pending::must_write_before`).
     appended: std::collections::BTreeSet<String>,
     forked: std::collections::BTreeSet<String>,
     overlay: Overlay,
@@ -214,6 +215,22 @@ struct Pending {
     marks: BTreeMap<(String, String), u64>,
     /// Groups deleted in this call (a later command may create one again).
     deleted: std::collections::BTreeSet<String>,
+}
+
+impl Pending {
+    /// Whether `command` reads the store where this write's changes to the
+    /// same group would be missed: then the write goes first. Deciding by
+    /// the commands alone keeps every replica's result the same, however
+    /// its entries were grouped into `apply` calls.
+    fn must_write_before(&self, command: &Command) -> bool {
+        match command {
+            Command::Fork { group, .. } => self.appended.contains(group),
+            Command::Append(b) => self.forked.contains(&b.group),
+            Command::Replicate { group, .. } => self.forked.contains(group),
+            Command::DeleteGroup { group, .. } => self.appended.contains(group) || self.forked.contains(group),
+            _ => false,
+        }
+    }
 }
 
 impl StateMachine {
@@ -270,9 +287,6 @@ impl StateMachine {
                 let Some(mut group) = self.pending_group(pending, name)? else {
                     return Ok(CommandReply::Refused { reason: format!("no consistency group {name:?}") });
                 };
-                if pending.forked.contains(name) {
-                    return Ok(CommandReply::Refused { reason: format!("group {name:?} was forked in this same step; resend") });
-                }
                 let before = group.digest;
                 let first = group.last_lsn + 1;
                 let mut policy = self.policy(pending, name, events.iter().map(|e| e.event.clone()))?;
@@ -309,9 +323,6 @@ impl StateMachine {
     fn delete_group(&self, pending: &mut Pending, batch: &mut WriteBatch, group: &str, time_ns: u64) -> io::Result<CommandReply> {
         if self.pending_group(pending, group)?.is_none() {
             return Ok(CommandReply::Refused { reason: format!("no consistency group {group:?}") });
-        }
-        if pending.appended.contains(group) || pending.forked.contains(group) {
-            return Ok(CommandReply::Refused { reason: format!("group {group:?} changed in this same step; resend") });
         }
         let retention = self.retention(pending, group)?;
         let linked = self.dr(pending, group)?.is_some();
@@ -357,9 +368,6 @@ impl StateMachine {
         let Some(mut g) = self.pending_group(pending, name)? else {
             return Ok(CommandReply::Refused { reason: format!("no consistency group {name:?}") });
         };
-        if pending.appended.contains(name) {
-            return Ok(CommandReply::Refused { reason: format!("group {name:?} took events in this same step; resend") });
-        }
         let record = self.branch(pending, branch)?;
         let named = self.pending_group(pending, branch)?.is_some();
         let dr = self.dr(pending, name)?;
@@ -513,41 +521,10 @@ pub(crate) fn read_applied(db: &DB) -> io::Result<(Option<LogId>, StoredMembersh
     Ok((applied.map(|l| codec::log_id_from_wire(&l)), membership))
 }
 
-impl RaftStateMachine<TypeConfig> for StateMachine {
-    type SnapshotData = SnapshotFile;
-    type SnapshotBuilder = SnapshotBuilder;
-
-    async fn applied_state(&mut self) -> io::Result<(Option<LogId>, StoredMembership)> {
-        read_applied(&self.db)
-    }
-
-    async fn apply<Strm>(&mut self, mut entries: Strm) -> io::Result<()>
-    where
-        Strm: Stream<Item = io::Result<EntryResponder<TypeConfig>>> + Unpin + OptionalSend,
-    {
-        let _gc = self.gc_lock.clone().lock_owned().await;
-        let mut batch = WriteBatch::default();
-        let mut pending = Pending::default();
-        let mut last_applied = None;
-        let mut last_membership = None;
-        let mut replies = Vec::new();
-        while let Some((entry, responder)) = entries.try_next().await? {
-            last_applied = Some(entry.log_id);
-            let reply = match &entry.payload {
-                EntryPayload::Blank => None,
-                EntryPayload::Normal(command) => Some(self.apply_command(&mut pending, &mut batch, command)?),
-                EntryPayload::Membership(m) => {
-                    last_membership = Some(MembershipRecord {
-                        log_id: Some(codec::log_id_to_wire(&entry.log_id)),
-                        membership: codec::membership_to_wire(m),
-                    });
-                    None
-                }
-            };
-            if let Some(responder) = responder {
-                replies.push((responder, reply.unwrap_or(CommandReply::Created)));
-            }
-        }
+impl StateMachine {
+    /// Writes what applying the entries up to `last_applied` changed, with
+    /// the applied index, in one batch.
+    fn write(&self, mut batch: WriteBatch, pending: &Pending, last_applied: &Option<LogId>, last_membership: &Option<MembershipRecord>) -> io::Result<()> {
         let sm = cf(&self.db, CF_SM);
         for (name, group) in &pending.groups {
             batch.put_cf(cf(&self.db, CF_GROUPS), name.as_bytes(), encode_record(group).map_err(io_err)?);
@@ -577,7 +554,51 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         // flushed these tables first (`flush_state_machine`).
         let mut opts = rocksdb::WriteOptions::default();
         opts.disable_wal(true);
-        self.db.write_opt(batch, &opts).map_err(io_err)?;
+        self.db.write_opt(batch, &opts).map_err(io_err)
+    }
+}
+
+impl RaftStateMachine<TypeConfig> for StateMachine {
+    type SnapshotData = SnapshotFile;
+    type SnapshotBuilder = SnapshotBuilder;
+
+    async fn applied_state(&mut self) -> io::Result<(Option<LogId>, StoredMembership)> {
+        read_applied(&self.db)
+    }
+
+    async fn apply<Strm>(&mut self, mut entries: Strm) -> io::Result<()>
+    where
+        Strm: Stream<Item = io::Result<EntryResponder<TypeConfig>>> + Unpin + OptionalSend,
+    {
+        let _gc = self.gc_lock.clone().lock_owned().await;
+        let mut batch = WriteBatch::default();
+        let mut pending = Pending::default();
+        let mut last_applied = None;
+        let mut last_membership = None;
+        let mut replies = Vec::new();
+        while let Some((entry, responder)) = entries.try_next().await? {
+            let reply = match &entry.payload {
+                EntryPayload::Blank => None,
+                EntryPayload::Normal(command) => {
+                    if pending.must_write_before(command) {
+                        self.write(std::mem::take(&mut batch), &std::mem::take(&mut pending), &last_applied, &last_membership)?;
+                    }
+                    Some(self.apply_command(&mut pending, &mut batch, command)?)
+                }
+                EntryPayload::Membership(m) => {
+                    last_membership = Some(MembershipRecord {
+                        log_id: Some(codec::log_id_to_wire(&entry.log_id)),
+                        membership: codec::membership_to_wire(m),
+                    });
+                    None
+                }
+            };
+            last_applied = Some(entry.log_id);
+            if let Some(responder) = responder {
+                replies.push((responder, reply.unwrap_or(CommandReply::Created)));
+            }
+        }
+        self.write(batch, &pending, &last_applied, &last_membership)?;
         for (responder, reply) in replies {
             responder.send(reply);
         }
