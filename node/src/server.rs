@@ -381,9 +381,11 @@ impl Node {
             },
             Request::DrForkPoint { group } => crate::dr::fork_point(self, &group).await,
             // Shipments cross sites compressed.
-            ship @ Request::Ship { .. } => match self.data_shard() {
+            ship @ (Request::Ship { .. } | Request::ShipHashed { .. } | Request::ShipBlocks { .. }) => match self.data_shard() {
                 Ok(shard) => Ok(match shard.handle(ship).await {
                     Response::Shipped(s) => crate::dr::compress(&s),
+                    Response::HashedShipment(h) => crate::dr::compress_record(&*h, "a hashed shipment", |raw_len, data| Response::ShippedHashedZstd { raw_len, data }),
+                    Response::Blocks(b) => crate::dr::compress_record(&b, "shipped blocks", |raw_len, data| Response::BlocksZstd { raw_len, data }),
                     other => other,
                 }),
                 Err(e) => Err(e),

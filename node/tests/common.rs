@@ -253,3 +253,30 @@ pub async fn log_of(site: &Site, group: &str) -> Vec<LoggedEvent> {
     }
     all
 }
+
+/// The Prometheus text a node's metrics endpoint serves.
+pub fn scrape(addr: &str) -> String {
+    use std::io::{Read, Write};
+    let mut conn = std::net::TcpStream::connect(addr).unwrap();
+    conn.set_read_timeout(Some(std::time::Duration::from_secs(10))).unwrap();
+    write!(conn, "GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").unwrap();
+    let mut body = String::new();
+    conn.read_to_string(&mut body).unwrap();
+    body
+}
+
+/// The sum of a counter over every series and every node of a site (0
+/// where a node has none yet).
+pub fn site_counter(site: &Site, name: &str) -> f64 {
+    site.site()
+        .nodes
+        .iter()
+        .map(|n| {
+            scrape(&n.metrics.to_string())
+                .lines()
+                .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
+                .filter_map(|l| l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()))
+                .sum::<f64>()
+        })
+        .sum()
+}

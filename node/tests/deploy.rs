@@ -7,7 +7,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::{run, spawn_serving, Site, REWIND};
+use common::{run, scrape, spawn_serving, Site, REWIND};
 use rewind_node::config::{ClientConfig, NodeConfig};
 
 fn ops() -> PathBuf {
@@ -71,16 +71,6 @@ fn dashboard_metrics(job: &str) -> Vec<String> {
         }
     }
     names
-}
-
-fn scrape(addr: &str) -> String {
-    use std::io::{Read, Write};
-    let mut conn = std::net::TcpStream::connect(addr).unwrap();
-    conn.set_read_timeout(Some(std::time::Duration::from_secs(10))).unwrap();
-    write!(conn, "GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").unwrap();
-    let mut body = String::new();
-    conn.read_to_string(&mut body).unwrap();
-    body
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

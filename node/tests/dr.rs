@@ -188,8 +188,34 @@ async fn the_second_site_holds_every_phase_through_cuts_and_kills() {
     rewind_node::dev::start_node(a.path(), la.id).await.unwrap();
     rewind_node::dev::start_node(b.path(), lb.id).await.unwrap();
     boundaries.push(boundary(&a, &backing, d, 3).await);
-    drop(tap);
     caught_up(&a, &b, Duration::from_secs(120)).await;
+
+    // Phase 4: the guest writes 4 MiB of random bytes, then the same bytes
+    // elsewhere (a file copied inside the guest). B holds them after the
+    // first copy, so the second crosses as hashes: a fraction of its size.
+    let random = d.join("random.bin");
+    let mut x = 0x2545_f491_4f6c_dd1du64;
+    let bytes: Vec<u8> = (0..4 << 20).map(|_| {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        (x >> 24) as u8
+    }).collect();
+    std::fs::write(&random, &bytes).unwrap();
+    let write_random = |at: &str| run(Command::new("qemu-io").args(["-f", "raw", &tap.uri, "-c", &format!("write -s {} {at} 4M", random.display()), "-c", "flush"]));
+    write_random("32M");
+    caught_up(&a, &b, Duration::from_secs(60)).await;
+    let (wire, found) = ("rewind_dr_received_wire_bytes_total", "rewind_dr_blocks_found_here_total");
+    let before = (site_counter(&b, wire), site_counter(&b, found));
+    write_random("40M");
+    boundaries.push(boundary(&a, &backing, d, 4).await);
+    caught_up(&a, &b, Duration::from_secs(60)).await;
+    let after = (site_counter(&b, wire), site_counter(&b, found));
+    let (sent, held) = (after.0 - before.0, after.1 - before.1);
+    eprintln!("a 4 MiB copy of bytes site b held: {sent} bytes crossed, {held} blocks found at b");
+    assert!(held >= 1024.0, "site b found {held} of the copy's 1024 blocks it holds");
+    assert!(sent < (4 << 20) as f64 / 20.0, "{sent} bytes crossed for a 4 MiB copy of blocks site b holds");
+    drop(tap);
 
     // B's log is A's, event for event, on every node of B.
     let log_a = log_of(&a, GROUP).await;

@@ -6,10 +6,18 @@
 //! block | lsn`):
 //! * `Ref`: the block is wholly inside a write; its bytes are the write's
 //!   payload at an offset, read from the event record (whose blake3 checksum
-//!   is checked on every read), so the index adds a few bytes per block;
+//!   is checked on every read), so the index adds a few bytes per block,
+//!   and the block's blake3 (its content hash);
 //! * `Data`: a block the event covers only in part; the whole block as it
-//!   is after the event, with its own blake3 checksum;
-//! * `Zero`: the block reads as zeroes.
+//!   is after the event, with its blake3;
+//! * `Zero`: the block reads as zeroes. A block of zeroes is never stored:
+//!   a write of one becomes `Zero`.
+//!
+//! Every `Ref` and `Data` version also has an entry in the content index
+//! (column family `content`, key `group | blake3 | disk | block | lsn`),
+//! which answers "does this group hold a block with this hash, and where"
+//! (`StoreReader::find_blocks`). Versions written before the content index
+//! (`Ref` without a hash, `Data` with a 16-byte checksum) still read.
 //!
 //! Zero and trim ranges of more than [`ZERO_BLOCKS_INDEXED_MAX`] whole
 //! blocks are kept as one extent (column family `extents`, key `group | disk
@@ -33,14 +41,32 @@ pub const ZERO_BLOCKS_INDEXED_MAX: u64 = 256;
 const TAG_REF: u8 = 1;
 const TAG_DATA: u8 = 2;
 const TAG_ZERO: u8 = 3;
+const TAG_REF_HASHED: u8 = 4;
+const TAG_DATA_HASHED: u8 = 5;
 const CHECKSUM_BYTES: usize = 16;
+const HASH_BYTES: usize = 32;
+
+/// A block's content hash (blake3 of its 4 KiB).
+pub type BlockHash = [u8; 32];
+
+/// The content hash of `block`.
+pub fn block_hash(block: &[u8]) -> BlockHash {
+    *blake3::hash(block).as_bytes()
+}
+
+/// The content hash of a block of zeroes, which is never stored.
+pub fn zero_block_hash() -> BlockHash {
+    static ZERO: std::sync::OnceLock<BlockHash> = std::sync::OnceLock::new();
+    *ZERO.get_or_init(|| block_hash(&[0u8; BLOCK_BYTES as usize]))
+}
 
 /// One version of one block.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Version {
     /// Bytes `offset..offset + BLOCK_BYTES` of the payload of the write at
-    /// the version's LSN.
-    Ref { offset: u32 },
+    /// the version's LSN, and their content hash (None: written before the
+    /// content index).
+    Ref { offset: u32, hash: Option<BlockHash> },
     Data(Vec<u8>),
     Zero,
 }
@@ -59,27 +85,63 @@ fn checksum(data: &[u8]) -> [u8; CHECKSUM_BYTES] {
 
 impl Version {
     pub fn encode(&self) -> Vec<u8> {
+        self.encode_hashed().0
+    }
+
+    /// The stored record and the content hash it carries (None for `Zero`
+    /// and for a `Ref` from before the content index).
+    pub fn encode_hashed(&self) -> (Vec<u8>, Option<BlockHash>) {
         match self {
-            Version::Ref { offset } => {
+            Version::Ref { offset, hash: None } => {
                 let mut v = vec![TAG_REF];
                 v.extend_from_slice(&offset.to_le_bytes());
-                v
+                (v, None)
+            }
+            Version::Ref { offset, hash: Some(h) } => {
+                let mut v = Vec::with_capacity(1 + 4 + HASH_BYTES);
+                v.push(TAG_REF_HASHED);
+                v.extend_from_slice(&offset.to_le_bytes());
+                v.extend_from_slice(h);
+                (v, Some(*h))
             }
             Version::Data(bytes) => {
-                let mut v = Vec::with_capacity(1 + CHECKSUM_BYTES + bytes.len());
-                v.push(TAG_DATA);
-                v.extend_from_slice(&checksum(bytes));
+                let h = block_hash(bytes);
+                let mut v = Vec::with_capacity(1 + HASH_BYTES + bytes.len());
+                v.push(TAG_DATA_HASHED);
+                v.extend_from_slice(&h);
                 v.extend_from_slice(bytes);
-                v
+                (v, Some(h))
             }
-            Version::Zero => vec![TAG_ZERO],
+            Version::Zero => (vec![TAG_ZERO], None),
+        }
+    }
+
+    /// The content hash a stored record carries, without checking the
+    /// block (None: a zero block, a record from before the content index,
+    /// or not a version record).
+    pub fn stored_hash(bytes: &[u8]) -> Option<BlockHash> {
+        match bytes.split_first() {
+            Some((&TAG_REF_HASHED, rest)) if rest.len() == 4 + HASH_BYTES => rest[4..].try_into().ok(),
+            Some((&TAG_DATA_HASHED, rest)) if rest.len() == HASH_BYTES + BLOCK_BYTES as usize => rest[..HASH_BYTES].try_into().ok(),
+            _ => None,
         }
     }
 
     /// Decodes and checks a stored version.
     pub fn decode(bytes: &[u8]) -> Result<Version, BlockError> {
         match bytes.split_first() {
-            Some((&TAG_REF, rest)) if rest.len() == 4 => Ok(Version::Ref { offset: u32::from_le_bytes(rest.try_into().expect("4 bytes")) }),
+            Some((&TAG_REF, rest)) if rest.len() == 4 => Ok(Version::Ref { offset: u32::from_le_bytes(rest.try_into().expect("4 bytes")), hash: None }),
+            Some((&TAG_REF_HASHED, rest)) if rest.len() == 4 + HASH_BYTES => Ok(Version::Ref {
+                offset: u32::from_le_bytes(rest[..4].try_into().expect("4 bytes")),
+                hash: Some(rest[4..].try_into().expect("32 bytes")),
+            }),
+            Some((&TAG_DATA_HASHED, rest)) if rest.len() == HASH_BYTES + BLOCK_BYTES as usize => {
+                let (sum, data) = rest.split_at(HASH_BYTES);
+                if block_hash(data) != sum {
+                    return Err(BlockError::Checksum);
+                }
+                Ok(Version::Data(data.to_vec()))
+            }
             Some((&TAG_DATA, rest)) if rest.len() == CHECKSUM_BYTES + BLOCK_BYTES as usize => {
                 let (sum, data) = rest.split_at(CHECKSUM_BYTES);
                 if checksum(data) != sum {
@@ -131,7 +193,15 @@ pub fn index_event<E>(disk: &str, event: &Event, mut before: impl FnMut(u64) -> 
             continue;
         }
         let version = match (data, whole) {
-            (Some(_), true) => Version::Ref { offset: (start - offset) as u32 },
+            (Some(d), true) => {
+                let at = (start - offset) as usize;
+                let hash = block_hash(&d[at..at + BLOCK_BYTES as usize]);
+                if hash == zero_block_hash() {
+                    Version::Zero
+                } else {
+                    Version::Ref { offset: at as u32, hash: Some(hash) }
+                }
+            }
             (None, true) => Version::Zero,
             (_, false) => {
                 let mut block = before(b)?;
@@ -142,7 +212,11 @@ pub fn index_event<E>(disk: &str, event: &Event, mut before: impl FnMut(u64) -> 
                     Some(d) => block[range].copy_from_slice(&d[(from - offset) as usize..(to - offset) as usize]),
                     None => block[range].fill(0),
                 }
-                Version::Data(block)
+                if block.iter().all(|b| *b == 0) {
+                    Version::Zero
+                } else {
+                    Version::Data(block)
+                }
             }
         };
         puts.push(IndexPut::Block { block: b, version });
@@ -215,7 +289,7 @@ pub fn block_or_zero<I: VersionIndex>(index: &mut I, block: u64, lsn: u64) -> Re
     match version {
         None | Some((_, Version::Zero)) => Ok(None),
         Some((_, Version::Data(d))) => Ok(Some(d)),
-        Some((vlsn, Version::Ref { offset })) => index.write_bytes(vlsn, offset).map(Some),
+        Some((vlsn, Version::Ref { offset, .. })) => index.write_bytes(vlsn, offset).map(Some),
     }
 }
 
@@ -233,8 +307,8 @@ pub fn revert_puts<I: VersionIndex>(index: &mut I, block_first: u64, block_end: 
             continue;
         }
         let version = match block_or_zero(index, block, to_lsn)? {
-            Some(bytes) => Version::Data(bytes),
-            None => Version::Zero,
+            Some(bytes) if bytes.iter().any(|b| *b != 0) => Version::Data(bytes),
+            _ => Version::Zero,
         };
         puts.push(IndexPut::Block { block, version });
     }
@@ -288,7 +362,7 @@ mod tests {
             match found {
                 None | Some((_, Version::Zero)) => vec![0; BLOCK_BYTES as usize],
                 Some((_, Version::Data(d))) => d.clone(),
-                Some(((_, lsn), Version::Ref { offset })) => {
+                Some(((_, lsn), Version::Ref { offset, .. })) => {
                     self.writes[lsn][*offset as usize..*offset as usize + BLOCK_BYTES as usize].to_vec()
                 }
             }
@@ -297,12 +371,22 @@ mod tests {
 
     #[test]
     fn versions_round_trip_and_corruption_is_caught() {
-        for v in [Version::Ref { offset: 8192 }, Version::Zero, Version::Data(vec![7; 4096])] {
-            assert_eq!(Version::decode(&v.encode()).unwrap(), v);
+        let h = block_hash(&[7; 4096]);
+        for v in [Version::Ref { offset: 8192, hash: None }, Version::Ref { offset: 4096, hash: Some(h) }, Version::Zero, Version::Data(vec![7; 4096])] {
+            let (bytes, hash) = v.encode_hashed();
+            assert_eq!(Version::decode(&bytes).unwrap(), v);
+            assert_eq!(Version::stored_hash(&bytes), hash);
         }
+        assert_eq!(Version::Data(vec![7; 4096]).encode_hashed().1, Some(h));
         let mut bad = Version::Data(vec![7; 4096]).encode();
         bad[100] ^= 1;
         assert_eq!(Version::decode(&bad), Err(BlockError::Checksum));
+        // A record from before the content index: a 16-byte checksum.
+        let mut old = vec![TAG_DATA];
+        old.extend_from_slice(&checksum(&[7; 4096]));
+        old.extend_from_slice(&[7; 4096]);
+        assert_eq!(Version::decode(&old).unwrap(), Version::Data(vec![7; 4096]));
+        assert_eq!(Version::stored_hash(&old), None);
         assert!(matches!(Version::decode(&[9, 1]), Err(BlockError::Malformed(_))));
         assert!(matches!(Version::decode(&[]), Err(BlockError::Malformed(_))));
     }
@@ -396,6 +480,25 @@ mod tests {
             let (_, listed) = versioned_blocks(&event).unwrap();
             prop_assert_eq!(indexed, listed);
         }
+    }
+
+    #[test]
+    fn zero_blocks_are_never_stored_and_others_carry_their_hash() {
+        let mut data = vec![0u8; 3 * 4096];
+        data[2 * 4096 + 9] = 1;
+        let e = Event::Write { disk: "d".into(), offset: 4096, data: data.clone() };
+        let puts = index_event::<()>("d", &e, |_| unreachable!()).unwrap();
+        let want = Version::Ref { offset: 8192, hash: Some(block_hash(&data[8192..])) };
+        assert_eq!(puts, vec![
+            IndexPut::Block { block: 1, version: Version::Zero },
+            IndexPut::Block { block: 2, version: Version::Zero },
+            IndexPut::Block { block: 3, version: want },
+        ]);
+        // A partial write that leaves the block all zeroes is Zero too.
+        let e = Event::Write { disk: "d".into(), offset: 512, data: vec![0; 512] };
+        let puts = index_event::<()>("d", &e, |_| Ok(vec![0; 4096])).unwrap();
+        assert_eq!(puts, vec![IndexPut::Block { block: 0, version: Version::Zero }]);
+        assert_eq!(zero_block_hash(), block_hash(&[0; 4096]));
     }
 
     #[test]

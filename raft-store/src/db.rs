@@ -26,13 +26,15 @@ pub(crate) const CF_DR: &str = "dr";
 pub(crate) const CF_BRANCHES: &str = "branches";
 pub(crate) const CF_RETENTION: &str = "retention";
 pub(crate) const CF_GC: &str = "gc";
+pub(crate) const CF_CONTENT: &str = "content";
 
 /// The column families that make up the state machine, in snapshot order.
-pub(crate) const SM_CFS: [&str; 13] =
-    [CF_SM, CF_GROUPS, CF_EVENTS, CF_TIMES, CF_PRODUCERS, CF_BLOCKS, CF_EXTENTS, CF_MARKS, CF_CHAIN, CF_DR, CF_BRANCHES, CF_RETENTION, CF_GC];
+/// New families go at the end: a snapshot stream names them by position.
+pub(crate) const SM_CFS: [&str; 14] =
+    [CF_SM, CF_GROUPS, CF_EVENTS, CF_TIMES, CF_PRODUCERS, CF_BLOCKS, CF_EXTENTS, CF_MARKS, CF_CHAIN, CF_DR, CF_BRANCHES, CF_RETENTION, CF_GC, CF_CONTENT];
 
 /// The column families a group's keys live in under its prefix.
-pub(crate) const GROUP_KEYED_CFS: [&str; 6] = [CF_EVENTS, CF_TIMES, CF_BLOCKS, CF_EXTENTS, CF_MARKS, CF_CHAIN];
+pub(crate) const GROUP_KEYED_CFS: [&str; 7] = [CF_EVENTS, CF_TIMES, CF_BLOCKS, CF_EXTENTS, CF_MARKS, CF_CHAIN, CF_CONTENT];
 
 /// A shard replica's storage: the log store and state machine share one DB.
 pub struct Store {
@@ -85,7 +87,7 @@ pub fn open(dir: &Path) -> std::io::Result<Store> {
         // The collector deletes old events, times, chain links and block
         // versions in runs: a table file dense with deletes is compacted
         // soon, or reads would step over the tombstones for long.
-        if matches!(name, CF_EVENTS | CF_TIMES | CF_CHAIN | CF_BLOCKS | CF_MARKS) {
+        if matches!(name, CF_EVENTS | CF_TIMES | CF_CHAIN | CF_BLOCKS | CF_MARKS | CF_CONTENT) {
             o.add_compact_on_deletion_collector_factory(128, 32, 0.25);
         }
         ColumnFamilyDescriptor::new(name, o)
@@ -185,6 +187,31 @@ pub(crate) fn block_key(group: &str, disk: &str, block: u64, lsn: u64) -> Vec<u8
     k.extend_from_slice(&block.to_be_bytes());
     k.extend_from_slice(&lsn.to_be_bytes());
     k
+}
+
+/// Key of a content index entry: the group, the block's blake3, then
+/// where the version lies (its block key's disk, block and LSN). The value
+/// is empty.
+pub(crate) fn content_key(group: &str, hash: &[u8; 32], disk: &str, block: u64, lsn: u64) -> Vec<u8> {
+    let mut k = group_prefix(group);
+    k.extend_from_slice(hash);
+    k.push(disk.len() as u8);
+    k.extend_from_slice(disk.as_bytes());
+    k.extend_from_slice(&block.to_be_bytes());
+    k.extend_from_slice(&lsn.to_be_bytes());
+    k
+}
+
+/// The (disk, block, LSN) of a content key under `prefix` (group | hash).
+pub(crate) fn content_location(prefix_len: usize, key: &[u8]) -> Option<(String, u64, u64)> {
+    let rest = key.get(prefix_len..)?;
+    let (&n, rest) = rest.split_first()?;
+    let n = n as usize;
+    if rest.len() != n + 16 {
+        return None;
+    }
+    let disk = std::str::from_utf8(&rest[..n]).ok()?.to_string();
+    Some((disk, be_u64(&rest[n..n + 8]), be_u64(&rest[n + 8..])))
 }
 
 pub(crate) fn extent_key(group: &str, disk: &str, lsn: u64) -> Vec<u8> {
@@ -589,6 +616,73 @@ impl StoreReader {
     }
 
     /// The group's retention record (the default if it has none).
+    /// For each hash, a block of `group` with that content, or None when
+    /// the group holds no version with it (the content index). Reads
+    /// through one snapshot; every block returned is checked against its
+    /// hash, so an entry whose version the collector freed, or a corrupt
+    /// one, is passed over, never returned.
+    pub fn find_blocks(&self, group: &str, hashes: &[crate::blocks::BlockHash]) -> std::io::Result<Vec<Option<Vec<u8>>>> {
+        use crate::blocks::{block_hash, Version, BLOCK_BYTES};
+        /// Candidates tried per hash before it counts as not held.
+        const TRIES_MAX: usize = 4;
+        /// Events kept decoded across lookups (a shipment's blocks come
+        /// from few events).
+        const EVENTS_KEPT: usize = 16;
+        let snap = self.db.snapshot();
+        let mut events: std::collections::HashMap<u64, Arc<StoredEvent>> = Default::default();
+        let mut it = snap.raw_iterator_cf(cf(&self.db, CF_CONTENT));
+        let mut out = Vec::with_capacity(hashes.len());
+        for hash in hashes {
+            let mut prefix = group_prefix(group);
+            prefix.extend_from_slice(hash);
+            let mut candidates = Vec::new();
+            it.seek(&prefix);
+            while it.valid() && candidates.len() < TRIES_MAX {
+                let k = it.key().expect("valid");
+                if !k.starts_with(&prefix) {
+                    break;
+                }
+                candidates.push(content_location(prefix.len(), k).ok_or_else(|| corrupt("content index", "malformed key"))?);
+                it.next();
+            }
+            it.status().map_err(io_err)?;
+            let mut found = None;
+            for (disk, block, lsn) in candidates {
+                let Some(raw) = snap.get_cf(cf(&self.db, CF_BLOCKS), block_key(group, &disk, block, lsn)).map_err(io_err)? else { continue };
+                let bytes = match Version::decode(&raw) {
+                    Ok(Version::Data(d)) => d,
+                    Ok(Version::Ref { offset, .. }) => {
+                        let event = match events.get(&lsn) {
+                            Some(e) => e.clone(),
+                            None => {
+                                let Some(raw) = snap.get_cf(cf(&self.db, CF_EVENTS), event_key(group, lsn)).map_err(io_err)? else { continue };
+                                let e: StoredEvent = rewind_wire::frame::decode_record(&raw).map_err(|e| corrupt(&format!("event record at LSN {lsn} of group {group}"), e))?;
+                                if events.len() >= EVENTS_KEPT {
+                                    events.clear();
+                                }
+                                let e = Arc::new(e);
+                                events.insert(lsn, e.clone());
+                                e
+                            }
+                        };
+                        let at = offset as usize;
+                        match &event.event {
+                            rewind_wire::event::Event::Write { data, .. } if at + BLOCK_BYTES as usize <= data.len() => data[at..at + BLOCK_BYTES as usize].to_vec(),
+                            _ => continue,
+                        }
+                    }
+                    _ => continue,
+                };
+                if block_hash(&bytes) == *hash {
+                    found = Some(bytes);
+                    break;
+                }
+            }
+            out.push(found);
+        }
+        Ok(out)
+    }
+
     pub fn retention(&self, group: &str) -> std::io::Result<RetentionRecord> {
         Ok(decode_opt(self.db.get_cf(cf(&self.db, CF_RETENTION), group.as_bytes()).map_err(io_err)?, "retention record")?.unwrap_or_default())
     }

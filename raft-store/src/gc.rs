@@ -29,7 +29,7 @@ use rocksdb::{Direction, IteratorMode, WriteBatch, DB};
 use crate::apply::{GroupRecord, StoredEvent};
 use crate::blocks::{Version, BLOCK_BYTES};
 use crate::db::{
-    block_key, cf, chain_value, decode_opt, disk_prefix, event_key, extent_key, mark_key, time_key, CF_BLOCKS, CF_CHAIN, CF_EVENTS, CF_EXTENTS, CF_GC, CF_GROUPS, CF_MARKS,
+    block_key, cf, chain_value, content_key, decode_opt, disk_prefix, event_key, extent_key, mark_key, time_key, CF_BLOCKS, CF_CHAIN, CF_CONTENT, CF_EVENTS, CF_EXTENTS, CF_GC, CF_GROUPS, CF_MARKS,
     CF_RETENTION, CF_TIMES,
 };
 use crate::retention::{collect_event, GcIndex, GcOp, RetentionRecord, Shape};
@@ -283,7 +283,12 @@ impl Collector {
                                 if at < lsn {
                                     step.rewritten_freed_bytes += BLOCK_BYTES;
                                 }
-                                batch.delete_cf(cf(&self.db, CF_BLOCKS), block_key(name, disk, block, at));
+                                let k = block_key(name, disk, block, at);
+                                // Its content index entry goes with it.
+                                if let Some(h) = snap.get_cf(cf(&self.db, CF_BLOCKS), &k).map_err(io_err)?.and_then(|v| Version::stored_hash(&v)) {
+                                    batch.delete_cf(cf(&self.db, CF_CONTENT), content_key(name, &h, disk, block, at));
+                                }
+                                batch.delete_cf(cf(&self.db, CF_BLOCKS), k);
                             }
                         }
                     }

@@ -43,6 +43,9 @@ pub trait ReadState: Clone + Send + Sync + 'static {
     fn retention(&self, group: &str) -> io::Result<crate::retention::RetentionRecord>;
     /// What the collector has done for the group on this replica.
     fn gc(&self, group: &str) -> io::Result<crate::gc::GcRecord>;
+    /// For each hash, a block of `group` with that content (checked), or
+    /// None: the content index.
+    fn find_blocks(&self, group: &str, hashes: &[crate::blocks::BlockHash]) -> io::Result<Vec<Option<Vec<u8>>>>;
     /// Runs `f`, which reads, where blocking is allowed: inline unless the
     /// implementation reads real disks, which moves it off the async
     /// workers.
@@ -94,6 +97,10 @@ impl ReadState for crate::StoreReader {
 
     fn gc(&self, group: &str) -> io::Result<crate::gc::GcRecord> {
         crate::StoreReader::gc(self, group)
+    }
+
+    fn find_blocks(&self, group: &str, hashes: &[crate::blocks::BlockHash]) -> io::Result<Vec<Option<Vec<u8>>>> {
+        crate::StoreReader::find_blocks(self, group, hashes)
     }
 
     fn run_blocking<T: Send + 'static>(self, f: impl FnOnce(Self) -> T + Send + 'static) -> BoxFuture<'static, io::Result<T>> {

@@ -335,7 +335,7 @@ pub fn collect_event<I: GcIndex>(index: &mut I, l: u64, blocks: &[u64], first: u
         };
         if !live {
             ops.push(GcOp::DeleteVersion { block, lsn: l });
-        } else if let Version::Ref { offset } = version {
+        } else if let Version::Ref { offset, .. } = version {
             ops.push(GcOp::Materialise { block, offset });
         }
     }

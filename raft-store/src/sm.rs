@@ -21,8 +21,8 @@ use rewind_wire::dr::DrRecord;
 use crate::codec::{self, LogId, SnapshotMeta, StoredMembership};
 use crate::blocks::{index_event, IndexPut};
 use crate::db::{
-    block_key, cf, chain_value, chain_value_of, decode_opt, event_key, extent_key, group_prefix, mark_key, mark_value, prefix_end, producer_key, time_key,
-    BlockReader, Overlay, CF_BLOCKS, CF_BRANCHES, CF_CHAIN, CF_DR, CF_EVENTS, CF_EXTENTS, CF_GC, CF_GROUPS, CF_MARKS, CF_PRODUCERS, CF_RETENTION, CF_SM,
+    block_key, cf, chain_value, chain_value_of, content_key, decode_opt, event_key, extent_key, group_prefix, mark_key, mark_value, prefix_end, producer_key, time_key,
+    BlockReader, Overlay, CF_BLOCKS, CF_BRANCHES, CF_CONTENT, CF_CHAIN, CF_DR, CF_EVENTS, CF_EXTENTS, CF_GC, CF_GROUPS, CF_MARKS, CF_PRODUCERS, CF_RETENTION, CF_SM,
     CF_TIMES, GROUP_KEYED_CFS,
 };
 use crate::snapshot::{SnapshotBuilder, SnapshotFile, Snapshots};
@@ -418,7 +418,12 @@ impl StateMachine {
             }
             if let Some((disk, range)) = crate::blocks::versioned_blocks(&event.event) {
                 for block in range.iter().copied() {
-                    mv(batch, CF_BLOCKS, block_key(name, disk, block, lsn), block_key(branch, disk, block, lsn))?;
+                    let from = block_key(name, disk, block, lsn);
+                    if let Some(h) = self.db.get_cf(cf(&self.db, CF_BLOCKS), &from).map_err(io_err)?.and_then(|v| crate::blocks::Version::stored_hash(&v)) {
+                        batch.delete_cf(cf(&self.db, CF_CONTENT), content_key(name, &h, disk, block, lsn));
+                        batch.put_cf(cf(&self.db, CF_CONTENT), content_key(branch, &h, disk, block, lsn), []);
+                    }
+                    mv(batch, CF_BLOCKS, from, block_key(branch, disk, block, lsn))?;
                 }
                 mv(batch, CF_EXTENTS, extent_key(name, disk, lsn), extent_key(branch, disk, lsn))?;
             }
@@ -469,8 +474,11 @@ impl StateMachine {
                     match p {
                         IndexPut::Block { block, version } => {
                             let k = block_key(group, disk, block, lsn);
-                            let v = version.encode();
+                            let (v, hash) = version.encode_hashed();
                             batch.put_cf(cf(&self.db, CF_BLOCKS), &k, &v);
+                            if let Some(h) = hash {
+                                batch.put_cf(cf(&self.db, CF_CONTENT), content_key(group, &h, disk, block, lsn), []);
+                            }
                             pending.overlay.blocks.insert(k, v);
                         }
                         IndexPut::Extent { block_first, block_end } => {

@@ -118,6 +118,35 @@ async fn snapshot_moves_state_to_another_replica() {
     assert!(!snapshot.snapshot.path.exists(), "the older checkpoint is removed");
 }
 
+/// The content index of `group` is exactly its hashed block versions: one
+/// entry per `Ref` or `Data` version, none for a freed or moved one.
+fn content_index_agrees(r: &crate::StoreReader, group: &str) -> usize {
+    use crate::db::{cf, content_key, group_prefix, CF_BLOCKS, CF_CONTENT};
+    let prefix = group_prefix(group);
+    type Kv = (Box<[u8]>, Box<[u8]>);
+    let keys = |family: &str| -> Vec<Kv> {
+        r.db.iterator_cf(cf(&r.db, family), rocksdb::IteratorMode::From(&prefix, rocksdb::Direction::Forward))
+            .map(|i| i.unwrap())
+            .take_while(|(k, _)| k.starts_with(&prefix))
+            .collect()
+    };
+    let mut want = std::collections::BTreeSet::new();
+    for (k, v) in keys(CF_BLOCKS) {
+        let rest = &k[prefix.len()..];
+        let n = rest[0] as usize;
+        let disk = std::str::from_utf8(&rest[1..1 + n]).unwrap();
+        let block = u64::from_be_bytes(rest[1 + n..9 + n].try_into().unwrap());
+        let lsn = u64::from_be_bytes(rest[9 + n..17 + n].try_into().unwrap());
+        if let Some(h) = crate::blocks::Version::stored_hash(&v) {
+            want.insert(content_key(group, &h, disk, block, lsn));
+        }
+    }
+    let got: std::collections::BTreeSet<Vec<u8>> = keys(CF_CONTENT).into_iter().map(|(k, _)| k.to_vec()).collect();
+    assert_eq!(got.len(), want.len(), "content entries of {group:?} vs hashed versions");
+    assert!(got == want, "the content index of {group:?} differs from its hashed versions");
+    got.len()
+}
+
 /// Failback on a real store: a site whose history diverged after LSN F
 /// moves its events after F into a branch, in bounded steps. The group
 /// then reads as it did at F and can take the primary's events; the branch
@@ -179,6 +208,8 @@ async fn failback_keeps_the_diverged_events_as_a_readable_branch() {
     for l in 0..=40 {
         assert!(disk_at("g.branch-e2", l) == before[l as usize], "the branch at LSN {l} differs from the group before the failback");
     }
+    assert!(content_index_agrees(&r, "g") > 0);
+    assert!(content_index_agrees(&r, "g.branch-e2") > 0);
     let kept = r.events("g.branch-e2", 26, 10_000, usize::MAX).unwrap();
     assert_eq!(kept.iter().map(|e| e.lsn).collect::<Vec<_>>(), (26..=1140).collect::<Vec<_>>());
     assert!(disk_at("g.branch-e2", 1140) == before[40]);
@@ -326,6 +357,22 @@ async fn the_collector_frees_history_before_the_window_and_keeps_every_kept_poin
     let err = read_at(first - 1).unwrap_err();
     assert_eq!(err.kind(), std::io::ErrorKind::NotFound);
     assert!(err.to_string().contains("before the window"), "{err}");
+    // The content index lost the freed versions with them, and finds every
+    // non-zero block of every kept point by its hash; zeroes are never
+    // stored, and bytes never written are not found.
+    assert!(content_index_agrees(&r, "g") > 0);
+    for lsn in [pinned, first, g.last_lsn] {
+        let disk = model_at(lsn);
+        let blocks: Vec<&[u8]> = disk.chunks(4096).filter(|b| b.iter().any(|x| *x != 0)).collect();
+        let hashes: Vec<_> = blocks.iter().map(|b| crate::blocks::block_hash(b)).collect();
+        let found = r.find_blocks("g", &hashes).unwrap();
+        for (b, f) in blocks.iter().zip(&found) {
+            assert_eq!(f.as_deref(), Some(*b), "a block of the disk at LSN {lsn} is not found by its hash");
+        }
+    }
+    let absent = [crate::blocks::zero_block_hash(), crate::blocks::block_hash(&[0xab; 4096])];
+    assert_eq!(r.find_blocks("g", &absent).unwrap(), vec![None, None]);
+    assert_eq!(r.find_blocks("other", &[crate::blocks::block_hash(&model_at(first)[..4096])]).unwrap(), vec![None]);
 }
 
 /// A lock refuses a shorter policy and the group's deletion until it
@@ -341,15 +388,19 @@ async fn a_locked_group_refuses_a_shorter_policy_and_deletion() {
     commands.push(batch(2, Event::Lock { until_ns: 500 }, 41));
     commands.push(batch(3, Event::Retain { keep_ns: 10, keep_bytes: 0 }, 42));
     commands.push(Command::DeleteGroup { group: "g".into(), time_ns: 499 });
+    let data = TimedEvent { time_ns: 43, event: Event::Write { disk: "d0".into(), offset: 0, data: vec![9; 8192] } };
+    commands.push(Command::Append(EventBatch { group: "g".into(), client_id: 7, seq: 1, events: vec![data] }));
     let n = commands.len() as u64;
     apply_all(&mut store.state_machine, commands).await;
     let r = store.reader.retention("g").unwrap();
     assert_eq!((r.keep_ns, r.lock_until_ns), (1000, 500), "the shorter policy was refused");
-    assert_eq!(store.reader.group("g").unwrap().unwrap().last_lsn, 6, "the refused batch took no LSN");
+    assert_eq!(store.reader.group("g").unwrap().unwrap().last_lsn, 7, "the refused batch took no LSN");
+    assert_eq!(content_index_agrees(&store.reader, "g"), 2);
     apply_all_from(&mut store.state_machine, n + 1, vec![Command::DeleteGroup { group: "g".into(), time_ns: 500 }]).await;
     assert!(store.reader.group("g").unwrap().is_none());
     assert!(store.reader.events("g", 1, 10, usize::MAX).unwrap().is_empty());
     assert!(store.reader.bookmarks("g", 10).unwrap().is_empty());
     assert_eq!(store.reader.retention("g").unwrap(), Default::default());
     assert!(store.reader.producer(5, "g").unwrap().is_none());
+    assert_eq!(content_index_agrees(&store.reader, "g"), 0, "the group's content index entries went with it");
 }

@@ -147,6 +147,8 @@ fn group_of(request: &Request) -> Option<&str> {
         | Request::ReadDisk { group, .. }
         | Request::DrState { group, .. }
         | Request::Ship { group, .. }
+        | Request::ShipHashed { group, .. }
+        | Request::ShipBlocks { group, .. }
         | Request::DrSet { group, .. }
         | Request::DrSwitch { group, .. }
         | Request::DrForkPoint { group }
@@ -171,7 +173,7 @@ pub fn check(access: &Access, request: &Request) -> Result<(), Denied> {
             R::Points { .. } | R::Resolve { .. } | R::ReadDisk { .. } | R::GroupState { .. } | R::ReadEvents { .. } | R::DrState { .. } | R::Status,
         ) => true,
         (Access::Reader, _) => false,
-        (Access::Peer, R::DrState { .. } | R::Ship { .. } | R::GroupState { .. } | R::Status) => true,
+        (Access::Peer, R::DrState { .. } | R::Ship { .. } | R::ShipHashed { .. } | R::ShipBlocks { .. } | R::GroupState { .. } | R::Status) => true,
         (Access::Peer, _) => false,
     };
     if !allowed {

@@ -14,7 +14,9 @@
 //!   pulling and says so (its events after the fork need a failback).
 
 use rewind_raft_store::ReadState;
-use rewind_wire::dr::{DrInfo, DrRecord, Shipment};
+use rewind_raft_store::blocks::{block_hash, zero_block_hash, BlockHash, BLOCK_BYTES};
+use rewind_wire::dr::{BlockAt, DrInfo, DrRecord, Elided, HashedShipment, ShippedBlocks, Shipment};
+use rewind_wire::event::Event;
 
 use crate::{no_group, ServiceError};
 
@@ -81,6 +83,167 @@ pub fn shipment<R: ReadState>(r: &R, group: &str, lsn_first: u64) -> Result<Ship
         .map_err(io)?
         .ok_or_else(|| ServiceError::Refused(format!("group {group:?} has no chain digest for LSN {upto} here (written before this build kept them)")))?;
     Ok(Shipment { events, digest, epoch: dr.epoch, primary: dr.primary, last_lsn: g.last_lsn })
+}
+
+/// The shipment from `lsn_first` on with its whole, non-zero 4 KiB disk
+/// blocks as hashes (`HashedShipment`): the bytes of each are zeroed in
+/// the events and listed in `elided`.
+pub fn hashed_shipment<R: ReadState>(r: &R, group: &str, lsn_first: u64) -> Result<HashedShipment, ServiceError> {
+    Ok(elide(shipment(r, group, lsn_first)?))
+}
+
+/// Replaces the whole, non-zero disk blocks of a shipment's writes by
+/// their hashes.
+pub fn elide(mut shipment: Shipment) -> HashedShipment {
+    let zero = zero_block_hash();
+    let block = BLOCK_BYTES as usize;
+    let mut elided = Vec::new();
+    for (i, e) in shipment.events.iter_mut().enumerate() {
+        let Event::Write { offset, data, .. } = &mut e.event else { continue };
+        // Payload offsets of the disk blocks wholly inside the write.
+        let first = offset.div_ceil(BLOCK_BYTES) * BLOCK_BYTES - *offset;
+        let mut at = first as usize;
+        while at + block <= data.len() {
+            let hash = block_hash(&data[at..at + block]);
+            if hash != zero {
+                data[at..at + block].fill(0);
+                elided.push(Elided { event: i as u32, offset: at as u32, hash });
+            }
+            at += block;
+        }
+    }
+    HashedShipment { shipment, elided }
+}
+
+/// A hashed shipment at the secondary, part filled: what it still lacks.
+#[derive(Debug, Clone)]
+pub struct Filling {
+    pub shipment: Shipment,
+    /// Elided blocks not filled yet.
+    missing: Vec<Elided>,
+    /// One place at the primary for each distinct hash still missing, and
+    /// that hash; what `Request::ShipBlocks` asks for.
+    pub wanted: Vec<BlockAt>,
+    wanted_hashes: Vec<BlockHash>,
+    /// Blocks filled from the secondary's own store.
+    pub found_here: u64,
+}
+
+fn put_block(shipment: &mut Shipment, e: &Elided, bytes: &[u8]) -> Result<(), String> {
+    let at = e.offset as usize;
+    match shipment.events.get_mut(e.event as usize).map(|x| &mut x.event) {
+        Some(Event::Write { data, .. }) if at + bytes.len() <= data.len() => {
+            data[at..at + bytes.len()].copy_from_slice(bytes);
+            Ok(())
+        }
+        _ => Err(format!("an elided block at event {} offset {} lies outside the shipment", e.event, e.offset)),
+    }
+}
+
+/// Fills in the elided blocks that `r`'s group already holds (the content
+/// index), and lists the ones to ask the primary for: one place per
+/// distinct hash, so a block repeated in the shipment travels once.
+pub fn fill_local<R: ReadState>(r: &R, group: &str, hashed: HashedShipment) -> Result<Filling, ServiceError> {
+    fill_with(hashed, |hashes| r.find_blocks(group, hashes).map_err(|e| ServiceError::Internal(e.to_string())))
+}
+
+/// `fill_local` with the look-up given: for each hash, the block or None.
+fn fill_with(hashed: HashedShipment, find: impl FnOnce(&[BlockHash]) -> Result<Vec<Option<Vec<u8>>>, ServiceError>) -> Result<Filling, ServiceError> {
+    let HashedShipment { mut shipment, elided } = hashed;
+    let mut distinct: Vec<BlockHash> = elided.iter().map(|e| e.hash).collect();
+    distinct.sort_unstable();
+    distinct.dedup();
+    let found = find(&distinct)?;
+    if found.len() != distinct.len() {
+        return Err(ServiceError::Internal(format!("the content index answered {} of {} hashes", found.len(), distinct.len())));
+    }
+    let mut missing = Vec::new();
+    let mut wanted = Vec::new();
+    let mut wanted_hashes = Vec::new();
+    let mut found_here = 0;
+    for e in &elided {
+        let i = distinct.binary_search(&e.hash).expect("every hash is listed");
+        match &found[i] {
+            Some(bytes) => {
+                #[cfg(feature = "simulation-bugs")]
+                let bytes = &if crate::bugs::DEDUPE_FILL_ASKEW.load(std::sync::atomic::Ordering::Relaxed) {
+                    // A local block filled in one sector off.
+                    [&bytes[512..], &bytes[..512]].concat()
+                } else {
+                    bytes.clone()
+                };
+                put_block(&mut shipment, e, bytes).map_err(ServiceError::BadRequest)?;
+                found_here += 1;
+            }
+            None => {
+                if !wanted_hashes.contains(&e.hash) {
+                    let lsn = shipment.events.get(e.event as usize).map_or(0, |x| x.lsn);
+                    wanted.push(BlockAt { lsn, offset: e.offset });
+                    wanted_hashes.push(e.hash);
+                }
+                missing.push(*e);
+            }
+        }
+    }
+    Ok(Filling { shipment, missing, wanted, wanted_hashes, found_here })
+}
+
+impl Filling {
+    /// The whole shipment, with the primary's answer to `wanted` filled
+    /// in; every block is checked against its hash first.
+    pub fn complete(mut self, answer: ShippedBlocks) -> Result<Shipment, String> {
+        if answer.blocks.len() != self.wanted.len() {
+            return Err(format!("asked for {} blocks, got {}", self.wanted.len(), answer.blocks.len()));
+        }
+        for (bytes, hash) in answer.blocks.iter().zip(&self.wanted_hashes) {
+            if bytes.len() != BLOCK_BYTES as usize || block_hash(bytes) != *hash {
+                return Err("a block from the primary does not match its hash".into());
+            }
+        }
+        for e in std::mem::take(&mut self.missing) {
+            let i = self.wanted_hashes.iter().position(|h| *h == e.hash).ok_or("a missing block was not asked for")?;
+            put_block(&mut self.shipment, &e, &answer.blocks[i])?;
+        }
+        Ok(self.shipment)
+    }
+}
+
+/// The blocks at `wanted` (at most `SHIP_BLOCKS_MAX`, of one shipment's
+/// events), for a secondary that lacks them.
+pub fn ship_blocks<R: ReadState>(r: &R, group: &str, wanted: &[BlockAt]) -> Result<ShippedBlocks, ServiceError> {
+    use rewind_wire::limits::{SHIP_BLOCKS_MAX, SHIP_BYTES_MAX, SHIP_EVENTS_MAX};
+    let io = |e: std::io::Error| ServiceError::Internal(e.to_string());
+    if wanted.len() > SHIP_BLOCKS_MAX {
+        return Err(ServiceError::BadRequest(format!("{} blocks asked for; {SHIP_BLOCKS_MAX} at most", wanted.len())));
+    }
+    let (Some(low), Some(high)) = (wanted.iter().map(|w| w.lsn).min(), wanted.iter().map(|w| w.lsn).max()) else {
+        return Ok(ShippedBlocks { blocks: Vec::new() });
+    };
+    if high - low >= SHIP_EVENTS_MAX as u64 {
+        return Err(ServiceError::BadRequest(format!("blocks from LSN {low} to {high}: one shipment's events ({SHIP_EVENTS_MAX}) at most")));
+    }
+    let g = r.group(group).map_err(io)?.ok_or_else(|| no_group(group))?;
+    let first = r.retention(group).map_err(io)?.first();
+    if low == 0 || low < first || high > g.last_lsn {
+        return Err(ServiceError::Refused(format!("group {group:?} holds LSN {first}..={} here; blocks from LSN {low} to {high} were asked for", g.last_lsn)));
+    }
+    let mut blocks = Vec::with_capacity(wanted.len());
+    let mut events = r.events(group, low, (high - low + 1) as usize, SHIP_BYTES_MAX).map_err(io)?;
+    let mut next = events.last().map_or(low, |e| e.lsn + 1);
+    for w in wanted {
+        // The events of one shipment fit one read; a larger spread reads on.
+        if w.lsn >= next {
+            events = r.events(group, w.lsn, (high - w.lsn + 1) as usize, SHIP_BYTES_MAX).map_err(io)?;
+            next = events.last().map_or(w.lsn, |e| e.lsn + 1);
+        }
+        let event = events.iter().find(|e| e.lsn == w.lsn);
+        let at = w.offset as usize;
+        match event.map(|e| &e.event) {
+            Some(Event::Write { data, .. }) if at + BLOCK_BYTES as usize <= data.len() => blocks.push(data[at..at + BLOCK_BYTES as usize].to_vec()),
+            _ => return Err(ServiceError::BadRequest(format!("LSN {} of group {group:?} holds no block at payload offset {at}", w.lsn))),
+        }
+    }
+    Ok(ShippedBlocks { blocks })
 }
 
 /// What one round of a link does.
@@ -176,6 +339,56 @@ pub fn branch_name(group: &str, epoch: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn write(lsn: u64, offset: u64, data: Vec<u8>) -> rewind_wire::event::LoggedEvent {
+        rewind_wire::event::LoggedEvent { lsn, time_ns: lsn, event: Event::Write { disk: "d".into(), offset, data } }
+    }
+
+    fn block(seed: u8) -> Vec<u8> {
+        (0..4096u32).map(|i| seed.wrapping_add((i / 512) as u8 * 31)).collect()
+    }
+
+    /// Whole disk blocks travel as hashes, zero blocks and partial edges
+    /// as bytes; the secondary fills what it holds, asks once per distinct
+    /// hash, and the result is the shipment as sent, byte for byte.
+    #[test]
+    fn hashed_shipments_fill_back_to_the_shipment() {
+        let (a, b, c) = (block(1), block(2), block(3));
+        // LSN 1: 512 bytes of an edge, block a, block b, an edge (disk
+        // offset 3584, so whole blocks sit at payload 512 and 4608).
+        let mut w1 = vec![7u8; 512];
+        w1.extend_from_slice(&a);
+        w1.extend_from_slice(&b);
+        w1.extend_from_slice(&[8u8; 100]);
+        // LSN 2: a zero block, then a and c; LSN 3: c again and a bookmark.
+        let w2 = [vec![0u8; 4096], a.clone(), c.clone()].concat();
+        let events = vec![
+            write(1, 3584, w1),
+            write(2, 8192, w2),
+            rewind_wire::event::LoggedEvent { lsn: 3, time_ns: 3, event: Event::Bookmark { name: "m".into(), app_consistent: false } },
+            write(4, 0, c.clone()),
+        ];
+        let shipment = Shipment { events, digest: [9; 32], epoch: 1, primary: "a".into(), last_lsn: 4 };
+        let hashed = elide(shipment.clone());
+        let at: Vec<(u32, u32)> = hashed.elided.iter().map(|e| (e.event, e.offset)).collect();
+        assert_eq!(at, vec![(0, 512), (0, 4608), (1, 4096), (1, 8192), (3, 0)], "whole non-zero blocks only");
+        let Event::Write { data, .. } = &hashed.shipment.events[0].event else { panic!() };
+        assert!(data[512..8704].iter().all(|x| *x == 0) && data[..512] == [7; 512][..], "elided bytes do not travel");
+        // The secondary holds block b only.
+        let held = block_hash(&b);
+        let filling = fill_with(hashed.clone(), |hs| Ok(hs.iter().map(|h| (*h == held).then(|| b.clone())).collect())).unwrap();
+        assert_eq!(filling.found_here, 1);
+        assert_eq!(filling.wanted, vec![BlockAt { lsn: 1, offset: 512 }, BlockAt { lsn: 2, offset: 8192 }], "a and c, once each");
+        let answer = ShippedBlocks { blocks: vec![a.clone(), c.clone()] };
+        assert!(filling.clone().complete(answer) == Ok(shipment.clone()));
+        // A wrong or missing block from the primary is refused.
+        let wrong = ShippedBlocks { blocks: vec![c.clone(), a.clone()] };
+        assert!(filling.clone().complete(wrong).unwrap_err().contains("does not match"));
+        assert!(filling.complete(ShippedBlocks { blocks: vec![a] }).unwrap_err().contains("asked for 2 blocks, got 1"));
+        // A secondary that holds nothing asks for every distinct block.
+        let filling = fill_with(hashed, |hs| Ok(vec![None; hs.len()])).unwrap();
+        assert_eq!((filling.found_here, filling.wanted.len()), (0, 3));
+    }
 
     #[test]
     fn the_search_finds_the_last_shared_lsn() {

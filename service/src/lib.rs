@@ -167,6 +167,9 @@ pub mod bugs {
     /// The fork search answers one LSN past the last shared one: a
     /// failback keeps the first diverged event in the group.
     pub static FORK_ONE_LATE: AtomicBool = AtomicBool::new(false);
+    /// DR's hashes-first shipping fills a block the secondary already
+    /// holds in one sector off.
+    pub static DEDUPE_FILL_ASKEW: AtomicBool = AtomicBool::new(false);
 }
 
 fn no_group(group: &str) -> ServiceError {
@@ -213,6 +216,17 @@ impl<T: ServiceTypes> Service<T> {
             Request::Ship { group, lsn_first } => {
                 self.leader_read(true).await?;
                 self.ship(group, lsn_first).await
+            }
+            Request::ShipHashed { group, lsn_first } => {
+                self.leader_read(true).await?;
+                self.read(move |r| Ok(Response::HashedShipment(Box::new(dr::hashed_shipment(&r, &group, lsn_first)?)))).await
+            }
+            Request::ShipBlocks { group, wanted } => {
+                // The blocks are of committed events the secondary was
+                // shipped, so this replica's applied state holds them once
+                // it is the leader's.
+                self.leader_read(true).await?;
+                self.read(move |r| Ok(Response::Blocks(dr::ship_blocks(&r, &group, &wanted)?))).await
             }
             Request::DrSet { group, record } => {
                 record.check().map_err(|e| ServiceError::BadRequest(e.to_string()))?;

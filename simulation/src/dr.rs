@@ -25,8 +25,8 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
 use rewind_raft_store::ReadState;
-use rewind_service::dr::{dr_info, next_step, shipment, Step};
-use rewind_wire::dr::{DrInfo, DrRecord, Shipment, SiteLink};
+use rewind_service::dr::{dr_info, fill_local, hashed_shipment, next_step, ship_blocks, shipment, Filling, Step};
+use rewind_wire::dr::{BlockAt, DrInfo, DrRecord, HashedShipment, ShippedBlocks, Shipment, SiteLink};
 use rewind_wire::event::{Event, EventBatch, LoggedEvent, TimedEvent};
 use rewind_wire::raft::{Command, CommandReply};
 use rewind_wire::rpc::DiskSpec;
@@ -97,9 +97,16 @@ enum Msg {
     /// To the peer: a link task asks for the group's state, remembering
     /// what it read of its own site when it asked.
     AskState { from: usize, puller: u64, mine: Box<DrInfo>, record: Box<DrRecord> },
-    AskShip { from: usize, puller: u64, lsn_first: u64, epoch: u64 },
+    /// Hashes first (production's way), or every byte (`whole`: the
+    /// fallback when the blocks asked for do not come back right).
+    AskShip { from: usize, puller: u64, lsn_first: u64, epoch: u64, whole: bool },
     State { to: usize, puller: u64, mine: Box<DrInfo>, record: Box<DrRecord>, theirs: Box<DrInfo> },
     Shipped { to: usize, puller: u64, epoch: u64, shipment: Result<Box<Shipment>, String> },
+    Hashed { to: usize, puller: u64, epoch: u64, hashed: Result<Box<HashedShipment>, String> },
+    /// The blocks a secondary lacks; the part-filled shipment rides along
+    /// (the link task's memory while it waits).
+    AskBlocks { from: usize, puller: u64, epoch: u64, lsn_first: u64, wanted: Vec<BlockAt>, filling: Box<Filling> },
+    Blocks { to: usize, puller: u64, epoch: u64, lsn_first: u64, blocks: Result<ShippedBlocks, String>, filling: Box<Filling> },
     /// A proposal in a site's own consensus: it commits whatever became of
     /// the task that proposed it (or is lost with a leader).
     Propose { site: usize, command: Box<Command> },
@@ -145,6 +152,10 @@ impl World {
                     Some(Msg::State { to: *to, puller: *puller, mine: mine.clone(), record: record.clone(), theirs: theirs.clone() })
                 }
                 Msg::Shipped { to, puller, epoch, shipment } => Some(Msg::Shipped { to: *to, puller: *puller, epoch: *epoch, shipment: shipment.clone() }),
+                Msg::Hashed { to, puller, epoch, hashed } => Some(Msg::Hashed { to: *to, puller: *puller, epoch: *epoch, hashed: hashed.clone() }),
+                Msg::Blocks { to, puller, epoch, lsn_first, blocks, filling } => {
+                    Some(Msg::Blocks { to: *to, puller: *puller, epoch: *epoch, lsn_first: *lsn_first, blocks: blocks.clone(), filling: filling.clone() })
+                }
                 _ => None,
             };
             if let Some(m) = again {
@@ -194,14 +205,37 @@ impl World {
                 }
                 _ => {
                     let len = self.rng.range(1, 40);
+                    // One of 255 patterns, each a function of the disk
+                    // sector's place in its 4 KiB block: the same blocks
+                    // recur at any place (hashes-first shipping finds them at
+                    // the secondary), and no sector equals its neighbour.
                     let fill = (self.rng.next_u64() as u8).max(1);
-                    Event::Write { disk: DISK.into(), offset: self.rng.range(0, sectors - len) * 512, data: vec![fill; (len * 512) as usize] }
+                    let offset = self.rng.range(0, sectors - len) * 512;
+                    let data = (0..len * 512).map(|i| fill.wrapping_add((((offset + i) / 512) % 8) as u8 * 31)).collect();
+                    Event::Write { disk: DISK.into(), offset, data }
                 }
             };
             events.push(TimedEvent { time_ns: self.tick * 1_000_000, event });
         }
         let batch = EventBatch { group: GROUP.into(), client_id: client, seq, events };
         self.apply(site, Command::Append(batch));
+    }
+
+    /// A shipment filled from hashes: proposed, or fetched whole when the
+    /// blocks did not come back right (production's fallback).
+    fn commit_filled(&mut self, to: usize, epoch: u64, lsn_first: u64, puller: u64, filled: Result<Shipment, String>) {
+        match filled {
+            Ok(s) if !s.events.is_empty() => {
+                let command = Command::Replicate { group: GROUP.into(), epoch, events: s.events, digest: s.digest };
+                self.send(Msg::Propose { site: to, command: Box::new(command) }, false);
+            }
+            Ok(_) => {}
+            Err(why) => {
+                world::count("dr: a hashed shipment fetched whole");
+                world::trace_at(self.tick * 1_000_000, format!("dr: site {}: {why}; fetching the shipment whole", NAMES[to]));
+                self.send(Msg::AskShip { from: to, puller, lsn_first, epoch, whole: true }, true);
+            }
+        }
     }
 
     /// One round of a site's link task: ask the peer for its state.
@@ -219,9 +253,45 @@ impl World {
                 let theirs = self.sites[1 - from].info(Some(mine.last_lsn));
                 self.send(Msg::State { to: from, puller, mine, record, theirs: Box::new(theirs) }, true);
             }
-            Msg::AskShip { from, puller, lsn_first, epoch } => {
+            Msg::AskShip { from, puller, lsn_first, epoch, whole: true } => {
                 let shipment = shipment(&self.sites[1 - from].state(), GROUP, lsn_first).map(Box::new).map_err(|e| e.to_string());
                 self.send(Msg::Shipped { to: from, puller, epoch, shipment }, true);
+            }
+            Msg::AskShip { from, puller, lsn_first, epoch, whole: false } => {
+                let hashed = hashed_shipment(&self.sites[1 - from].state(), GROUP, lsn_first).map(Box::new).map_err(|e| e.to_string());
+                self.send(Msg::Hashed { to: from, puller, epoch, hashed }, true);
+            }
+            Msg::AskBlocks { from, puller, epoch, lsn_first, wanted, filling } => {
+                let blocks = ship_blocks(&self.sites[1 - from].state(), GROUP, &wanted).map_err(|e| e.to_string());
+                self.send(Msg::Blocks { to: from, puller, epoch, lsn_first, blocks, filling }, true);
+            }
+            Msg::Hashed { to, puller, epoch, hashed } => {
+                if !self.sites[to].live(puller, self.tick) {
+                    return;
+                }
+                let h = match hashed {
+                    Ok(h) => h,
+                    Err(why) => return world::trace_at(self.tick * 1_000_000, format!("dr: site {} refused a shipment: {why}", NAMES[1 - to])),
+                };
+                let lsn_first = h.shipment.events.first().map_or(0, |e| e.lsn);
+                let filling = fill_local(&self.sites[to].state(), GROUP, *h).expect("a shipment's blocks lie inside it");
+                if filling.found_here > 0 {
+                    world::count("dr: blocks the secondary already held were not sent");
+                }
+                if filling.wanted.is_empty() {
+                    let s = filling.complete(ShippedBlocks { blocks: Vec::new() });
+                    self.commit_filled(to, epoch, lsn_first, puller, s);
+                } else {
+                    let wanted = filling.wanted.clone();
+                    self.send(Msg::AskBlocks { from: to, puller, epoch, lsn_first, wanted, filling: Box::new(filling) }, true);
+                }
+            }
+            Msg::Blocks { to, puller, epoch, lsn_first, blocks, filling } => {
+                if !self.sites[to].live(puller, self.tick) {
+                    return;
+                }
+                let s = blocks.and_then(|b| filling.complete(b));
+                self.commit_filled(to, epoch, lsn_first, puller, s);
             }
             Msg::State { to, puller, mine, record, theirs } => {
                 if !self.sites[to].live(puller, self.tick) {
@@ -230,7 +300,7 @@ impl World {
                 match next_step(&record, &mine, &theirs) {
                     Step::Idle => {}
                     Step::Adopt(r) => self.send(Msg::Propose { site: to, command: Box::new(Command::DrSet { group: GROUP.into(), record: r }) }, false),
-                    Step::Pull { lsn_first } => self.send(Msg::AskShip { from: to, puller, lsn_first, epoch: record.epoch }, true),
+                    Step::Pull { lsn_first } => self.send(Msg::AskShip { from: to, puller, lsn_first, epoch: record.epoch, whole: false }, true),
                     Step::Diverged(why) => {
                         if !self.sites[to].diverged {
                             world::trace_at(self.tick * 1_000_000, format!("dr: site {}: {why}", NAMES[to]));

@@ -132,6 +132,9 @@ pub enum Bug {
     /// The failback's fork search answers one LSN late, so the old
     /// primary keeps its first diverged event and can never follow.
     DrForkOneLate,
+    /// DR's hashes-first shipping fills a block the secondary already
+    /// holds one sector off, so the shipment no longer matches its chain.
+    DrDedupeFillAskew,
     /// The collector frees the block version current at the window's
     /// start as if a newer one had replaced it.
     GcFreesLive,

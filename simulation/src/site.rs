@@ -80,6 +80,7 @@ pub fn run_seed(opts: &Options) -> Outcome {
     rewind_raft_store::bugs::FENCE_IGNORED.store(opts.bug == Some(Bug::DrFenceIgnored), std::sync::atomic::Ordering::Relaxed);
     rewind_raft_store::bugs::REVERT_IGNORES_EXTENTS.store(opts.bug == Some(Bug::DrRevertIgnoresExtents), std::sync::atomic::Ordering::Relaxed);
     rewind_service::bugs::FORK_ONE_LATE.store(opts.bug == Some(Bug::DrForkOneLate), std::sync::atomic::Ordering::Relaxed);
+    rewind_service::bugs::DEDUPE_FILL_ASKEW.store(opts.bug == Some(Bug::DrDedupeFillAskew), std::sync::atomic::Ordering::Relaxed);
     rewind_raft_store::bugs::GC_FREES_LIVE.store(opts.bug == Some(Bug::GcFreesLive), std::sync::atomic::Ordering::Relaxed);
     rewind_raft_store::bugs::GC_IGNORES_PINS.store(opts.bug == Some(Bug::GcIgnoresPins), std::sync::atomic::Ordering::Relaxed);
     let plan_text = format!("{plan:?}");

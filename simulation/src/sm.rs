@@ -18,7 +18,7 @@ use rewind_raft_store::apply::{
 };
 use rewind_raft_store::gc::GcRecord;
 use rewind_raft_store::retention::{advance_window, collect_event, delete_check, GcIndex, GcOp, RetentionRecord, Shape};
-use rewind_raft_store::blocks::{block_or_zero, index_event, read_runs, revert_puts, IndexPut, Version, VersionIndex, BLOCK_BYTES};
+use rewind_raft_store::blocks::{block_hash, block_or_zero, index_event, BlockHash, read_runs, revert_puts, IndexPut, Version, VersionIndex, BLOCK_BYTES};
 use rewind_wire::dr::DrRecord;
 use rewind_raft_store::{Bookmark, ReadState};
 use rewind_wire::event::{Event, LoggedEvent};
@@ -420,6 +420,34 @@ impl ReadState for SimState {
 
     fn gc(&self, group: &str) -> io::Result<GcRecord> {
         Ok(self.image().gc.get(group).cloned().unwrap_or_default())
+    }
+
+    /// The content index as production defines it: every `Ref` and `Data`
+    /// version the group holds, by its blake3; each block returned is
+    /// read by production's rules and checked against its hash.
+    fn find_blocks(&self, group: &str, hashes: &[BlockHash]) -> io::Result<Vec<Option<Vec<u8>>>> {
+        let image = self.image();
+        let mut out: Vec<Option<Vec<u8>>> = vec![None; hashes.len()];
+        let low = (group.to_string(), String::new(), 0u64);
+        for ((g, disk, _), versions) in image.blocks.range(low..) {
+            if g != group {
+                break;
+            }
+            for (lsn, v) in versions {
+                let bytes = match v {
+                    Version::Ref { hash: Some(h), offset } if hashes.contains(h) => ImageIndex { image: &image, group, disk }.write_bytes(*lsn, *offset)?,
+                    Version::Data(d) => d.clone(),
+                    _ => continue,
+                };
+                let h = block_hash(&bytes);
+                for (i, want) in hashes.iter().enumerate() {
+                    if *want == h && out[i].is_none() {
+                        out[i] = Some(bytes.clone());
+                    }
+                }
+            }
+        }
+        Ok(out)
     }
 
     fn bookmarks(&self, group: &str, max: usize) -> io::Result<Vec<Bookmark>> {

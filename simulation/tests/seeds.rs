@@ -119,6 +119,7 @@ fn every_reintroduced_bug_is_caught() {
         ("dr-fence-ignored", 300),
         ("dr-revert-ignores-extents", 300),
         ("dr-fork-one-late", 300),
+        ("dr-dedupe-fill-askew", 300),
         ("gc-frees-live", 300),
         ("gc-ignores-pins", 300),
     ] {

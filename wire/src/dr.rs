@@ -134,3 +134,37 @@ pub struct Shipment {
     pub primary: String,
     pub last_lsn: u64,
 }
+
+/// A shipment whose whole 4 KiB blocks travel as hashes first: each
+/// elided block's bytes in `shipment` are zeroes, and `elided` says where
+/// it was and what it hashes to (blake3). The secondary fills in the
+/// blocks it already holds (its content index) and asks for the others
+/// with `Request::ShipBlocks`. Blocks of zeroes are never elided.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct HashedShipment {
+    pub shipment: Shipment,
+    pub elided: Vec<Elided>,
+}
+
+/// One elided block: the index of its event in the shipment, its offset
+/// in that event's payload, and its blake3.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Elided {
+    pub event: u32,
+    pub offset: u32,
+    pub hash: [u8; 32],
+}
+
+/// Where a block the secondary lacks lies at the primary: bytes
+/// `offset..offset + 4 KiB` of the payload of the write at `lsn`.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct BlockAt {
+    pub lsn: u64,
+    pub offset: u32,
+}
+
+/// The blocks of a `Request::ShipBlocks`, in the order asked.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct ShippedBlocks {
+    pub blocks: Vec<Vec<u8>>,
+}

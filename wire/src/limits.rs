@@ -80,6 +80,8 @@ pub const LINK_PEM_BYTES_MAX: usize = 64 * 1024;
 /// Most events and payload bytes one cross-site shipment carries.
 pub const SHIP_EVENTS_MAX: usize = 4096;
 pub const SHIP_BYTES_MAX: usize = 8 * 1024 * 1024;
+/// Blocks one `ShipBlocks` asks for: a shipment's worth (8 MiB).
+pub const SHIP_BLOCKS_MAX: usize = SHIP_BYTES_MAX / 4096;
 
 /// Payload bytes, events and block keys one failback step moves at most
 /// into its branch (one Raft entry's work).

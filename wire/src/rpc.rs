@@ -65,6 +65,12 @@ pub enum Request {
     /// The primary's committed events of a group from `lsn_first` on, for
     /// the secondary site (bounded by `SHIP_EVENTS_MAX`, `SHIP_BYTES_MAX`).
     Ship { group: String, lsn_first: u64 },
+    /// The same events with their whole blocks as hashes
+    /// (`dr::HashedShipment`), answered `ShippedHashedZstd`.
+    ShipHashed { group: String, lsn_first: u64 },
+    /// Blocks of the group's writes by where they lie, for a secondary
+    /// that lacks them (at most `SHIP_BLOCKS_MAX`), answered `BlocksZstd`.
+    ShipBlocks { group: String, wanted: Vec<crate::dr::BlockAt> },
 
     // Administration.
     /// Sets a group's DR state at this site (`rewind dr link`).
@@ -162,6 +168,8 @@ impl Request {
             Request::ReadDisk { .. } => "read-disk",
             Request::DrState { .. } => "dr-state",
             Request::Ship { .. } => "ship",
+            Request::ShipHashed { .. } => "ship-hashed",
+            Request::ShipBlocks { .. } => "ship-blocks",
             Request::DrSet { .. } => "dr-set",
             Request::DrSwitch { .. } => "dr-switch",
             Request::DrForkPoint { .. } => "dr-fork-point",
@@ -324,6 +332,12 @@ pub enum Response {
     /// (`frame::encode_record`) compressed with zstd; `raw_len` bounds the
     /// decompressed size.
     ShippedZstd { raw_len: u64, data: Vec<u8> },
+    HashedShipment(Box<crate::dr::HashedShipment>),
+    /// A `dr::HashedShipment` record compressed with zstd, like `ShippedZstd`.
+    ShippedHashedZstd { raw_len: u64, data: Vec<u8> },
+    Blocks(crate::dr::ShippedBlocks),
+    /// A `dr::ShippedBlocks` record compressed with zstd.
+    BlocksZstd { raw_len: u64, data: Vec<u8> },
     Error(RpcError),
 }
 

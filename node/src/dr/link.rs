@@ -24,7 +24,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use rewind_wire::dr::{DrInfo, DrRecord, PeerView, Shipment, SiteLink};
+use rewind_wire::dr::{DrInfo, DrRecord, HashedShipment, PeerView, ShippedBlocks, Shipment, SiteLink};
 use rewind_wire::raft::{Command, CommandReply};
 use rewind_wire::rpc::{Request, Response};
 
@@ -230,7 +230,7 @@ async fn step(node: &Node, dir: &Path, group: &str, link: &mut Link) -> Result<b
         }
         Step::Pull { lsn_first } => {
             link.pacer.wait().await;
-            let shipment = fetch(client, group, &record, lsn_first).await?;
+            let shipment = fetch(node, client, group, &record, lsn_first).await?;
             commit(node, client, group, &record, shipment, &mut link.pacer, &mut link.ahead).await
         }
         Step::Diverged(why) => {
@@ -245,28 +245,39 @@ const ZSTD_LEVEL: i32 = 1;
 
 /// A shipment as it travels to the other site: compressed.
 pub fn compress(shipment: &Shipment) -> Response {
-    let raw = match rewind_wire::frame::encode_record(shipment) {
+    compress_record(shipment, "a shipment", |raw_len, data| Response::ShippedZstd { raw_len, data })
+}
+
+/// A DR answer's record (`frame::encode_record`) compressed with zstd,
+/// wrapped by `wrap(raw length, compressed)`.
+pub fn compress_record<T: rewind_wire::Encode>(record: &T, what: &str, wrap: fn(u64, Vec<u8>) -> Response) -> Response {
+    let raw = match rewind_wire::frame::encode_record(record) {
         Ok(r) => r,
-        Err(e) => return rewind_service::ServiceError::Internal(format!("encode a shipment: {e}")).into(),
+        Err(e) => return rewind_service::ServiceError::Internal(format!("encode {what}: {e}")).into(),
     };
     match zstd::bulk::compress(&raw, ZSTD_LEVEL) {
         Ok(data) => {
             metrics::counter!("rewind_dr_sent_raw_bytes_total").increment(raw.len() as u64);
             metrics::counter!("rewind_dr_sent_wire_bytes_total").increment(data.len() as u64);
-            Response::ShippedZstd { raw_len: raw.len() as u64, data }
+            wrap(raw.len() as u64, data)
         }
-        Err(e) => rewind_service::ServiceError::Internal(format!("compress a shipment: {e}")).into(),
+        Err(e) => rewind_service::ServiceError::Internal(format!("compress {what}: {e}")).into(),
     }
 }
 
 /// A shipment back from its compressed form, checked (its size bounded
 /// before anything is decompressed, then its record's checksum).
 pub fn decompress(raw_len: u64, data: &[u8]) -> Result<Shipment, String> {
+    decompress_record(raw_len, data, "a shipment")
+}
+
+/// A compressed DR record back, checked like a shipment.
+pub fn decompress_record<T: rewind_wire::Decode>(raw_len: u64, data: &[u8], what: &str) -> Result<T, String> {
     if raw_len > rewind_wire::limits::FRAME_BODY_BYTES_MAX as u64 {
-        return Err(format!("a shipment of {raw_len} bytes decompressed is over the limit"));
+        return Err(format!("{what} of {raw_len} bytes decompressed is over the limit"));
     }
-    let raw = zstd::bulk::decompress(data, raw_len as usize).map_err(|e| format!("a shipment does not decompress: {e}"))?;
-    rewind_wire::frame::decode_record(&raw).map_err(|e| format!("a shipment is damaged: {e}"))
+    let raw = zstd::bulk::decompress(data, raw_len as usize).map_err(|e| format!("{what} does not decompress: {e}"))?;
+    rewind_wire::frame::decode_record(&raw).map_err(|e| format!("{what} is damaged: {e}"))
 }
 
 /// Paces pulls to a link's `max_rate_bytes`.
@@ -292,8 +303,58 @@ impl Pacer {
     }
 }
 
-/// One shipment from the peer, from `lsn_first` on.
-async fn fetch(client: &Client, group: &str, record: &DrRecord, lsn_first: u64) -> Result<Shipment, String> {
+/// One shipment from the peer, from `lsn_first` on: its blocks as hashes
+/// first, then only the blocks this site does not hold. If that fails
+/// part way (the peer's blocks do not match, or it no longer holds them),
+/// the whole shipment is fetched instead.
+async fn fetch(node: &Node, client: &Client, group: &str, record: &DrRecord, lsn_first: u64) -> Result<Shipment, String> {
+    let count = |what: &str, n: u64| metrics::counter!(format!("rewind_dr_{what}_total"), "group" => group.to_string()).increment(n);
+    let hashed = match client.call_leader(&Request::ShipHashed { group: group.to_string(), lsn_first }).await {
+        Ok(Response::ShippedHashedZstd { raw_len, data }) => {
+            count("received_wire_bytes", data.len() as u64);
+            decompress_record::<HashedShipment>(raw_len, &data, "a hashed shipment")?
+        }
+        Ok(Response::HashedShipment(h)) => *h,
+        Ok(other) => return Err(format!("site {:?} answered a shipment with {other:?}", record.remote)),
+        Err(e) => return Err(call_error(&record.remote, e)),
+    };
+    let elided = hashed.elided.len() as u64;
+    let reader = node.data_shard().map_err(|e| e.to_string())?.reader.clone();
+    let owned = group.to_string();
+    let filling = tokio::task::spawn_blocking(move || rewind_service::dr::fill_local(&reader, &owned, hashed))
+        .await
+        .map_err(|e| format!("filling a shipment: {e}"))?
+        .map_err(|e| e.to_string())?;
+    count("blocks_elided", elided);
+    count("blocks_found_here", filling.found_here);
+    let answer = if filling.wanted.is_empty() {
+        ShippedBlocks { blocks: Vec::new() }
+    } else {
+        count("blocks_fetched", filling.wanted.len() as u64);
+        match client.call_leader(&Request::ShipBlocks { group: group.to_string(), wanted: filling.wanted.clone() }).await {
+            Ok(Response::BlocksZstd { raw_len, data }) => {
+                count("received_wire_bytes", data.len() as u64);
+                decompress_record::<ShippedBlocks>(raw_len, &data, "shipped blocks")?
+            }
+            Ok(Response::Blocks(b)) => b,
+            Ok(other) => return Err(format!("site {:?} answered a request for blocks with {other:?}", record.remote)),
+            Err(e) => {
+                tracing::warn!(group, "DR: site {:?} did not send the blocks asked for ({}); fetching the whole shipment", record.remote, call_error(&record.remote, e));
+                return fetch_whole(client, group, record, lsn_first).await;
+            }
+        }
+    };
+    match filling.complete(answer) {
+        Ok(s) => Ok(s),
+        Err(why) => {
+            tracing::warn!(group, "DR: {why}; fetching the whole shipment");
+            fetch_whole(client, group, record, lsn_first).await
+        }
+    }
+}
+
+/// One shipment from the peer with every payload byte in it.
+async fn fetch_whole(client: &Client, group: &str, record: &DrRecord, lsn_first: u64) -> Result<Shipment, String> {
     match client.call_leader(&Request::Ship { group: group.to_string(), lsn_first }).await {
         Ok(Response::ShippedZstd { raw_len, data }) => {
             metrics::counter!("rewind_dr_received_wire_bytes_total", "group" => group.to_string()).increment(data.len() as u64);
@@ -331,7 +392,7 @@ async fn commit(
             return None;
         }
         pacer.wait().await;
-        fetch(client, group, record, last + 1).await.ok()
+        fetch(node, client, group, record, last + 1).await.ok()
     };
     let (reply, next) = tokio::join!(replicate, next);
     match reply? {
