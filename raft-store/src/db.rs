@@ -616,6 +616,35 @@ impl StoreReader {
     }
 
     /// The group's retention record (the default if it has none).
+    /// For each hash, whether `group` holds a block version with that
+    /// content written before LSN `before` (the content index's keys alone;
+    /// no block is read).
+    pub fn stored_before(&self, group: &str, hashes: &[crate::blocks::BlockHash], before: u64) -> std::io::Result<Vec<bool>> {
+        let mut it = self.db.raw_iterator_cf(cf(&self.db, CF_CONTENT));
+        let mut out = Vec::with_capacity(hashes.len());
+        for hash in hashes {
+            let mut prefix = group_prefix(group);
+            prefix.extend_from_slice(hash);
+            it.seek(&prefix);
+            let mut held = false;
+            while it.valid() {
+                let k = it.key().expect("valid");
+                if !k.starts_with(&prefix) {
+                    break;
+                }
+                let (_, _, lsn) = content_location(prefix.len(), k).ok_or_else(|| corrupt("content index", "malformed key"))?;
+                if lsn < before {
+                    held = true;
+                    break;
+                }
+                it.next();
+            }
+            it.status().map_err(io_err)?;
+            out.push(held);
+        }
+        Ok(out)
+    }
+
     /// For each hash, a block of `group` with that content, or None when
     /// the group holds no version with it (the content index). Reads
     /// through one snapshot; every block returned is checked against its

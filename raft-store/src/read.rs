@@ -46,6 +46,9 @@ pub trait ReadState: Clone + Send + Sync + 'static {
     /// For each hash, a block of `group` with that content (checked), or
     /// None: the content index.
     fn find_blocks(&self, group: &str, hashes: &[crate::blocks::BlockHash]) -> io::Result<Vec<Option<Vec<u8>>>>;
+    /// For each hash, whether `group` holds a block with that content
+    /// written before LSN `before`.
+    fn stored_before(&self, group: &str, hashes: &[crate::blocks::BlockHash], before: u64) -> io::Result<Vec<bool>>;
     /// Runs `f`, which reads, where blocking is allowed: inline unless the
     /// implementation reads real disks, which moves it off the async
     /// workers.
@@ -101,6 +104,10 @@ impl ReadState for crate::StoreReader {
 
     fn find_blocks(&self, group: &str, hashes: &[crate::blocks::BlockHash]) -> io::Result<Vec<Option<Vec<u8>>>> {
         crate::StoreReader::find_blocks(self, group, hashes)
+    }
+
+    fn stored_before(&self, group: &str, hashes: &[crate::blocks::BlockHash], before: u64) -> io::Result<Vec<bool>> {
+        crate::StoreReader::stored_before(self, group, hashes, before)
     }
 
     fn run_blocking<T: Send + 'static>(self, f: impl FnOnce(Self) -> T + Send + 'static) -> BoxFuture<'static, io::Result<T>> {

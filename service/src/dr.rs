@@ -15,7 +15,7 @@
 
 use rewind_raft_store::ReadState;
 use rewind_raft_store::blocks::{block_hash, zero_block_hash, BlockHash, BLOCK_BYTES};
-use rewind_wire::dr::{BlockAt, DrInfo, DrRecord, Elided, HashedShipment, ShippedBlocks, Shipment};
+use rewind_wire::dr::{BlockAt, DrInfo, DrRecord, Elided, HashedShipment, Place, ShippedBlocks, Shipment};
 use rewind_wire::event::Event;
 
 use crate::{no_group, ServiceError};
@@ -85,34 +85,55 @@ pub fn shipment<R: ReadState>(r: &R, group: &str, lsn_first: u64) -> Result<Ship
     Ok(Shipment { events, digest, epoch: dr.epoch, primary: dr.primary, last_lsn: g.last_lsn })
 }
 
-/// The shipment from `lsn_first` on with its whole, non-zero 4 KiB disk
-/// blocks as hashes (`HashedShipment`): the bytes of each are zeroed in
-/// the events and listed in `elided`.
+/// The shipment from `lsn_first` on with the whole 4 KiB disk blocks the
+/// secondary holds as hashes (`HashedShipment`): the blocks this replica's
+/// history held before `lsn_first` (the content index), and repeats of a
+/// block that travels inline earlier in the shipment.
 pub fn hashed_shipment<R: ReadState>(r: &R, group: &str, lsn_first: u64) -> Result<HashedShipment, ServiceError> {
-    Ok(elide(shipment(r, group, lsn_first)?))
+    let s = shipment(r, group, lsn_first)?;
+    elide(s, |hashes| r.stored_before(group, hashes, lsn_first).map_err(|e| ServiceError::Internal(e.to_string())))
 }
 
-/// Replaces the whole, non-zero disk blocks of a shipment's writes by
-/// their hashes.
-pub fn elide(mut shipment: Shipment) -> HashedShipment {
+/// Elides the whole, non-zero disk blocks of a shipment's writes that
+/// `held` says the secondary holds, and repeats of a block already inline.
+pub fn elide(mut shipment: Shipment, held: impl FnOnce(&[BlockHash]) -> Result<Vec<bool>, ServiceError>) -> Result<HashedShipment, ServiceError> {
     let zero = zero_block_hash();
     let block = BLOCK_BYTES as usize;
-    let mut elided = Vec::new();
-    for (i, e) in shipment.events.iter_mut().enumerate() {
-        let Event::Write { offset, data, .. } = &mut e.event else { continue };
-        // Payload offsets of the disk blocks wholly inside the write.
-        let first = offset.div_ceil(BLOCK_BYTES) * BLOCK_BYTES - *offset;
-        let mut at = first as usize;
+    // Every whole, non-zero disk block of every write, in order.
+    let mut blocks: Vec<(Place, BlockHash)> = Vec::new();
+    for (i, e) in shipment.events.iter().enumerate() {
+        let Event::Write { offset, data, .. } = &e.event else { continue };
+        let mut at = (offset.div_ceil(BLOCK_BYTES) * BLOCK_BYTES - *offset) as usize;
         while at + block <= data.len() {
             let hash = block_hash(&data[at..at + block]);
             if hash != zero {
-                data[at..at + block].fill(0);
-                elided.push(Elided { event: i as u32, offset: at as u32, hash });
+                blocks.push((Place { event: i as u32, offset: at as u32 }, hash));
             }
             at += block;
         }
     }
-    HashedShipment { shipment, elided }
+    let mut distinct: Vec<BlockHash> = blocks.iter().map(|(_, h)| *h).collect();
+    distinct.sort_unstable();
+    distinct.dedup();
+    let there = held(&distinct)?;
+    if there.len() != distinct.len() {
+        return Err(ServiceError::Internal(format!("the content index answered {} of {} hashes", there.len(), distinct.len())));
+    }
+    let mut inline: std::collections::HashMap<BlockHash, Place> = Default::default();
+    let mut elided = Vec::new();
+    for (at, hash) in blocks {
+        let copy_of = inline.get(&hash).copied();
+        let is_held = there[distinct.binary_search(&hash).expect("listed")];
+        if copy_of.is_none() && !is_held {
+            inline.insert(hash, at);
+            continue;
+        }
+        if let Some(Event::Write { data, .. }) = shipment.events.get_mut(at.event as usize).map(|e| &mut e.event) {
+            data[at.offset as usize..at.offset as usize + block].fill(0);
+        }
+        elided.push(Elided { at, hash, copy_of });
+    }
+    Ok(HashedShipment { shipment, elided })
 }
 
 /// A hashed shipment at the secondary, part filled: what it still lacks.
@@ -125,35 +146,59 @@ pub struct Filling {
     /// that hash; what `Request::ShipBlocks` asks for.
     pub wanted: Vec<BlockAt>,
     wanted_hashes: Vec<BlockHash>,
-    /// Blocks filled from the secondary's own store.
+    /// Blocks filled from the secondary's own store, and from the
+    /// shipment itself.
     pub found_here: u64,
+    pub copied: u64,
 }
 
-fn put_block(shipment: &mut Shipment, e: &Elided, bytes: &[u8]) -> Result<(), String> {
-    let at = e.offset as usize;
-    match shipment.events.get_mut(e.event as usize).map(|x| &mut x.event) {
-        Some(Event::Write { data, .. }) if at + bytes.len() <= data.len() => {
-            data[at..at + bytes.len()].copy_from_slice(bytes);
-            Ok(())
-        }
-        _ => Err(format!("an elided block at event {} offset {} lies outside the shipment", e.event, e.offset)),
+fn block_of(shipment: &Shipment, at: Place) -> Option<&[u8]> {
+    match shipment.events.get(at.event as usize).map(|e| &e.event) {
+        Some(Event::Write { data, .. }) => data.get(at.offset as usize..at.offset as usize + BLOCK_BYTES as usize),
+        _ => None,
     }
 }
 
-/// Fills in the elided blocks that `r`'s group already holds (the content
-/// index), and lists the ones to ask the primary for: one place per
-/// distinct hash, so a block repeated in the shipment travels once.
+fn put_block(shipment: &mut Shipment, at: Place, bytes: &[u8]) -> Result<(), String> {
+    let from = at.offset as usize;
+    match shipment.events.get_mut(at.event as usize).map(|x| &mut x.event) {
+        Some(Event::Write { data, .. }) if from + bytes.len() <= data.len() => {
+            data[from..from + bytes.len()].copy_from_slice(bytes);
+            Ok(())
+        }
+        _ => Err(format!("an elided block at event {} offset {} lies outside the shipment", at.event, at.offset)),
+    }
+}
+
+/// Fills in the elided blocks: repeats from the shipment itself, the rest
+/// from the blocks `r`'s group holds (its content index), every one
+/// checked against its hash; and lists the ones to ask the primary for,
+/// one place per distinct hash.
 pub fn fill_local<R: ReadState>(r: &R, group: &str, hashed: HashedShipment) -> Result<Filling, ServiceError> {
     fill_with(hashed, |hashes| r.find_blocks(group, hashes).map_err(|e| ServiceError::Internal(e.to_string())))
 }
 
 /// `fill_local` with the look-up given: for each hash, the block or None.
-fn fill_with(hashed: HashedShipment, find: impl FnOnce(&[BlockHash]) -> Result<Vec<Option<Vec<u8>>>, ServiceError>) -> Result<Filling, ServiceError> {
+pub fn fill_with(hashed: HashedShipment, find: impl FnOnce(&[BlockHash]) -> Result<Vec<Option<Vec<u8>>>, ServiceError>) -> Result<Filling, ServiceError> {
     let HashedShipment { mut shipment, elided } = hashed;
-    let mut distinct: Vec<BlockHash> = elided.iter().map(|e| e.hash).collect();
+    let mut copied = 0;
+    let mut rest = Vec::new();
+    for e in elided {
+        let Some(from) = e.copy_of else {
+            rest.push(e);
+            continue;
+        };
+        // The source travels inline (it is never elided), so its bytes are
+        // there whatever the order.
+        let bytes = block_of(&shipment, from).filter(|b| block_hash(b) == e.hash).map(<[u8]>::to_vec);
+        let bytes = bytes.ok_or_else(|| ServiceError::BadRequest(format!("an elided block names a copy at event {} offset {} that does not match its hash", from.event, from.offset)))?;
+        put_block(&mut shipment, e.at, &bytes).map_err(ServiceError::BadRequest)?;
+        copied += 1;
+    }
+    let mut distinct: Vec<BlockHash> = rest.iter().map(|e| e.hash).collect();
     distinct.sort_unstable();
     distinct.dedup();
-    let found = find(&distinct)?;
+    let found = if distinct.is_empty() { Vec::new() } else { find(&distinct)? };
     if found.len() != distinct.len() {
         return Err(ServiceError::Internal(format!("the content index answered {} of {} hashes", found.len(), distinct.len())));
     }
@@ -161,7 +206,7 @@ fn fill_with(hashed: HashedShipment, find: impl FnOnce(&[BlockHash]) -> Result<V
     let mut wanted = Vec::new();
     let mut wanted_hashes = Vec::new();
     let mut found_here = 0;
-    for e in &elided {
+    for e in &rest {
         let i = distinct.binary_search(&e.hash).expect("every hash is listed");
         match &found[i] {
             Some(bytes) => {
@@ -172,20 +217,20 @@ fn fill_with(hashed: HashedShipment, find: impl FnOnce(&[BlockHash]) -> Result<V
                 } else {
                     bytes.clone()
                 };
-                put_block(&mut shipment, e, bytes).map_err(ServiceError::BadRequest)?;
+                put_block(&mut shipment, e.at, bytes).map_err(ServiceError::BadRequest)?;
                 found_here += 1;
             }
             None => {
                 if !wanted_hashes.contains(&e.hash) {
-                    let lsn = shipment.events.get(e.event as usize).map_or(0, |x| x.lsn);
-                    wanted.push(BlockAt { lsn, offset: e.offset });
+                    let lsn = shipment.events.get(e.at.event as usize).map_or(0, |x| x.lsn);
+                    wanted.push(BlockAt { lsn, offset: e.at.offset });
                     wanted_hashes.push(e.hash);
                 }
                 missing.push(*e);
             }
         }
     }
-    Ok(Filling { shipment, missing, wanted, wanted_hashes, found_here })
+    Ok(Filling { shipment, missing, wanted, wanted_hashes, found_here, copied })
 }
 
 impl Filling {
@@ -202,7 +247,7 @@ impl Filling {
         }
         for e in std::mem::take(&mut self.missing) {
             let i = self.wanted_hashes.iter().position(|h| *h == e.hash).ok_or("a missing block was not asked for")?;
-            put_block(&mut self.shipment, &e, &answer.blocks[i])?;
+            put_block(&mut self.shipment, e.at, &answer.blocks[i])?;
         }
         Ok(self.shipment)
     }
@@ -348,9 +393,10 @@ mod tests {
         (0..4096u32).map(|i| seed.wrapping_add((i / 512) as u8 * 31)).collect()
     }
 
-    /// Whole disk blocks travel as hashes, zero blocks and partial edges
-    /// as bytes; the secondary fills what it holds, asks once per distinct
-    /// hash, and the result is the shipment as sent, byte for byte.
+    /// Whole blocks the secondary holds and repeats travel as hashes; new
+    /// blocks, zero blocks and partial edges as bytes. The secondary fills
+    /// what it holds, asks once per distinct hash for what it lacks, and
+    /// the result is the shipment as it was, byte for byte.
     #[test]
     fn hashed_shipments_fill_back_to_the_shipment() {
         let (a, b, c) = (block(1), block(2), block(3));
@@ -360,7 +406,7 @@ mod tests {
         w1.extend_from_slice(&a);
         w1.extend_from_slice(&b);
         w1.extend_from_slice(&[8u8; 100]);
-        // LSN 2: a zero block, then a and c; LSN 3: c again and a bookmark.
+        // LSN 2: a zero block, then a again and c; LSN 4: c again.
         let w2 = [vec![0u8; 4096], a.clone(), c.clone()].concat();
         let events = vec![
             write(1, 3584, w1),
@@ -369,25 +415,31 @@ mod tests {
             write(4, 0, c.clone()),
         ];
         let shipment = Shipment { events, digest: [9; 32], epoch: 1, primary: "a".into(), last_lsn: 4 };
-        let hashed = elide(shipment.clone());
-        let at: Vec<(u32, u32)> = hashed.elided.iter().map(|e| (e.event, e.offset)).collect();
-        assert_eq!(at, vec![(0, 512), (0, 4608), (1, 4096), (1, 8192), (3, 0)], "whole non-zero blocks only");
+        let place = |event, offset| Place { event, offset };
+        // The primary's history held b and c before the shipment.
+        let held_there = [block_hash(&b), block_hash(&c)];
+        let hashed = elide(shipment.clone(), |hs| Ok(hs.iter().map(|h| held_there.contains(h)).collect())).unwrap();
+        let got: Vec<(Place, Option<Place>)> = hashed.elided.iter().map(|e| (e.at, e.copy_of)).collect();
+        assert_eq!(got, vec![(place(0, 4608), None), (place(1, 4096), Some(place(0, 512))), (place(1, 8192), None), (place(3, 0), None)], "held blocks and repeats only");
         let Event::Write { data, .. } = &hashed.shipment.events[0].event else { panic!() };
-        assert!(data[512..8704].iter().all(|x| *x == 0) && data[..512] == [7; 512][..], "elided bytes do not travel");
-        // The secondary holds block b only.
-        let held = block_hash(&b);
-        let filling = fill_with(hashed.clone(), |hs| Ok(hs.iter().map(|h| (*h == held).then(|| b.clone())).collect())).unwrap();
-        assert_eq!(filling.found_here, 1);
-        assert_eq!(filling.wanted, vec![BlockAt { lsn: 1, offset: 512 }, BlockAt { lsn: 2, offset: 8192 }], "a and c, once each");
-        let answer = ShippedBlocks { blocks: vec![a.clone(), c.clone()] };
-        assert!(filling.clone().complete(answer) == Ok(shipment.clone()));
+        assert!(data[512..4608] == a[..] && data[4608..8704].iter().all(|x| *x == 0), "a new block travels, a held one does not");
+        // The secondary's collector freed c: it holds b only.
+        let held_here = block_hash(&b);
+        let filling = fill_with(hashed.clone(), |hs| Ok(hs.iter().map(|h| (*h == held_here).then(|| b.clone())).collect())).unwrap();
+        assert_eq!((filling.found_here, filling.copied), (1, 1));
+        assert_eq!(filling.wanted, vec![BlockAt { lsn: 2, offset: 8192 }], "c, once");
+        assert!(filling.clone().complete(ShippedBlocks { blocks: vec![c.clone()] }) == Ok(shipment.clone()));
         // A wrong or missing block from the primary is refused.
-        let wrong = ShippedBlocks { blocks: vec![c.clone(), a.clone()] };
-        assert!(filling.clone().complete(wrong).unwrap_err().contains("does not match"));
-        assert!(filling.complete(ShippedBlocks { blocks: vec![a] }).unwrap_err().contains("asked for 2 blocks, got 1"));
-        // A secondary that holds nothing asks for every distinct block.
-        let filling = fill_with(hashed, |hs| Ok(vec![None; hs.len()])).unwrap();
-        assert_eq!((filling.found_here, filling.wanted.len()), (0, 3));
+        assert!(filling.clone().complete(ShippedBlocks { blocks: vec![a.clone()] }).unwrap_err().contains("does not match"));
+        assert!(filling.complete(ShippedBlocks { blocks: vec![] }).unwrap_err().contains("asked for 1 blocks, got 0"));
+        // A copy that does not match its hash is refused, not filled.
+        let mut bad = hashed.clone();
+        bad.elided[1].copy_of = Some(place(0, 0));
+        assert!(fill_with(bad, |hs| Ok(vec![None; hs.len()])).unwrap_err().to_string().contains("does not match its hash"));
+        // Nothing held at the primary: only the repeat is elided.
+        let fresh = elide(shipment, |hs| Ok(vec![false; hs.len()])).unwrap();
+        assert_eq!(fresh.elided.len(), 2, "a and c repeat once each");
+        assert!(fresh.elided.iter().all(|e| e.copy_of.is_some()));
     }
 
     #[test]

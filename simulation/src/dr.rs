@@ -25,7 +25,7 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
 use rewind_raft_store::ReadState;
-use rewind_service::dr::{dr_info, fill_local, hashed_shipment, next_step, ship_blocks, shipment, Filling, Step};
+use rewind_service::dr::{dr_info, fill_with, hashed_shipment, next_step, ship_blocks, shipment, Filling, Step};
 use rewind_wire::dr::{BlockAt, DrInfo, DrRecord, HashedShipment, ShippedBlocks, Shipment, SiteLink};
 use rewind_wire::event::{Event, EventBatch, LoggedEvent, TimedEvent};
 use rewind_wire::raft::{Command, CommandReply};
@@ -274,9 +274,29 @@ impl World {
                     Err(why) => return world::trace_at(self.tick * 1_000_000, format!("dr: site {} refused a shipment: {why}", NAMES[1 - to])),
                 };
                 let lsn_first = h.shipment.events.first().map_or(0, |e| e.lsn);
-                let filling = fill_local(&self.sites[to].state(), GROUP, *h).expect("a shipment's blocks lie inside it");
+                // Now and then the secondary no longer holds a block the
+                // primary elided (its collector freed it): it must ask.
+                let state = self.sites[to].state();
+                let rng = &mut self.rng;
+                let filling = fill_with(*h, |hashes| {
+                    let mut found = state.find_blocks(GROUP, hashes).map_err(|e| rewind_service::ServiceError::Internal(e.to_string()))?;
+                    for f in found.iter_mut() {
+                        if f.is_some() && rng.chance(0.05) {
+                            world::count("dr: a block the primary elided is gone at the secondary");
+                            *f = None;
+                        }
+                    }
+                    Ok(found)
+                })
+                .expect("a shipment's blocks lie inside it");
                 if filling.found_here > 0 {
                     world::count("dr: blocks the secondary already held were not sent");
+                }
+                if filling.copied > 0 {
+                    world::count("dr: blocks repeated in a shipment were sent once");
+                }
+                if !filling.wanted.is_empty() {
+                    world::count("dr: blocks the primary elided were asked for (the secondary freed them)");
                 }
                 if filling.wanted.is_empty() {
                     let s = filling.complete(ShippedBlocks { blocks: Vec::new() });

@@ -422,6 +422,28 @@ impl ReadState for SimState {
         Ok(self.image().gc.get(group).cloned().unwrap_or_default())
     }
 
+    fn stored_before(&self, group: &str, hashes: &[BlockHash], before: u64) -> io::Result<Vec<bool>> {
+        let image = self.image();
+        let mut out = vec![false; hashes.len()];
+        let low = (group.to_string(), String::new(), 0u64);
+        for ((g, _, _), versions) in image.blocks.range(low..) {
+            if g != group {
+                break;
+            }
+            for (_, v) in versions.range(..before) {
+                let hash = match v {
+                    Version::Ref { hash: Some(h), .. } => *h,
+                    Version::Data(d) => block_hash(d),
+                    _ => continue,
+                };
+                for (i, want) in hashes.iter().enumerate() {
+                    out[i] |= *want == hash;
+                }
+            }
+        }
+        Ok(out)
+    }
+
     /// The content index as production defines it: every `Ref` and `Data`
     /// version the group holds, by its blake3; each block returned is
     /// read by production's rules and checked against its hash.

@@ -135,24 +135,36 @@ pub struct Shipment {
     pub last_lsn: u64,
 }
 
-/// A shipment whose whole 4 KiB blocks travel as hashes first: each
-/// elided block's bytes in `shipment` are zeroes, and `elided` says where
-/// it was and what it hashes to (blake3). The secondary fills in the
-/// blocks it already holds (its content index) and asks for the others
-/// with `Request::ShipBlocks`. Blocks of zeroes are never elided.
+/// A shipment in which the whole 4 KiB blocks the secondary holds already
+/// travel as hashes: the primary elides a block its own history held
+/// before the shipment's first LSN (so the secondary, holding the same
+/// history, does too, unless its collector freed it), or one that travels
+/// inline earlier in the same shipment. An elided block's bytes are zeroes
+/// in `shipment`; `elided` says where it was, its blake3, and where the
+/// same block travels inline, if it does. The secondary fills the others
+/// from its content index and asks for any it lacks with
+/// `Request::ShipBlocks`. Blocks of zeroes are never elided.
 #[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
 pub struct HashedShipment {
     pub shipment: Shipment,
     pub elided: Vec<Elided>,
 }
 
-/// One elided block: the index of its event in the shipment, its offset
-/// in that event's payload, and its blake3.
+/// A block's place in a shipment: the index of its event, and its offset
+/// in that event's payload.
 #[derive(Archive, Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Elided {
+pub struct Place {
     pub event: u32,
     pub offset: u32,
+}
+
+/// One elided block.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Elided {
+    pub at: Place,
     pub hash: [u8; 32],
+    /// Where the same bytes travel inline in this shipment.
+    pub copy_of: Option<Place>,
 }
 
 /// Where a block the secondary lacks lies at the primary: bytes

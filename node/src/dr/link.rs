@@ -190,13 +190,13 @@ async fn step(node: &Node, dir: &Path, group: &str, link: &mut Link) -> Result<b
     let client = &link.peer.as_ref().expect("just set").client;
     // A shipment fetched ahead that continues this site's log, from the
     // primary of this site's epoch: commit it without asking again.
-    if let Some((lsn_first, s)) = link.ahead.take() {
-        let fresh = link.asked.is_some_and(|at| at.elapsed() < FULL_ROUND_EVERY);
-        if fresh && lsn_first == mine.last_lsn + 1 && !record.is_primary() && s.epoch == record.epoch && s.primary == record.primary {
-            // The peer answered: it counts as seen.
-            node.dr.update(group, |v| v.at = Some(Instant::now()));
-            return commit(node, client, group, &record, s, &mut link.pacer, &mut link.ahead).await;
-        }
+    // Kept through a full round otherwise: the round may pull from where
+    // it starts, and fetching it again would cost the link its bytes twice.
+    let mut ahead = link.ahead.take().filter(|(lsn_first, s)| *lsn_first == mine.last_lsn + 1 && !record.is_primary() && s.epoch == record.epoch && s.primary == record.primary);
+    if let Some((_, s)) = ahead.take_if(|_| link.asked.is_some_and(|at| at.elapsed() < FULL_ROUND_EVERY)) {
+        // The peer answered: it counts as seen.
+        node.dr.update(group, |v| v.at = Some(Instant::now()));
+        return commit(node, client, group, &record, s, &mut link.pacer, &mut link.ahead).await;
     }
     let theirs = match client.call_leader(&Request::DrState { group: group.to_string(), digest_at: Some(mine.last_lsn) }).await {
         Ok(Response::Dr(info)) => *info,
@@ -229,8 +229,13 @@ async fn step(node: &Node, dir: &Path, group: &str, link: &mut Link) -> Result<b
             Ok(true)
         }
         Step::Pull { lsn_first } => {
-            link.pacer.wait().await;
-            let shipment = fetch(node, client, group, &record, lsn_first).await?;
+            let shipment = match ahead {
+                Some((at, s)) if at == lsn_first => s,
+                _ => {
+                    link.pacer.wait().await;
+                    fetch(node, client, group, &record, lsn_first).await?
+                }
+            };
             commit(node, client, group, &record, shipment, &mut link.pacer, &mut link.ahead).await
         }
         Step::Diverged(why) => {
@@ -327,6 +332,7 @@ async fn fetch(node: &Node, client: &Client, group: &str, record: &DrRecord, lsn
         .map_err(|e| e.to_string())?;
     count("blocks_elided", elided);
     count("blocks_found_here", filling.found_here);
+    count("blocks_copied", filling.copied);
     let answer = if filling.wanted.is_empty() {
         ShippedBlocks { blocks: Vec::new() }
     } else {
