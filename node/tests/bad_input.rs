@@ -147,6 +147,14 @@ async fn paths_at_users_files_are_refused_and_nothing_is_touched() {
     assert_eq!(mode(&work.path().join("disk.raw.tap-id")), 0o600, "the tap's identity file");
     assert_eq!(mode(&site.path().join("node-1")), 0o700, "a node's folder");
     assert_eq!(mode(&site.path().join("node-1").join("data")), 0o700, "a node's data folder");
+    // Migrating a running node's store, or a folder that holds none, is
+    // refused and touches nothing.
+    let data = site.path().join("node-1").join("data");
+    let out = std::process::Command::new(REWIND).args(["store", "migrate", "--data-dir", data.to_str().unwrap()]).output().unwrap();
+    expect_refusal(out, &["store", "migrate"], "is in use (is its node running? stop it first)");
+    let out = std::process::Command::new(REWIND).args(["store", "migrate", "--data-dir", work.path().to_str().unwrap()]).output().unwrap();
+    expect_refusal(out, &["store", "migrate"], "no store in");
+    assert_eq!(std::fs::read_dir(work.path()).unwrap().count(), 2, "the folder holds the backing file and its identity, nothing more");
     let (lsn, _) = site.settled("g", 3).await;
     assert!(lsn >= 1);
     let b = backing.to_str().unwrap();

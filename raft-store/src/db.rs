@@ -49,6 +49,20 @@ pub struct Store {
 /// a crash interrupted.
 pub fn open(dir: &Path) -> std::io::Result<Store> {
     std::fs::create_dir_all(dir)?;
+    let db = open_db(dir)?;
+    check_format(&db, dir)?;
+    let db = Arc::new(db);
+    let snapshot_dir: PathBuf = dir.join("snapshots");
+    std::fs::create_dir_all(&snapshot_dir)?;
+    let gc_lock = Arc::new(tokio::sync::Mutex::new(()));
+    let generation = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let state_machine = StateMachine::open(db.clone(), snapshot_dir.clone(), gc_lock.clone(), generation.clone())?;
+    let collector = crate::gc::Collector::new(db.clone(), gc_lock, generation);
+    Ok(Store { log: LogStore::new(db.clone()), state_machine, reader: StoreReader { db, snapshot_dir }, collector })
+}
+
+/// The database with this build's column families and options.
+pub(crate) fn open_db(dir: &Path) -> std::io::Result<DB> {
     let mut opts = Options::default();
     opts.create_if_missing(true);
     opts.create_missing_column_families(true);
@@ -93,16 +107,13 @@ pub fn open(dir: &Path) -> std::io::Result<Store> {
         ColumnFamilyDescriptor::new(name, o)
     });
     let cfs: Vec<ColumnFamilyDescriptor> = cfs.collect();
-    let db = DB::open_cf_descriptors(&opts, dir.join("db"), cfs).map_err(io_err)?;
-    check_format(&db, dir)?;
-    let db = Arc::new(db);
-    let snapshot_dir: PathBuf = dir.join("snapshots");
-    std::fs::create_dir_all(&snapshot_dir)?;
-    let gc_lock = Arc::new(tokio::sync::Mutex::new(()));
-    let generation = Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let state_machine = StateMachine::open(db.clone(), snapshot_dir.clone(), gc_lock.clone(), generation.clone())?;
-    let collector = crate::gc::Collector::new(db.clone(), gc_lock, generation);
-    Ok(Store { log: LogStore::new(db.clone()), state_machine, reader: StoreReader { db, snapshot_dir }, collector })
+    DB::open_cf_descriptors(&opts, dir.join("db"), cfs).map_err(|e| {
+        if e.to_string().contains("lock") {
+            std::io::Error::other(format!("the store in {} is in use (is its node running? stop it first): {e}", dir.display()))
+        } else {
+            io_err(e)
+        }
+    })
 }
 
 /// The layout of the tables this build reads and writes. Format 2 added the
@@ -128,8 +139,9 @@ fn check_format(db: &DB, dir: &Path) -> std::io::Result<()> {
                     std::io::ErrorKind::InvalidData,
                     format!(
                         "the store in {} was written by an older rewind without the block index (format 1); this build needs format {STORE_FORMAT}. \
-                         Start a new site (rewind dev down --purge, or a fresh data_dir); there is no in-place upgrade yet",
-                        dir.display()
+                         With the node stopped, migrate it in place: rewind store migrate --data-dir {}",
+                        dir.display(),
+                        dir.parent().unwrap_or(dir).display()
                     ),
                 ));
             }
@@ -138,6 +150,53 @@ fn check_format(db: &DB, dir: &Path) -> std::io::Result<()> {
             db.put_cf_opt(meta, KEY_FORMAT, STORE_FORMAT.to_le_bytes(), &o).map_err(io_err)
         }
     }
+}
+
+/// The format a store is in, as `migrate` found it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Found {
+    /// Current already: nothing to do.
+    Current,
+    /// Never used: stamped with this build's format.
+    Empty,
+    /// Format 1, migrated.
+    Migrated,
+}
+
+/// Migrates the store in `dir` (a node's `DATA_DIR/shard-1`, the node
+/// stopped) to this build's format: a format-1 store (events, no block
+/// index) gets every group's block index, content index, zero extents,
+/// bookmarks, times and chain links rebuilt from its events, each group's
+/// chain checked against its record, the tables flushed, and only then the
+/// new format stamped (with sync). A crash part way leaves it format 1, and
+/// running it again starts over. `progress(group, LSN done, of)`.
+pub fn migrate(dir: &Path, progress: impl FnMut(&str, u64, u64)) -> std::io::Result<(Found, Vec<crate::sm::MigratedGroup>)> {
+    if !dir.join("db").is_dir() {
+        return Err(std::io::Error::new(std::io::ErrorKind::NotFound, format!("no store in {} (no db folder): is it a node's data_dir/shard-1?", dir.display())));
+    }
+    let db = open_db(dir)?;
+    let meta = cf(&db, CF_META);
+    match db.get_cf(meta, KEY_FORMAT).map_err(io_err)? {
+        Some(v) if v.len() == 4 && u32::from_le_bytes(v[..4].try_into().expect("4 bytes")) == STORE_FORMAT => return Ok((Found::Current, Vec::new())),
+        Some(v) => {
+            return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, format!("the store in {} has format {v:?}, which this build cannot migrate", dir.display())))
+        }
+        None => {}
+    }
+    let mut sync = rocksdb::WriteOptions::default();
+    sync.set_sync(true);
+    let used = db.get_cf(cf(&db, CF_SM), crate::sm::KEY_APPLIED).map_err(io_err)?.is_some() || db.iterator_cf(cf(&db, CF_LOG), IteratorMode::Start).next().is_some();
+    if !used {
+        db.put_cf_opt(meta, KEY_FORMAT, STORE_FORMAT.to_le_bytes(), &sync).map_err(io_err)?;
+        return Ok((Found::Empty, Vec::new()));
+    }
+    let db = Arc::new(db);
+    let snapshot_dir: PathBuf = dir.join("snapshots");
+    std::fs::create_dir_all(&snapshot_dir)?;
+    let sm = StateMachine::open(db.clone(), snapshot_dir, Default::default(), Default::default())?;
+    let groups = sm.rebuild_derived(progress)?;
+    db.put_cf_opt(cf(&db, CF_META), KEY_FORMAT, STORE_FORMAT.to_le_bytes(), &sync).map_err(io_err)?;
+    Ok((Found::Migrated, groups))
 }
 
 /// Makes the state machine's tables durable: flushes their memtables (all

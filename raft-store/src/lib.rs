@@ -73,10 +73,10 @@ pub mod read;
 mod sm;
 mod snapshot;
 
-pub use db::{open, Bookmark, Store, StoreReader};
+pub use db::{migrate, open, Bookmark, Found, Store, StoreReader};
 pub use log::LogStore;
 pub use read::ReadState;
-pub use sm::StateMachine;
+pub use sm::{MigratedGroup, StateMachine};
 pub use snapshot::SnapshotFile;
 
 openraft::declare_raft_types!(

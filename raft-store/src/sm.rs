@@ -194,6 +194,76 @@ impl StateMachine {
     }
 }
 
+/// What `migrate` did to one group.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MigratedGroup {
+    pub group: String,
+    pub events: u64,
+    pub payload_bytes: u64,
+}
+
+/// Events rebuilt per write while migrating.
+const MIGRATE_EVENTS_PER_WRITE: u64 = 256;
+
+impl StateMachine {
+    /// Rebuilds what format 2 derives from each group's events (the block
+    /// index, the content index, zero extents, bookmarks, times, chain
+    /// links), in LSN order, `MIGRATE_EVENTS_PER_WRITE` events per write,
+    /// and checks each group's chain against its record. `progress` hears
+    /// of every write (group, events done, of). Idempotent: it starts each
+    /// group over from its events.
+    pub(crate) fn rebuild_derived(&self, mut progress: impl FnMut(&str, u64, u64)) -> io::Result<Vec<MigratedGroup>> {
+        use crate::db::{CF_CONTENT, CF_EXTENTS as EXT};
+        let groups: Vec<GroupRecord> = {
+            let mut out = Vec::new();
+            for item in self.db.iterator_cf(cf(&self.db, CF_GROUPS), rocksdb::IteratorMode::Start) {
+                let (_, v) = item.map_err(io_err)?;
+                out.push(decode_record::<GroupRecord>(&v).map_err(|e| corrupt("group record", e))?);
+            }
+            out
+        };
+        let mut report = Vec::new();
+        for g in groups {
+            let name = g.name.as_str();
+            let prefix = group_prefix(name);
+            let end = prefix_end(&prefix);
+            for family in [CF_BLOCKS, EXT, CF_CONTENT, CF_MARKS, CF_TIMES, CF_CHAIN] {
+                self.db.delete_range_cf(cf(&self.db, family), &prefix, &end).map_err(io_err)?;
+            }
+            let mut digest = [0u8; 32];
+            let mut lsn = 1;
+            let mut payload_bytes = 0;
+            while lsn <= g.last_lsn {
+                let mut pending = Pending::default();
+                let mut batch = WriteBatch::default();
+                let upto = (lsn + MIGRATE_EVENTS_PER_WRITE - 1).min(g.last_lsn);
+                for l in lsn..=upto {
+                    let key = event_key(name, l);
+                    let raw = self.db.get_cf(cf(&self.db, CF_EVENTS), &key).map_err(io_err)?.ok_or_else(|| corrupt("group", format!("{name:?} has no event at LSN {l} (of 1..={})", g.last_lsn)))?;
+                    let event: StoredEvent = decode_record(&raw).map_err(|e| corrupt(&format!("event record at LSN {l} of group {name}"), e))?;
+                    digest = crate::apply::chain(&digest, &raw);
+                    payload_bytes += event.event.payload_bytes() as u64;
+                    batch.put_cf(cf(&self.db, CF_CHAIN), &key, chain_value_of(&digest, &event));
+                    batch.put_cf(cf(&self.db, CF_TIMES), time_key(name, event.time_ns, l), []);
+                    self.index(&mut pending, &mut batch, name, &key, event)?;
+                }
+                self.db.write(batch).map_err(io_err)?;
+                progress(name, upto, g.last_lsn);
+                lsn = upto + 1;
+            }
+            if digest != g.digest {
+                return Err(corrupt(
+                    "group",
+                    format!("the events of group {name:?} do not hash to its recorded chain digest: the store is damaged, or was not written by rewind"),
+                ));
+            }
+            report.push(MigratedGroup { group: g.name.clone(), events: g.last_lsn, payload_bytes });
+        }
+        crate::db::flush_state_machine(&self.db)?;
+        Ok(report)
+    }
+}
+
 /// What one call of `apply` changes, gathered before one atomic write.
 #[derive(Default)]
 struct Pending {

@@ -404,3 +404,66 @@ async fn a_locked_group_refuses_a_shorter_policy_and_deletion() {
     assert!(store.reader.producer(5, "g").unwrap().is_none());
     assert_eq!(content_index_agrees(&store.reader, "g"), 0, "the group's content index entries went with it");
 }
+
+/// A format-1 store (events, no block index) is refused with the command
+/// that migrates it; `migrate` rebuilds every derived table from the
+/// events, and the store then reads as it did.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_format_1_store_is_refused_then_migrated_in_place() {
+    use crate::db::{cf, CF_BLOCKS, CF_CHAIN, CF_CONTENT, CF_EXTENTS, CF_MARKS, CF_META, CF_TIMES};
+    const SIZE: u64 = 1 << 20;
+    let dir = tempfile::tempdir().unwrap();
+    let mut commands = vec![Command::CreateGroup { group: "g".into(), disks: vec![DiskSpec { name: "d0".into(), size_bytes: SIZE, sector_bytes: 512 }], time_ns: 1 }];
+    for seq in 1..=700u64 {
+        let offset = (seq * 7919 * 512) % (SIZE - 20000);
+        let event = match seq % 9 {
+            0 => Event::Trim { disk: "d0".into(), offset: 0, len: SIZE / 2 },
+            4 => Event::Bookmark { name: format!("m{seq}"), app_consistent: seq % 2 == 0 },
+            5 => Event::WriteZeroes { disk: "d0".into(), offset, len: 9000 },
+            _ => Event::Write { disk: "d0".into(), offset, data: (0..(seq as usize % 5 + 1) * 3000).map(|i| (i as u64 ^ seq) as u8).collect() },
+        };
+        commands.push(Command::Append(EventBatch { group: "g".into(), client_id: 5, seq, events: vec![TimedEvent { time_ns: seq * 10, event }] }));
+    }
+    let before = {
+        let mut store = crate::open(dir.path()).unwrap();
+        apply_all(&mut store.state_machine, commands).await;
+        let r = store.reader.clone();
+        let disks: Vec<_> = [1, 100, 350, 699, 700].iter().map(|l| r.read_disk("g", "d0", *l, 0, SIZE).unwrap()).collect();
+        (disks, r.bookmarks("g", 1000).unwrap(), r.digest_at("g", 700).unwrap(), content_index_agrees(&r, "g"))
+    };
+    // What a format-1 store lacks: the derived tables, and the stamp.
+    {
+        let db = crate::db::open_db(dir.path()).unwrap();
+        for family in [CF_BLOCKS, CF_EXTENTS, CF_CONTENT, CF_MARKS, CF_TIMES, CF_CHAIN] {
+            db.delete_range_cf(cf(&db, family), [0u8].as_slice(), [0xffu8; 300].as_slice()).unwrap();
+        }
+        db.delete_cf(cf(&db, CF_META), b"format").unwrap();
+    }
+    let refused = crate::open(dir.path()).err().expect("a format-1 store is refused");
+    assert!(refused.to_string().contains("rewind store migrate --data-dir"), "{refused}");
+    // A migration that dies part way (here, after its first write) leaves
+    // a format-1 store, refused as before; the next run starts over.
+    let died = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| crate::migrate(dir.path(), |_, _, _| panic!("killed part way"))));
+    assert!(died.is_err());
+    assert!(crate::open(dir.path()).err().expect("still format 1").to_string().contains("rewind store migrate"));
+    let mut seen = Vec::new();
+    let (found, groups) = crate::migrate(dir.path(), |g, done, of| seen.push((g.to_string(), done, of))).unwrap();
+    assert_eq!(found, crate::Found::Migrated);
+    assert_eq!(groups.iter().map(|g| (g.group.as_str(), g.events)).collect::<Vec<_>>(), vec![("g", 700)]);
+    assert_eq!(seen.last(), Some(&("g".to_string(), 700, 700)));
+    assert!(seen.len() >= 3, "the rebuild wrote in bounded pieces: {seen:?}");
+    let store = crate::open(dir.path()).unwrap();
+    let r = store.reader.clone();
+    for (i, l) in [1, 100, 350, 699, 700].iter().enumerate() {
+        assert!(r.read_disk("g", "d0", *l, 0, SIZE).unwrap() == before.0[i], "the disk at LSN {l} differs after the migration");
+    }
+    assert_eq!(r.bookmarks("g", 1000).unwrap(), before.1);
+    assert_eq!(r.digest_at("g", 700).unwrap(), before.2);
+    assert_eq!(content_index_agrees(&r, "g"), before.3);
+    assert_eq!(r.lsn_at_time("g", 3505).unwrap(), Some(350));
+    // While the store is open (its node running), the command refuses.
+    let busy = crate::migrate(dir.path(), |_, _, _| {}).unwrap_err();
+    assert!(busy.to_string().contains("is in use (is its node running? stop it first)"), "{busy}");
+    drop((store, r));
+    assert_eq!(crate::migrate(dir.path(), |_, _, _| {}).unwrap().0, crate::Found::Current);
+}

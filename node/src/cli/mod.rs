@@ -64,6 +64,9 @@ pub enum Command {
     /// Change the site's membership.
     #[command(subcommand)]
     Cluster(site::ClusterCommand),
+    /// A node's store on disk, with the node stopped.
+    #[command(subcommand)]
+    Store(site::StoreCommand),
     /// Nodes, roles, leader, term, log indexes, and each group's last LSN and digest.
     Status {
         #[command(flatten)]
@@ -240,6 +243,7 @@ pub async fn run(command: Command) -> anyhow::Result<()> {
         Command::Node { config } => rewind_node::server::run(NodeConfig::load(&config)?).await,
         Command::Certs(a) => site::certs(&a),
         Command::Cluster(c) => site::cluster(c).await,
+        Command::Store(c) => site::store(c),
         Command::Status { client, json } => status::run(client, json).await,
         Command::Group(c) => group::run(c).await,
         Command::Tap(a) => tap::run(a).await,

@@ -17,6 +17,62 @@ use rewind_wire::rpc::{Request, Response};
 use super::ClientArgs;
 
 #[derive(Subcommand)]
+pub enum StoreCommand {
+    /// Bring a node's store written by an older rewind to this build's
+    /// format, in place: a format-1 store (before the block index) gets
+    /// its block index, content index, bookmarks and chain rebuilt from its
+    /// events, each group's chain checked against its record. Stop the
+    /// node first; run it on every node of the site, then start them. A
+    /// store that is current already is left alone. Exit 0 when the store
+    /// is current at the end, 1 on an error (the store is left in its old
+    /// format, and running the command again starts over).
+    ///
+    /// Examples:
+    ///   rewind store migrate --config /etc/rewind/node.toml
+    ///   rewind store migrate --data-dir /var/lib/rewind
+    #[command(verbatim_doc_comment)]
+    Migrate {
+        /// The node's config file (its data_dir is used).
+        #[arg(long, required_unless_present = "data_dir", conflicts_with = "data_dir")]
+        config: Option<PathBuf>,
+        /// The node's data_dir.
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+    },
+}
+
+/// Runs `rewind store ...`.
+pub fn store(c: StoreCommand) -> anyhow::Result<()> {
+    let StoreCommand::Migrate { config, data_dir } = c;
+    let data_dir = match (config, data_dir) {
+        (Some(c), _) => rewind_node::config::NodeConfig::load(&c)?.data_dir,
+        (None, Some(d)) => d,
+        (None, None) => anyhow::bail!("give --config or --data-dir"),
+    };
+    let dir = data_dir.join(format!("shard-{}", rewind_node::DATA_SHARD));
+    let started = std::time::Instant::now();
+    let mut last = std::time::Instant::now();
+    let (found, groups) = rewind_raft_store::migrate(&dir, |group, done, of| {
+        if last.elapsed() >= std::time::Duration::from_secs(1) || done == of {
+            eprintln!("migrate: group {group}: {done} of {of} events");
+            last = std::time::Instant::now();
+        }
+    })
+    .with_context(|| format!("migrate the store in {}", dir.display()))?;
+    match found {
+        rewind_raft_store::Found::Current => println!("the store in {} is current already; nothing to do", dir.display()),
+        rewind_raft_store::Found::Empty => println!("the store in {} held nothing; stamped with this build's format", dir.display()),
+        rewind_raft_store::Found::Migrated => {
+            for g in &groups {
+                println!("group {}: {} events, {} payload bytes, rebuilt and checked", g.group, g.events, g.payload_bytes);
+            }
+            println!("the store in {} is current now ({} groups, {:.1} s); start the node", dir.display(), groups.len(), started.elapsed().as_secs_f64());
+        }
+    }
+    Ok(())
+}
+
+#[derive(Subcommand)]
 pub enum ClusterCommand {
     /// Initialise a new site with the nodes listed in the client config as voters.
     Init {
