@@ -10,6 +10,9 @@
 //!   mutation is ordered before the next request is read.
 //! * [`listen`]: accept loops on TCP and Unix sockets (accept errors are
 //!   survived, connections capped), and the stop signal.
+//! * [`client`]: the client side, for reading a backup's source: URIs,
+//!   handshake with meta contexts (`base:allocation`, QEMU dirty bitmaps),
+//!   `BLOCK_STATUS` and `READ` with structured replies.
 //!
 //! Bounds: connections per listener (`--max-connections`), the handshake's
 //! time ([`server::HANDSHAKE_TIMEOUT`]), requests and payload bytes in
@@ -20,6 +23,7 @@
 //! This crate never knows what an export stores, never sees the log, Raft
 //! or QUIC, and never opens a file of its own.
 
+pub mod client;
 pub mod listen;
 pub mod protocol;
 pub mod server;
