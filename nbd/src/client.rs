@@ -310,7 +310,7 @@ pub fn parse_chunk(kind: u16, p: &[u8]) -> Result<Chunk, ClientError> {
             Ok(Chunk::Data { offset, data: p[8..].to_vec() })
         }
         REPLY_TYPE_OFFSET_HOLE if p.len() == 12 => Ok(Chunk::Hole { offset: u64_at(0).expect("12 bytes"), len: u32_at(8).expect("12 bytes") }),
-        REPLY_TYPE_BLOCK_STATUS if p.len() >= 4 && (p.len() - 4) % 8 == 0 => {
+        REPLY_TYPE_BLOCK_STATUS if p.len() >= 4 && (p.len() - 4).is_multiple_of(8) => {
             let extents = p[4..].chunks_exact(8).map(|e| Extent { len: u32::from_be_bytes(e[..4].try_into().expect("4")), flags: u32::from_be_bytes(e[4..].try_into().expect("4")) }).collect();
             Ok(Chunk::Status { context: u32_at(0).expect("4 bytes"), extents })
         }
