@@ -280,3 +280,24 @@ pub fn site_counter(site: &Site, name: &str) -> f64 {
         })
         .sum()
 }
+
+/// The `rewind_*` names in the dashboard's queries for one scrape job.
+pub fn dashboard_metrics(job: &str) -> Vec<String> {
+    let text = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../ops/deploy/grafana-dashboard.json")).unwrap();
+    let dash: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let mut names = Vec::new();
+    for panel in dash["panels"].as_array().unwrap() {
+        for target in panel["targets"].as_array().unwrap() {
+            let expr = target["expr"].as_str().unwrap();
+            if !expr.contains(&format!("job=\"{job}\"")) {
+                continue;
+            }
+            for word in expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
+                if word.starts_with("rewind_") && !names.contains(&word.to_string()) {
+                    names.push(word.to_string());
+                }
+            }
+        }
+    }
+    names
+}

@@ -231,6 +231,14 @@ async fn the_second_site_holds_every_phase_through_cuts_and_kills() {
         replay_at(&b, &["--at-time", &bd.time_ns.to_string()], &by_time);
         compare(&by_time, &bd.reference);
     }
+    // Every DR metric the dashboard draws is exported by a node of a linked
+    // site.
+    let drawn: Vec<String> = dashboard_metrics("rewind-node").into_iter().filter(|n| n.starts_with("rewind_dr_")).collect();
+    assert!(drawn.len() >= 4, "{drawn:?}");
+    let bodies: Vec<String> = [&a, &b].iter().flat_map(|s| s.site().nodes).map(|n| scrape(&n.metrics.to_string())).collect();
+    for name in &drawn {
+        assert!(bodies.iter().any(|body| body.contains(name.as_str())), "the dashboard draws {name}, which no node of either site exports");
+    }
     let json = b.cli(&["dr", "status", GROUP, "--json"]);
     let v: serde_json::Value = serde_json::from_slice(&json.stdout).expect("dr status --json");
     assert_eq!(v[0]["primary"], "a", "{v}");
