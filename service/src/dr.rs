@@ -261,7 +261,11 @@ pub fn ship_blocks<R: ReadState>(r: &R, group: &str, wanted: &[BlockAt]) -> Resu
     if wanted.len() > SHIP_BLOCKS_MAX {
         return Err(ServiceError::BadRequest(format!("{} blocks asked for; {SHIP_BLOCKS_MAX} at most", wanted.len())));
     }
-    let (Some(low), Some(high)) = (wanted.iter().map(|w| w.lsn).min(), wanted.iter().map(|w| w.lsn).max()) else {
+    // In LSN order, so each event is read once.
+    if wanted.windows(2).any(|w| w[1].lsn < w[0].lsn) {
+        return Err(ServiceError::BadRequest("blocks must be asked for in LSN order".into()));
+    }
+    let (Some(low), Some(high)) = (wanted.first().map(|w| w.lsn), wanted.last().map(|w| w.lsn)) else {
         return Ok(ShippedBlocks { blocks: Vec::new() });
     };
     if high - low >= SHIP_EVENTS_MAX as u64 {

@@ -321,6 +321,12 @@ async fn fetch(node: &Node, client: &Client, group: &str, record: &DrRecord, lsn
         }
         Ok(Response::HashedShipment(h)) => *h,
         Ok(other) => return Err(format!("site {:?} answered a shipment with {other:?}", record.remote)),
+        // A peer that does not know hashed shipments (an older build, in a
+        // rolling upgrade) still ships whole ones.
+        Err(CallError::Refused { kind: rewind_wire::rpc::ErrorKind::BadRequest, message }) => {
+            tracing::warn!(group, "DR: site {:?} refused a hashed shipment ({message}); fetching it whole", record.remote);
+            return fetch_whole(client, group, record, lsn_first).await;
+        }
         Err(e) => return Err(call_error(&record.remote, e)),
     };
     let elided = hashed.elided.len() as u64;
