@@ -50,7 +50,7 @@ pub struct Store {
 pub fn open(dir: &Path) -> std::io::Result<Store> {
     std::fs::create_dir_all(dir)?;
     let db = open_db(dir)?;
-    check_format(&db, dir)?;
+    crate::format::check_format(&db, dir)?;
     let db = Arc::new(db);
     let snapshot_dir: PathBuf = dir.join("snapshots");
     std::fs::create_dir_all(&snapshot_dir)?;
@@ -116,89 +116,6 @@ pub(crate) fn open_db(dir: &Path) -> std::io::Result<DB> {
     })
 }
 
-/// The layout of the tables this build reads and writes. Format 2 added the
-/// block index; a store without it cannot serve replays.
-const STORE_FORMAT: u32 = 2;
-const KEY_FORMAT: &[u8] = b"format";
-
-/// Stamps a new store with this build's format; refuses a store written in
-/// another one, saying what to do.
-fn check_format(db: &DB, dir: &Path) -> std::io::Result<()> {
-    let meta = cf(db, CF_META);
-    match db.get_cf(meta, KEY_FORMAT).map_err(io_err)? {
-        Some(v) if v.len() == 4 && u32::from_le_bytes(v[..4].try_into().expect("4 bytes")) == STORE_FORMAT => Ok(()),
-        Some(v) => Err(std::io::Error::new(
-            std::io::ErrorKind::InvalidData,
-            format!("the store in {} has format {v:?}; this build reads format {STORE_FORMAT} only", dir.display()),
-        )),
-        None => {
-            let used = db.get_cf(cf(db, CF_SM), crate::sm::KEY_APPLIED).map_err(io_err)?.is_some()
-                || db.iterator_cf(cf(db, CF_LOG), IteratorMode::Start).next().is_some();
-            if used {
-                return Err(std::io::Error::new(
-                    std::io::ErrorKind::InvalidData,
-                    format!(
-                        "the store in {} was written by an older rewind without the block index (format 1); this build needs format {STORE_FORMAT}. \
-                         With the node stopped, migrate it in place: rewind store migrate --data-dir {}",
-                        dir.display(),
-                        dir.parent().unwrap_or(dir).display()
-                    ),
-                ));
-            }
-            let mut o = rocksdb::WriteOptions::default();
-            o.set_sync(true);
-            db.put_cf_opt(meta, KEY_FORMAT, STORE_FORMAT.to_le_bytes(), &o).map_err(io_err)
-        }
-    }
-}
-
-/// The format a store is in, as `migrate` found it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Found {
-    /// Current already: nothing to do.
-    Current,
-    /// Never used: stamped with this build's format.
-    Empty,
-    /// Format 1, migrated.
-    Migrated,
-}
-
-/// Migrates the store in `dir` (a node's `DATA_DIR/shard-1`, the node
-/// stopped) to this build's format: a format-1 store (events, no block
-/// index) gets every group's block index, content index, zero extents,
-/// bookmarks, times and chain links rebuilt from its events, each group's
-/// chain checked against its record, the tables flushed, and only then the
-/// new format stamped (with sync). A crash part way leaves it format 1, and
-/// running it again starts over. `progress(group, LSN done, of)`.
-pub fn migrate(dir: &Path, progress: impl FnMut(&str, u64, u64)) -> std::io::Result<(Found, Vec<crate::sm::MigratedGroup>)> {
-    if !dir.join("db").is_dir() {
-        return Err(std::io::Error::new(std::io::ErrorKind::NotFound, format!("no store in {} (no db folder): is it a node's data_dir/shard-1?", dir.display())));
-    }
-    let db = open_db(dir)?;
-    let meta = cf(&db, CF_META);
-    match db.get_cf(meta, KEY_FORMAT).map_err(io_err)? {
-        Some(v) if v.len() == 4 && u32::from_le_bytes(v[..4].try_into().expect("4 bytes")) == STORE_FORMAT => return Ok((Found::Current, Vec::new())),
-        Some(v) => {
-            return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, format!("the store in {} has format {v:?}, which this build cannot migrate", dir.display())))
-        }
-        None => {}
-    }
-    let mut sync = rocksdb::WriteOptions::default();
-    sync.set_sync(true);
-    let used = db.get_cf(cf(&db, CF_SM), crate::sm::KEY_APPLIED).map_err(io_err)?.is_some() || db.iterator_cf(cf(&db, CF_LOG), IteratorMode::Start).next().is_some();
-    if !used {
-        db.put_cf_opt(meta, KEY_FORMAT, STORE_FORMAT.to_le_bytes(), &sync).map_err(io_err)?;
-        return Ok((Found::Empty, Vec::new()));
-    }
-    let db = Arc::new(db);
-    let snapshot_dir: PathBuf = dir.join("snapshots");
-    std::fs::create_dir_all(&snapshot_dir)?;
-    let sm = StateMachine::open(db.clone(), snapshot_dir, Default::default(), Default::default())?;
-    let groups = sm.rebuild_derived(progress)?;
-    db.put_cf_opt(cf(&db, CF_META), KEY_FORMAT, STORE_FORMAT.to_le_bytes(), &sync).map_err(io_err)?;
-    Ok((Found::Migrated, groups))
-}
-
 /// Makes the state machine's tables durable: flushes their memtables (all
 /// column families at once) and waits. Called before a snapshot is reported,
 /// so the log behind it may be purged.
@@ -246,31 +163,6 @@ pub(crate) fn block_key(group: &str, disk: &str, block: u64, lsn: u64) -> Vec<u8
     k.extend_from_slice(&block.to_be_bytes());
     k.extend_from_slice(&lsn.to_be_bytes());
     k
-}
-
-/// Key of a content index entry: the group, the block's blake3, then
-/// where the version lies (its block key's disk, block and LSN). The value
-/// is empty.
-pub(crate) fn content_key(group: &str, hash: &[u8; 32], disk: &str, block: u64, lsn: u64) -> Vec<u8> {
-    let mut k = group_prefix(group);
-    k.extend_from_slice(hash);
-    k.push(disk.len() as u8);
-    k.extend_from_slice(disk.as_bytes());
-    k.extend_from_slice(&block.to_be_bytes());
-    k.extend_from_slice(&lsn.to_be_bytes());
-    k
-}
-
-/// The (disk, block, LSN) of a content key under `prefix` (group | hash).
-pub(crate) fn content_location(prefix_len: usize, key: &[u8]) -> Option<(String, u64, u64)> {
-    let rest = key.get(prefix_len..)?;
-    let (&n, rest) = rest.split_first()?;
-    let n = n as usize;
-    if rest.len() != n + 16 {
-        return None;
-    }
-    let disk = std::str::from_utf8(&rest[..n]).ok()?.to_string();
-    Some((disk, be_u64(&rest[n..n + 8]), be_u64(&rest[n + 8..])))
 }
 
 pub(crate) fn extent_key(group: &str, disk: &str, lsn: u64) -> Vec<u8> {
@@ -341,7 +233,7 @@ pub(crate) fn prefix_end(prefix: &[u8]) -> Vec<u8> {
     vec![0xff; prefix.len() + 1]
 }
 
-fn be_u64(b: &[u8]) -> u64 {
+pub(crate) fn be_u64(b: &[u8]) -> u64 {
     u64::from_be_bytes(b.try_into().expect("8 bytes"))
 }
 
@@ -675,102 +567,6 @@ impl StoreReader {
     }
 
     /// The group's retention record (the default if it has none).
-    /// For each hash, whether `group` holds a block version with that
-    /// content written before LSN `before` (the content index's keys alone;
-    /// no block is read).
-    pub fn stored_before(&self, group: &str, hashes: &[crate::blocks::BlockHash], before: u64) -> std::io::Result<Vec<bool>> {
-        let mut it = self.db.raw_iterator_cf(cf(&self.db, CF_CONTENT));
-        let mut out = Vec::with_capacity(hashes.len());
-        for hash in hashes {
-            let mut prefix = group_prefix(group);
-            prefix.extend_from_slice(hash);
-            it.seek(&prefix);
-            let mut held = false;
-            while it.valid() {
-                let k = it.key().expect("valid");
-                if !k.starts_with(&prefix) {
-                    break;
-                }
-                let (_, _, lsn) = content_location(prefix.len(), k).ok_or_else(|| corrupt("content index", "malformed key"))?;
-                if lsn < before {
-                    held = true;
-                    break;
-                }
-                it.next();
-            }
-            it.status().map_err(io_err)?;
-            out.push(held);
-        }
-        Ok(out)
-    }
-
-    /// For each hash, a block of `group` with that content, or None when
-    /// the group holds no version with it (the content index). Reads
-    /// through one snapshot; every block returned is checked against its
-    /// hash, so an entry whose version the collector freed, or a corrupt
-    /// one, is passed over, never returned.
-    pub fn find_blocks(&self, group: &str, hashes: &[crate::blocks::BlockHash]) -> std::io::Result<Vec<Option<Vec<u8>>>> {
-        use crate::blocks::{block_hash, Version, BLOCK_BYTES};
-        /// Candidates tried per hash before it counts as not held.
-        const TRIES_MAX: usize = 4;
-        /// Events kept decoded across lookups (a shipment's blocks come
-        /// from few events).
-        const EVENTS_KEPT: usize = 16;
-        let snap = self.db.snapshot();
-        let mut events: std::collections::HashMap<u64, Arc<StoredEvent>> = Default::default();
-        let mut it = snap.raw_iterator_cf(cf(&self.db, CF_CONTENT));
-        let mut out = Vec::with_capacity(hashes.len());
-        for hash in hashes {
-            let mut prefix = group_prefix(group);
-            prefix.extend_from_slice(hash);
-            let mut candidates = Vec::new();
-            it.seek(&prefix);
-            while it.valid() && candidates.len() < TRIES_MAX {
-                let k = it.key().expect("valid");
-                if !k.starts_with(&prefix) {
-                    break;
-                }
-                candidates.push(content_location(prefix.len(), k).ok_or_else(|| corrupt("content index", "malformed key"))?);
-                it.next();
-            }
-            it.status().map_err(io_err)?;
-            let mut found = None;
-            for (disk, block, lsn) in candidates {
-                let Some(raw) = snap.get_cf(cf(&self.db, CF_BLOCKS), block_key(group, &disk, block, lsn)).map_err(io_err)? else { continue };
-                let bytes = match Version::decode(&raw) {
-                    Ok(Version::Data(d)) => d,
-                    Ok(Version::Ref { offset, .. }) => {
-                        let event = match events.get(&lsn) {
-                            Some(e) => e.clone(),
-                            None => {
-                                let Some(raw) = snap.get_cf(cf(&self.db, CF_EVENTS), event_key(group, lsn)).map_err(io_err)? else { continue };
-                                let e: StoredEvent = rewind_wire::frame::decode_record(&raw).map_err(|e| corrupt(&format!("event record at LSN {lsn} of group {group}"), e))?;
-                                if events.len() >= EVENTS_KEPT {
-                                    events.clear();
-                                }
-                                let e = Arc::new(e);
-                                events.insert(lsn, e.clone());
-                                e
-                            }
-                        };
-                        let at = offset as usize;
-                        match &event.event {
-                            rewind_wire::event::Event::Write { data, .. } if at + BLOCK_BYTES as usize <= data.len() => data[at..at + BLOCK_BYTES as usize].to_vec(),
-                            _ => continue,
-                        }
-                    }
-                    _ => continue,
-                };
-                if block_hash(&bytes) == *hash {
-                    found = Some(bytes);
-                    break;
-                }
-            }
-            out.push(found);
-        }
-        Ok(out)
-    }
-
     pub fn retention(&self, group: &str) -> std::io::Result<RetentionRecord> {
         Ok(decode_opt(self.db.get_cf(cf(&self.db, CF_RETENTION), group.as_bytes()).map_err(io_err)?, "retention record")?.unwrap_or_default())
     }

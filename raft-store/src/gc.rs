@@ -28,8 +28,9 @@ use rocksdb::{Direction, IteratorMode, WriteBatch, DB};
 
 use crate::apply::{GroupRecord, StoredEvent};
 use crate::blocks::{Version, BLOCK_BYTES};
+use crate::content::content_key;
 use crate::db::{
-    block_key, cf, chain_value, content_key, decode_opt, disk_prefix, event_key, extent_key, mark_key, time_key, CF_BLOCKS, CF_CHAIN, CF_CONTENT, CF_EVENTS, CF_EXTENTS, CF_GC, CF_GROUPS, CF_MARKS,
+    block_key, cf, chain_value, decode_opt, disk_prefix, event_key, extent_key, mark_key, time_key, CF_BLOCKS, CF_CHAIN, CF_CONTENT, CF_EVENTS, CF_EXTENTS, CF_GC, CF_GROUPS, CF_MARKS,
     CF_RETENTION, CF_TIMES,
 };
 use crate::retention::{collect_event, GcIndex, GcOp, RetentionRecord, Shape};

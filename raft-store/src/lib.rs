@@ -64,8 +64,10 @@ pub(crate) fn bug(which: &str) -> bool {
 }
 pub mod blocks;
 pub mod codec;
+mod content;
 mod db;
 pub mod dr;
+mod format;
 pub mod gc;
 mod log;
 pub mod retention;
@@ -73,7 +75,8 @@ pub mod read;
 mod sm;
 mod snapshot;
 
-pub use db::{migrate, open, Bookmark, Found, Store, StoreReader};
+pub use db::{open, Bookmark, Store, StoreReader};
+pub use format::{migrate, Found};
 pub use log::LogStore;
 pub use read::ReadState;
 pub use sm::{MigratedGroup, StateMachine};

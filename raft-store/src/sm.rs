@@ -20,8 +20,9 @@ use crate::retention::{advance_window, delete_check, RetentionRecord};
 use rewind_wire::dr::DrRecord;
 use crate::codec::{self, LogId, SnapshotMeta, StoredMembership};
 use crate::blocks::{index_event, IndexPut};
+use crate::content::content_key;
 use crate::db::{
-    block_key, cf, chain_value, chain_value_of, content_key, decode_opt, event_key, extent_key, group_prefix, mark_key, mark_value, prefix_end, producer_key, time_key,
+    block_key, cf, chain_value, chain_value_of, decode_opt, event_key, extent_key, group_prefix, mark_key, mark_value, prefix_end, producer_key, time_key,
     BlockReader, Overlay, CF_BLOCKS, CF_BRANCHES, CF_CONTENT, CF_CHAIN, CF_DR, CF_EVENTS, CF_EXTENTS, CF_GC, CF_GROUPS, CF_MARKS, CF_PRODUCERS, CF_RETENTION, CF_SM,
     CF_TIMES, GROUP_KEYED_CFS,
 };

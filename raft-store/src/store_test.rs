@@ -121,7 +121,8 @@ async fn snapshot_moves_state_to_another_replica() {
 /// The content index of `group` is exactly its hashed block versions: one
 /// entry per `Ref` or `Data` version, none for a freed or moved one.
 fn content_index_agrees(r: &crate::StoreReader, group: &str) -> usize {
-    use crate::db::{cf, content_key, group_prefix, CF_BLOCKS, CF_CONTENT};
+    use crate::content::content_key;
+    use crate::db::{cf, group_prefix, CF_BLOCKS, CF_CONTENT};
     let prefix = group_prefix(group);
     type Kv = (Box<[u8]>, Box<[u8]>);
     let keys = |family: &str| -> Vec<Kv> {
