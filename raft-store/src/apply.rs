@@ -269,12 +269,14 @@ fn sequence_events(group: &GroupRecord, batch: &EventBatch, policy: &mut Policy)
     let mut next = group.clone();
     let mut retention = policy.retention.clone();
     let mut marks = policy.marks.clone();
+    let mut backups = policy.backups.clone();
     let mut events = Vec::with_capacity(batch.events.len());
     for timed in &batch.events {
         next.check_event(&timed.event)?;
         next.absorb(&timed.event);
         next.last_lsn += 1;
         next.last_time_ns = next.last_time_ns.max(timed.time_ns);
+        crate::backups::apply_event(&mut backups, &group.name, Some(batch.client_id), next.last_lsn, next.last_time_ns, &timed.event)?;
         match &timed.event {
             Event::Bookmark { name, .. } => {
                 marks.insert(name.clone(), next.last_lsn);
@@ -290,6 +292,7 @@ fn sequence_events(group: &GroupRecord, batch: &EventBatch, policy: &mut Policy)
         events.push((stored, record));
     }
     policy.retention = retention;
+    policy.backups = backups;
     Ok((next, events))
 }
 
@@ -300,6 +303,8 @@ fn sequence_events(group: &GroupRecord, batch: &EventBatch, policy: &mut Policy)
 pub struct Policy {
     pub retention: crate::retention::RetentionRecord,
     pub marks: std::collections::BTreeMap<String, u64>,
+    /// The group's open backups and those the batch names.
+    pub backups: crate::backups::Backups,
 }
 
 #[cfg(test)]

@@ -27,14 +27,15 @@ pub(crate) const CF_BRANCHES: &str = "branches";
 pub(crate) const CF_RETENTION: &str = "retention";
 pub(crate) const CF_GC: &str = "gc";
 pub(crate) const CF_CONTENT: &str = "content";
+pub(crate) const CF_BACKUPS: &str = "backups";
 
 /// The column families that make up the state machine, in snapshot order.
 /// New families go at the end: a snapshot stream names them by position.
-pub(crate) const SM_CFS: [&str; 14] =
-    [CF_SM, CF_GROUPS, CF_EVENTS, CF_TIMES, CF_PRODUCERS, CF_BLOCKS, CF_EXTENTS, CF_MARKS, CF_CHAIN, CF_DR, CF_BRANCHES, CF_RETENTION, CF_GC, CF_CONTENT];
+pub(crate) const SM_CFS: [&str; 15] =
+    [CF_SM, CF_GROUPS, CF_EVENTS, CF_TIMES, CF_PRODUCERS, CF_BLOCKS, CF_EXTENTS, CF_MARKS, CF_CHAIN, CF_DR, CF_BRANCHES, CF_RETENTION, CF_GC, CF_CONTENT, CF_BACKUPS];
 
 /// The column families a group's keys live in under its prefix.
-pub(crate) const GROUP_KEYED_CFS: [&str; 7] = [CF_EVENTS, CF_TIMES, CF_BLOCKS, CF_EXTENTS, CF_MARKS, CF_CHAIN, CF_CONTENT];
+pub(crate) const GROUP_KEYED_CFS: [&str; 8] = [CF_EVENTS, CF_TIMES, CF_BLOCKS, CF_EXTENTS, CF_MARKS, CF_CHAIN, CF_CONTENT, CF_BACKUPS];
 
 /// A shard replica's storage: the log store and state machine share one DB.
 pub struct Store {

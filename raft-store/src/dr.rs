@@ -102,6 +102,7 @@ pub fn apply_replicated(
     let mut next = group.clone();
     let mut retention = policy.retention.clone();
     let mut marks = policy.marks.clone();
+    let mut backups = policy.backups.clone();
     let mut out = Vec::new();
     for e in events.iter().filter(|e| e.lsn > group.last_lsn) {
         if e.lsn != next.last_lsn + 1 {
@@ -120,6 +121,7 @@ pub fn apply_replicated(
             }
             _ => {}
         }
+        crate::backups::apply_event(&mut backups, &name, None, e.lsn, e.time_ns, &e.event).map_err(|why| format!("LSN {} of group {name:?}: {why}", e.lsn))?;
         next.absorb(&e.event);
         next.last_lsn = e.lsn;
         next.last_time_ns = e.time_ns;
@@ -139,5 +141,6 @@ pub fn apply_replicated(
     }
     *group = next;
     policy.retention = retention;
+    policy.backups = backups;
     Ok(out)
 }

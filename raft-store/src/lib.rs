@@ -25,6 +25,9 @@
 //!   state is never held in memory.
 
 pub mod apply;
+pub mod backups;
+mod backup_store;
+pub use backup_store::hash_at;
 /// Known bugs the simulation puts back to show it finds them. Built only
 /// with the `simulation-bugs` feature; every switch is off unless set.
 #[cfg(feature = "simulation-bugs")]
@@ -44,6 +47,11 @@ pub mod bugs {
     /// The collector ignores pinned bookmarks: the window moves past a
     /// pinned point and frees what it needs.
     pub static GC_IGNORES_PINS: AtomicBool = AtomicBool::new(false);
+    /// A point inside an open (or later aborted) backup reads the disk
+    /// with the backup's data so far: a half-imported backup shows.
+    pub static BACKUP_HALF_VISIBLE: AtomicBool = AtomicBool::new(false);
+    /// Any producer may write a disk that a backup is importing into.
+    pub static BACKUP_ADMITS_OTHER_WRITERS: AtomicBool = AtomicBool::new(false);
 }
 
 /// Whether a bug switch is on (always false without `simulation-bugs`).
@@ -57,6 +65,8 @@ pub(crate) fn bug(which: &str) -> bool {
             "revert-ignores-extents" => return bugs::REVERT_IGNORES_EXTENTS.load(Relaxed),
             "gc-frees-live" => return bugs::GC_FREES_LIVE.load(Relaxed),
             "gc-ignores-pins" => return bugs::GC_IGNORES_PINS.load(Relaxed),
+            "backup-half-visible" => return bugs::BACKUP_HALF_VISIBLE.load(Relaxed),
+            "backup-admits-other-writers" => return bugs::BACKUP_ADMITS_OTHER_WRITERS.load(Relaxed),
             _ => {}
         }
     }

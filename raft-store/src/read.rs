@@ -49,6 +49,11 @@ pub trait ReadState: Clone + Send + Sync + 'static {
     /// For each hash, whether `group` holds a block with that content
     /// written before LSN `before`.
     fn stored_before(&self, group: &str, hashes: &[crate::blocks::BlockHash], before: u64) -> io::Result<Vec<bool>>;
+    /// The group's backups, oldest first, at most `max` (the newest).
+    fn backups(&self, group: &str, max: usize) -> io::Result<Vec<rewind_wire::rpc::BackupInfo>>;
+    /// The content hash of blocks `first..first + count` of a disk as of
+    /// `lsn` (the zero block's hash for a block that reads as zeroes).
+    fn block_hashes(&self, group: &str, disk: &str, lsn: u64, first: u64, count: u64) -> io::Result<Vec<crate::blocks::BlockHash>>;
     /// Runs `f`, which reads, where blocking is allowed: inline unless the
     /// implementation reads real disks, which moves it off the async
     /// workers.
@@ -108,6 +113,14 @@ impl ReadState for crate::StoreReader {
 
     fn stored_before(&self, group: &str, hashes: &[crate::blocks::BlockHash], before: u64) -> io::Result<Vec<bool>> {
         crate::StoreReader::stored_before(self, group, hashes, before)
+    }
+
+    fn backups(&self, group: &str, max: usize) -> io::Result<Vec<rewind_wire::rpc::BackupInfo>> {
+        crate::StoreReader::backups(self, group, max)
+    }
+
+    fn block_hashes(&self, group: &str, disk: &str, lsn: u64, first: u64, count: u64) -> io::Result<Vec<crate::blocks::BlockHash>> {
+        crate::StoreReader::block_hashes(self, group, disk, lsn, first, count)
     }
 
     fn run_blocking<T: Send + 'static>(self, f: impl FnOnce(Self) -> T + Send + 'static) -> BoxFuture<'static, io::Result<T>> {

@@ -191,8 +191,9 @@ pub fn delete_check(group: &str, r: Option<&RetentionRecord>, time_ns: u64, link
 /// `WINDOW_STEP_EVENTS_MAX` events (the next append moves it on), and
 /// drops pins that ended before the group's newest event. `info(lsn)`
 /// gives an event's (time, payload bytes). Returns how many events the
-/// window passed.
-pub fn advance_window<E>(r: &mut RetentionRecord, g: &GroupRecord, mut info: impl FnMut(u64) -> Result<(u64, u64), E>) -> Result<u64, E> {
+/// window passed. The start never moves past `hold` (the start of an
+/// open backup, `backups::hold`).
+pub fn advance_window<E>(r: &mut RetentionRecord, g: &GroupRecord, hold: u64, mut info: impl FnMut(u64) -> Result<(u64, u64), E>) -> Result<u64, E> {
     r.pins.retain(|p| p.until_ns > g.last_time_ns);
     if g.last_lsn == 0 || (r.keep_ns == 0 && r.keep_bytes == 0) {
         return Ok(0);
@@ -200,7 +201,7 @@ pub fn advance_window<E>(r: &mut RetentionRecord, g: &GroupRecord, mut info: imp
     let cutoff = (r.keep_ns > 0).then(|| g.last_time_ns.saturating_sub(r.keep_ns));
     let mut first = r.first();
     let mut moved = 0;
-    while first < g.last_lsn && moved < WINDOW_STEP_EVENTS_MAX {
+    while first < g.last_lsn.min(hold) && moved < WINDOW_STEP_EVENTS_MAX {
         let by_bytes = r.keep_bytes > 0 && r.window_bytes(g) > r.keep_bytes;
         let (next_time, _) = info(first + 1)?;
         let by_time = cutoff.is_some_and(|c| next_time <= c);
@@ -361,21 +362,21 @@ mod tests {
         let info = |l: u64| Ok::<_, ()>((l * 10, 100));
         let g = group(10, 100, 1000);
         let mut r = RetentionRecord { keep_bytes: 350, ..Default::default() };
-        advance_window(&mut r, &g, info).unwrap();
+        advance_window(&mut r, &g, u64::MAX, info).unwrap();
         // Events first..=10 hold at most 350 bytes: first = 8 (8, 9, 10).
         assert_eq!((r.first(), r.window_bytes(&g), r.first_time_ns), (8, 300, 80));
         let mut r = RetentionRecord { keep_ns: 45, ..Default::default() };
-        advance_window(&mut r, &g, info).unwrap();
+        advance_window(&mut r, &g, u64::MAX, info).unwrap();
         // Points from time 55 on: the point current at 55 is LSN 5.
         assert_eq!(r.first(), 5);
         let mut r = RetentionRecord { keep_ns: 45, keep_bytes: 350, ..Default::default() };
-        advance_window(&mut r, &g, info).unwrap();
+        advance_window(&mut r, &g, u64::MAX, info).unwrap();
         assert_eq!(r.first(), 8);
         // No policy: never moves; the window never passes the last event.
         let mut r = RetentionRecord::default();
-        assert_eq!(advance_window(&mut r, &g, info).unwrap(), 0);
+        assert_eq!(advance_window(&mut r, &g, u64::MAX, info).unwrap(), 0);
         let mut r = RetentionRecord { keep_bytes: 1, ..Default::default() };
-        advance_window(&mut r, &g, info).unwrap();
+        advance_window(&mut r, &g, u64::MAX, info).unwrap();
         assert_eq!(r.first(), 10);
     }
 

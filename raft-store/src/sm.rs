@@ -74,16 +74,50 @@ impl StateMachine {
 
     /// The policy a batch's events check against: the retention record and
     /// the newest LSN of each bookmark the batch pins.
-    fn policy(&self, pending: &Pending, group: &str, events: impl Iterator<Item = rewind_wire::event::Event>) -> io::Result<Policy> {
-        let mut policy = Policy { retention: self.retention(pending, group)?, marks: Default::default() };
+    fn policy(&self, pending: &Pending, group: &str, events: &[rewind_wire::event::Event]) -> io::Result<Policy> {
+        let mut policy = Policy { retention: self.retention(pending, group)?, ..Default::default() };
         for e in events {
             if let rewind_wire::event::Event::Pin { name, .. } = e {
-                if let Some(lsn) = self.newest_mark(pending, group, &name)? {
-                    policy.marks.insert(name, lsn);
+                if let Some(lsn) = self.newest_mark(pending, group, name)? {
+                    policy.marks.insert(name.clone(), lsn);
                 }
             }
         }
+        policy.backups = self.backups(pending, group, crate::backups::Backups::names_in(events.iter()))?;
         Ok(policy)
+    }
+
+    /// The group's open backups and the named ones, as this call sees
+    /// them (its own changes over the store's).
+    fn backups(&self, pending: &Pending, group: &str, names: Vec<String>) -> io::Result<crate::backups::Backups> {
+        use rewind_wire::rpc::BackupState;
+        let mut b = crate::backups::Backups::default();
+        let stored = if pending.deleted.contains(group) { Vec::new() } else { crate::backup_store::open_names(&self.db, group)? };
+        let pending_open = pending.backups.range((group.to_string(), String::new())..).take_while(|((g, _), _)| g == group).filter(|(_, r)| r.info.state == BackupState::Open).map(|((_, n), _)| n.clone());
+        let wanted: Vec<String> = stored.into_iter().chain(pending_open).chain(names).collect();
+        for name in wanted {
+            if b.records.contains_key(&name) {
+                continue;
+            }
+            let r = match pending.backups.get(&(group.to_string(), name.clone())) {
+                Some(r) => Some(r.clone()),
+                None if pending.deleted.contains(group) => None,
+                None => crate::backup_store::record(&self.db, group, &name)?,
+            };
+            if let Some(r) = r {
+                b.records.insert(name, r);
+            }
+        }
+        Ok(b)
+    }
+
+    /// Keeps the backup records a batch changed.
+    fn keep_backups(pending: &mut Pending, group: &str, b: &crate::backups::Backups) {
+        for name in &b.changed {
+            if let Some(r) = b.records.get(name) {
+                pending.backups.insert((group.to_string(), name.clone()), r.clone());
+            }
+        }
     }
 
     fn newest_mark(&self, pending: &Pending, group: &str, name: &str) -> io::Result<Option<u64>> {
@@ -128,8 +162,8 @@ impl StateMachine {
     /// Moves the group's window as its policy allows, after new events.
     /// `before`: the record the batch started from; it is written again
     /// only if the batch or the move changed it (most appends do neither).
-    fn move_window(&self, pending: &mut Pending, group: &GroupRecord, mut r: RetentionRecord, before: &RetentionRecord) -> io::Result<()> {
-        advance_window(&mut r, group, |lsn| self.event_info(pending, &group.name, lsn))?;
+    fn move_window(&self, pending: &mut Pending, group: &GroupRecord, mut r: RetentionRecord, before: &RetentionRecord, hold: u64) -> io::Result<()> {
+        advance_window(&mut r, group, hold, |lsn| self.event_info(pending, &group.name, lsn))?;
         if r != *before {
             pending.retention.insert(group.name.clone(), r);
         }
@@ -286,6 +320,8 @@ struct Pending {
     marks: BTreeMap<(String, String), u64>,
     /// Groups deleted in this call (a later command may create one again).
     deleted: std::collections::BTreeSet<String>,
+    /// (group, backup) -> the backup records this call changed.
+    backups: BTreeMap<(String, String), crate::backups::BackupRecord>,
 }
 
 impl Pending {
@@ -330,7 +366,8 @@ impl StateMachine {
                     None => self.producer(b.client_id, &b.group)?,
                 };
                 let before = group.digest;
-                let mut policy = self.policy(pending, &b.group, b.events.iter().map(|e| e.event.clone()))?;
+                let events: Vec<_> = b.events.iter().map(|e| e.event.clone()).collect();
+                let mut policy = self.policy(pending, &b.group, &events)?;
                 let before_policy = policy.retention.clone();
                 let (outcome, reply) = apply_batch(&mut group, producer, b, &mut policy);
                 if let BatchOutcome::Sequenced { events, producer } = outcome {
@@ -338,7 +375,9 @@ impl StateMachine {
                     self.put_events(pending, batch, &b.group, before, events)?;
                     pending.producers.insert(pkey, producer);
                     if any {
-                        self.move_window(pending, &group, policy.retention, &before_policy)?;
+                        Self::keep_backups(pending, &b.group, &policy.backups);
+                        let hold = crate::backups::hold(&policy.backups);
+                        self.move_window(pending, &group, policy.retention, &before_policy, hold)?;
                     }
                     pending.groups.insert(b.group.clone(), group);
                 }
@@ -360,14 +399,17 @@ impl StateMachine {
                 };
                 let before = group.digest;
                 let first = group.last_lsn + 1;
-                let mut policy = self.policy(pending, name, events.iter().map(|e| e.event.clone()))?;
+                let plain: Vec<_> = events.iter().map(|e| e.event.clone()).collect();
+                let mut policy = self.policy(pending, name, &plain)?;
                 let before_policy = policy.retention.clone();
                 match apply_replicated(&mut group, self.dr(pending, name)?.as_ref(), *epoch, events, digest, &mut policy) {
                     Ok(new) => {
                         let any = !new.is_empty();
                         self.put_events(pending, batch, name, before, new)?;
                         if any {
-                            self.move_window(pending, &group, policy.retention, &before_policy)?;
+                            Self::keep_backups(pending, name, &policy.backups);
+                            let hold = crate::backups::hold(&policy.backups);
+                            self.move_window(pending, &group, policy.retention, &before_policy, hold)?;
                         }
                         let reply = CommandReply::Appended { lsn_first: first.min(group.last_lsn + 1), lsn_last: group.last_lsn };
                         pending.groups.insert(name.clone(), group);
@@ -381,6 +423,13 @@ impl StateMachine {
                 if *fork_lsn + 1 < first {
                     return Ok(CommandReply::Refused {
                         reason: format!("the fork point LSN {fork_lsn} of group {name:?} is before its window (LSN {first} on): that history is released; link the group again"),
+                    });
+                }
+                let stored = crate::backup_store::list(&self.db, name, usize::MAX)?;
+                let touched = stored.iter().chain(pending.backups.iter().filter(|((g, _), _)| g == name).map(|(_, r)| &r.info)).find(|b| b.begin_lsn > *fork_lsn || b.end_lsn > *fork_lsn);
+                if let Some(b) = touched {
+                    return Ok(CommandReply::Refused {
+                        reason: format!("backup {:?} of group {name:?} began or ended after the fork point LSN {fork_lsn}: a failback that moves backups into a branch is not built", b.name),
                     });
                 }
                 self.fork(pending, batch, name, branch, *fork_lsn)
@@ -426,6 +475,7 @@ impl StateMachine {
         pending.retention.remove(group);
         pending.branches.remove(group);
         pending.producers.retain(|(_, g), _| g != group);
+        pending.backups.retain(|(g, _), _| g != group);
         pending.deleted.insert(group.to_string());
         self.gc_generation.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
         Ok(CommandReply::Created)
@@ -619,6 +669,9 @@ impl StateMachine {
         }
         for ((client, group), p) in &pending.producers {
             batch.put_cf(cf(&self.db, CF_PRODUCERS), producer_key(*client, group), encode_record(p).map_err(io_err)?);
+        }
+        for ((group, _), r) in &pending.backups {
+            crate::backup_store::put(&self.db, &mut batch, group, r)?;
         }
         if let Some(l) = &last_applied {
             batch.put_cf(sm, KEY_APPLIED, encode_record(&codec::log_id_to_wire(l)).map_err(io_err)?);

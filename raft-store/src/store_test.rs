@@ -468,3 +468,67 @@ async fn a_format_1_store_is_refused_then_migrated_in_place() {
     drop((store, r));
     assert_eq!(crate::migrate(dir.path(), |_, _, _| {}).unwrap().0, crate::Found::Current);
 }
+
+/// A backup's records as the store keeps them: only its importer writes
+/// its disk while it is open, the window holds at its start, a resumed
+/// import takes it over, and the records survive a snapshot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backups_are_records_that_hold_their_disk_and_the_window() {
+    use rewind_wire::rpc::BackupState;
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = crate::open(dir.path()).unwrap();
+    let disks = vec![DiskSpec { name: "d0".into(), size_bytes: 1 << 20, sector_bytes: 512 }];
+    let batch = |client_id, seq, events: Vec<Event>| {
+        Command::Append(EventBatch { group: "g".into(), client_id, seq, events: events.into_iter().map(|event| TimedEvent { time_ns: 10, event }).collect() })
+    };
+    let begin = Event::BackupBegin { backup: "full".into(), disk: "d0".into(), base: None };
+    let data = |v: u8| Event::Write { disk: "d0".into(), offset: 4096, data: vec![v; 8192] };
+    apply_all(
+        &mut store.state_machine,
+        vec![
+            Command::CreateGroup { group: "g".into(), disks, time_ns: 1 },
+            batch(1, 1, vec![data(1)]),
+            batch(5, 1, vec![Event::Retain { keep_ns: 0, keep_bytes: 1 }, begin.clone(), data(2)]),
+            // Another producer may not write the disk meanwhile.
+            batch(6, 1, vec![data(3)]),
+            batch(1, 2, vec![data(4)]),
+        ],
+    )
+    .await;
+    let r = &store.reader;
+    let g = r.group("g").unwrap().unwrap();
+    assert_eq!(g.last_lsn, 4, "the other producers' writes were refused");
+    let list = r.backups("g", 10).unwrap();
+    assert_eq!(list.len(), 1);
+    assert_eq!((list[0].state, list[0].begin_lsn), (BackupState::Open, 3));
+    assert_eq!(r.retention("g").unwrap().first(), 3, "the window holds at the open backup's start");
+    let hashes = r.block_hashes("g", "d0", 4, 0, 4).unwrap();
+    let zero = crate::blocks::zero_block_hash();
+    assert_eq!(hashes, vec![zero, crate::blocks::block_hash(&[2; 4096]), crate::blocks::block_hash(&[2; 4096]), zero]);
+    assert_eq!(r.block_hashes("g", "d0", 1, 1, 1).unwrap(), vec![crate::blocks::block_hash(&[1; 4096])]);
+
+    // Producer 7 resumes it and commits; then anyone writes again, and the
+    // window moves on.
+    let commit = Event::BackupCommit { backup: "full".into(), extents: 1, bytes: 8192, digest: vec![7; 32] };
+    apply_all_from(
+        &mut store.state_machine,
+        6,
+        vec![batch(7, 1, vec![begin.clone(), data(5), commit.clone()]), batch(1, 3, vec![data(6)]), batch(5, 2, vec![begin.clone()])],
+    )
+    .await;
+    let g = r.group("g").unwrap().unwrap();
+    assert_eq!(g.last_lsn, 8, "a committed name is not begun again");
+    let list = r.backups("g", 10).unwrap();
+    assert_eq!((list[0].state, list[0].end_lsn, list[0].bytes, list[0].digest.clone()), (BackupState::Committed, 7, 8192, vec![7; 32]));
+    assert_eq!(r.retention("g").unwrap().first(), 8);
+
+    // A snapshot carries the records to another replica.
+    let snapshot = store.state_machine.get_snapshot_builder().await.build_snapshot().await.unwrap();
+    let (sent, _) = snapshot.snapshot.stream_for_send(&dir.path().join("out.sending")).unwrap();
+    let b_dir = tempfile::tempdir().unwrap();
+    let mut b = crate::open(b_dir.path()).unwrap();
+    let copy = b_dir.path().join("incoming.snap");
+    std::fs::copy(&sent, &copy).unwrap();
+    b.state_machine.install_snapshot(&snapshot.meta, crate::SnapshotFile { path: copy }).await.unwrap();
+    assert_eq!(b.reader.backups("g", 10).unwrap(), list);
+}

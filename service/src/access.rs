@@ -152,7 +152,9 @@ fn group_of(request: &Request) -> Option<&str> {
         | Request::DrSet { group, .. }
         | Request::DrSwitch { group, .. }
         | Request::DrForkPoint { group }
-        | Request::DrFork { group, .. } => Some(group),
+        | Request::DrFork { group, .. }
+        | Request::Backups { group, .. }
+        | Request::BlockHashes { group, .. } => Some(group),
         Request::TapReport(r) => Some(&r.group),
         _ => None,
     }
@@ -166,11 +168,20 @@ pub fn check(access: &Access, request: &Request) -> Result<(), Denied> {
         (Access::Node, _) => false,
         (Access::Admin, R::RaftAppend { .. } | R::RaftVote { .. } | R::RaftSnapshot { .. } | R::SnapshotChunk { .. }) => false,
         (Access::Admin, _) => true,
-        (Access::Tap { .. }, R::Append { .. } | R::ProducerState { .. } | R::GroupState { .. } | R::TapReport(_)) => true,
+        // A backup's importer holds a tap's certificate for its group.
+        (Access::Tap { .. }, R::Append { .. } | R::ProducerState { .. } | R::GroupState { .. } | R::TapReport(_) | R::Backups { .. } | R::BlockHashes { .. }) => true,
         (Access::Tap { .. }, _) => false,
         (
             Access::Reader,
-            R::Points { .. } | R::Resolve { .. } | R::ReadDisk { .. } | R::GroupState { .. } | R::ReadEvents { .. } | R::DrState { .. } | R::Status,
+            R::Points { .. }
+                | R::Resolve { .. }
+                | R::ReadDisk { .. }
+                | R::GroupState { .. }
+                | R::ReadEvents { .. }
+                | R::DrState { .. }
+                | R::Status
+                | R::Backups { .. }
+                | R::BlockHashes { .. },
         ) => true,
         (Access::Reader, _) => false,
         (Access::Peer, R::DrState { .. } | R::Ship { .. } | R::ShipHashed { .. } | R::ShipBlocks { .. } | R::GroupState { .. } | R::Status) => true,

@@ -38,7 +38,7 @@ use rewind_raft_store::apply::GroupRecord;
 use rewind_raft_store::ReadState;
 use rewind_wire::event::EventBatch;
 use rewind_wire::raft::{Command, CommandReply, Member};
-use rewind_wire::rpc::{BookmarkInfo, ErrorKind, GroupState, PointsInfo, Request, Response, RpcError, Target};
+use rewind_wire::rpc::{BackupState, BookmarkInfo, ErrorKind, GroupState, PointsInfo, Request, Response, RpcError, Target};
 use rewind_wire::timefmt::format_time_ns;
 
 /// Where a write's result arrives.
@@ -209,6 +209,16 @@ impl<T: ServiceTypes> Service<T> {
                 self.resolve(group, target).await
             }
             Request::ReadDisk { group, disk, lsn, offset, len } => self.read_disk(group, disk, lsn, offset, len).await,
+            Request::Backups { group, on_leader } => {
+                self.leader_read(on_leader).await?;
+                let internal = self.internal();
+                self.read(move |r| {
+                    r.group(&group).map_err(&internal)?.ok_or_else(|| no_group(&group))?;
+                    Ok(Response::Backups(r.backups(&group, rewind_wire::limits::BACKUPS_LISTED_MAX).map_err(&internal)?))
+                })
+                .await
+            }
+            Request::BlockHashes { group, disk, lsn, block_first, count } => self.block_hashes(group, disk, lsn, block_first, count).await,
             Request::DrState { group, digest_at } => {
                 self.leader_read(true).await?;
                 self.dr_state(group, digest_at).await
@@ -424,7 +434,16 @@ impl<T: ServiceTypes> Service<T> {
             if offset.checked_add(len).is_none_or(|end| end > spec.size_bytes) {
                 return Err(ServiceError::BadRequest(format!("range {offset}+{len} is past the end of disk {disk:?} ({} bytes)", spec.size_bytes)));
             }
-            let runs = r.read_disk(&group, &disk, lsn, offset, len).map_err(|e| {
+            // A point inside a backup of this disk reads it as of the
+            // backup's start: a half-imported backup is never visible.
+            let backups = r.backups(&group, usize::MAX).map_err(&internal)?;
+            let at = rewind_raft_store::backups::read_lsn(&backups, &disk, lsn);
+            if at != lsn && !r.retention(&group).map_err(&internal)?.keeps(at) {
+                return Err(ServiceError::Refused(format!(
+                    "LSN {lsn} lies inside a backup of disk {disk:?} that began at LSN {at}, before the window of group {group:?}: the disk as of then is released"
+                )));
+            }
+            let runs = r.read_disk(&group, &disk, at, offset, len).map_err(|e| {
                 if e.kind() == std::io::ErrorKind::NotFound {
                     return ServiceError::Refused(e.to_string());
                 }
@@ -432,6 +451,38 @@ impl<T: ServiceTypes> Service<T> {
                 internal(e)
             })?;
             Ok(Response::DiskPiece { len, runs })
+        })
+        .await
+    }
+
+    /// Block hashes of a disk for a backup's importer (`lsn` 0: the newest,
+    /// after a linearizable read, so every acknowledged write is in them).
+    async fn block_hashes(&self, group: String, disk: String, lsn: u64, first: u64, count: u32) -> Result<Response, ServiceError> {
+        use rewind_wire::limits::BLOCK_HASHES_MAX;
+        if count == 0 || count > BLOCK_HASHES_MAX {
+            return Err(ServiceError::BadRequest(format!("hashes of {count} blocks; 1..={BLOCK_HASHES_MAX} per request")));
+        }
+        if lsn == 0 {
+            self.leader_read(true).await?;
+        }
+        let id = self.id;
+        let internal = self.internal();
+        self.read(move |r| {
+            let g = r.group(&group).map_err(&internal)?.ok_or_else(|| no_group(&group))?;
+            let spec = g.disks.iter().find(|d| d.name == disk).ok_or_else(|| ServiceError::Refused(no_disk(&group, &disk, &g.disks)))?;
+            let at = if lsn == 0 { g.last_lsn } else { lsn };
+            if at > g.last_lsn {
+                return Err(ServiceError::Unavailable(format!("node {id} has applied group {group:?} to LSN {}, not yet {at}", g.last_lsn)));
+            }
+            let blocks = spec.size_bytes.div_ceil(rewind_raft_store::blocks::BLOCK_BYTES);
+            if first.checked_add(u64::from(count)).is_none_or(|end| end > blocks) {
+                return Err(ServiceError::BadRequest(format!("blocks {first}+{count} are past the end of disk {disk:?} ({blocks} blocks of 4 KiB)")));
+            }
+            if at > 0 && !r.retention(&group).map_err(&internal)?.keeps(at) {
+                return Err(ServiceError::Refused(format!("LSN {at} is outside the window of group {group:?}")));
+            }
+            let hashes = r.block_hashes(&group, &disk, at, first, u64::from(count)).map_err(&internal)?;
+            Ok(Response::BlockHashes { lsn: at, hashes: hashes.concat() })
         })
         .await
     }
@@ -577,6 +628,7 @@ fn resolve_lsn<R: ReadState>(r: &R, g: &GroupRecord, target: &Target, leads: boo
         let what = match target {
             Target::TimeNs(t) => format!("time {} (LSN {lsn})", format_time_ns(*t)),
             Target::Bookmark(b) => format!("bookmark {b:?} (LSN {lsn}, not pinned)"),
+            Target::Backup(b) => format!("backup {b:?} (LSN {lsn})"),
             _ => format!("LSN {lsn}"),
         };
         return Err(Resolve::Refused(retention.outside(&g.name, lsn, g.last_lsn).replacen(&format!("LSN {lsn}"), &what, 1)));
@@ -606,6 +658,17 @@ fn resolve_in_log<R: ReadState>(r: &R, g: &GroupRecord, target: &Target, leads: 
                 }));
             }
         },
+        Target::Backup(name) => {
+            let backups = r.backups(group, usize::MAX)?;
+            match backups.iter().find(|b| &b.name == name) {
+                Some(b) if b.state == BackupState::Committed => b.end_lsn,
+                Some(b) if b.state == BackupState::Open => {
+                    return Err(Resolve::Refused(format!("backup {name:?} of group {group:?} is open (since LSN {}): it is a restore point only once it commits (resume it with `rewind backup --resume`)", b.begin_lsn)))
+                }
+                Some(b) => return Err(Resolve::Refused(format!("backup {name:?} of group {group:?} was aborted at LSN {}: it is no restore point", b.end_lsn))),
+                None => return Err(Resolve::Refused(format!("group {group:?} has no backup {name:?} ({} backups; see `rewind points {group}`)", backups.len()))),
+            }
+        }
         Target::Bookmark(name) => {
             let marks = r.bookmarks(group, usize::MAX)?;
             match marks.iter().rev().find(|b| &b.name == name) {

@@ -51,6 +51,8 @@ pub struct SmImage {
     /// checker's model, but the index must never read it again.
     pub retention: BTreeMap<String, RetentionRecord>,
     pub gc: BTreeMap<String, GcRecord>,
+    /// Each group's backups by name (production: column family `backups`).
+    pub backups: BTreeMap<String, BTreeMap<String, rewind_raft_store::backups::BackupRecord>>,
 }
 
 /// Events one apply lets the simulated collector free (production's runs
@@ -70,7 +72,12 @@ impl SmImage {
     }
 
     fn policy<'a>(&self, group: &str, events: impl Iterator<Item = &'a Event>) -> Policy {
-        let mut policy = Policy { retention: self.retention.get(group).cloned().unwrap_or_default(), marks: Default::default() };
+        let records = self.backups.get(group).cloned().unwrap_or_default();
+        let mut policy = Policy {
+            retention: self.retention.get(group).cloned().unwrap_or_default(),
+            backups: rewind_raft_store::backups::Backups { records, changed: Vec::new() },
+            ..Default::default()
+        };
         for e in events {
             if let Event::Pin { name, .. } = e {
                 if let Some(l) = self.newest_mark(group, name) {
@@ -83,13 +90,19 @@ impl SmImage {
 
     /// After new events: the window moves as production's does, then the
     /// collector frees a bounded piece.
-    fn after_events(&mut self, group: &GroupRecord, mut r: RetentionRecord) {
+    fn after_events(&mut self, group: &GroupRecord, policy: Policy) {
+        let mut r = policy.retention;
+        let hold = rewind_raft_store::backups::hold(&policy.backups);
+        let kept = self.backups.entry(group.name.clone()).or_default();
+        for name in &policy.backups.changed {
+            kept.insert(name.clone(), policy.backups.records[name].clone());
+        }
         let events = self.events.get(&group.name).cloned().unwrap_or_default();
         let info = |lsn: u64| -> Result<(u64, u64), ()> {
             let e = events.get(lsn as usize - 1).ok_or(())?;
             Ok((e.time_ns, e.event.payload_bytes() as u64))
         };
-        advance_window(&mut r, group, info).expect("the window moves over held events");
+        advance_window(&mut r, group, hold, info).expect("the window moves over held events");
         self.retention.insert(group.name.clone(), r);
         self.collect(&group.name, GC_EVENTS_PER_COMMAND);
     }
@@ -162,7 +175,7 @@ impl SmImage {
                     self.push_events(&group, events);
                     self.producers.insert(key, producer);
                     if any {
-                        self.after_events(&group, policy.retention);
+                        self.after_events(&group, policy);
                     }
                     self.groups.insert(b.group.clone(), group);
                 }
@@ -186,7 +199,7 @@ impl SmImage {
                         let any = !new.is_empty();
                         self.push_events(&group, new);
                         if any {
-                            self.after_events(&group, policy.retention);
+                            self.after_events(&group, policy);
                         }
                         let reply = CommandReply::Appended { lsn_first: first.min(group.last_lsn + 1), lsn_last: group.last_lsn };
                         self.groups.insert(name.clone(), group);
@@ -199,6 +212,10 @@ impl SmImage {
                 let first = self.retention.get(group).map_or(1, |r| r.first());
                 if *fork_lsn + 1 < first {
                     return CommandReply::Refused { reason: format!("the fork point LSN {fork_lsn} of group {group:?} is before its window (LSN {first} on)") };
+                }
+                let moved = self.backups.get(group).into_iter().flat_map(|b| b.values()).find(|b| b.info.begin_lsn > *fork_lsn || b.info.end_lsn > *fork_lsn);
+                if let Some(b) = moved {
+                    return CommandReply::Refused { reason: format!("backup {:?} of group {group:?} began or ended after the fork point LSN {fork_lsn}: a failback that moves backups into a branch is not built", b.info.name) };
                 }
                 self.fork(group, branch, *fork_lsn)
             }
@@ -215,6 +232,7 @@ impl SmImage {
                 self.chain.remove(group);
                 self.retention.remove(group);
                 self.gc.remove(group);
+                self.backups.remove(group);
                 self.branches.remove(group);
                 self.producers.retain(|(_, g), _| g != group);
                 self.blocks.retain(|(g, _, _), _| g != group);
@@ -416,6 +434,19 @@ impl ReadState for SimState {
 
     fn retention(&self, group: &str) -> io::Result<RetentionRecord> {
         Ok(self.image().retention.get(group).cloned().unwrap_or_default())
+    }
+
+    fn backups(&self, group: &str, max: usize) -> io::Result<Vec<rewind_wire::rpc::BackupInfo>> {
+        let mut out: Vec<_> = self.image().backups.get(group).into_iter().flat_map(|b| b.values()).map(|r| r.info.clone()).collect();
+        out.sort_by_key(|b| b.begin_lsn);
+        let skip = out.len().saturating_sub(max);
+        Ok(out.split_off(skip))
+    }
+
+    fn block_hashes(&self, group: &str, disk: &str, lsn: u64, first: u64, count: u64) -> io::Result<Vec<BlockHash>> {
+        let image = self.image();
+        let mut index = ImageIndex { image: &image, group, disk };
+        (first..first + count).map(|b| rewind_raft_store::hash_at(&mut index, b, lsn)).collect()
     }
 
     fn gc(&self, group: &str) -> io::Result<GcRecord> {

@@ -16,13 +16,21 @@ pub enum Event {
     WriteZeroes { disk: String, offset: u64, len: u64 },
     /// `len` bytes at `offset` discarded (NBD TRIM); reads back as zeroes.
     Trim { disk: String, offset: u64, len: u64 },
-    /// A backup of `disk` starts; `base` names the backup it is incremental to.
+    /// A backup of `disk` starts (or, while it is open, is taken over by
+    /// the producer that sends this: a resumed backup); `base` names the
+    /// committed backup it is incremental to. Until it commits or aborts,
+    /// only that producer writes the disk, and points inside it read the
+    /// disk as of its start. Its data travels as `Write`, `WriteZeroes`
+    /// and `Revert` events on the disk.
     BackupBegin { backup: String, disk: String, base: Option<String> },
-    /// One extent of a backup's data.
+    /// Reserved, refused: a backup's data travels as `Write` events.
     BackupExtent { backup: String, offset: u64, data: Vec<u8> },
-    /// The backup is complete and becomes a restore point.
-    BackupCommit { backup: String },
-    /// The backup is abandoned; its extents are never visible.
+    /// The backup is complete and becomes a restore point: `extents`
+    /// read from the source, `bytes` in them, and the blake3 `digest` (32
+    /// bytes) of their blocks' hashes, as the importer read them.
+    BackupCommit { backup: String, extents: u64, bytes: u64, digest: Vec<u8> },
+    /// The backup is abandoned. Its importer has reverted the disk to the
+    /// backup's start first, so nothing of it is ever visible.
     BackupAbort { backup: String },
     /// A named point in the log.
     Bookmark { name: String, app_consistent: bool },
@@ -111,6 +119,10 @@ pub enum InvalidInput {
     BadRevert { block_first: u64, block_end: u64 },
     #[error("bad DR link: {why}")]
     BadLink { why: String },
+    #[error("{what} is reserved and refused")]
+    Reserved { what: &'static str },
+    #[error("a backup's digest is 32 bytes, not {bytes}")]
+    BadDigest { bytes: usize },
 }
 
 /// Checks a consistency-group, disk, bookmark or backup name.
@@ -129,7 +141,7 @@ impl Event {
     /// Payload bytes this event carries (data, not zero ranges).
     pub fn payload_bytes(&self) -> usize {
         match self {
-            Event::Write { data, .. } | Event::BackupExtent { data, .. } => data.len(),
+            Event::Write { data, .. } => data.len(),
             _ => 0,
         }
     }
@@ -154,16 +166,19 @@ impl Event {
             check_name(disk)?;
         }
         match self {
-            Event::Write { data, .. } | Event::BackupExtent { data, .. } if data.len() > WRITE_BYTES_MAX => {
+            Event::Write { data, .. } if data.len() > WRITE_BYTES_MAX => {
                 Err(InvalidInput::WriteTooLarge { bytes: data.len() })
             }
             Event::BackupBegin { backup, base, .. } => {
                 check_name(backup)?;
                 base.as_deref().map(check_name).transpose().map(|_| ())
             }
-            Event::BackupExtent { backup, .. } | Event::BackupCommit { backup } | Event::BackupAbort { backup } => {
-                check_name(backup)
+            Event::BackupExtent { .. } => Err(InvalidInput::Reserved { what: "BackupExtent (a backup's data travels as Write events)" }),
+            Event::BackupCommit { backup, digest, .. } if digest.len() != 32 => {
+                check_name(backup)?;
+                Err(InvalidInput::BadDigest { bytes: digest.len() })
             }
+            Event::BackupCommit { backup, .. } | Event::BackupAbort { backup } => check_name(backup),
             Event::Bookmark { name, .. } | Event::Pin { name, .. } => check_name(name),
             Event::DiskCreate { size_bytes, sector_bytes, .. } => check_disk_geometry(*size_bytes, *sector_bytes),
             Event::DiskResize { .. } => Ok(()),

@@ -70,6 +70,11 @@ pub const STATUS_GROUPS_BYTES_MAX: usize = 8 << 20;
 /// that much materialised when it applies): a failover to a past point
 /// sends one event per range.
 pub const REVERT_BLOCKS_MAX: u64 = 8192;
+/// Blocks one `BlockHashes` request asks for (32 MiB of disk, 256 KiB of
+/// hashes).
+pub const BLOCK_HASHES_MAX: u32 = 8192;
+/// Backups one `Backups` reply lists (the newest ones).
+pub const BACKUPS_LISTED_MAX: usize = 4096;
 
 /// Most node addresses a DR link names for its peer site.
 pub const LINK_ADDRS_MAX: usize = 16;

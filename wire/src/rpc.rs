@@ -89,6 +89,15 @@ pub enum Request {
     ChangeVoters { voters: Vec<NodeId> },
     /// Removes a learner (a member that receives the log but does not vote).
     RemoveLearner { id: NodeId },
+
+    /// A group's backups (open, committed and aborted), oldest first, at
+    /// most `BACKUPS_LISTED_MAX`; `on_leader` as for `Points`.
+    Backups { group: String, on_leader: bool },
+    /// The blake3 of each 4 KiB block `block_first..block_first + count`
+    /// of a disk as of `lsn` (0: the newest LSN, read linearizably on the
+    /// leader), at most `BLOCK_HASHES_MAX` blocks: what a backup's importer
+    /// compares its source with, so that it sends only blocks that differ.
+    BlockHashes { group: String, disk: String, lsn: u64, block_first: u64, count: u32 },
 }
 
 /// A point in a group's log to replay to.
@@ -100,6 +109,37 @@ pub enum Target {
     /// The newest bookmark of this name.
     Bookmark(String),
     Latest,
+    /// The commit of this backup.
+    Backup(String),
+}
+
+/// Where a backup stands.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BackupState {
+    /// Begun, not yet committed or aborted: not a restore point.
+    Open,
+    Committed,
+    Aborted,
+}
+
+/// One backup of a group, as `rewind points` lists it.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct BackupInfo {
+    pub name: String,
+    pub disk: String,
+    /// The committed backup this one is incremental to.
+    pub base: Option<String>,
+    pub state: BackupState,
+    pub begin_lsn: u64,
+    pub begin_time_ns: u64,
+    /// The commit's or abort's LSN and time (0 while open).
+    pub end_lsn: u64,
+    pub end_time_ns: u64,
+    /// What the commit reported: extents read, bytes in them, and the
+    /// blake3 of their blocks' hashes.
+    pub extents: u64,
+    pub bytes: u64,
+    pub digest: Vec<u8>,
 }
 
 #[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
@@ -178,6 +218,8 @@ impl Request {
             Request::AddLearner { .. } => "add-learner",
             Request::ChangeVoters { .. } => "change-voters",
             Request::RemoveLearner { .. } => "remove-learner",
+            Request::Backups { .. } => "backups",
+            Request::BlockHashes { .. } => "block-hashes",
         }
     }
 }
@@ -339,6 +381,9 @@ pub enum Response {
     /// A `dr::ShippedBlocks` record compressed with zstd.
     BlocksZstd { raw_len: u64, data: Vec<u8> },
     Error(RpcError),
+    Backups(Vec<BackupInfo>),
+    /// 32 bytes per block, as of `lsn`.
+    BlockHashes { lsn: u64, hashes: Vec<u8> },
 }
 
 impl std::fmt::Display for RpcError {
