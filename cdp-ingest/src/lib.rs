@@ -14,6 +14,8 @@
 //! * [`shipper`]: the async tap's shipper and its redo at start, and the
 //!   sync tap's sink over the producer.
 //! * [`identity`]: a sync tap's producer identity and epochs.
+//! * [`backup`]: the backup importer: a source's changed blocks, compared
+//!   with the site's by blake3, appended as one backup transaction.
 //!
 //! The tap appends through the [`tap::LogSink`] trait: the producer's sink
 //! or the journal's; this crate never sees Raft, QUIC or a socket of its
@@ -34,9 +36,8 @@
 //!   the journal; the journal never holds more than its bound;
 //! * an fsync error on the journal or the backing file stops the process
 //!   ([`fsync_failed`]).
-//!
-//! Not built yet: the CBT importer.
 
+pub mod backup;
 pub mod identity;
 pub mod journal;
 pub mod producer;

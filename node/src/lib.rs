@@ -17,6 +17,7 @@
 //! * routing carries a shard id everywhere; one data shard runs today.
 
 pub mod addr;
+pub mod backup;
 pub mod client;
 pub mod config;
 pub mod dev;

@@ -1,5 +1,6 @@
 //! `rewind`: one binary for nodes, the dev site and every client command.
-//! Exit status: 0 done, 1 failed (one line on stderr says why), 2 bad usage.
+//! Exit status: 0 done, 1 failed (one line on stderr says why), 2 bad usage;
+//! a command may name others in its help (`rewind backup`: 3, 4).
 
 mod cli;
 
@@ -33,7 +34,7 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("rewind: error: {e:#}");
-            ExitCode::from(1)
+            ExitCode::from(e.downcast_ref::<cli::ExitStatus>().map_or(1, |s| s.0))
         }
     }
 }

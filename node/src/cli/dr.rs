@@ -116,12 +116,12 @@ pub struct FailoverArgs {
     #[arg(required_unless_present = "plan", conflicts_with = "plan")]
     group: Option<String>,
     /// A failover plan: a TOML file listing groups in boot order, each with
-    /// its point ([[group]] name = "db", at-time = "...", or at, at-bookmark,
+    /// its point ([[group]] name = "db", at-time = "...", or at, at-bookmark, at-backup,
     /// latest = true). Each is failed over in turn (epoch and revert events,
     /// as for one group; no disk is served: start the taps or replays
     /// after), and a table of results is printed. Stops at the first group
     /// that fails unless --keep-going.
-    #[arg(long, conflicts_with_all = ["out", "serve", "test", "disk", "at", "at_time", "at_bookmark", "latest"])]
+    #[arg(long, conflicts_with_all = ["out", "serve", "test", "disk", "at", "at_time", "at_bookmark", "at_backup", "latest"])]
     plan: Option<PathBuf>,
     /// With --plan: go on with the next groups after one fails.
     #[arg(long, requires = "plan")]
@@ -145,7 +145,7 @@ pub struct FailoverArgs {
     test: bool,
     /// With --test: stop the group's running test failover (started with
     /// the same --config) and throw its branch away.
-    #[arg(long, requires = "test", conflicts_with_all = ["serve", "out", "at", "at_time", "at_bookmark", "latest"])]
+    #[arg(long, requires = "test", conflicts_with_all = ["serve", "out", "at", "at_time", "at_bookmark", "at_backup", "latest"])]
     stop: bool,
     /// The disk to bring up (default: the group's only disk).
     #[arg(long)]
@@ -490,6 +490,7 @@ struct PlanGroup {
     at: Option<u64>,
     at_time: Option<String>,
     at_bookmark: Option<String>,
+    at_backup: Option<String>,
     #[serde(default)]
     latest: bool,
 }
@@ -514,11 +515,11 @@ struct PlanRow {
 }
 
 fn plan_target(g: &PlanGroup) -> anyhow::Result<Target> {
-    let given = [g.at.is_some(), g.at_time.is_some(), g.at_bookmark.is_some(), g.latest].iter().filter(|x| **x).count();
+    let given = [g.at.is_some(), g.at_time.is_some(), g.at_bookmark.is_some(), g.at_backup.is_some(), g.latest].iter().filter(|x| **x).count();
     if given != 1 {
-        bail!("group {:?} in the plan: give exactly one of at, at-time, at-bookmark or latest = true ({given} given)", g.name);
+        bail!("group {:?} in the plan: give exactly one of at, at-time, at-bookmark, at-backup or latest = true ({given} given)", g.name);
     }
-    super::TargetArgs { at: g.at, at_time: g.at_time.clone(), at_bookmark: g.at_bookmark.clone(), latest: g.latest }.target()
+    super::TargetArgs { at: g.at, at_time: g.at_time.clone(), at_bookmark: g.at_bookmark.clone(), at_backup: g.at_backup.clone(), latest: g.latest }.target()
 }
 
 async fn run_plan(client: &rewind_node::client::Client, path: &std::path::Path, force: bool, keep_going: bool, json: bool) -> anyhow::Result<()> {

@@ -2,7 +2,7 @@
 
 use anyhow::{bail, Context};
 use clap::Subcommand;
-use rewind_wire::rpc::{Request, Response};
+use rewind_wire::rpc::{BackupState, Request, Response};
 use rewind_wire::timefmt::format_time_ns;
 use serde::Serialize;
 
@@ -251,8 +251,8 @@ struct PointsJson {
     group: String,
     window: WindowJson,
     bookmarks: Vec<BookmarkJson>,
-    /// Committed backups: none until CBT import is built.
-    backups: Vec<BookmarkJson>,
+    /// Every backup, open, committed or aborted, oldest first.
+    backups: Vec<BackupJson>,
     disks: Vec<DiskJson>,
     retention: RetentionJson,
 }
@@ -293,6 +293,23 @@ struct BookmarkJson {
 }
 
 #[derive(Serialize)]
+struct BackupJson {
+    name: String,
+    disk: String,
+    /// open, committed or aborted: only a committed one is a restore point.
+    state: &'static str,
+    base: Option<String>,
+    begin_lsn: u64,
+    /// The commit's LSN (absent unless committed).
+    lsn: Option<u64>,
+    time: Option<String>,
+    time_ns: u64,
+    extents: u64,
+    bytes: u64,
+    digest: String,
+}
+
+#[derive(Serialize)]
 struct DiskJson {
     name: String,
     size_bytes: u64,
@@ -300,6 +317,10 @@ struct DiskJson {
 
 pub async fn points(args: ClientArgs, group: &str, json: bool) -> anyhow::Result<()> {
     let p = fetch_points(&args, group).await?;
+    let backups = match args.client()?.call_leader(&Request::Backups { group: group.to_string(), on_leader: true }).await? {
+        Response::Backups(b) => b,
+        other => bail!("unexpected reply {other:?}"),
+    };
     let r = &p.retention;
     let pinned = |ns: u64| (ns > 0).then(|| if ns == u64::MAX { "forever".to_string() } else { format_time_ns(ns) });
     if json {
@@ -325,7 +346,22 @@ pub async fn points(args: ClientArgs, group: &str, json: bool) -> anyhow::Result
                     keep_until: pinned(b.keep_until_ns),
                 })
                 .collect(),
-            backups: Vec::new(),
+            backups: backups
+                .iter()
+                .map(|b| BackupJson {
+                    name: b.name.clone(),
+                    disk: b.disk.clone(),
+                    state: rewind_raft_store::backups::state_word(b.state),
+                    base: b.base.clone(),
+                    begin_lsn: b.begin_lsn,
+                    lsn: (b.state == BackupState::Committed).then_some(b.end_lsn),
+                    time: (b.end_time_ns > 0).then(|| format_time_ns(b.end_time_ns)),
+                    time_ns: b.end_time_ns,
+                    extents: b.extents,
+                    bytes: b.bytes,
+                    digest: b.digest.iter().map(|x| format!("{x:02x}")).collect(),
+                })
+                .collect(),
             disks: p.disks.iter().map(|d| DiskJson { name: d.name.clone(), size_bytes: d.size_bytes }).collect(),
             retention: RetentionJson {
                 keep_ns: r.keep_ns,
@@ -372,7 +408,24 @@ pub async fn points(args: ClientArgs, group: &str, json: bool) -> anyhow::Result
             );
         }
     }
-    println!("backups: none (CBT import is not built yet)");
+    if backups.is_empty() {
+        println!("no backups (take one with `rewind backup --group {group} --disk DISK --from NBD-URI --full`)");
+    } else {
+        println!("\n{:<28} {:<10} {:<10} {:>10}  {:<32} {:>10}  BASE", "BACKUP", "DISK", "STATE", "LSN", "TIME", "MIB");
+        for b in &backups {
+            let (lsn, time) = if b.state == BackupState::Open { (b.begin_lsn, b.begin_time_ns) } else { (b.end_lsn, b.end_time_ns) };
+            println!(
+                "{:<28} {:<10} {:<10} {:>10}  {:<32} {:>10.1}  {}",
+                b.name,
+                b.disk,
+                rewind_raft_store::backups::state_word(b.state),
+                lsn,
+                format_time_ns(time),
+                b.bytes as f64 / (1u64 << 20) as f64,
+                b.base.as_deref().unwrap_or("-")
+            );
+        }
+    }
     Ok(())
 }
 
