@@ -11,6 +11,7 @@
 //! so the same seed must give the same hash. The fault model is written
 //! down in `simulation/FAULTS.md`.
 
+pub mod backup;
 pub mod check;
 pub mod disk;
 pub mod dr;
@@ -141,6 +142,11 @@ pub enum Bug {
     /// The collector ignores pinned bookmarks: the window moves past a
     /// pinned point and its blocks are freed.
     GcIgnoresPins,
+    /// A point inside an open (or later aborted) backup reads the disk
+    /// with the backup's data so far: the backup shows half-imported.
+    BackupHalfVisible,
+    /// Any producer may write a disk while a backup imports into it.
+    BackupAdmitsOtherWriters,
 }
 
 pub use site::{run_seed, Outcome};

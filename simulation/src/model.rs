@@ -71,6 +71,8 @@ pub struct History {
     pub tap_batches: BTreeMap<(u64, u64), Vec<Event>>,
     /// Replays over the network that came back whole, while faults ran.
     pub replays: Vec<crate::replay::Replayed>,
+    /// What the backup importer did.
+    pub backups: Vec<crate::backup::Done>,
 }
 
 pub type Shared = Rc<RefCell<History>>;

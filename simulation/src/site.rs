@@ -83,6 +83,8 @@ pub fn run_seed(opts: &Options) -> Outcome {
     rewind_service::bugs::DEDUPE_FILL_ASKEW.store(opts.bug == Some(Bug::DrDedupeFillAskew), std::sync::atomic::Ordering::Relaxed);
     rewind_raft_store::bugs::GC_FREES_LIVE.store(opts.bug == Some(Bug::GcFreesLive), std::sync::atomic::Ordering::Relaxed);
     rewind_raft_store::bugs::GC_IGNORES_PINS.store(opts.bug == Some(Bug::GcIgnoresPins), std::sync::atomic::Ordering::Relaxed);
+    rewind_raft_store::bugs::BACKUP_HALF_VISIBLE.store(opts.bug == Some(Bug::BackupHalfVisible), std::sync::atomic::Ordering::Relaxed);
+    rewind_raft_store::bugs::BACKUP_ADMITS_OTHER_WRITERS.store(opts.bug == Some(Bug::BackupAdmitsOtherWriters), std::sync::atomic::Ordering::Relaxed);
     let plan_text = format!("{plan:?}");
     world::install(World::new(opts.seed, opts.bug, plan, &mut rng));
     let history: Shared = Rc::default();
@@ -711,6 +713,14 @@ async fn scenario(opts: Options, mut rng: Rng, history: Shared) -> Vec<String> {
             return vec![e];
         }
     }
+    // Backups, in a group of their own (the pinned seeds run without them,
+    // as without retention: in the world they were found in).
+    let backups = plan.backups && !opts.no_retention;
+    if backups {
+        if let Err(e) = create_group(crate::backup::BACKUP_GROUP, Vec::new(), "backup group", &mut rng, rt::now_ns() + 30_000_000_000).await {
+            return vec![e];
+        }
+    }
     let start = rt::now_ns();
     let fault_end = start + opts.fault_secs * 1_000_000_000;
     let stop = Rc::new(RefCell::new(false));
@@ -738,6 +748,7 @@ async fn scenario(opts: Options, mut rng: Rng, history: Shared) -> Vec<String> {
     if plan.retention && !opts.no_retention {
         rt::spawn_local(crate::retention::admin(extra.fork(8), start, fault_end));
     }
+    let importer = backups.then(|| rt::spawn_local(crate::backup::importer(extra.fork(9), fault_end, history.clone())));
     let observer = rt::spawn_local(observe(history.clone(), stop.clone()));
     let skews: Vec<Rc<RefCell<i64>>> = (0..opts.clients).map(|_| Rc::new(RefCell::new(0))).collect();
     let clients: Vec<_> = (1..=opts.clients)
@@ -769,6 +780,9 @@ async fn scenario(opts: Options, mut rng: Rng, history: Shared) -> Vec<String> {
     }
     for c in clients {
         let _ = c.await;
+    }
+    if let Some(i) = importer {
+        let _ = i.await;
     }
     if let Some(g) = guest {
         let _ = g.await;
@@ -836,6 +850,10 @@ async fn scenario(opts: Options, mut rng: Rng, history: Shared) -> Vec<String> {
         .filter_map(|id| world::with(|w| w.nodes[id].sm.clone()).map(|s| (*id, s.lock().expect("sm").clone())))
         .collect();
     failures.extend(check::check(&history.borrow(), &images, &mut rng.fork(9)));
+    if backups {
+        failures.extend(check::replicas_agree(crate::backup::BACKUP_GROUP, &images));
+        failures.extend(crate::backup::check(&history, &members).await);
+    }
     if let Some(t) = tap_site {
         let file = t.borrow().file.lock().expect("backing").bytes.clone();
         let (batches, errors) = world::with(|w| (std::mem::take(&mut w.tap_batches), std::mem::take(&mut w.tap_errors)));

@@ -51,6 +51,9 @@ pub struct Plan {
     /// Frames of append streams that sit in the network for 50-500 ms
     /// (a queue, a route change), holding up the frames behind them.
     pub stalled_frames: bool,
+    /// Backups imported into a group of their own, their source going
+    /// away mid-way, an intruder writing their disk.
+    pub backups: bool,
     /// Mean simulated time between two fault actions.
     pub fault_every_ms: u64,
 }
@@ -90,6 +93,7 @@ impl Plan {
             slow_disks: false,
             replays: false,
             stalled_frames: false,
+            backups: false,
             fault_every_ms: rng.range(150, 1500),
         }
         .with_later_kinds(rng)
@@ -115,6 +119,7 @@ impl Plan {
         self.stalled_frames = rng.chance(0.5);
         self.tap_async = self.tap && rng.chance(0.5);
         self.retention = rng.chance(0.5);
+        self.backups = rng.chance(0.5);
         self
     }
 }

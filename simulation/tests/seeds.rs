@@ -78,6 +78,10 @@ fn a_budget_of_seeds_passes_twice_with_the_same_trace_hashes() {
         "dr failback",
         "retention: history freed by the collector",
         "retention: a pinned point behind the window",
+        "backup source gone",
+        "backup resumed",
+        "backup aborted",
+        "backup: a write from another producer refused",
     ] {
         assert!(text.lines().any(|l| l.starts_with(&format!("{kind} | "))), "fault kind {kind:?} never fired:\n{text}");
     }
@@ -122,6 +126,8 @@ fn every_reintroduced_bug_is_caught() {
         ("dr-dedupe-fill-askew", 300),
         ("gc-frees-live", 300),
         ("gc-ignores-pins", 300),
+        ("backup-half-visible", 300),
+        ("backup-admits-other-writers", 300),
     ] {
         counts.push((bug, caught_after(bug, budget)));
     }
