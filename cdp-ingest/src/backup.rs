@@ -535,11 +535,18 @@ pub async fn run<S: Source, T: Site>(source: &mut S, site: &T, producer: &mut Pr
                     )))
                 }
             };
-            let name = spec.name.clone().unwrap_or_else(|| made_up_name(&mode_word, spec.now_ns));
+            let taken = |n: &str| backups.iter().any(|b| b.name == n);
+            let name = match &spec.name {
+                Some(n) if taken(n) => return Err(BackupError::Refused(format!("group {:?} already has a backup named {n:?}", spec.group))),
+                Some(n) => n.clone(),
+                // A made-up name is the time to the second, and a number
+                // after it if a backup took it already.
+                None => {
+                    let base = made_up_name(&mode_word, spec.now_ns);
+                    (1..).map(|i| if i == 1 { base.clone() } else { format!("{base}-{i}") }).find(|n| !taken(n)).expect("a free name")
+                }
+            };
             rewind_wire::event::check_name(&name).map_err(|e| BackupError::Refused(format!("backup name: {e}")))?;
-            if backups.iter().any(|b| b.name == name) {
-                return Err(BackupError::Refused(format!("group {:?} already has a backup named {name:?}", spec.group)));
-            }
             (name, base, false)
         }
     };

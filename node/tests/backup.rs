@@ -435,3 +435,56 @@ async fn a_cut_off_backup_resumes_and_an_inconsistent_bitmap_falls_back() {
     assert!(o.status.success());
     compare(&r1, &latest);
 }
+
+/// The README's hourly recipe, `ops/backup-image.sh`: the first run adds a
+/// bitmap and takes a full backup; the next rotates the bitmap and backs
+/// up only what changed; each replays equal to the image then.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_hourly_script_rotates_bitmaps() {
+    let site = Site::up(&[]);
+    site.client.create_group("vm1", vec![]).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("vm1.qcow2");
+    let image = img.to_str().unwrap();
+    qemu_img(&["create", "-q", "-f", "qcow2", image, &DISK.to_string()]);
+    qemu_io(&img, &["write -P 0x11 0 4M"]);
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../ops/backup-image.sh");
+    let config = site.config();
+    let state = dir.path().join("state");
+    let hourly = || {
+        run(Command::new("bash").arg(&script).env("REWIND", common::REWIND).args([
+            "--image",
+            image,
+            "--group",
+            "vm1",
+            "--disk",
+            "d0",
+            "--config",
+            config.to_str().unwrap(),
+            "--state",
+            state.to_str().unwrap(),
+        ]))
+    };
+    let mut taken = Vec::new();
+    for round in 0..3 {
+        if round > 0 {
+            qemu_io(&img, &[&format!("write -P 0x{:x} {}M 1M", 0x20 + round, 8 * round)]);
+        }
+        let out = hourly();
+        assert!(out.contains(if round == 0 { "(full)" } else { "(bitmap, incremental to" }), "{out}");
+        let r = reference_path(dir.path(), round);
+        qemu_img(&["convert", "-q", "-f", "qcow2", "-O", "raw", image, r.to_str().unwrap()]);
+        taken.push(r);
+    }
+    let p = points(&site);
+    let backups = p["backups"].as_array().unwrap();
+    assert_eq!(backups.len(), 3, "{p}");
+    assert!(backups[1]["bytes"].as_u64().unwrap() <= 2 * MIB, "an incremental covers what changed: {p}");
+    for (b, r) in backups.iter().zip(&taken) {
+        let out = dir.path().join(format!("{}.raw", b["name"].as_str().unwrap()));
+        replay_backup(&site, b["name"].as_str().unwrap(), "d0", &out);
+        compare(r, &out);
+    }
+    let info = run(Command::new("qemu-img").args(["info", image]));
+    assert!(info.contains("rewind-3") && !info.contains("rewind-2"), "one bitmap is kept, the next: {info}");
+}

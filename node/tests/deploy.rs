@@ -31,7 +31,15 @@ fn verify(units: &[(&str, String)]) -> std::process::Output {
 fn systemd_units_verify() {
     let node = std::fs::read_to_string(ops().join("systemd/rewind-node.service")).unwrap();
     let tap = std::fs::read_to_string(ops().join("systemd/rewind-tap@.service")).unwrap();
-    let out = verify(&[("rewind-node.service", node.clone()), ("rewind-tap@vm1-disk0.service", tap)]);
+    let script = ops().join("backup-image.sh").canonicalize().unwrap();
+    let backup = std::fs::read_to_string(ops().join("systemd/rewind-backup@.service")).unwrap().replace("/usr/local/bin/rewind-backup-image", script.to_str().unwrap());
+    let timer = std::fs::read_to_string(ops().join("systemd/rewind-backup@.timer")).unwrap();
+    let out = verify(&[
+        ("rewind-node.service", node.clone()),
+        ("rewind-tap@vm1-disk0.service", tap),
+        ("rewind-backup@vm1-disk0.service", backup),
+        ("rewind-backup@vm1-disk0.timer", timer),
+    ]);
     assert!(out.status.success(), "systemd-analyze verify: {}", String::from_utf8_lossy(&out.stderr));
     // The check bites: a misspelt directive is refused.
     let broken = node.replace("ExecStart=", "ExecStrat=");
