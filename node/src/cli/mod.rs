@@ -84,7 +84,7 @@ pub enum Command {
     /// local journal).
     Tap(tap::TapArgs),
     /// A disk as it was at a point in its group's log (an LSN, a time, a
-    /// bookmark, or the latest), from any node: written to a raw image file,
+    /// bookmark, a committed backup, or the latest), from any node: written to a raw image file,
     /// or served over NBD (read-only, or writable through a copy-on-write
     /// overlay). Reads go through the block index: the cost grows with the
     /// disk's size, not its history.
@@ -96,7 +96,8 @@ pub enum Command {
     #[command(verbatim_doc_comment)]
     Replay(replay::ReplayArgs),
     /// What a group can be replayed to: its continuous window (first and
-    /// last LSN and their times) and its bookmarks, newest first.
+    /// last LSN and their times), its bookmarks, newest first, and its
+    /// backups (only a committed one is a restore point).
     Points {
         #[command(flatten)]
         client: ClientArgs,
