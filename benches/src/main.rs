@@ -13,6 +13,7 @@ use std::path::PathBuf;
 use clap::{Parser, Subcommand};
 
 mod append;
+mod backup;
 mod dr;
 mod etcd;
 mod groups;
@@ -80,6 +81,9 @@ enum Bench {
     /// loss, 400 Mbit/s): shipping rate, RPO under a 20 MB/s tap load,
     /// catch-up after a cut, wire bytes per byte, RTO, failback bytes.
     Dr,
+    /// `rewind backup` of a 1 GiB qcow2 image (full, then an incremental
+    /// after 5% was rewritten) vs nbdcopy of the same source and restic.
+    Backup,
     /// Every benchmark.
     All,
 }
@@ -115,7 +119,7 @@ fn main() -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     let mut out = Report::default();
     let benches = match cli.bench {
-        Bench::All => vec![Bench::Limits, Bench::Append, Bench::Ingest, Bench::Groups, Bench::Growth, Bench::Tap, Bench::Replay, Bench::Site, Bench::Dr],
+        Bench::All => vec![Bench::Limits, Bench::Append, Bench::Ingest, Bench::Groups, Bench::Growth, Bench::Tap, Bench::Replay, Bench::Site, Bench::Dr, Bench::Backup],
         b => vec![b],
     };
     for b in benches {
@@ -129,6 +133,7 @@ fn main() -> anyhow::Result<()> {
             Bench::Growth => runtime.block_on(growth::run(&cli, &mut out))?,
             Bench::Site => runtime.block_on(site::run(&cli, &mut out))?,
             Bench::Dr => runtime.block_on(dr::run(&cli, &mut out))?,
+            Bench::Backup => runtime.block_on(backup::run(&cli, &mut out))?,
         }
     }
     if cli.bench == Bench::All {
@@ -148,6 +153,7 @@ fn main() -> anyhow::Result<()> {
         (false, Bench::Growth) => "growth.md",
         (false, Bench::Site) => "site.md",
         (false, Bench::Dr) => "dr.md",
+        (false, Bench::Backup) => "backup.md",
         (false, Bench::All) => "all.md",
     };
     std::fs::write(dir.join(name), &out.text)?;

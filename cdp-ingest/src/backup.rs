@@ -592,10 +592,12 @@ pub async fn run<S: Source, T: Site>(source: &mut S, site: &T, producer: &mut Pr
         let mut b = run.first;
         while b < run.end {
             let n = step.min(run.end - b);
-            let site_hashes = site.block_hashes(&spec.group, &spec.disk, 0, b, n as u32).await.map_err(&cut)?;
             let (offset, end) = (b * BLOCK, ((b + n) * BLOCK).min(size));
+            let hashes = site.block_hashes(&spec.group, &spec.disk, 0, b, n as u32);
             let d = if run.read {
-                let data = source.read(offset, end - offset).await.map_err(&cut)?;
+                // The source's read and the site's hashes at once.
+                let (data, site_hashes) = futures::join!(source.read(offset, end - offset), hashes);
+                let (data, site_hashes) = (data.map_err(&cut)?, site_hashes.map_err(&cut)?);
                 if data.len() as u64 != end - offset {
                     return Err(cut(format!("the source answered a read of {} bytes at {offset} with {}", end - offset, data.len())));
                 }
@@ -603,7 +605,7 @@ pub async fn run<S: Source, T: Site>(source: &mut S, site: &T, producer: &mut Pr
                 p.bytes_read += data.len() as u64;
                 diff_blocks(&spec.disk, b, &data, &site_hashes, &mut digest)
             } else {
-                zero_blocks(&spec.disk, b, &site_hashes, size, &mut digest)
+                zero_blocks(&spec.disk, b, &hashes.await.map_err(&cut)?, size, &mut digest)
             };
             report.bytes_unchanged += d.same * BLOCK;
             report.bytes_zero += d.zero * BLOCK;
