@@ -38,6 +38,8 @@ pub const READ_BYTES: u64 = 4 << 20;
 pub const AREAS_MAX: usize = 1 << 20;
 /// Extents asked of the source per block status request (bytes).
 const STATUS_BYTES: u64 = 1 << 30;
+/// Pieces whose site hashes are asked for ahead of the one being read.
+const HASHES_AHEAD: usize = 4;
 /// Block status requests per backup at most (each answers at least one
 /// extent of at least a byte, so this bounds a hostile source).
 const STATUS_REQUESTS_MAX: u64 = 1 << 22;
@@ -557,8 +559,8 @@ pub async fn run<S: Source, T: Site>(source: &mut S, site: &T, producer: &mut Pr
     }
     first_events.push(Event::BackupBegin { backup: name.clone(), disk: spec.disk.clone(), base: base.clone() });
     let timed = first_events.into_iter().map(|event| TimedEvent { time_ns: spec.now_ns, event }).collect();
-    let (_, begin_lsn) = producer.append(&spec.group, timed).await.map_err(|e| BackupError::Refused(format!("begin backup {name:?}: {e}")))?;
-    let begin_lsn = if resumed { open.map_or(begin_lsn, |o| o.begin_lsn) } else { begin_lsn };
+    let (_, took_lsn) = producer.append(&spec.group, timed).await.map_err(|e| BackupError::Refused(format!("begin backup {name:?}: {e}")))?;
+    let begin_lsn = if resumed { open.map_or(took_lsn, |o| o.begin_lsn) } else { took_lsn };
     let cut = |why: String| BackupError::Interrupted { name: name.clone(), why };
 
     // What to cover.
@@ -587,37 +589,48 @@ pub async fn run<S: Source, T: Site>(source: &mut S, site: &T, producer: &mut Pr
     let mut digest = Digest::default();
     let mut sender = Sender { producer, group: spec.group.clone(), time_ns: spec.now_ns, batch: Vec::new(), bytes: 0, inflight: VecDeque::new(), events: 0, sent_bytes: 0, last_lsn: 0 };
     let mut p = Progress { bytes_total: total, extents, ..Default::default() };
-    for run in &runs {
-        let step = if run.read { READ_BYTES / BLOCK } else { u64::from(BLOCK_HASHES_MAX) };
-        let mut b = run.first;
-        while b < run.end {
-            let n = step.min(run.end - b);
-            let (offset, end) = (b * BLOCK, ((b + n) * BLOCK).min(size));
-            let hashes = site.block_hashes(&spec.group, &spec.disk, 0, b, n as u32);
-            let d = if run.read {
-                // The source's read and the site's hashes at once.
-                let (data, site_hashes) = futures::join!(source.read(offset, end - offset), hashes);
-                let (data, site_hashes) = (data.map_err(&cut)?, site_hashes.map_err(&cut)?);
-                if data.len() as u64 != end - offset {
-                    return Err(cut(format!("the source answered a read of {} bytes at {offset} with {}", end - offset, data.len())));
-                }
-                report.bytes_read += data.len() as u64;
-                p.bytes_read += data.len() as u64;
-                diff_blocks(&spec.disk, b, &data, &site_hashes, &mut digest)
-            } else {
-                zero_blocks(&spec.disk, b, &hashes.await.map_err(&cut)?, size, &mut digest)
-            };
-            report.bytes_unchanged += d.same * BLOCK;
-            report.bytes_zero += d.zero * BLOCK;
-            report.bytes_new += d.new_bytes;
-            p.bytes_new += d.new_bytes;
-            for e in d.events {
-                sender.push(e).await.map_err(&cut)?;
-            }
-            p.bytes_done += end - offset;
-            b += n;
-            progress(&p);
+    // The pieces to cover, in order; the site's hashes for the next few
+    // are asked for while one is read. They are read as of the backup's
+    // begin (or take-over): from then on only this import writes the disk,
+    // and never a block ahead of where it has got.
+    let pieces: Vec<(u64, u64, bool)> = runs
+        .iter()
+        .flat_map(|run| {
+            let step = if run.read { READ_BYTES / BLOCK } else { u64::from(BLOCK_HASHES_MAX) };
+            (run.first..run.end).step_by(step as usize).map(move |b| (b, step.min(run.end - b), run.read))
+        })
+        .collect();
+    let mut ahead = VecDeque::new();
+    let mut next = 0;
+    for &(b, n, read) in &pieces {
+        while next < pieces.len() && ahead.len() < HASHES_AHEAD {
+            let (nb, nn, _) = pieces[next];
+            ahead.push_back(site.block_hashes(&spec.group, &spec.disk, took_lsn, nb, nn as u32));
+            next += 1;
         }
+        let hashes = ahead.pop_front().expect("asked for above");
+        let (offset, end) = (b * BLOCK, ((b + n) * BLOCK).min(size));
+        let d = if read {
+            let (data, site_hashes) = futures::join!(source.read(offset, end - offset), hashes);
+            let (data, site_hashes) = (data.map_err(&cut)?, site_hashes.map_err(&cut)?);
+            if data.len() as u64 != end - offset {
+                return Err(cut(format!("the source answered a read of {} bytes at {offset} with {}", end - offset, data.len())));
+            }
+            report.bytes_read += data.len() as u64;
+            p.bytes_read += data.len() as u64;
+            diff_blocks(&spec.disk, b, &data, &site_hashes, &mut digest)
+        } else {
+            zero_blocks(&spec.disk, b, &hashes.await.map_err(&cut)?, size, &mut digest)
+        };
+        report.bytes_unchanged += d.same * BLOCK;
+        report.bytes_zero += d.zero * BLOCK;
+        report.bytes_new += d.new_bytes;
+        p.bytes_new += d.new_bytes;
+        for e in d.events {
+            sender.push(e).await.map_err(&cut)?;
+        }
+        p.bytes_done += end - offset;
+        progress(&p);
     }
     sender.drain().await.map_err(&cut)?;
     progress(&p);
