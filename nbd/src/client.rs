@@ -9,7 +9,11 @@
 //! checked against a bound before anything is allocated. [`Client`] runs
 //! them over a TCP or Unix socket, one request at a time.
 //!
-//! Not built yet: `nbds://` (TLS) sources, and several requests in flight.
+//! `nbds://` sources upgrade with `NBD_OPT_STARTTLS` before any other
+//! option, through the caller's [`tokio_rustls::TlsConnector`] (which
+//! certificates to trust and present is the caller's to say).
+//!
+//! Not built yet: several requests in flight.
 
 use std::time::Duration;
 
@@ -62,6 +66,8 @@ pub enum ClientError {
     Timeout(Duration),
     #[error("NBD connection: {0}")]
     Io(#[from] std::io::Error),
+    #[error("NBD-TLS handshake: {0}")]
+    Tls(String),
 }
 
 fn bad(why: impl Into<String>) -> ClientError {
@@ -353,10 +359,17 @@ impl Client {
     /// Connects, haggles (structured replies, the meta contexts asked
     /// for), and opens the export. A context the server does not know is
     /// left out of `contexts`: the caller decides whether that is fatal.
-    pub async fn connect(uri: &NbdUri, meta: &[&str]) -> Result<Client, ClientError> {
-        if uri.tls {
-            return Err(ClientError::BadUri { uri: format!("{uri:?}"), why: "nbds:// (TLS) sources are not supported yet; use nbd:// on a trusted network or nbd+unix://".into() });
-        }
+    pub async fn connect(uri: &NbdUri, meta: &[&str], tls: Option<&tokio_rustls::TlsConnector>) -> Result<Client, ClientError> {
+        let tls = match (uri.tls, tls) {
+            (true, None) => return Err(ClientError::BadUri { uri: format!("{uri:?}"), why: "nbds:// needs TLS settings (a CA to trust)".into() }),
+            (true, Some(c)) => {
+                let Target::Tcp { host, .. } = &uri.target else { unreachable!("nbds:// is always TCP") };
+                let name = tokio_rustls::rustls::pki_types::ServerName::try_from(host.trim_start_matches('[').trim_end_matches(']').to_string())
+                    .map_err(|e| ClientError::BadUri { uri: format!("{uri:?}"), why: format!("host {host:?} is no TLS server name: {e}") })?;
+                Some((c.clone(), name))
+            }
+            (false, _) => None,
+        };
         if meta.len() > META_CONTEXTS_MAX {
             return Err(bad(format!("{} meta contexts asked for; {META_CONTEXTS_MAX} at most", meta.len())));
         }
@@ -368,10 +381,15 @@ impl Client {
             }
             Target::Unix { path } => Box::new(timed(async { Ok(tokio::net::UnixStream::connect(path).await?) }).await?),
         };
-        timed(Client::handshake(io, &uri.export, meta)).await
+        timed(Client::handshake(io, &uri.export, meta, tls)).await
     }
 
-    async fn handshake(mut io: Box<dyn Stream>, export: &str, meta: &[&str]) -> Result<Client, ClientError> {
+    async fn handshake(
+        mut io: Box<dyn Stream>,
+        export: &str,
+        meta: &[&str],
+        tls: Option<(tokio_rustls::TlsConnector, tokio_rustls::rustls::pki_types::ServerName<'static>)>,
+    ) -> Result<Client, ClientError> {
         let mut greeting = [0u8; 18];
         io.read_exact(&mut greeting).await?;
         if u64::from_be_bytes(greeting[..8].try_into().expect("8")) != INIT_PASSWD || u64::from_be_bytes(greeting[8..16].try_into().expect("8")) != OPTS_MAGIC {
@@ -386,6 +404,15 @@ impl Client {
             client_flags |= FLAG_C_NO_ZEROES;
         }
         io.write_all(&client_flags.to_be_bytes()).await?;
+        if let Some((connector, name)) = tls {
+            io.write_all(&option_bytes(OPT_STARTTLS, &[])).await?;
+            let (h, data) = read_option_reply(&mut io, OPT_STARTTLS).await?;
+            if h.kind != REP_ACK {
+                return Err(refusal("TLS (STARTTLS)", h.kind, &data));
+            }
+            let secure = connector.connect(name, io).await.map_err(|e| ClientError::Tls(e.to_string()))?;
+            io = Box::new(secure);
+        }
         io.write_all(&option_bytes(OPT_STRUCTURED_REPLY, &[])).await?;
         let (h, data) = read_option_reply(&mut io, OPT_STRUCTURED_REPLY).await?;
         if h.kind != REP_ACK {

@@ -80,7 +80,7 @@ async fn qemu_nbd_extents_bitmaps_and_reads() {
     let socket = dir.path().join("nbd.sock");
     let _server = serve(&image, &socket, "b0");
     let uri = parse_uri(&format!("nbd+unix:///src?socket={}", socket.display())).unwrap();
-    let mut c = Client::connect(&uri, &["base:allocation", "qemu:dirty-bitmap:b0"]).await.unwrap();
+    let mut c = Client::connect(&uri, &["base:allocation", "qemu:dirty-bitmap:b0"], None).await.unwrap();
     assert_eq!(c.size, 64 * MIB);
     let alloc = c.context("base:allocation").expect("base:allocation agreed");
     let dirty = c.context("qemu:dirty-bitmap:b0").expect("the bitmap's context agreed");
@@ -109,12 +109,12 @@ async fn qemu_nbd_extents_bitmaps_and_reads() {
     c.disconnect().await.unwrap();
 
     // A bitmap that does not exist: the server agrees to no such context.
-    let c = Client::connect(&uri, &["base:allocation", "qemu:dirty-bitmap:nope"]).await.unwrap();
+    let c = Client::connect(&uri, &["base:allocation", "qemu:dirty-bitmap:nope"], None).await.unwrap();
     assert!(c.context("qemu:dirty-bitmap:nope").is_none());
     // qemu-nbd serves one client at a time unless told otherwise.
     c.disconnect().await.unwrap();
     // A wrong export name is refused with the server's reason.
     let wrong = parse_uri(&format!("nbd+unix:///other?socket={}", socket.display())).unwrap();
-    let e = Client::connect(&wrong, &[]).await.err().expect("no such export");
+    let e = Client::connect(&wrong, &[], None).await.err().expect("no such export");
     assert!(e.to_string().contains("refused export \"other\""), "{e}");
 }

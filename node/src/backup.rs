@@ -23,11 +23,11 @@ pub struct NbdSource {
 impl NbdSource {
     /// Connects to `uri`, asking for `base:allocation` and, if given, the
     /// dirty bitmap's context.
-    pub async fn connect(uri: &NbdUri, bitmap: Option<&str>) -> Result<NbdSource, ClientError> {
+    pub async fn connect(uri: &NbdUri, bitmap: Option<&str>, tls: Option<&tokio_rustls::TlsConnector>) -> Result<NbdSource, ClientError> {
         let mut meta = vec![ALLOCATION.to_string()];
         meta.extend(bitmap.map(bitmap_context));
         let refs: Vec<&str> = meta.iter().map(String::as_str).collect();
-        Ok(NbdSource { nbd: NbdClient::connect(uri, &refs).await? })
+        Ok(NbdSource { nbd: NbdClient::connect(uri, &refs, tls).await? })
     }
 
     pub async fn disconnect(self) {

@@ -309,6 +309,23 @@ pub fn client_config(files: &crate::config::TlsFiles) -> anyhow::Result<quinn::C
     Ok(config)
 }
 
+/// An NBD-TLS client (a backup's `nbds://` source): trusts `ca`, and
+/// presents `cert` and `key` if given (a server may demand a client
+/// certificate: a rewind export always does, `qemu-nbd` with
+/// `verify-peer=on`).
+pub fn nbd_client_tls(ca: &Path, cert_key: Option<(&Path, &Path)>) -> anyhow::Result<tokio_rustls::TlsConnector> {
+    // GnuTLS servers (qemu-nbd, nbdkit) may speak TLS 1.2 or 1.3.
+    let builder = rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(rustls::DEFAULT_VERSIONS)
+        .context("TLS versions")?
+        .with_root_certificates(roots(ca)?);
+    let config = match cert_key {
+        Some((cert, key)) => builder.with_client_auth_cert(load_certs(cert)?, load_key(key)?).context("client certificate and key")?,
+        None => builder.with_no_client_auth(),
+    };
+    Ok(tokio_rustls::TlsConnector::from(Arc::new(config)))
+}
+
 /// When an NBD export (a tap, a replay's `--serve`) requires TLS.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum NbdTlsPolicy {

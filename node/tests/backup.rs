@@ -488,3 +488,58 @@ async fn the_hourly_script_rotates_bitmaps() {
     let info = run(Command::new("qemu-img").args(["info", image]));
     assert!(info.contains("rewind-3") && !info.contains("rewind-2"), "one bitmap is kept, the next: {info}");
 }
+
+/// An `nbds://` source: qemu-nbd with x509 TLS credentials from the site's
+/// CA, requiring a client certificate. The backup trusts the site's CA and
+/// presents the client config's certificate by default; a plaintext
+/// attempt and a wrong CA are clear errors.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_nbds_source_with_tls_is_backed_up() {
+    let site = Site::up(&[]);
+    site.client.create_group("vm1", vec![]).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let certs = site.path().join("certs");
+    let made = common::rewind(&["certs", "--dir", certs.to_str().unwrap(), "--name", "src", "--role", "reader", "--san", "127.0.0.1"]);
+    assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
+    let creds = dir.path().join("creds");
+    std::fs::create_dir(&creds).unwrap();
+    for (from, to) in [("ca.pem", "ca-cert.pem"), ("src.pem", "server-cert.pem"), ("src.key", "server-key.pem")] {
+        std::fs::copy(certs.join(from), creds.join(to)).unwrap();
+    }
+    let img = dir.path().join("vm1.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", img.to_str().unwrap(), &DISK.to_string()]);
+    qemu_io(&img, &["write -P 0x3c 0 6M", "write -P 0x4d 30M 2M"]);
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let pid_file = dir.path().join("tls.pid");
+    run(Command::new("qemu-nbd").args([
+        "--read-only",
+        "-f",
+        "qcow2",
+        "--persistent",
+        "--fork",
+        "--pid-file",
+        pid_file.to_str().unwrap(),
+        "--object",
+        &format!("tls-creds-x509,id=tls0,endpoint=server,dir={},verify-peer=on", creds.display()),
+        "--tls-creds",
+        "tls0",
+        "-b",
+        "127.0.0.1",
+        "-p",
+        &port.to_string(),
+        img.to_str().unwrap(),
+    ]));
+    let _server = QemuNbd { pid: std::fs::read_to_string(&pid_file).unwrap().trim().parse().unwrap(), uri: String::new() };
+    let plain = site.cli(&["backup", "--group", "vm1", "--disk", "d0", "--from", &format!("nbd://127.0.0.1:{port}"), "--full"]);
+    let err = String::from_utf8_lossy(&plain.stderr);
+    assert!(!plain.status.success() && err.contains("TLS is required"), "{err}");
+    let wrong_ca = site.cli(&["backup", "--group", "vm1", "--disk", "d0", "--from", &format!("nbds://127.0.0.1:{port}"), "--full", "--tls-ca", dir.path().join("creds/server-cert.pem").to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&wrong_ca.stderr);
+    assert!(!wrong_ca.status.success() && err.contains("TLS"), "{err}");
+    let v = backup(&site, &format!("nbds://127.0.0.1:{port}"), &["--full", "--name", "tls-full"]);
+    assert_eq!(n(&v, "bytes_new"), 8 * MIB, "{v}");
+    let reference = dir.path().join("ref.raw");
+    qemu_img(&["convert", "-q", "-f", "qcow2", "-O", "raw", img.to_str().unwrap(), reference.to_str().unwrap()]);
+    replay_backup(&site, "tls-full", "d0", &dir.path().join("out.raw"));
+    compare(&reference, &dir.path().join("out.raw"));
+}

@@ -27,10 +27,20 @@ pub struct BackupArgs {
     /// group lacks it).
     #[arg(long)]
     disk: String,
-    /// The source: nbd://HOST[:PORT][/EXPORT] or
-    /// nbd+unix:///EXPORT?socket=PATH (nbds:// is not built yet).
+    /// The source: nbd://HOST[:PORT][/EXPORT], nbds://HOST[:PORT][/EXPORT]
+    /// (NBD-TLS), or nbd+unix:///EXPORT?socket=PATH.
     #[arg(long, required_unless_present = "abort")]
     from: Option<String>,
+    /// For nbds://: the CA that signed the source's certificate (default:
+    /// the site's, from the client config: right for a rewind export).
+    #[arg(long, value_name = "PEM")]
+    tls_ca: Option<PathBuf>,
+    /// For nbds://: the certificate to present (default: the client
+    /// config's; `--tls-cert none` presents none).
+    #[arg(long, value_name = "PEM")]
+    tls_cert: Option<PathBuf>,
+    #[arg(long, value_name = "PEM")]
+    tls_key: Option<PathBuf>,
     /// Read every allocated extent (holes and zero extents are recorded as
     /// zeroes, not read).
     #[arg(long)]
@@ -81,7 +91,20 @@ pub async fn run(a: BackupArgs) -> anyhow::Result<()> {
     }
     let from = a.from.as_deref().expect("clap requires --from without --abort");
     let uri = rewind_nbd::client::parse_uri(from).context("--from")?;
-    let mut source = NbdSource::connect(&uri, a.bitmap.as_deref()).await.with_context(|| format!("connect to the source {from}"))?;
+    let tls = if uri.tls {
+        let files = &site.0.tls;
+        let ca = a.tls_ca.clone().unwrap_or_else(|| files.ca.clone());
+        let cert_key = match (&a.tls_cert, &a.tls_key) {
+            (Some(c), _) if c.as_os_str() == "none" => None,
+            (Some(c), Some(k)) => Some((c.clone(), k.clone())),
+            (Some(_), None) => super::usage_error("--tls-cert needs --tls-key (or give --tls-cert none)"),
+            (None, _) => Some((files.cert.clone(), files.key.clone())),
+        };
+        Some(rewind_node::tls::nbd_client_tls(&ca, cert_key.as_ref().map(|(c, k)| (c.as_path(), k.as_path()))).context("NBD-TLS settings for --from")?)
+    } else {
+        None
+    };
+    let mut source = NbdSource::connect(&uri, a.bitmap.as_deref(), tls.as_ref()).await.with_context(|| format!("connect to the source {from}"))?;
     let mode = match (&a.bitmap, &a.changed_areas) {
         (Some(b), _) => Mode::Bitmap(b.clone()),
         (_, Some(path)) => {
