@@ -7,13 +7,14 @@
 //! [`parse_option_reply_header`], [`parse_chunk_header`], [`parse_chunk`],
 //! [`parse_export_info`]): no I/O, no panic on any input, every length
 //! checked against a bound before anything is allocated. [`Client`] runs
-//! them over a TCP or Unix socket, one request at a time.
+//! them over a TCP or Unix socket.
 //!
 //! `nbds://` sources upgrade with `NBD_OPT_STARTTLS` before any other
 //! option, through the caller's [`tokio_rustls::TlsConnector`] (which
 //! certificates to trust and present is the caller's to say).
 //!
-//! Not built yet: several requests in flight.
+//! A read goes out as several requests in flight (`READS_IN_FLIGHT`),
+//! their replies matched by cookie in whatever order the server sends them.
 
 use std::time::Duration;
 
@@ -40,6 +41,10 @@ pub const OPTION_REPLY_BYTES_MAX: u32 = 64 << 10;
 /// Largest structured reply chunk: a READ of `REQUEST_BYTES_MAX` and its
 /// offset, or a block status reply of as many extents.
 pub const CHUNK_BYTES_MAX: u32 = REQUEST_BYTES_MAX + 64;
+/// READ requests the client has in flight at most, and the bytes each
+/// asks for.
+pub const READS_IN_FLIGHT: usize = 8;
+pub const READ_PIECE_BYTES: u64 = 1 << 20;
 /// Meta contexts a client asks for at most.
 pub const META_CONTEXTS_MAX: usize = 8;
 /// Option replies read per option before the client gives up (a server
@@ -485,43 +490,82 @@ impl Client {
     }
 
     /// `len` bytes from `offset` (at most `REQUEST_BYTES_MAX`); holes read
-    /// as zeroes.
+    /// as zeroes. Asked for as up to `READS_IN_FLIGHT` requests of at most
+    /// `READ_PIECE_BYTES`, all sent before the first reply is read; the
+    /// server may answer them in any order, their chunks interleaved.
     pub async fn read(&mut self, offset: u64, len: u32) -> Result<Vec<u8>, ClientError> {
         if len > REQUEST_BYTES_MAX || offset.checked_add(len as u64).is_none_or(|end| end > self.size) {
             return Err(bad(format!("a read of {len} bytes at {offset} is outside the export ({} bytes) or over {REQUEST_BYTES_MAX}", self.size)));
         }
-        let cookie = timed(self.send(CMD_READ, 0, offset, len)).await?;
         let mut out = vec![0u8; len as usize];
-        let mut covered = 0u64;
         let end = offset + len as u64;
-        timed(self.chunks(cookie, |c| {
-            // Holes read as zeroes, which `out` holds already.
-            let n = match c {
-                Chunk::Data { offset: at, data } => {
-                    let n = data.len() as u64;
-                    if at < offset || at.saturating_add(n) > end {
-                        return Err(bad("a data chunk outside the read"));
-                    }
-                    out[(at - offset) as usize..(at - offset + n) as usize].copy_from_slice(&data);
-                    n
+        let mut at = offset;
+        while at < end {
+            // One round: up to READS_IN_FLIGHT requests, then their replies.
+            let mut pending: Vec<(u64, u64, u64, u64)> = Vec::new(); // cookie, from, to, covered
+            while at < end && pending.len() < READS_IN_FLIGHT {
+                let n = (end - at).min(READ_PIECE_BYTES);
+                let cookie = timed(self.send(CMD_READ, 0, at, n as u32)).await?;
+                pending.push((cookie, at, at + n, 0));
+                at += n;
+            }
+            let mut open = pending.len();
+            let mut chunks = 0usize;
+            while open > 0 {
+                chunks += 1;
+                if chunks > CHUNKS_MAX {
+                    return Err(bad(format!("more than {CHUNKS_MAX} chunks in one round of reads")));
                 }
-                Chunk::Hole { offset: at, len } => {
-                    if at < offset || at.saturating_add(len as u64) > end {
-                        return Err(bad("a hole chunk outside the read"));
-                    }
-                    len as u64
+                let (h, c) = timed(self.next_chunk()).await?;
+                let Some(p) = pending.iter_mut().find(|p| p.0 == h.cookie) else {
+                    return Err(bad(format!("a reply to request {}, which is not waiting for one", h.cookie)));
+                };
+                if p.3 == u64::MAX {
+                    return Err(bad(format!("a chunk for request {} after its last", h.cookie)));
                 }
-                Chunk::None => return Ok(()),
-                other => return Err(bad(format!("{other:?} in a read's reply"))),
-            };
-            covered += n;
-            Ok(())
-        }))
-        .await?;
-        if covered != len as u64 {
-            return Err(bad(format!("a read of {len} bytes answered with {covered}")));
+                let (from, to) = (p.1, p.2);
+                let n = match c {
+                    Chunk::Data { offset: o, data } => {
+                        let n = data.len() as u64;
+                        if o < from || o.saturating_add(n) > to {
+                            return Err(bad("a data chunk outside its read"));
+                        }
+                        out[(o - offset) as usize..(o - offset + n) as usize].copy_from_slice(&data);
+                        n
+                    }
+                    // Holes read as zeroes, which `out` holds already.
+                    Chunk::Hole { offset: o, len } => {
+                        if o < from || o.saturating_add(len as u64) > to {
+                            return Err(bad("a hole chunk outside its read"));
+                        }
+                        len as u64
+                    }
+                    Chunk::None => 0,
+                    Chunk::Error { code, message } => return Err(ClientError::Request { code, message }),
+                    other => return Err(bad(format!("{other:?} in a read's reply"))),
+                };
+                p.3 += n;
+                if h.flags & REPLY_FLAG_DONE != 0 {
+                    if p.3 != to - from {
+                        return Err(bad(format!("a read of {} bytes answered with {}", to - from, p.3)));
+                    }
+                    p.3 = u64::MAX;
+                    open -= 1;
+                }
+            }
         }
         Ok(out)
+    }
+
+    /// The next reply chunk, whichever request it answers.
+    async fn next_chunk(&mut self) -> Result<(ChunkHeader, Chunk), ClientError> {
+        let mut head = [0u8; CHUNK_HEADER_BYTES];
+        self.io.read_exact(&mut head).await?;
+        let h = parse_chunk_header(&head)?;
+        let mut payload = vec![0u8; h.len as usize];
+        self.io.read_exact(&mut payload).await?;
+        let c = parse_chunk(h.kind, &payload)?;
+        Ok((h, c))
     }
 
     /// The extents of `context` from `offset` for up to `len` bytes (the
@@ -597,6 +641,46 @@ fn refusal(what: &str, kind: u32, data: &[u8]) -> ClientError {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    /// Replies to reads in flight come back in any order, a read's data in
+    /// several chunks: each lands where its request asked.
+    #[tokio::test]
+    async fn reads_in_flight_are_matched_by_cookie() {
+        let (ours, mut theirs) = tokio::io::duplex(8 << 20);
+        let size = 3 * READ_PIECE_BYTES;
+        let mut c = Client { io: Box::new(ours), size, flags: 0, contexts: Vec::new(), cookie: 0 };
+        let server = tokio::spawn(async move {
+            let mut asked = Vec::new();
+            for _ in 0..3 {
+                let mut h = [0u8; REQUEST_HEADER_BYTES];
+                theirs.read_exact(&mut h).await.unwrap();
+                let cookie = u64::from_be_bytes(h[8..16].try_into().unwrap());
+                let offset = u64::from_be_bytes(h[16..24].try_into().unwrap());
+                let len = u32::from_be_bytes(h[24..28].try_into().unwrap()) as u64;
+                asked.push((cookie, offset, len));
+            }
+            // Backwards, each in two chunks: data, then a hole.
+            for (cookie, offset, len) in asked.into_iter().rev() {
+                let half = len / 2;
+                let data: Vec<u8> = (0..half).map(|i| ((offset + i) / 4096) as u8 | 1).collect();
+                let mut p = offset.to_be_bytes().to_vec();
+                p.extend_from_slice(&data);
+                theirs.write_all(&structured_header(0, REPLY_TYPE_OFFSET_DATA, cookie, p.len() as u32)).await.unwrap();
+                theirs.write_all(&p).await.unwrap();
+                let mut hole = (offset + half).to_be_bytes().to_vec();
+                hole.extend_from_slice(&((len - half) as u32).to_be_bytes());
+                theirs.write_all(&structured_header(REPLY_FLAG_DONE, REPLY_TYPE_OFFSET_HOLE, cookie, 12)).await.unwrap();
+                theirs.write_all(&hole).await.unwrap();
+            }
+        });
+        let got = c.read(0, size as u32).await.unwrap();
+        server.await.unwrap();
+        for (i, b) in got.iter().enumerate() {
+            let (piece, at) = (i as u64 / READ_PIECE_BYTES, i as u64 % READ_PIECE_BYTES);
+            let want = if at < READ_PIECE_BYTES / 2 { ((piece * READ_PIECE_BYTES + at) / 4096) as u8 | 1 } else { 0 };
+            assert_eq!(*b, want, "byte {i}");
+        }
+    }
 
     #[test]
     fn uris_of_every_form_parse_and_bad_ones_say_why() {
