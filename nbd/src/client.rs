@@ -649,7 +649,7 @@ mod tests {
         let (ours, mut theirs) = tokio::io::duplex(8 << 20);
         let size = 3 * READ_PIECE_BYTES;
         let mut c = Client { io: Box::new(ours), size, flags: 0, contexts: Vec::new(), cookie: 0 };
-        let server = tokio::spawn(async move {
+        let server = async move {
             let mut asked = Vec::new();
             for _ in 0..3 {
                 let mut h = [0u8; REQUEST_HEADER_BYTES];
@@ -672,9 +672,9 @@ mod tests {
                 theirs.write_all(&structured_header(REPLY_FLAG_DONE, REPLY_TYPE_OFFSET_HOLE, cookie, 12)).await.unwrap();
                 theirs.write_all(&hole).await.unwrap();
             }
-        });
-        let got = c.read(0, size as u32).await.unwrap();
-        server.await.unwrap();
+        };
+        let (got, ()) = tokio::join!(c.read(0, size as u32), server);
+        let got = got.unwrap();
         for (i, b) in got.iter().enumerate() {
             let (piece, at) = (i as u64 / READ_PIECE_BYTES, i as u64 % READ_PIECE_BYTES);
             let want = if at < READ_PIECE_BYTES / 2 { ((piece * READ_PIECE_BYTES + at) / 4096) as u8 | 1 } else { 0 };
