@@ -356,6 +356,8 @@ pub struct Spec {
     pub fallback_full: bool,
     /// The time for the backup's events, and for a made-up name.
     pub now_ns: u64,
+    /// Send the blocks zstd-compressed.
+    pub compress: bool,
 }
 
 /// What a backup did.
@@ -383,6 +385,8 @@ pub struct Report {
     pub bytes_new: u64,
     /// Payload bytes of the events sent (the site stores these).
     pub bytes_sent: u64,
+    /// Bytes of their batches on the wire (compressed, when compressing).
+    pub bytes_wire: u64,
     pub events: u64,
     /// Set by the caller, which owns the clock.
     pub seconds: f64,
@@ -559,6 +563,7 @@ pub async fn run<S: Source, T: Site>(source: &mut S, site: &T, producer: &mut Pr
     }
     first_events.push(Event::BackupBegin { backup: name.clone(), disk: spec.disk.clone(), base: base.clone() });
     let timed = first_events.into_iter().map(|event| TimedEvent { time_ns: spec.now_ns, event }).collect();
+    producer.set_compress(spec.compress);
     let (_, took_lsn) = producer.append(&spec.group, timed).await.map_err(|e| BackupError::Refused(format!("begin backup {name:?}: {e}")))?;
     let begin_lsn = if resumed { open.map_or(took_lsn, |o| o.begin_lsn) } else { took_lsn };
     let cut = |why: String| BackupError::Interrupted { name: name.clone(), why };
@@ -587,6 +592,7 @@ pub async fn run<S: Source, T: Site>(source: &mut S, site: &T, producer: &mut Pr
         ..Default::default()
     };
     let mut digest = Digest::default();
+    let wire_before = producer.request_bytes();
     let mut sender = Sender { producer, group: spec.group.clone(), time_ns: spec.now_ns, batch: Vec::new(), bytes: 0, inflight: VecDeque::new(), events: 0, sent_bytes: 0, last_lsn: 0 };
     let mut p = Progress { bytes_total: total, extents, ..Default::default() };
     // The pieces to cover, in order; the site's hashes for the next few
@@ -638,6 +644,7 @@ pub async fn run<S: Source, T: Site>(source: &mut S, site: &T, producer: &mut Pr
     let commit = Event::BackupCommit { backup: name.clone(), extents, bytes: total, digest: digest.to_vec() };
     report.events = sender.events + 1;
     report.bytes_sent = sender.sent_bytes;
+    report.bytes_wire = sender.producer.request_bytes() - wire_before;
     let (_, commit_lsn) = sender.producer.append(&spec.group, vec![TimedEvent { time_ns: spec.now_ns, event: commit }]).await.map_err(|e| cut(format!("commit: {e}")))?;
     report.commit_lsn = commit_lsn;
     report.bytes_zero = report.bytes_zero.min(total);

@@ -334,6 +334,7 @@ async fn serve_stream(node: Arc<Node>, remote: std::net::SocketAddr, access: Arc
             return;
         }
     };
+    let first = first.and_then(|r| rewind_wire::frame::expand_append(r).map_err(crate::transport::TransportError::Malformed));
     let response = match first.map(|r| (permit(&access, &r), r)) {
         Ok((Err(denied), _)) => {
             tracing::warn!(%remote, "{denied}");
@@ -537,7 +538,7 @@ async fn serve_append_stream(
     loop {
         let batch = match next.take() {
             Some(b) => b,
-            None => match read_frame::<Request>(&mut recv).await.map(|r| (permit(&access, &r), r)) {
+            None => match read_frame::<Request>(&mut recv).await.and_then(|r| rewind_wire::frame::expand_append(r).map_err(crate::transport::TransportError::Malformed)).map(|r| (permit(&access, &r), r)) {
                 Ok((Err(denied), _)) => {
                     tracing::warn!(%remote, "{denied}");
                     let _ = tx.send(PendingAppend::Ready(Response::from(denied))).await;

@@ -29,6 +29,10 @@ pub enum TransportError {
     TlsRefused { why: String },
     #[error("connection lost: {0}")]
     Lost(String),
+    /// A frame that decoded but whose contents do not (a compressed append
+    /// that does not decompress).
+    #[error("malformed request: {0}")]
+    Malformed(String),
 }
 
 /// A connection error as the caller should see it: a TLS alert (QUIC

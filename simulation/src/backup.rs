@@ -281,6 +281,7 @@ pub async fn importer(mut rng: Rng, end_ns: u64, history: Shared) {
             resume: true,
             fallback_full: false,
             now_ns: rt::local_now_ns(),
+            compress: rng.chance(0.5),
         };
         // The intruder tries one write to the disk while this runs.
         let intruder = rng.chance(0.5).then(|| {

@@ -191,13 +191,14 @@ async fn serve(node: u64, client: u64, mut requests: mpsc::UnboundedReceiver<UpF
             // it never arrives, and neither does anything after it.
             return;
         }
-        let pending = match (request, world::with(|w| w.raft(node)).map(service_of)) {
-            (Request::Append { batch }, Some(Ok(service))) => {
+        let pending = match (rewind_wire::frame::expand_append(request), world::with(|w| w.raft(node)).map(service_of)) {
+            (Err(e), _) => Pending::Ready(ServiceError::BadRequest(e).into()),
+            (Ok(Request::Append { batch }), Some(Ok(service))) => {
                 let submitted = service.submit_append(batch).await;
                 Pending::Submitted(service, submitted)
             }
-            (Request::Append { .. }, _) => Pending::Ready(ServiceError::Unavailable(format!("node {node} is down")).into()),
-            (other, _) => Pending::Ready(ServiceError::BadRequest(format!("an append stream carries only appends, not {}", other.name())).into()),
+            (Ok(Request::Append { .. }), _) => Pending::Ready(ServiceError::Unavailable(format!("node {node} is down")).into()),
+            (Ok(other), _) => Pending::Ready(ServiceError::BadRequest(format!("an append stream carries only appends, not {}", other.name())).into()),
         };
         if pending_tx.send(pending).await.is_err() {
             return;

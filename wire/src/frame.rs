@@ -272,3 +272,53 @@ mod tests {
         }
     }
 }
+
+/// zstd's level for compressed appends: its fastest that still finds
+/// repeats (a guest's text, zeroes inside blocks, repeated records).
+pub const APPEND_ZSTD_LEVEL: i32 = 1;
+
+/// A batch as a compressed append: `Request::AppendZstd`.
+pub fn compress_batch(batch: &crate::event::EventBatch) -> Result<crate::rpc::Request, String> {
+    let raw = encode_record(batch).map_err(|e| format!("encode a batch: {e}"))?;
+    let data = zstd::bulk::compress(&raw, APPEND_ZSTD_LEVEL).map_err(|e| format!("compress a batch: {e}"))?;
+    Ok(crate::rpc::Request::AppendZstd { raw_len: raw.len() as u64, data })
+}
+
+/// A compressed append back as `Request::Append`, checked: its size is
+/// bounded before anything is decompressed, then its record's checksum
+/// and archive are checked. Any other request passes through.
+pub fn expand_append(request: crate::rpc::Request) -> Result<crate::rpc::Request, String> {
+    match request {
+        crate::rpc::Request::AppendZstd { raw_len, data } => {
+            if raw_len > crate::limits::FRAME_BODY_BYTES_MAX as u64 {
+                return Err(format!("a compressed append of {raw_len} bytes decompressed is over the {} limit", crate::limits::FRAME_BODY_BYTES_MAX));
+            }
+            let raw = zstd::bulk::decompress(&data, raw_len as usize).map_err(|e| format!("a compressed append does not decompress: {e}"))?;
+            if raw.len() as u64 != raw_len {
+                return Err(format!("a compressed append of {} bytes said {raw_len}", raw.len()));
+            }
+            let batch = decode_record(&raw).map_err(|e| format!("a compressed append is damaged: {e}"))?;
+            Ok(crate::rpc::Request::Append { batch })
+        }
+        other => Ok(other),
+    }
+}
+
+#[cfg(test)]
+mod append_zstd_tests {
+    use super::*;
+    use crate::event::{Event, EventBatch, TimedEvent};
+    use crate::rpc::Request;
+
+    #[test]
+    fn a_compressed_append_comes_back_whole_and_a_bad_one_is_refused() {
+        let batch = EventBatch { group: "g".into(), client_id: 1, seq: 1, events: vec![TimedEvent { time_ns: 1, event: Event::Write { disk: "d".into(), offset: 0, data: vec![7; 65536] } }] };
+        let Request::AppendZstd { raw_len, data } = compress_batch(&batch).unwrap() else { panic!("not compressed") };
+        assert!(data.len() < 1024, "64 KiB of one byte compresses: {}", data.len());
+        assert_eq!(expand_append(Request::AppendZstd { raw_len, data: data.clone() }).unwrap(), Request::Append { batch });
+        assert!(expand_append(Request::AppendZstd { raw_len: 1 << 40, data: data.clone() }).unwrap_err().contains("over"));
+        assert!(expand_append(Request::AppendZstd { raw_len: raw_len - 1, data: data.clone() }).is_err());
+        assert!(expand_append(Request::AppendZstd { raw_len, data: vec![1, 2, 3] }).is_err());
+        assert_eq!(expand_append(Request::Status).unwrap(), Request::Status);
+    }
+}

@@ -98,6 +98,10 @@ pub enum Request {
     /// leader), at most `BLOCK_HASHES_MAX` blocks: what a backup's importer
     /// compares its source with, so that it sends only blocks that differ.
     BlockHashes { group: String, disk: String, lsn: u64, block_first: u64, count: u32 },
+    /// An `Append`'s batch record (`frame::encode_record`) compressed with
+    /// zstd, on an append stream (`frame::compress_batch`); `raw_len`
+    /// bounds its size decompressed.
+    AppendZstd { raw_len: u64, data: Vec<u8> },
 }
 
 /// A point in a group's log to replay to.
@@ -220,6 +224,7 @@ impl Request {
             Request::RemoveLearner { .. } => "remove-learner",
             Request::Backups { .. } => "backups",
             Request::BlockHashes { .. } => "block-hashes",
+            Request::AppendZstd { .. } => "append-zstd",
         }
     }
 }

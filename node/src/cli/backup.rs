@@ -63,6 +63,9 @@ pub struct BackupArgs {
     /// Drop the disk's open backup: revert what it wrote, then abort it.
     #[arg(long, conflicts_with_all = ["from", "resume", "name"])]
     abort: bool,
+    /// Send the blocks uncompressed (default: zstd, level 1).
+    #[arg(long)]
+    no_compress: bool,
     /// The backup's name (default: full-TIME or incr-TIME).
     #[arg(long)]
     name: Option<String>,
@@ -114,7 +117,7 @@ pub async fn run(a: BackupArgs) -> anyhow::Result<()> {
         }
         _ => Mode::Full,
     };
-    let spec = Spec { group: a.group.clone(), disk: a.disk.clone(), mode, name: a.name.clone(), resume: a.resume, fallback_full: a.fallback_full, now_ns };
+    let spec = Spec { group: a.group.clone(), disk: a.disk.clone(), mode, name: a.name.clone(), resume: a.resume, fallback_full: a.fallback_full, now_ns, compress: !a.no_compress };
     let tty = std::io::stderr().is_terminal() && !a.json;
     let started = std::time::Instant::now();
     let mut shown = started;
@@ -163,7 +166,7 @@ pub async fn run(a: BackupArgs) -> anyhow::Result<()> {
     println!("  read     {:>10.1} MiB ({:.1} MiB/s)", mib(r.bytes_read), mib(r.bytes_read) / r.seconds.max(0.001));
     println!("  zero     {:>10.1} MiB (not stored)", mib(r.bytes_zero));
     println!("  same     {:>10.1} MiB (held by the group already: not sent)", mib(r.bytes_unchanged));
-    println!("  new      {:>10.1} MiB (sent and stored, in {} events)", mib(r.bytes_new), r.events);
+    println!("  new      {:>10.1} MiB (stored, in {} events; {:.1} MiB on the wire)", mib(r.bytes_new), r.events, mib(r.bytes_wire));
     println!("  took {:.1} s; digest {}", r.seconds, r.digest);
     println!("replay it: rewind replay {} --disk {} --at-backup {} --out FILE", r.group, r.disk, r.name);
     Ok(())
