@@ -2,7 +2,8 @@
 # Fuzzes every decoder of bytes from outside for a bounded time
 # (REWIND_FUZZ_SECONDS each, default 15): the wire decoders, the NBD option
 # and request parsers, whole NBD sessions against the real server, and the
-# NBD client's reply parsers (what a backup source sends), with
+# NBD client's reply parsers (what a backup source sends), a backup's
+# inputs (compressed appends, --changed-areas files), with
 # cargo fuzz (libFuzzer + AddressSanitizer). The toolchain
 # here is stable; RUSTC_BOOTSTRAP lets cargo fuzz pass its -Z sanitizer flag.
 # A crash fails the run and leaves its input under wire/fuzz/artifacts/.
@@ -18,7 +19,7 @@ cd wire/fuzz
 export RUSTC_BOOTSTRAP=1
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR}-fuzz"
 log=$(mktemp)
-for target in decode_request decode_response decode_record decode_archive nbd_options nbd_request nbd_session nbd_client; do
+for target in decode_request decode_response decode_record decode_archive nbd_options nbd_request nbd_session nbd_client backup_input; do
   mkdir -p "corpus/$target"
   echo "ops/fuzz.sh: $target for ${secs}s"
   rc=0
