@@ -21,6 +21,7 @@ pub const EXIT_INTERRUPTED: u8 = 4;
 pub struct BackupArgs {
     #[command(flatten)]
     client: ClientArgs,
+    /// The consistency group the backup goes into.
     #[arg(long)]
     group: String,
     /// The disk in the group (created, with the source's size, if the
@@ -39,6 +40,7 @@ pub struct BackupArgs {
     /// config's; `--tls-cert none` presents none).
     #[arg(long, value_name = "PEM")]
     tls_cert: Option<PathBuf>,
+    /// For nbds://: the key of --tls-cert.
     #[arg(long, value_name = "PEM")]
     tls_key: Option<PathBuf>,
     /// Read every allocated extent (holes and zero extents are recorded as
@@ -57,7 +59,9 @@ pub struct BackupArgs {
     /// N}, or VADP's QueryChangedDiskAreas answer (its "changedArea").
     #[arg(long, value_name = "FILE")]
     changed_areas: Option<PathBuf>,
-    /// Complete the disk's open backup (one whose import was cut off).
+    /// Complete the disk's open backup (one whose import was cut off),
+    /// sending only what it had not sent; with none open, start a new one
+    /// (so a timer can always pass it).
     #[arg(long)]
     resume: bool,
     /// Drop the disk's open backup: revert what it wrote, then abort it.
