@@ -408,6 +408,12 @@ pub async fn points(args: ClientArgs, group: &str, json: bool) -> anyhow::Result
             );
         }
     }
+    for b in backups.iter().filter(|b| b.state == BackupState::Open) {
+        println!(
+            "  backup {} of disk {} is open since LSN {}: until it commits or aborts only its importer writes the disk, and the window does not pass its start (rewind backup --group {group} --disk {} --resume, or --abort)",
+            b.name, b.disk, b.begin_lsn, b.disk
+        );
+    }
     if backups.is_empty() {
         println!("no backups (take one with `rewind backup --group {group} --disk DISK --from NBD-URI --full`)");
     } else {
