@@ -15,6 +15,7 @@ pub mod backup;
 pub mod check;
 pub mod disk;
 pub mod dr;
+pub mod faults;
 pub mod journal;
 pub mod model;
 pub mod net;
