@@ -143,12 +143,8 @@ fn points(site: &Site) -> serde_json::Value {
 /// recorded as zeroes, not stored.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn full_then_incrementals_with_bitmap_rotation_replay_exactly() {
-    let site = Site::up(&[]);
-    site.client.create_group("vm1", vec![]).await.unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let img = dir.path().join("vm1.qcow2");
+    let (site, dir, img) = fresh().await;
     let image = img.to_str().unwrap();
-    qemu_img(&["create", "-q", "-f", "qcow2", image, &DISK.to_string()]);
     qemu_img(&["bitmap", "--add", image, "b0"]);
     {
         let rw = serve(dir.path(), &img, true, None);
@@ -223,6 +219,17 @@ async fn full_then_incrementals_with_bitmap_rotation_replay_exactly() {
         replay_backup(&site, name, "d0", &out);
         compare(r, &out);
     }
+}
+
+/// A local site with an empty group "vm1", a folder, and a qcow2 image of
+/// `DISK` bytes in it, never written.
+async fn fresh() -> (Site, tempfile::TempDir, PathBuf) {
+    let site = Site::up(&[]);
+    site.client.create_group("vm1", vec![]).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("vm1.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", img.to_str().unwrap(), &DISK.to_string()]);
+    (site, dir, img)
 }
 
 fn reference_path(dir: &Path, k: usize) -> PathBuf {
@@ -346,12 +353,8 @@ fn start_backup(site: &Site, uri: &str, name: &str, events: u64) -> Child {
 /// and reverts what it wrote.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cut_off_backup_resumes_and_an_inconsistent_bitmap_falls_back() {
-    let site = Site::up(&[]);
-    site.client.create_group("vm1", vec![]).await.unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let img = dir.path().join("vm1.qcow2");
+    let (site, dir, img) = fresh().await;
     let image = img.to_str().unwrap();
-    qemu_img(&["create", "-q", "-f", "qcow2", image, &DISK.to_string()]);
     {
         let rw = serve(dir.path(), &img, true, None);
         fio_writes(&rw.uri, DISK, 48 * MIB, 5);
@@ -443,12 +446,8 @@ async fn a_cut_off_backup_resumes_and_an_inconsistent_bitmap_falls_back() {
 /// up only what changed; each replays equal to the image then.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_hourly_script_rotates_bitmaps() {
-    let site = Site::up(&[]);
-    site.client.create_group("vm1", vec![]).await.unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let img = dir.path().join("vm1.qcow2");
+    let (site, dir, img) = fresh().await;
     let image = img.to_str().unwrap();
-    qemu_img(&["create", "-q", "-f", "qcow2", image, &DISK.to_string()]);
     qemu_io(&img, &["write -P 0x11 0 4M"]);
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../ops/backup-image.sh");
     let config = site.config();
@@ -497,9 +496,7 @@ async fn the_hourly_script_rotates_bitmaps() {
 /// attempt and a wrong CA are clear errors.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_nbds_source_with_tls_is_backed_up() {
-    let site = Site::up(&[]);
-    site.client.create_group("vm1", vec![]).await.unwrap();
-    let dir = tempfile::tempdir().unwrap();
+    let (site, dir, img) = fresh().await;
     let certs = site.path().join("certs");
     let made = common::rewind(&["certs", "--dir", certs.to_str().unwrap(), "--name", "src", "--role", "reader", "--san", "127.0.0.1"]);
     assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
@@ -508,8 +505,6 @@ async fn an_nbds_source_with_tls_is_backed_up() {
     for (from, to) in [("ca.pem", "ca-cert.pem"), ("src.pem", "server-cert.pem"), ("src.key", "server-key.pem")] {
         std::fs::copy(certs.join(from), creds.join(to)).unwrap();
     }
-    let img = dir.path().join("vm1.qcow2");
-    qemu_img(&["create", "-q", "-f", "qcow2", img.to_str().unwrap(), &DISK.to_string()]);
     qemu_io(&img, &["write -P 0x3c 0 6M", "write -P 0x4d 30M 2M"]);
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let pid_file = dir.path().join("tls.pid");
