@@ -157,6 +157,8 @@ pub struct Diff {
     pub new: u64,
     /// Payload bytes of the events.
     pub new_bytes: u64,
+    /// The blocks that differ, with their hashes, in order.
+    pub new_hashes: Vec<(u64, [u8; 32])>,
 }
 
 enum Pending {
@@ -218,6 +220,7 @@ pub fn diff_blocks(disk: &str, first: u64, data: &[u8], site: &[[u8; 32]], diges
             d.zeroes(disk, &mut p, offset, block.len() as u64);
         } else {
             d.new += 1;
+            d.new_hashes.push((b, h));
             d.data(disk, &mut p, offset, block);
         }
     }
@@ -245,6 +248,54 @@ pub fn zero_blocks(disk: &str, first: u64, site: &[[u8; 32]], disk_bytes: u64, d
     }
     d.flush(disk, &mut p);
     d
+}
+
+/// Rewrites a piece's events so that each written block the group holds
+/// elsewhere (`found`: block -> where it lies) travels as a `Copy` of it;
+/// the rest stay writes. Each copy comes with the write it stands for, to
+/// send instead if the site refuses it (the window moved past its source).
+/// Returns the events and the bytes referenced.
+pub fn with_references(events: Vec<Event>, found: &std::collections::BTreeMap<u64, (String, u64, u64)>) -> (Vec<(Event, Option<Event>)>, u64) {
+    type Run = (Option<String>, u64, Vec<u8>, Vec<u64>);
+    let mut out = Vec::with_capacity(events.len());
+    let mut referenced = 0u64;
+    for e in events {
+        let Event::Write { disk, offset, data } = e else {
+            out.push((e, None));
+            continue;
+        };
+        let first = offset / BLOCK;
+        let flush = |run: Option<Run>, out: &mut Vec<(Event, Option<Event>)>| match run {
+            Some((None, b, bytes, _)) => out.push((Event::Write { disk: disk.clone(), offset: b * BLOCK, data: bytes }, None)),
+            Some((Some(from_disk), b, bytes, from)) => out.push((
+                Event::Copy { disk: disk.clone(), block_first: b, from_disk, from },
+                Some(Event::Write { disk: disk.clone(), offset: b * BLOCK, data: bytes }),
+            )),
+            None => {}
+        };
+        let mut run: Option<Run> = None;
+        for (i, block) in data.chunks(BLOCK as usize).enumerate() {
+            let b = first + i as u64;
+            // A short last block is written: a copy is of whole blocks.
+            let place = found.get(&b).filter(|_| block.len() as u64 == BLOCK);
+            let kind = place.map(|(d, _, _)| d.clone());
+            let same = run.as_ref().is_some_and(|(k, start, bytes, from)| {
+                *k == kind && *start + bytes.len().div_ceil(BLOCK as usize) as u64 == b && from.len() / 2 < rewind_wire::limits::COPY_BLOCKS_MAX
+            });
+            if !same {
+                flush(run.take(), &mut out);
+                run = Some((kind, b, Vec::new(), Vec::new()));
+            }
+            let r = run.as_mut().expect("set above");
+            r.2.extend_from_slice(block);
+            if let Some((_, fb, fl)) = place {
+                r.3.extend_from_slice(&[*fb, *fl]);
+                referenced += BLOCK;
+            }
+        }
+        flush(run.take(), &mut out);
+    }
+    (out, referenced)
 }
 
 /// The revert events that bring blocks `first..first + now.len()` back to
@@ -314,6 +365,9 @@ pub fn parse_changed_areas(text: &str, disk_bytes: u64) -> Result<Vec<(u64, u64)
     Ok(merge(out))
 }
 
+/// Where a group holds a block: (disk, block, LSN).
+pub type Place = (String, u64, u64);
+
 /// A source's extents: (offset, length, flag).
 pub type Extents = Vec<(u64, u64, bool)>;
 
@@ -339,6 +393,9 @@ pub trait Site: Send + Sync {
     fn backups<'a>(&'a self, group: &'a str) -> BoxFuture<'a, Result<Vec<BackupInfo>, String>>;
     /// Hashes of blocks `first..first + count` as of `lsn` (0: the newest).
     fn block_hashes<'a>(&'a self, group: &'a str, disk: &'a str, lsn: u64, first: u64, count: u32) -> BoxFuture<'a, Result<Vec<[u8; 32]>, String>>;
+    /// Where the group holds a block with each hash inside its window
+    /// (the content index), as of `lsn` applied.
+    fn find_blocks<'a>(&'a self, group: &'a str, hashes: &'a [[u8; 32]], lsn: u64) -> BoxFuture<'a, Result<Vec<Option<Place>>, String>>;
 }
 
 /// A backup to take.
@@ -358,6 +415,8 @@ pub struct Spec {
     pub now_ns: u64,
     /// Send the blocks zstd-compressed.
     pub compress: bool,
+    /// Send a block the group holds elsewhere as a reference (`Copy`).
+    pub references: bool,
 }
 
 /// What a backup did.
@@ -387,6 +446,9 @@ pub struct Report {
     pub bytes_sent: u64,
     /// Bytes of their batches on the wire (compressed, when compressing).
     pub bytes_wire: u64,
+    /// Bytes that differed but travelled as references to blocks the
+    /// group holds elsewhere (stored again as copies).
+    pub bytes_referenced: u64,
     pub events: u64,
     /// Set by the caller, which owns the clock.
     pub seconds: f64,
@@ -418,13 +480,18 @@ pub enum BackupError {
 }
 
 /// Batches of events, bounded, submitted in order through the producer.
+/// A batch with copies keeps the writes they stand for: if the site
+/// refuses it, those are sent instead.
 struct Sender<'a> {
     producer: &'a mut Producer,
     group: String,
     time_ns: u64,
     batch: Vec<TimedEvent>,
+    alts: Vec<Option<Event>>,
     bytes: usize,
-    inflight: VecDeque<tokio::sync::oneshot::Receiver<Appended>>,
+    inflight: VecDeque<(tokio::sync::oneshot::Receiver<Appended>, Option<Vec<Event>>)>,
+    /// Events of refused batches, to send again as writes.
+    redo: Vec<Event>,
     events: u64,
     sent_bytes: u64,
     last_lsn: u64,
@@ -434,15 +501,16 @@ struct Sender<'a> {
 const WINDOW: usize = 16;
 
 impl Sender<'_> {
-    async fn push(&mut self, e: Event) -> Result<(), String> {
-        let n = e.payload_bytes();
+    async fn push(&mut self, e: Event, alt: Option<Event>) -> Result<(), String> {
+        let n = e.payload_bytes().max(alt.as_ref().map_or(0, |a| a.payload_bytes()));
         if self.batch.len() + 1 > BATCH_EVENTS_MAX || self.bytes + n > BATCH_BYTES_MAX {
             self.submit().await?;
         }
         self.bytes += n;
-        self.sent_bytes += n as u64;
+        self.sent_bytes += e.payload_bytes() as u64;
         self.events += 1;
         self.batch.push(TimedEvent { time_ns: self.time_ns, event: e });
+        self.alts.push(alt);
         Ok(())
     }
 
@@ -454,27 +522,45 @@ impl Sender<'_> {
             self.wait_one().await?;
         }
         let events = std::mem::take(&mut self.batch);
+        let alts = std::mem::take(&mut self.alts);
+        let fallback = alts.iter().any(Option::is_some).then(|| events.iter().zip(alts).map(|(e, a)| a.unwrap_or_else(|| e.event.clone())).collect());
         self.bytes = 0;
         let rx = self.producer.submit(&self.group, events).await.map_err(|e| e.to_string())?;
-        self.inflight.push_back(rx);
+        self.inflight.push_back((rx, fallback));
         Ok(())
     }
 
     async fn wait_one(&mut self) -> Result<(), String> {
-        if let Some(rx) = self.inflight.pop_front() {
-            let (_, last) = rx.await.map_err(|_| "the producer stopped".to_string())?.map_err(|e| e.to_string())?;
-            self.last_lsn = self.last_lsn.max(last);
+        if let Some((rx, fallback)) = self.inflight.pop_front() {
+            match rx.await.map_err(|_| "the producer stopped".to_string())? {
+                Ok((_, last)) => self.last_lsn = self.last_lsn.max(last),
+                Err(e) => match fallback {
+                    Some(events) => {
+                        tracing::info!("a batch with copies was refused ({e}); sending its blocks instead");
+                        self.redo.extend(events);
+                    }
+                    None => return Err(e.to_string()),
+                },
+            }
         }
         Ok(())
     }
 
     /// Submits what is batched and waits until all of it is committed.
     async fn drain(&mut self) -> Result<u64, String> {
-        self.submit().await?;
-        while !self.inflight.is_empty() {
-            self.wait_one().await?;
+        loop {
+            self.submit().await?;
+            while !self.inflight.is_empty() {
+                self.wait_one().await?;
+            }
+            if self.redo.is_empty() {
+                return Ok(self.last_lsn);
+            }
+            for e in std::mem::take(&mut self.redo) {
+                self.sent_bytes += e.payload_bytes() as u64;
+                self.push(e, None).await?;
+            }
         }
-        Ok(self.last_lsn)
     }
 }
 
@@ -593,7 +679,19 @@ pub async fn run<S: Source, T: Site>(source: &mut S, site: &T, producer: &mut Pr
     };
     let mut digest = Digest::default();
     let wire_before = producer.request_bytes();
-    let mut sender = Sender { producer, group: spec.group.clone(), time_ns: spec.now_ns, batch: Vec::new(), bytes: 0, inflight: VecDeque::new(), events: 0, sent_bytes: 0, last_lsn: 0 };
+    let mut sender = Sender {
+        producer,
+        group: spec.group.clone(),
+        time_ns: spec.now_ns,
+        batch: Vec::new(),
+        alts: Vec::new(),
+        bytes: 0,
+        inflight: VecDeque::new(),
+        redo: Vec::new(),
+        events: 0,
+        sent_bytes: 0,
+        last_lsn: 0,
+    };
     let mut p = Progress { bytes_total: total, extents, ..Default::default() };
     // The pieces to cover, in order; the site's hashes for the next few
     // are asked for while one is read. They are read as of the backup's
@@ -632,8 +730,26 @@ pub async fn run<S: Source, T: Site>(source: &mut S, site: &T, producer: &mut Pr
         report.bytes_zero += d.zero * BLOCK;
         report.bytes_new += d.new_bytes;
         p.bytes_new += d.new_bytes;
-        for e in d.events {
-            sender.push(e).await.map_err(&cut)?;
+        // Blocks the group holds elsewhere travel as references. A site
+        // that cannot say where (an older build) gets them all.
+        let mut found = std::collections::BTreeMap::new();
+        if spec.references && !d.new_hashes.is_empty() {
+            let hashes: Vec<[u8; 32]> = d.new_hashes.iter().map(|(_, h)| *h).collect();
+            match site.find_blocks(&spec.group, &hashes, took_lsn).await {
+                Ok(places) => {
+                    for ((b, _), place) in d.new_hashes.iter().zip(places) {
+                        if let Some(place) = place {
+                            found.insert(*b, place);
+                        }
+                    }
+                }
+                Err(e) => tracing::debug!("no block references: {e}"),
+            }
+        }
+        let (events, referenced) = with_references(d.events, &found);
+        report.bytes_referenced += referenced;
+        for (e, alt) in events {
+            sender.push(e, alt).await.map_err(&cut)?;
         }
         p.bytes_done += end - offset;
         progress(&p);
@@ -774,6 +890,27 @@ mod tests {
         let d = diff_blocks("d", 0, &data, &[], &mut Digest::default());
         assert_eq!(d.events.len(), 2);
         assert!(d.events.iter().all(|e| e.payload_bytes() <= WRITE_BYTES_MAX));
+    }
+
+    #[test]
+    fn blocks_held_elsewhere_become_copies_and_keep_their_writes() {
+        let data: Vec<u8> = (0..5 * BLOCK as usize + 100).map(|i| (i / 4096) as u8 + 1).collect();
+        let found: std::collections::BTreeMap<u64, (String, u64, u64)> =
+            [(11, ("a".to_string(), 7, 3)), (12, ("a".to_string(), 9, 4)), (14, ("b".to_string(), 1, 5)), (15, ("a".to_string(), 2, 2))].into();
+        let (events, referenced) = with_references(vec![Event::Write { disk: "d".into(), offset: 10 * BLOCK, data: data.clone() }], &found);
+        assert_eq!(referenced, 3 * BLOCK, "blocks 11, 12 and 14; block 15 is short, so it is written");
+        let shapes: Vec<String> = events
+            .iter()
+            .map(|(e, alt)| match (e, alt) {
+                (Event::Write { offset, data, .. }, None) => format!("w{}+{}", offset / BLOCK, data.len()),
+                (Event::Copy { block_first, from_disk, from, .. }, Some(Event::Write { offset, data, .. })) => {
+                    assert_eq!((*offset / BLOCK, data.len() as u64), (*block_first, from.len() as u64 / 2 * BLOCK));
+                    format!("c{block_first}<{from_disk}{from:?}")
+                }
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(shapes, vec!["w10+4096", "c11<a[7, 3, 9, 4]", "w13+4096", "c14<b[1, 5]", "w15+100"]);
     }
 
     #[test]

@@ -103,4 +103,14 @@ impl rewind_cdp_ingest::backup::Site for SiteClient {
             }
         })
     }
+
+    fn find_blocks<'a>(&'a self, group: &'a str, hashes: &'a [[u8; 32]], lsn: u64) -> BoxFuture<'a, Result<Vec<Option<(String, u64, u64)>>, String>> {
+        Box::pin(async move {
+            let request = Request::FindBlocks { group: group.to_string(), hashes: hashes.concat(), lsn };
+            match self.0.call_leader(&request).await.map_err(|e| e.to_string())? {
+                Response::Found(f) if f.len() == hashes.len() => Ok(f),
+                other => Err(format!("unexpected reply {other:?}")),
+            }
+        })
+    }
 }

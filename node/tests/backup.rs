@@ -264,6 +264,16 @@ async fn a_full_backup_of_a_tapped_disk_sends_almost_nothing() {
     let read = n(&v, "bytes_read");
     assert!(read >= 16 * MIB, "{v}");
     assert!(n(&v, "bytes_sent") * 100 < read, "a full backup of a tapped disk sends under 1% of what it reads: {v}");
+    // A clone of that disk as another disk of the group: its blocks lie
+    // in disk a, so they travel as references, and read back the same.
+    let out = site.cli(&["backup", "--group", "vm1", "--disk", "c", "--from", &src.uri, "--json", "--full", "--name", "clone"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let c: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    eprintln!("{c}");
+    assert!(n(&c, "bytes_referenced") >= 16 * MIB && n(&c, "bytes_sent") * 100 < n(&c, "bytes_read"), "a clone's blocks travel as references: {c}");
+    let clone = dir.path().join("c.out");
+    replay_backup(&site, "clone", "c", &clone);
+    compare(&backing, &clone);
 
     // Disk b gets backups while disk a keeps its tap.
     let bimg = dir.path().join("b.qcow2");

@@ -128,6 +128,27 @@ impl GroupRecord {
             Event::BackupBegin { disk, .. } => {
                 self.disk(disk).map(|_| ()).ok_or_else(|| format!("group {} has no disk {disk:?}", self.name))
             }
+            Event::Copy { disk, block_first, from_disk, from } => {
+                let blocks_of = |d: &str| -> Result<u64, String> {
+                    let spec = self.disk(d).ok_or_else(|| format!("group {} has no disk {d:?}", self.name))?;
+                    Ok(spec.size_bytes.div_ceil(crate::blocks::BLOCK_BYTES))
+                };
+                let n = (from.len() / 2) as u64;
+                if block_first.checked_add(n).is_none_or(|end| end > blocks_of(disk).unwrap_or(0)) {
+                    blocks_of(disk)?;
+                    return Err(format!("a copy to blocks {block_first}..+{n} runs past the end of disk {disk:?}"));
+                }
+                let from_blocks = blocks_of(from_disk)?;
+                for pair in from.chunks(2) {
+                    if pair[0] >= from_blocks {
+                        return Err(format!("a copy from block {} is past the end of disk {from_disk:?}", pair[0]));
+                    }
+                    if pair[1] == 0 || pair[1] > self.last_lsn {
+                        return Err(format!("a copy from LSN {}, outside the log of group {} (LSN 1..={})", pair[1], self.name, self.last_lsn));
+                    }
+                }
+                Ok(())
+            }
             Event::Revert { disk, to_lsn, block_end, .. } => {
                 let spec = self.disk(disk).ok_or_else(|| format!("group {} has no disk {disk:?}", self.name))?;
                 if *to_lsn > self.last_lsn {
@@ -277,6 +298,7 @@ fn sequence_events(group: &GroupRecord, batch: &EventBatch, policy: &mut Policy)
         next.last_lsn += 1;
         next.last_time_ns = next.last_time_ns.max(timed.time_ns);
         crate::backups::apply_event(&mut backups, &group.name, Some(batch.client_id), next.last_lsn, next.last_time_ns, &timed.event)?;
+        check_copy_window(&retention, &group.name, &timed.event)?;
         match &timed.event {
             Event::Bookmark { name, .. } => {
                 marks.insert(name.clone(), next.last_lsn);
@@ -294,6 +316,18 @@ fn sequence_events(group: &GroupRecord, batch: &EventBatch, policy: &mut Policy)
     policy.retention = retention;
     policy.backups = backups;
     Ok((next, events))
+}
+
+/// A copy reads only points inside the window: those every replica still
+/// holds alike (a collector frees only what lies before it).
+pub(crate) fn check_copy_window(r: &crate::retention::RetentionRecord, group: &str, event: &Event) -> Result<(), String> {
+    if let Event::Copy { from, .. } = event {
+        let first = r.first();
+        if let Some(l) = from.chunks(2).map(|p| p[1]).find(|l| *l < first) {
+            return Err(format!("a copy from LSN {l}, before the window of group {group} (LSN {first} on)"));
+        }
+    }
+    Ok(())
 }
 
 /// What a batch's policy events (retention, lock, pin) check against and

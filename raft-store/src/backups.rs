@@ -78,6 +78,7 @@ fn changes_disk(event: &Event) -> Option<&str> {
         | Event::WriteZeroes { disk, .. }
         | Event::Trim { disk, .. }
         | Event::Revert { disk, .. }
+        | Event::Copy { disk, .. }
         | Event::DiskResize { disk, .. } => Some(disk),
         _ => None,
     }

@@ -240,6 +240,7 @@ pub fn write_blocks(offset: u64, len: u64) -> Vec<u64> {
 pub fn versioned_blocks(event: &Event) -> Option<(&str, Vec<u64>)> {
     let (disk, offset, len) = match event {
         Event::Revert { disk, block_first, block_end, .. } => return Some((disk, (*block_first..*block_end).collect())),
+        Event::Copy { disk, block_first, from, .. } => return Some((disk, (*block_first..*block_first + (from.len() / 2) as u64).collect())),
         Event::Write { disk, offset, data } => (disk, *offset, data.len() as u64),
         Event::WriteZeroes { disk, offset, len } | Event::Trim { disk, offset, len } => (disk, *offset, *len),
         _ => return None,
@@ -311,6 +312,21 @@ pub fn revert_puts<I: VersionIndex>(index: &mut I, block_first: u64, block_end: 
             _ => Version::Zero,
         };
         puts.push(IndexPut::Block { block, version });
+    }
+    Ok(puts)
+}
+
+/// The versions a `Copy` adds: block `block_first + i` becomes block
+/// `from[2i]` of the source disk as of LSN `from[2i + 1]`, a copy of its
+/// bytes (`Data`), or `Zero`. `index` reads the source disk.
+pub fn copy_puts<I: VersionIndex>(index: &mut I, block_first: u64, from: &[u64]) -> Result<Vec<IndexPut>, I::Error> {
+    let mut puts = Vec::with_capacity(from.len() / 2);
+    for (i, pair) in from.chunks_exact(2).enumerate() {
+        let version = match block_or_zero(index, pair[0], pair[1])? {
+            Some(bytes) if bytes.iter().any(|b| *b != 0) => Version::Data(bytes),
+            _ => Version::Zero,
+        };
+        puts.push(IndexPut::Block { block: block_first + i as u64, version });
     }
     Ok(puts)
 }

@@ -35,6 +35,40 @@ pub(crate) fn content_location(prefix_len: usize, key: &[u8]) -> Option<(String,
 }
 
 impl StoreReader {
+    /// For each hash, where `group` holds a block version with that content
+    /// written at or after LSN `from` (the newest such entry), from the
+    /// content index's keys alone. Versions from `from` on are the same on
+    /// every replica (a collector frees only what lies before the window),
+    /// so a copy that names one reads the same bytes everywhere.
+    pub fn locate_blocks(&self, group: &str, hashes: &[crate::blocks::BlockHash], from: u64) -> std::io::Result<Vec<Option<(String, u64, u64)>>> {
+        /// Entries looked at per hash, at most.
+        const ENTRIES_MAX: usize = 64;
+        let mut it = self.db.raw_iterator_cf(cf(&self.db, CF_CONTENT));
+        let mut out = Vec::with_capacity(hashes.len());
+        for hash in hashes {
+            let mut prefix = group_prefix(group);
+            prefix.extend_from_slice(hash);
+            it.seek(&prefix);
+            let mut best: Option<(String, u64, u64)> = None;
+            let mut seen = 0;
+            while it.valid() && seen < ENTRIES_MAX {
+                let k = it.key().expect("valid");
+                if !k.starts_with(&prefix) {
+                    break;
+                }
+                let loc = content_location(prefix.len(), k).ok_or_else(|| corrupt("content index", "malformed key"))?;
+                if loc.2 >= from && best.as_ref().is_none_or(|b| loc.2 > b.2) {
+                    best = Some(loc);
+                }
+                seen += 1;
+                it.next();
+            }
+            it.status().map_err(io_err)?;
+            out.push(best);
+        }
+        Ok(out)
+    }
+
     /// For each hash, whether `group` holds a block version with that
     /// content written before LSN `before` (the content index's keys alone;
     /// no block is read).

@@ -122,6 +122,7 @@ pub fn apply_replicated(
             _ => {}
         }
         crate::backups::apply_event(&mut backups, &name, None, e.lsn, e.time_ns, &e.event).map_err(|why| format!("LSN {} of group {name:?}: {why}", e.lsn))?;
+        crate::apply::check_copy_window(&retention, &name, &e.event).map_err(|why| format!("LSN {} of group {name:?}: {why}", e.lsn))?;
         next.absorb(&e.event);
         next.last_lsn = e.lsn;
         next.last_time_ns = e.time_ns;

@@ -49,6 +49,9 @@ pub trait ReadState: Clone + Send + Sync + 'static {
     /// For each hash, whether `group` holds a block with that content
     /// written before LSN `before`.
     fn stored_before(&self, group: &str, hashes: &[crate::blocks::BlockHash], before: u64) -> io::Result<Vec<bool>>;
+    /// For each hash, where `group` holds a block with that content at an
+    /// LSN of at least `from`: (disk, block, LSN).
+    fn locate_blocks(&self, group: &str, hashes: &[crate::blocks::BlockHash], from: u64) -> io::Result<Vec<Option<(String, u64, u64)>>>;
     /// The group's backups, oldest first, at most `max` (the newest).
     fn backups(&self, group: &str, max: usize) -> io::Result<Vec<rewind_wire::rpc::BackupInfo>>;
     /// The content hash of blocks `first..first + count` of a disk as of
@@ -117,6 +120,10 @@ impl ReadState for crate::StoreReader {
 
     fn backups(&self, group: &str, max: usize) -> io::Result<Vec<rewind_wire::rpc::BackupInfo>> {
         crate::StoreReader::backups(self, group, max)
+    }
+
+    fn locate_blocks(&self, group: &str, hashes: &[crate::blocks::BlockHash], from: u64) -> io::Result<Vec<Option<(String, u64, u64)>>> {
+        crate::StoreReader::locate_blocks(self, group, hashes, from)
     }
 
     fn block_hashes(&self, group: &str, disk: &str, lsn: u64, first: u64, count: u64) -> io::Result<Vec<crate::blocks::BlockHash>> {

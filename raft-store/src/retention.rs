@@ -243,6 +243,8 @@ impl Shape {
             Event::Write { disk, offset, data } => (SHAPE_WRITE, *offset, data.len() as u64, disk.as_str()),
             Event::WriteZeroes { disk, offset, len } | Event::Trim { disk, offset, len } => (SHAPE_ZEROES, *offset, *len, disk.as_str()),
             Event::Revert { disk, block_first, block_end, .. } => (SHAPE_REVERT, *block_first, *block_end, disk.as_str()),
+            // A copy versions a run of blocks, as a revert does.
+            Event::Copy { disk, block_first, from, .. } => (SHAPE_REVERT, *block_first, *block_first + (from.len() / 2) as u64, disk.as_str()),
             Event::Bookmark { name, .. } => (SHAPE_BOOKMARK, 0, 0, name.as_str()),
             _ => (SHAPE_OTHER, 0, 0, ""),
         };

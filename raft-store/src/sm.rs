@@ -581,12 +581,16 @@ impl StateMachine {
                 batch.put_cf(cf(&self.db, CF_MARKS), mark_key(group, name, lsn), mark_value(event.time_ns, *app_consistent));
                 pending.marks.insert((group.to_string(), name.clone()), lsn);
             }
-            Event::Write { disk, .. } | Event::WriteZeroes { disk, .. } | Event::Trim { disk, .. } | Event::Revert { disk, .. } => {
+            Event::Write { disk, .. } | Event::WriteZeroes { disk, .. } | Event::Trim { disk, .. } | Event::Revert { disk, .. } | Event::Copy { disk, .. } => {
                 let puts = {
                     let mut reader = BlockReader::new(&self.db, Some(&pending.overlay), group, disk);
                     match &event.event {
                         Event::Revert { to_lsn, block_first, block_end, .. } => {
                             crate::blocks::revert_puts(&mut reader, *block_first, *block_end, *to_lsn, lsn)?
+                        }
+                        Event::Copy { block_first, from_disk, from, .. } => {
+                            let mut source = BlockReader::new(&self.db, Some(&pending.overlay), group, from_disk);
+                            crate::blocks::copy_puts(&mut source, *block_first, from)?
                         }
                         other => index_event(disk, other, |b| reader.block_at(b, lsn - 1))?,
                     }

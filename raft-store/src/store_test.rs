@@ -532,3 +532,28 @@ async fn backups_are_records_that_hold_their_disk_and_the_window() {
     b.state_machine.install_snapshot(&snapshot.meta, crate::SnapshotFile { path: copy }).await.unwrap();
     assert_eq!(b.reader.backups("g", 10).unwrap(), list);
 }
+
+/// A copy makes blocks of one disk the bytes of another's at a point in
+/// the window, and is refused for a point before it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_copy_takes_blocks_from_a_point_in_the_window() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = crate::open(dir.path()).unwrap();
+    let disks = vec![DiskSpec { name: "a".into(), size_bytes: 1 << 20, sector_bytes: 512 }, DiskSpec { name: "b".into(), size_bytes: 1 << 20, sector_bytes: 512 }];
+    let batch = |seq, events: Vec<Event>| Command::Append(EventBatch { group: "g".into(), client_id: 5, seq, events: events.into_iter().map(|event| TimedEvent { time_ns: 10, event }).collect() });
+    let w = |v: u8| Event::Write { disk: "a".into(), offset: 0, data: vec![v; 8192] };
+    let copy = |lsn: u64| Event::Copy { disk: "b".into(), block_first: 10, from_disk: "a".into(), from: vec![1, lsn, 0, lsn] };
+    apply_all(&mut store.state_machine, vec![Command::CreateGroup { group: "g".into(), disks, time_ns: 1 }, batch(1, vec![w(1)]), batch(2, vec![w(2)]), batch(3, vec![copy(1)])]).await;
+    let r = &store.reader;
+    assert_eq!(r.group("g").unwrap().unwrap().last_lsn, 3);
+    let runs = r.read_disk("g", "b", 3, 40960, 8192).unwrap();
+    assert_eq!(runs, vec![(0, vec![1u8; 8192])], "blocks 10 and 11 of b are a's blocks 1 and 0 as of LSN 1");
+    assert_eq!(r.block_hashes("g", "b", 3, 10, 1).unwrap(), vec![crate::blocks::block_hash(&[1; 4096])]);
+    // The window moves to LSN 4: a copy from LSN 1 is refused, from 4 taken.
+    apply_all_from(&mut store.state_machine, 5, vec![batch(4, vec![Event::Retain { keep_ns: 0, keep_bytes: 1 }]), batch(5, vec![copy(1)]), batch(6, vec![copy(2)])]).await;
+    let g = r.group("g").unwrap().unwrap();
+    assert_eq!(g.last_lsn, 4, "copies from before the window (LSN {}) are refused", r.retention("g").unwrap().first());
+    let found = r.locate_blocks("g", &[crate::blocks::block_hash(&[2; 4096]), crate::blocks::block_hash(&[9; 4096])], 1).unwrap();
+    assert!(matches!(&found[0], Some((d, _, 2)) if d == "a"), "{found:?}");
+    assert_eq!(found[1], None);
+}

@@ -154,7 +154,8 @@ fn group_of(request: &Request) -> Option<&str> {
         | Request::DrForkPoint { group }
         | Request::DrFork { group, .. }
         | Request::Backups { group, .. }
-        | Request::BlockHashes { group, .. } => Some(group),
+        | Request::BlockHashes { group, .. }
+        | Request::FindBlocks { group, .. } => Some(group),
         Request::TapReport(r) => Some(&r.group),
         _ => None,
     }
@@ -169,7 +170,7 @@ pub fn check(access: &Access, request: &Request) -> Result<(), Denied> {
         (Access::Admin, R::RaftAppend { .. } | R::RaftVote { .. } | R::RaftSnapshot { .. } | R::SnapshotChunk { .. }) => false,
         (Access::Admin, _) => true,
         // A backup's importer holds a tap's certificate for its group.
-        (Access::Tap { .. }, R::Append { .. } | R::ProducerState { .. } | R::GroupState { .. } | R::TapReport(_) | R::Backups { .. } | R::BlockHashes { .. }) => true,
+        (Access::Tap { .. }, R::Append { .. } | R::ProducerState { .. } | R::GroupState { .. } | R::TapReport(_) | R::Backups { .. } | R::BlockHashes { .. } | R::FindBlocks { .. }) => true,
         (Access::Tap { .. }, _) => false,
         (
             Access::Reader,
@@ -181,7 +182,8 @@ pub fn check(access: &Access, request: &Request) -> Result<(), Denied> {
                 | R::DrState { .. }
                 | R::Status
                 | R::Backups { .. }
-                | R::BlockHashes { .. },
+                | R::BlockHashes { .. }
+                | R::FindBlocks { .. },
         ) => true,
         (Access::Reader, _) => false,
         (Access::Peer, R::DrState { .. } | R::Ship { .. } | R::ShipHashed { .. } | R::ShipBlocks { .. } | R::GroupState { .. } | R::Status) => true,

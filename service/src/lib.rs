@@ -219,6 +219,24 @@ impl<T: ServiceTypes> Service<T> {
                 .await
             }
             Request::BlockHashes { group, disk, lsn, block_first, count } => self.block_hashes(group, disk, lsn, block_first, count).await,
+            Request::FindBlocks { group, hashes, lsn } => {
+                use rewind_wire::limits::FIND_BLOCKS_MAX;
+                if hashes.is_empty() || !hashes.len().is_multiple_of(32) || hashes.len() / 32 > FIND_BLOCKS_MAX {
+                    return Err(ServiceError::BadRequest(format!("{} bytes of hashes; 1..={FIND_BLOCKS_MAX} hashes of 32 bytes", hashes.len())));
+                }
+                let id = self.id;
+                let internal = self.internal();
+                self.read(move |r| {
+                    let g = r.group(&group).map_err(&internal)?.ok_or_else(|| no_group(&group))?;
+                    if lsn > g.last_lsn {
+                        return Err(ServiceError::Unavailable(format!("node {id} has applied group {group:?} to LSN {}, not yet {lsn}", g.last_lsn)));
+                    }
+                    let first = r.retention(&group).map_err(&internal)?.first();
+                    let hashes: Vec<[u8; 32]> = hashes.chunks_exact(32).map(|h| h.try_into().expect("32 bytes")).collect();
+                    Ok(Response::Found(r.locate_blocks(&group, &hashes, first).map_err(&internal)?))
+                })
+                .await
+            }
             Request::DrState { group, digest_at } => {
                 self.leader_read(true).await?;
                 self.dr_state(group, digest_at).await

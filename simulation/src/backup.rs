@@ -194,6 +194,17 @@ impl backup::Site for SimSite {
             }
         })
     }
+
+    fn find_blocks<'a>(&'a self, group: &'a str, hashes: &'a [[u8; 32]], lsn: u64) -> BoxFuture<'a, Result<Vec<Option<(String, u64, u64)>>, String>> {
+        let n = hashes.len();
+        let call = self.call(Request::FindBlocks { group: group.to_string(), hashes: hashes.concat(), lsn });
+        Box::pin(async move {
+            match call.await? {
+                Response::Found(f) if f.len() == n => Ok(f),
+                other => Err(format!("unexpected reply {other:?}")),
+            }
+        })
+    }
 }
 
 fn producer(addr: u64, id: u64) -> Producer {
@@ -282,6 +293,7 @@ pub async fn importer(mut rng: Rng, end_ns: u64, history: Shared) {
             fallback_full: false,
             now_ns: rt::local_now_ns(),
             compress: rng.chance(0.5),
+            references: rng.chance(0.7),
         };
         // The intruder tries one write to the disk while this runs.
         let intruder = rng.chance(0.5).then(|| {
@@ -332,7 +344,10 @@ pub async fn importer(mut rng: Rng, end_ns: u64, history: Shared) {
                 if r.resumed {
                     world::count("backup resumed");
                 }
-                world::trace(format!("backup {} ({}) committed at LSN {}: {} bytes new", r.name, r.mode, r.commit_lsn, r.bytes_new));
+                world::trace(format!("backup {} ({}) committed at LSN {}: {} bytes new, {} of them as references", r.name, r.mode, r.commit_lsn, r.bytes_new, r.bytes_referenced));
+                if r.bytes_referenced > 0 {
+                    world::count("backup: blocks sent as references");
+                }
                 let blocks = digests(&source.bytes);
                 history.borrow_mut().backups.push(Done::Committed { name: r.name, lsn: r.commit_lsn, blocks: blocks.clone() });
                 committed = Some(blocks);

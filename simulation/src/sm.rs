@@ -313,6 +313,8 @@ impl SmImage {
                 revert_puts(&mut ImageIndex { image: self, group, disk: &disk }, *block_first, *block_end, *to_lsn, event.lsn)
                     .expect("the simulation's index refers only to its own writes")
             }
+            Event::Copy { block_first, from_disk, from, .. } => rewind_raft_store::blocks::copy_puts(&mut ImageIndex { image: self, group, disk: from_disk }, *block_first, from)
+                .expect("a copy reads only points inside the window"),
             other => index_event(&disk, other, |b| self.block_at(group, &disk, b, event.lsn - 1)).expect("the index reads only what the collector keeps"),
         };
         for put in puts {
@@ -434,6 +436,30 @@ impl ReadState for SimState {
 
     fn retention(&self, group: &str) -> io::Result<RetentionRecord> {
         Ok(self.image().retention.get(group).cloned().unwrap_or_default())
+    }
+
+    fn locate_blocks(&self, group: &str, hashes: &[BlockHash], from: u64) -> io::Result<Vec<Option<(String, u64, u64)>>> {
+        let image = self.image();
+        let mut out: Vec<Option<(String, u64, u64)>> = vec![None; hashes.len()];
+        let low = (group.to_string(), String::new(), 0u64);
+        for ((g, disk, block), versions) in image.blocks.range(low..) {
+            if g != group {
+                break;
+            }
+            for (lsn, v) in versions.range(from..) {
+                let hash = match v {
+                    Version::Ref { hash: Some(h), .. } => *h,
+                    Version::Data(d) => block_hash(d),
+                    _ => continue,
+                };
+                for (i, want) in hashes.iter().enumerate() {
+                    if *want == hash && out[i].as_ref().is_none_or(|b| *lsn > b.2) {
+                        out[i] = Some((disk.clone(), *block, *lsn));
+                    }
+                }
+            }
+        }
+        Ok(out)
     }
 
     fn backups(&self, group: &str, max: usize) -> io::Result<Vec<rewind_wire::rpc::BackupInfo>> {

@@ -3,7 +3,7 @@
 use rkyv::{Archive, Deserialize, Serialize};
 
 use crate::limits::{
-    BATCH_BYTES_MAX, BATCH_EVENTS_MAX, DISK_BYTES_MAX, GROUP_DISKS_MAX, NAME_BYTES_MAX, REVERT_BLOCKS_MAX,
+    BATCH_BYTES_MAX, BATCH_EVENTS_MAX, COPY_BLOCKS_MAX, DISK_BYTES_MAX, GROUP_DISKS_MAX, NAME_BYTES_MAX, REVERT_BLOCKS_MAX,
     WRITE_BYTES_MAX,
 };
 
@@ -52,6 +52,11 @@ pub enum Event {
     /// The point of bookmark `name` is kept until `until_ns`, beyond the
     /// window if need be (0 unpins it).
     Pin { name: String, until_ns: u64 },
+    /// Blocks `block_first..` of `disk` become copies of blocks of
+    /// `from_disk` as they were at LSNs inside the window: `from` holds one
+    /// (block, LSN) pair per block. A backup sends a block the group holds
+    /// elsewhere this way: by where it lies, not its bytes.
+    Copy { disk: String, block_first: u64, from_disk: String, from: Vec<u64> },
 }
 
 impl Event {
@@ -123,6 +128,8 @@ pub enum InvalidInput {
     Reserved { what: &'static str },
     #[error("a backup's digest is 32 bytes, not {bytes}")]
     BadDigest { bytes: usize },
+    #[error("a copy names (block, LSN) pairs, 1..={max} of them; {values} values given", max = COPY_BLOCKS_MAX)]
+    BadCopy { values: usize },
 }
 
 /// Checks a consistency-group, disk, bookmark or backup name.
@@ -155,7 +162,8 @@ impl Event {
             | Event::BackupBegin { disk, .. }
             | Event::DiskCreate { disk, .. }
             | Event::DiskResize { disk, .. }
-            | Event::Revert { disk, .. } => Some(disk),
+            | Event::Revert { disk, .. }
+            | Event::Copy { disk, .. } => Some(disk),
             _ => None,
         }
     }
@@ -184,6 +192,13 @@ impl Event {
             Event::DiskResize { .. } => Ok(()),
             Event::Revert { block_first, block_end, .. } if block_end <= block_first || block_end - block_first > REVERT_BLOCKS_MAX => {
                 Err(InvalidInput::BadRevert { block_first: *block_first, block_end: *block_end })
+            }
+            Event::Copy { from_disk, from, .. } => {
+                check_name(from_disk)?;
+                if from.is_empty() || !from.len().is_multiple_of(2) || from.len() / 2 > COPY_BLOCKS_MAX {
+                    return Err(InvalidInput::BadCopy { values: from.len() });
+                }
+                Ok(())
             }
             _ => Ok(()),
         }

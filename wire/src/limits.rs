@@ -73,6 +73,10 @@ pub const REVERT_BLOCKS_MAX: u64 = 8192;
 /// Blocks one `BlockHashes` request asks for (32 MiB of disk, 256 KiB of
 /// hashes).
 pub const BLOCK_HASHES_MAX: u32 = 8192;
+/// Blocks one `Copy` event copies (4 MiB of disk, 16 KiB of pairs).
+pub const COPY_BLOCKS_MAX: usize = 1024;
+/// Hashes one `FindBlocks` request asks about.
+pub const FIND_BLOCKS_MAX: usize = 8192;
 /// Backups one `Backups` reply lists (the newest ones).
 pub const BACKUPS_LISTED_MAX: usize = 4096;
 

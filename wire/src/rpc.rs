@@ -102,6 +102,10 @@ pub enum Request {
     /// zstd, on an append stream (`frame::compress_batch`); `raw_len`
     /// bounds its size decompressed.
     AppendZstd { raw_len: u64, data: Vec<u8> },
+    /// For each blake3 (32 bytes each, at most `FIND_BLOCKS_MAX`): where
+    /// the group holds a block with that content at an LSN inside its
+    /// window, if it does (the content index), as of `lsn` applied.
+    FindBlocks { group: String, hashes: Vec<u8>, lsn: u64 },
 }
 
 /// A point in a group's log to replay to.
@@ -225,6 +229,7 @@ impl Request {
             Request::Backups { .. } => "backups",
             Request::BlockHashes { .. } => "block-hashes",
             Request::AppendZstd { .. } => "append-zstd",
+            Request::FindBlocks { .. } => "find-blocks",
         }
     }
 }
@@ -389,6 +394,8 @@ pub enum Response {
     Backups(Vec<BackupInfo>),
     /// 32 bytes per block, as of `lsn`.
     BlockHashes { lsn: u64, hashes: Vec<u8> },
+    /// One entry per hash asked: (disk, block, LSN) where it lies.
+    Found(Vec<Option<(String, u64, u64)>>),
 }
 
 impl std::fmt::Display for RpcError {

@@ -70,6 +70,10 @@ pub struct BackupArgs {
     /// Send the blocks uncompressed (default: zstd, level 1).
     #[arg(long)]
     no_compress: bool,
+    /// Send every differing block's bytes, even one the group holds at
+    /// another place (default: such a block travels as a reference to it).
+    #[arg(long)]
+    no_references: bool,
     /// The backup's name (default: full-TIME or incr-TIME).
     #[arg(long)]
     name: Option<String>,
@@ -121,7 +125,7 @@ pub async fn run(a: BackupArgs) -> anyhow::Result<()> {
         }
         _ => Mode::Full,
     };
-    let spec = Spec { group: a.group.clone(), disk: a.disk.clone(), mode, name: a.name.clone(), resume: a.resume, fallback_full: a.fallback_full, now_ns, compress: !a.no_compress };
+    let spec = Spec { group: a.group.clone(), disk: a.disk.clone(), mode, name: a.name.clone(), resume: a.resume, fallback_full: a.fallback_full, now_ns, compress: !a.no_compress, references: !a.no_references };
     let tty = std::io::stderr().is_terminal() && !a.json;
     let started = std::time::Instant::now();
     let mut shown = started;
@@ -171,6 +175,9 @@ pub async fn run(a: BackupArgs) -> anyhow::Result<()> {
     println!("  zero     {:>10.1} MiB (not stored)", mib(r.bytes_zero));
     println!("  same     {:>10.1} MiB (held by the group already: not sent)", mib(r.bytes_unchanged));
     println!("  new      {:>10.1} MiB (stored, in {} events; {:.1} MiB on the wire)", mib(r.bytes_new), r.events, mib(r.bytes_wire));
+    if r.bytes_referenced > 0 {
+        println!("           {:>10.1} MiB of it held elsewhere by the group: sent as references", mib(r.bytes_referenced));
+    }
     println!("  took {:.1} s; digest {}", r.seconds, r.digest);
     println!("replay it: rewind replay {} --disk {} --at-backup {} --out FILE", r.group, r.disk, r.name);
     Ok(())
