@@ -82,6 +82,7 @@ fn a_budget_of_seeds_passes_twice_with_the_same_trace_hashes() {
         "backup resumed",
         "backup aborted",
         "backup: a write from another producer refused",
+        "backup: blocks sent as references",
     ] {
         assert!(text.lines().any(|l| l.starts_with(&format!("{kind} | "))), "fault kind {kind:?} never fired:\n{text}");
     }
