@@ -34,6 +34,30 @@ pub(crate) fn content_location(prefix_len: usize, key: &[u8]) -> Option<(String,
     Some((disk, be_u64(&rest[n..n + 8]), be_u64(&rest[n + 8..])))
 }
 
+/// Calls `each` with the (disk, block, LSN) of each content entry of
+/// `hash` in `group`, in key order, while it returns true.
+fn each_entry<D: rocksdb::DBAccess>(
+    it: &mut rocksdb::DBRawIteratorWithThreadMode<'_, D>,
+    group: &str,
+    hash: &crate::blocks::BlockHash,
+    mut each: impl FnMut((String, u64, u64)) -> bool,
+) -> std::io::Result<()> {
+    let mut prefix = group_prefix(group);
+    prefix.extend_from_slice(hash);
+    it.seek(&prefix);
+    while it.valid() {
+        let k = it.key().expect("valid");
+        if !k.starts_with(&prefix) {
+            break;
+        }
+        if !each(content_location(prefix.len(), k).ok_or_else(|| corrupt("content index", "malformed key"))?) {
+            return Ok(());
+        }
+        it.next();
+    }
+    it.status().map_err(io_err)
+}
+
 impl StoreReader {
     /// For each hash, where `group` holds a block version with that content
     /// written at or after LSN `from` (the newest such entry), from the
@@ -46,24 +70,15 @@ impl StoreReader {
         let mut it = self.db.raw_iterator_cf(cf(&self.db, CF_CONTENT));
         let mut out = Vec::with_capacity(hashes.len());
         for hash in hashes {
-            let mut prefix = group_prefix(group);
-            prefix.extend_from_slice(hash);
-            it.seek(&prefix);
             let mut best: Option<(String, u64, u64)> = None;
             let mut seen = 0;
-            while it.valid() && seen < ENTRIES_MAX {
-                let k = it.key().expect("valid");
-                if !k.starts_with(&prefix) {
-                    break;
-                }
-                let loc = content_location(prefix.len(), k).ok_or_else(|| corrupt("content index", "malformed key"))?;
+            each_entry(&mut it, group, hash, |loc| {
                 if loc.2 >= from && best.as_ref().is_none_or(|b| loc.2 > b.2) {
                     best = Some(loc);
                 }
                 seen += 1;
-                it.next();
-            }
-            it.status().map_err(io_err)?;
+                seen < ENTRIES_MAX
+            })?;
             out.push(best);
         }
         Ok(out)
@@ -76,23 +91,11 @@ impl StoreReader {
         let mut it = self.db.raw_iterator_cf(cf(&self.db, CF_CONTENT));
         let mut out = Vec::with_capacity(hashes.len());
         for hash in hashes {
-            let mut prefix = group_prefix(group);
-            prefix.extend_from_slice(hash);
-            it.seek(&prefix);
             let mut held = false;
-            while it.valid() {
-                let k = it.key().expect("valid");
-                if !k.starts_with(&prefix) {
-                    break;
-                }
-                let (_, _, lsn) = content_location(prefix.len(), k).ok_or_else(|| corrupt("content index", "malformed key"))?;
-                if lsn < before {
-                    held = true;
-                    break;
-                }
-                it.next();
-            }
-            it.status().map_err(io_err)?;
+            each_entry(&mut it, group, hash, |(_, _, lsn)| {
+                held = lsn < before;
+                !held
+            })?;
             out.push(held);
         }
         Ok(out)
@@ -115,19 +118,11 @@ impl StoreReader {
         let mut it = snap.raw_iterator_cf(cf(&self.db, CF_CONTENT));
         let mut out = Vec::with_capacity(hashes.len());
         for hash in hashes {
-            let mut prefix = group_prefix(group);
-            prefix.extend_from_slice(hash);
             let mut candidates = Vec::new();
-            it.seek(&prefix);
-            while it.valid() && candidates.len() < TRIES_MAX {
-                let k = it.key().expect("valid");
-                if !k.starts_with(&prefix) {
-                    break;
-                }
-                candidates.push(content_location(prefix.len(), k).ok_or_else(|| corrupt("content index", "malformed key"))?);
-                it.next();
-            }
-            it.status().map_err(io_err)?;
+            each_entry(&mut it, group, hash, |loc| {
+                candidates.push(loc);
+                candidates.len() < TRIES_MAX
+            })?;
             let mut found = None;
             for (disk, block, lsn) in candidates {
                 let Some(raw) = snap.get_cf(cf(&self.db, CF_BLOCKS), block_key(group, &disk, block, lsn)).map_err(io_err)? else { continue };
