@@ -179,9 +179,19 @@ impl CollectorThread {
 /// `idle`: a failed read must not stop ingest.
 fn run_collector(collector: &rewind_raft_store::gc::Collector, rate_bytes: u64, idle: std::time::Duration, stop: &std::sync::atomic::AtomicBool) {
     use std::sync::atomic::Ordering::Relaxed;
+    let mut steps = 0u64;
     while !stop.load(Relaxed) {
         let started = std::time::Instant::now();
-        match collector.step() {
+        let step = collector.step();
+        steps += 1;
+        // Payload segments nothing names any more go when the collector is
+        // idle, and every 64 steps while it works.
+        if matches!(step, Ok(ref s) if s.group.is_none()) || steps % 64 == 0 {
+            if let Err(e) = collector.reclaim_segments() {
+                tracing::error!("deleting dead payload segments failed and is retried: {e}");
+            }
+        }
+        match step {
             Ok(s) if s.group.is_some() => {
                 let cost = s.freed_bytes + s.rewritten_bytes;
                 if rate_bytes > 0 {
@@ -202,8 +212,9 @@ fn run_collector(collector: &rewind_raft_store::gc::Collector, rate_bytes: u64, 
 
 /// Runs the collector on a thread of its own (it reads and writes RocksDB
 /// synchronously), `rate_bytes` a second at most, and publishes
-/// `rewind_gc_debt_bytes`, `rewind_gc_freed_bytes_total` and
-/// `rewind_gc_rewritten_bytes_total` every 5 s.
+/// `rewind_gc_debt_bytes`, `rewind_gc_freed_bytes_total`,
+/// `rewind_gc_rewritten_bytes_total` and the payload segments' bytes,
+/// deletions and bytes freed every 5 s.
 fn start_collector(collector: rewind_raft_store::gc::Collector, rate_bytes: u64) -> CollectorThread {
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let thread = {
@@ -223,6 +234,12 @@ fn start_collector(collector: rewind_raft_store::gc::Collector, rate_bytes: u64)
             }
             metrics::counter!("rewind_gc_freed_bytes_total").absolute(stats.freed_bytes.load(Relaxed));
             metrics::counter!("rewind_gc_rewritten_bytes_total").absolute(stats.rewritten_bytes.load(Relaxed));
+            metrics::counter!("rewind_segments_deleted_total").absolute(stats.segments_deleted.load(Relaxed));
+            metrics::counter!("rewind_segment_bytes_freed_total").absolute(stats.segment_bytes_freed.load(Relaxed));
+            let c = collector.clone();
+            if let Ok(Ok(bytes)) = tokio::task::spawn_blocking(move || c.segment_bytes()).await {
+                metrics::gauge!("rewind_segment_bytes").set(bytes as f64);
+            }
             tokio::time::sleep(std::time::Duration::from_secs(5)).await;
         }
     });

@@ -94,7 +94,7 @@ impl crate::StoreReader {
     /// they are; older versions without one are read and hashed.
     pub fn block_hashes(&self, group: &str, disk: &str, lsn: u64, first: u64, count: u64) -> std::io::Result<Vec<BlockHash>> {
         let snap = self.db.snapshot();
-        let mut reader = BlockReader::for_read(&self.db, &snap, group, disk)?;
+        let mut reader = BlockReader::for_read(&self.db, &self.segs, &snap, group, disk)?;
         let mut out = Vec::with_capacity(count as usize);
         for block in first..first + count {
             out.push(hash_at(&mut reader, block, lsn)?);

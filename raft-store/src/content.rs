@@ -133,7 +133,7 @@ impl StoreReader {
                             Some(e) => e.clone(),
                             None => {
                                 let Some(raw) = snap.get_cf(cf(&self.db, CF_EVENTS), event_key(group, lsn)).map_err(io_err)? else { continue };
-                                let e: StoredEvent = rewind_wire::frame::decode_record(&raw).map_err(|e| corrupt(&format!("event record at LSN {lsn} of group {group}"), e))?;
+                                let e = crate::segments::decode_event(&self.segs, &raw).map_err(|e| corrupt(&format!("event record at LSN {lsn} of group {group}"), e))?;
                                 if events.len() >= EVENTS_KEPT {
                                     events.clear();
                                 }

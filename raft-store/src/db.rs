@@ -28,14 +28,17 @@ pub(crate) const CF_RETENTION: &str = "retention";
 pub(crate) const CF_GC: &str = "gc";
 pub(crate) const CF_CONTENT: &str = "content";
 pub(crate) const CF_BACKUPS: &str = "backups";
+pub(crate) const CF_SEGREFS: &str = "segrefs";
 
 /// The column families that make up the state machine, in snapshot order.
 /// New families go at the end: a snapshot stream names them by position.
-pub(crate) const SM_CFS: [&str; 15] =
-    [CF_SM, CF_GROUPS, CF_EVENTS, CF_TIMES, CF_PRODUCERS, CF_BLOCKS, CF_EXTENTS, CF_MARKS, CF_CHAIN, CF_DR, CF_BRANCHES, CF_RETENTION, CF_GC, CF_CONTENT, CF_BACKUPS];
+/// (`segrefs` names this replica's own segments: a snapshot stream leaves
+/// it out and carries the payloads instead.)
+pub(crate) const SM_CFS: [&str; 16] =
+    [CF_SM, CF_GROUPS, CF_EVENTS, CF_TIMES, CF_PRODUCERS, CF_BLOCKS, CF_EXTENTS, CF_MARKS, CF_CHAIN, CF_DR, CF_BRANCHES, CF_RETENTION, CF_GC, CF_CONTENT, CF_BACKUPS, CF_SEGREFS];
 
 /// The column families a group's keys live in under its prefix.
-pub(crate) const GROUP_KEYED_CFS: [&str; 8] = [CF_EVENTS, CF_TIMES, CF_BLOCKS, CF_EXTENTS, CF_MARKS, CF_CHAIN, CF_CONTENT, CF_BACKUPS];
+pub(crate) const GROUP_KEYED_CFS: [&str; 9] = [CF_EVENTS, CF_TIMES, CF_BLOCKS, CF_EXTENTS, CF_MARKS, CF_CHAIN, CF_CONTENT, CF_BACKUPS, CF_SEGREFS];
 
 /// A shard replica's storage: the log store and state machine share one DB.
 pub struct Store {
@@ -57,9 +60,12 @@ pub fn open(dir: &Path) -> std::io::Result<Store> {
     std::fs::create_dir_all(&snapshot_dir)?;
     let gc_lock = Arc::new(tokio::sync::Mutex::new(()));
     let generation = Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let state_machine = StateMachine::open(db.clone(), snapshot_dir.clone(), gc_lock.clone(), generation.clone())?;
-    let collector = crate::gc::Collector::new(db.clone(), gc_lock, generation);
-    Ok(Store { log: LogStore::new(db.clone()), state_machine, reader: StoreReader { db, snapshot_dir }, collector })
+    let segs = Arc::new(crate::segments::Segments::open(&dir.join("segments"))?);
+    let log = LogStore::new(db.clone(), segs.clone());
+    log.cut_torn_tail()?;
+    let state_machine = StateMachine::open(db.clone(), segs.clone(), snapshot_dir.clone(), gc_lock.clone(), generation.clone())?;
+    let collector = crate::gc::Collector::new(db.clone(), segs.clone(), gc_lock, generation);
+    Ok(Store { log, state_machine, reader: StoreReader { db, segs, snapshot_dir }, collector })
 }
 
 /// The database with this build's column families and options.
@@ -263,6 +269,7 @@ pub(crate) struct Overlay {
 /// what it does not hold from its base group as of the fork.
 pub(crate) struct BlockReader<'a> {
     db: &'a DB,
+    segs: &'a crate::segments::Segments,
     /// A replay's consistent view: the collector may change the index
     /// between two reads of one block otherwise.
     snap: Option<&'a rocksdb::SnapshotWithThreadMode<'a, DB>>,
@@ -294,15 +301,15 @@ pub(crate) fn branch_of(db: &DB, group: &str) -> std::io::Result<Option<BranchRe
 impl<'a> BlockReader<'a> {
     /// A reader for indexing a group's new events: never a branch (a
     /// branch takes no events), so no branch record is looked up.
-    pub(crate) fn new(db: &'a DB, overlay: Option<&'a Overlay>, group: &'a str, disk: &'a str) -> BlockReader<'a> {
-        BlockReader { db, snap: None, overlay, group, disk, base: None, recent: Default::default(), blocks_it: None, extents_it: None }
+    pub(crate) fn new(db: &'a DB, segs: &'a crate::segments::Segments, overlay: Option<&'a Overlay>, group: &'a str, disk: &'a str) -> BlockReader<'a> {
+        BlockReader { db, segs, snap: None, overlay, group, disk, base: None, recent: Default::default(), blocks_it: None, extents_it: None }
     }
 
     /// A reader of the applied state as of `snap`, for any group, a
     /// branch included.
-    pub(crate) fn for_read(db: &'a DB, snap: &'a rocksdb::SnapshotWithThreadMode<'a, DB>, group: &'a str, disk: &'a str) -> std::io::Result<BlockReader<'a>> {
+    pub(crate) fn for_read(db: &'a DB, segs: &'a crate::segments::Segments, snap: &'a rocksdb::SnapshotWithThreadMode<'a, DB>, group: &'a str, disk: &'a str) -> std::io::Result<BlockReader<'a>> {
         let base = branch_of(db, group)?.map(|b| (b.base, b.base_lsn));
-        Ok(BlockReader { base, snap: Some(snap), ..BlockReader::new(db, None, group, disk) })
+        Ok(BlockReader { base, snap: Some(snap), ..BlockReader::new(db, segs, None, group, disk) })
     }
 
     fn iterator(&self, family: &str) -> rocksdb::DBRawIteratorWithThreadMode<'a, DB> {
@@ -379,8 +386,8 @@ impl<'a> BlockReader<'a> {
                 let bytes = got
                     .map_err(io_err)?
                     .ok_or_else(|| corrupt("block index", format!("block refers to LSN {lsn}, which the store does not hold")))?;
-                let e: StoredEvent = rewind_wire::frame::decode_record(&bytes)
-                    .map_err(|e| corrupt(&format!("event record at LSN {lsn} of group {}", self.group), e))?;
+                let e = crate::segments::decode_event(self.segs, &bytes)
+                    .map_err(|e| std::io::Error::new(e.kind(), format!("event record at LSN {lsn} of group {}: {e}", self.group)))?;
                 Arc::new(e)
             }
         };
@@ -489,6 +496,7 @@ pub(crate) fn group_prefix(group: &str) -> Vec<u8> {
 #[derive(Clone)]
 pub struct StoreReader {
     pub(crate) db: Arc<DB>,
+    pub(crate) segs: Arc<crate::segments::Segments>,
     snapshot_dir: PathBuf,
 }
 
@@ -532,7 +540,7 @@ impl StoreReader {
             if k.len() != prefix_len + 8 || k[..prefix_len] != start[..prefix_len] {
                 break;
             }
-            let event: StoredEvent = rewind_wire::frame::decode_record(&v).map_err(|e| corrupt("event record", e))?;
+            let event = crate::segments::decode_event(&self.segs, &v)?;
             let lsn = u64::from_be_bytes(k[prefix_len..].try_into().expect("8 bytes"));
             if event.lsn != lsn {
                 return Err(corrupt("event record", format!("key says LSN {lsn}, record says {}", event.lsn)));
@@ -561,7 +569,7 @@ impl StoreReader {
             let last = self.group(group)?.map_or(0, |g| g.last_lsn);
             return Err(std::io::Error::new(std::io::ErrorKind::NotFound, retention.outside(group, lsn, last)));
         }
-        let mut reader = BlockReader::for_read(&self.db, &snap, group, disk)?;
+        let mut reader = BlockReader::for_read(&self.db, &self.segs, &snap, group, disk)?;
         let runs = crate::blocks::read_runs(&mut reader, lsn, offset, len);
         drop(reader);
         runs

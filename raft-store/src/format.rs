@@ -11,16 +11,29 @@ use crate::db::{cf, open_db, CF_LOG, CF_META, CF_SM};
 use crate::{io_err, StateMachine};
 
 /// The layout of the tables this build reads and writes. Format 2 added the
-/// block index; a store without it cannot serve replays.
-const STORE_FORMAT: u32 = 2;
+/// block index; a store without it cannot serve replays. Format 3 keeps
+/// payloads in segment files; it reads format 2's records as they are, so
+/// a format-2 store is stamped 3 at open (an older build then refuses it,
+/// rather than misreading the records that name segments).
+const STORE_FORMAT: u32 = 3;
 const KEY_FORMAT: &[u8] = b"format";
+
+fn format_of(v: &[u8]) -> Option<u32> {
+    (v.len() == 4).then(|| u32::from_le_bytes(v[..4].try_into().expect("4 bytes")))
+}
 
 /// Stamps a new store with this build's format; refuses a store written in
 /// another one, saying what to do.
 pub(crate) fn check_format(db: &DB, dir: &Path) -> std::io::Result<()> {
     let meta = cf(db, CF_META);
     match db.get_cf(meta, KEY_FORMAT).map_err(io_err)? {
-        Some(v) if v.len() == 4 && u32::from_le_bytes(v[..4].try_into().expect("4 bytes")) == STORE_FORMAT => Ok(()),
+        Some(v) if format_of(&v) == Some(STORE_FORMAT) => Ok(()),
+        Some(v) if format_of(&v) == Some(2) => {
+            tracing::info!("the store in {} is format 2: stamped format 3 (payloads of new writes go to segment files; older records read as they are)", dir.display());
+            let mut o = rocksdb::WriteOptions::default();
+            o.set_sync(true);
+            db.put_cf_opt(meta, KEY_FORMAT, STORE_FORMAT.to_le_bytes(), &o).map_err(io_err)
+        }
         Some(v) => Err(std::io::Error::new(
             std::io::ErrorKind::InvalidData,
             format!("the store in {} has format {v:?}; this build reads format {STORE_FORMAT} only", dir.display()),
@@ -71,7 +84,7 @@ pub fn migrate(dir: &Path, progress: impl FnMut(&str, u64, u64)) -> std::io::Res
     let db = open_db(dir)?;
     let meta = cf(&db, CF_META);
     match db.get_cf(meta, KEY_FORMAT).map_err(io_err)? {
-        Some(v) if v.len() == 4 && u32::from_le_bytes(v[..4].try_into().expect("4 bytes")) == STORE_FORMAT => return Ok((Found::Current, Vec::new())),
+        Some(v) if format_of(&v) == Some(STORE_FORMAT) || format_of(&v) == Some(2) => return Ok((Found::Current, Vec::new())),
         Some(v) => {
             return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, format!("the store in {} has format {v:?}, which this build cannot migrate", dir.display())))
         }
@@ -87,7 +100,8 @@ pub fn migrate(dir: &Path, progress: impl FnMut(&str, u64, u64)) -> std::io::Res
     let db = Arc::new(db);
     let snapshot_dir: PathBuf = dir.join("snapshots");
     std::fs::create_dir_all(&snapshot_dir)?;
-    let sm = StateMachine::open(db.clone(), snapshot_dir, Default::default(), Default::default())?;
+    let segs = Arc::new(crate::segments::Segments::open(&dir.join("segments"))?);
+    let sm = StateMachine::open(db.clone(), segs, snapshot_dir, Default::default(), Default::default())?;
     let groups = sm.rebuild_derived(progress)?;
     db.put_cf_opt(cf(&db, CF_META), KEY_FORMAT, STORE_FORMAT.to_le_bytes(), &sync).map_err(io_err)?;
     Ok((Found::Migrated, groups))

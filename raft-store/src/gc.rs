@@ -31,8 +31,9 @@ use crate::blocks::{Version, BLOCK_BYTES};
 use crate::content::content_key;
 use crate::db::{
     block_key, cf, chain_value, decode_opt, disk_prefix, event_key, extent_key, mark_key, time_key, CF_BLOCKS, CF_CHAIN, CF_CONTENT, CF_EVENTS, CF_EXTENTS, CF_GC, CF_GROUPS, CF_MARKS,
-    CF_RETENTION, CF_TIMES,
+    CF_RETENTION, CF_SEGREFS, CF_TIMES,
 };
+use crate::segments::segref_key;
 use crate::retention::{collect_event, GcIndex, GcOp, RetentionRecord, Shape};
 use crate::{corrupt, io_err};
 
@@ -70,6 +71,9 @@ pub struct GcStats {
     pub rewritten_bytes: AtomicU64,
     pub events: AtomicU64,
     pub steps: AtomicU64,
+    /// Payload segments deleted, and their bytes.
+    pub segments_deleted: AtomicU64,
+    pub segment_bytes_freed: AtomicU64,
 }
 
 /// What one step did.
@@ -87,6 +91,7 @@ pub struct Step {
 #[derive(Clone)]
 pub struct Collector {
     db: Arc<DB>,
+    segs: Arc<crate::segments::Segments>,
     lock: Arc<tokio::sync::Mutex<()>>,
     /// Bumped (under the lock) by whatever replaces or removes a group's
     /// tables wholesale: a snapshot install, a group's deletion. A step
@@ -191,8 +196,41 @@ impl GcIndex for Index<'_, '_, '_> {
 }
 
 impl Collector {
-    pub(crate) fn new(db: Arc<DB>, lock: Arc<tokio::sync::Mutex<()>>, generation: Arc<AtomicU64>) -> Collector {
-        Collector { db, lock, generation, stats: Arc::default(), uncompacted: Arc::default() }
+    pub(crate) fn new(db: Arc<DB>, segs: Arc<crate::segments::Segments>, lock: Arc<tokio::sync::Mutex<()>>, generation: Arc<AtomicU64>) -> Collector {
+        Collector { db, segs, lock, generation, stats: Arc::default(), uncompacted: Arc::default() }
+    }
+
+    /// Deletes the payload segments nothing needs any more
+    /// (`segments::reclaimable`): the events that named them were freed
+    /// (or moved into a snapshot's own copy) and the log was purged past
+    /// them. Before deleting, it makes durable what made them unneeded:
+    /// the state machine's tables (flushed) and the log's purge (the WAL,
+    /// synced), so a crash cannot bring back a record naming a deleted
+    /// segment. Returns the bytes freed.
+    pub fn reclaim_segments(&self) -> std::io::Result<u64> {
+        let _building = self.segs.snapshot_lock();
+        let ids = self.segs.ids()?;
+        let active = self.segs.active();
+        let log_first = crate::log::LogStore::first_segment(&self.db)?;
+        let referenced = crate::segments::referenced(&self.db)?;
+        let dead = crate::segments::reclaimable(&ids, active, log_first, &referenced);
+        if dead.is_empty() {
+            return Ok(0);
+        }
+        crate::db::flush_state_machine(&self.db)?;
+        if let Err(e) = self.db.flush_wal(true) {
+            crate::fsync_failed("syncing the log before deleting segments", e);
+        }
+        let freed = self.segs.remove(&dead)?;
+        self.stats.segments_deleted.fetch_add(dead.len() as u64, Relaxed);
+        self.stats.segment_bytes_freed.fetch_add(freed, Relaxed);
+        tracing::debug!(segments = dead.len(), freed, "deleted payload segments");
+        Ok(freed)
+    }
+
+    /// Bytes the payload segments take on disk.
+    pub fn segment_bytes(&self) -> std::io::Result<u64> {
+        self.segs.bytes()
     }
 
     /// The groups whose window passed what was collected, as of `snap`:
@@ -250,7 +288,7 @@ impl Collector {
             let read_event = |event: &mut Option<StoredEvent>| -> std::io::Result<()> {
                 if event.is_none() {
                     let raw = snap.get_cf(cf(&self.db, CF_EVENTS), &key).map_err(io_err)?.ok_or_else(|| corrupt("group", format!("{name:?} has no event at LSN {lsn}")))?;
-                    *event = Some(decode_record(&raw).map_err(|e| corrupt("event record", e))?);
+                    *event = Some(crate::segments::decode_event(&self.segs, &raw)?);
                 }
                 Ok(())
             };
@@ -300,6 +338,13 @@ impl Collector {
                     }
                 }
                 Shape::Other => {}
+            }
+            // Its segment reference goes with it (a small record: the
+            // payload is not read).
+            if let Some(raw) = snap.get_cf(cf(&self.db, CF_EVENTS), &key).map_err(io_err)? {
+                if let Some(loc) = crate::segments::EventRecord::parse(&raw)?.loc {
+                    batch.delete_cf(cf(&self.db, CF_SEGREFS), segref_key(name, loc.seg, lsn));
+                }
             }
             batch.delete_cf(cf(&self.db, CF_EVENTS), &key);
             batch.delete_cf(cf(&self.db, CF_TIMES), time_key(name, time_ns, lsn));

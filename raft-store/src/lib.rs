@@ -82,6 +82,7 @@ pub mod gc;
 mod log;
 pub mod retention;
 pub mod read;
+pub mod segments;
 mod sm;
 mod snapshot;
 

@@ -24,8 +24,9 @@ use crate::content::content_key;
 use crate::db::{
     block_key, cf, chain_value, chain_value_of, decode_opt, event_key, extent_key, group_prefix, mark_key, mark_value, prefix_end, producer_key, time_key,
     BlockReader, Overlay, CF_BLOCKS, CF_BRANCHES, CF_CONTENT, CF_CHAIN, CF_DR, CF_EVENTS, CF_EXTENTS, CF_GC, CF_GROUPS, CF_MARKS, CF_PRODUCERS, CF_RETENTION, CF_SM,
-    CF_TIMES, GROUP_KEYED_CFS,
+    CF_TIMES, CF_SEGREFS, GROUP_KEYED_CFS,
 };
+use crate::segments::{segref_key, Loc};
 use crate::snapshot::{SnapshotBuilder, SnapshotFile, Snapshots};
 use crate::{corrupt, io_err, TypeConfig};
 
@@ -42,6 +43,7 @@ pub(crate) struct MembershipRecord {
 /// A shard replica's state machine.
 pub struct StateMachine {
     db: Arc<DB>,
+    segs: Arc<crate::segments::Segments>,
     snapshots: Snapshots,
     /// Held by `apply`, snapshot installs and each collector step: the
     /// collector never changes the index under an apply that reads it.
@@ -54,12 +56,13 @@ pub struct StateMachine {
 impl StateMachine {
     pub(crate) fn open(
         db: Arc<DB>,
+        segs: Arc<crate::segments::Segments>,
         snapshot_dir: PathBuf,
         gc_lock: Arc<tokio::sync::Mutex<()>>,
         gc_generation: Arc<std::sync::atomic::AtomicU64>,
     ) -> io::Result<StateMachine> {
-        let snapshots = Snapshots::open(db.clone(), snapshot_dir)?;
-        Ok(StateMachine { db, snapshots, gc_lock, gc_generation })
+        let snapshots = Snapshots::open(db.clone(), segs.clone(), snapshot_dir)?;
+        Ok(StateMachine { db, segs, snapshots, gc_lock, gc_generation })
     }
 
     fn retention(&self, pending: &Pending, group: &str) -> io::Result<RetentionRecord> {
@@ -155,8 +158,8 @@ impl StateMachine {
             }
         }
         let raw = self.db.get_cf(cf(&self.db, CF_EVENTS), &key).map_err(io_err)?.ok_or_else(|| corrupt("group", format!("{group:?} has no event at LSN {lsn}")))?;
-        let e: StoredEvent = decode_record(&raw).map_err(|e| corrupt("event record", e))?;
-        Ok((e.time_ns, e.event.payload_bytes() as u64))
+        let e = crate::segments::EventRecord::parse(&raw)?;
+        Ok((e.event.time_ns, e.payload_bytes()))
     }
 
     /// Moves the group's window as its policy allows, after new events.
@@ -213,6 +216,7 @@ impl StateMachine {
         group: &str,
         mut digest: [u8; 32],
         events: Vec<(StoredEvent, Vec<u8>)>,
+        at: &BTreeMap<u64, Loc>,
     ) -> io::Result<()> {
         pending.appended.insert(group.to_string());
         for (event, record) in events {
@@ -221,12 +225,46 @@ impl StateMachine {
             let info = (event.time_ns, event.event.payload_bytes() as u64);
             batch.put_cf(cf(&self.db, CF_CHAIN), &key, chain_value_of(&digest, &event));
             pending.info.insert((group.to_string(), event.lsn), info);
-            batch.put_cf(cf(&self.db, CF_EVENTS), &key, record);
+            // A write whose payload lies in a segment names it; nothing is
+            // copied. (The chain above is over the whole record, as every
+            // replica and the other site compute it.)
+            match at.get(&event.lsn) {
+                Some(loc) if event.event.payload_bytes() == loc.len as usize => {
+                    batch.put_cf(cf(&self.db, CF_EVENTS), &key, crate::segments::event_value(&event, loc));
+                    batch.put_cf(cf(&self.db, CF_SEGREFS), segref_key(group, loc.seg, event.lsn), []);
+                }
+                _ => batch.put_cf(cf(&self.db, CF_EVENTS), &key, record),
+            }
             batch.put_cf(cf(&self.db, CF_TIMES), time_key(group, event.time_ns, event.lsn), []);
             self.index(pending, batch, group, &key, event)?;
         }
         Ok(())
     }
+}
+
+/// The segment location of each write of a command, by the LSN it takes
+/// (`events`: every event of the command with its LSN, in order; `locs`:
+/// one per write, in the same order, or none at all).
+fn placed<'a>(events: impl Iterator<Item = (u64, &'a rewind_wire::event::Event)>, locs: &[Loc]) -> BTreeMap<u64, Loc> {
+    let mut out = BTreeMap::new();
+    if locs.is_empty() {
+        return out;
+    }
+    let mut next = locs.iter();
+    for (lsn, e) in events {
+        if matches!(e, rewind_wire::event::Event::Write { .. }) {
+            match next.next() {
+                Some(l) => {
+                    out.insert(lsn, *l);
+                }
+                None => return BTreeMap::new(),
+            }
+        }
+    }
+    if next.next().is_some() {
+        return BTreeMap::new();
+    }
+    out
 }
 
 /// What `migrate` did to one group.
@@ -275,8 +313,11 @@ impl StateMachine {
                 for l in lsn..=upto {
                     let key = event_key(name, l);
                     let raw = self.db.get_cf(cf(&self.db, CF_EVENTS), &key).map_err(io_err)?.ok_or_else(|| corrupt("group", format!("{name:?} has no event at LSN {l} (of 1..={})", g.last_lsn)))?;
-                    let event: StoredEvent = decode_record(&raw).map_err(|e| corrupt(&format!("event record at LSN {l} of group {name}"), e))?;
-                    digest = crate::apply::chain(&digest, &raw);
+                    // Format 1 stores hold events whole; the chain is over
+                    // the whole record either way.
+                    let event = crate::segments::decode_event(&self.segs, &raw).map_err(|e| corrupt(&format!("event record at LSN {l} of group {name}"), e))?;
+                    let whole = if raw.starts_with(b"RWE3") { encode_record(&event).map_err(io_err)? } else { raw.clone() };
+                    digest = crate::apply::chain(&digest, &whole);
                     payload_bytes += event.event.payload_bytes() as u64;
                     batch.put_cf(cf(&self.db, CF_CHAIN), &key, chain_value_of(&digest, &event));
                     batch.put_cf(cf(&self.db, CF_TIMES), time_key(name, event.time_ns, l), []);
@@ -341,7 +382,20 @@ impl Pending {
 }
 
 impl StateMachine {
-    fn apply_command(&self, pending: &mut Pending, batch: &mut WriteBatch, command: &Command) -> io::Result<CommandReply> {
+    /// Where the payloads of the entry `id` lie, from its log record (none
+    /// for an entry stored whole, from before segments).
+    fn entry_locs(&self, id: &LogId) -> io::Result<Vec<Loc>> {
+        match crate::log::LogStore::locs_at(&self.db, id.index)? {
+            Some((stored, locs)) if codec::log_id_from_wire(&stored) == *id => {
+                self.segs.ensure_synced(&locs);
+                Ok(locs)
+            }
+            Some((stored, _)) => Err(corrupt("log entry", format!("index {} holds {:?} while {:?} is applied", id.index, stored, id))),
+            None => Ok(Vec::new()),
+        }
+    }
+
+    fn apply_command(&self, pending: &mut Pending, batch: &mut WriteBatch, command: &Command, locs: &[Loc]) -> io::Result<CommandReply> {
         match command {
             Command::CreateGroup { group, disks, .. } => {
                 let exists = self.pending_group(pending, group)?.is_some();
@@ -366,13 +420,15 @@ impl StateMachine {
                     None => self.producer(b.client_id, &b.group)?,
                 };
                 let before = group.digest;
-                let events: Vec<_> = b.events.iter().map(|e| e.event.clone()).collect();
+                let first_lsn = group.last_lsn + 1;
+                let events: Vec<_> = b.events.iter().map(|e| crate::segments::strip_event(&e.event)).collect();
                 let mut policy = self.policy(pending, &b.group, &events)?;
                 let before_policy = policy.retention.clone();
                 let (outcome, reply) = apply_batch(&mut group, producer, b, &mut policy);
                 if let BatchOutcome::Sequenced { events, producer } = outcome {
                     let any = !events.is_empty();
-                    self.put_events(pending, batch, &b.group, before, events)?;
+                    let at = placed(b.events.iter().enumerate().map(|(i, t)| (first_lsn + i as u64, &t.event)), locs);
+                    self.put_events(pending, batch, &b.group, before, events, &at)?;
                     pending.producers.insert(pkey, producer);
                     if any {
                         Self::keep_backups(pending, &b.group, &policy.backups);
@@ -399,13 +455,14 @@ impl StateMachine {
                 };
                 let before = group.digest;
                 let first = group.last_lsn + 1;
-                let plain: Vec<_> = events.iter().map(|e| e.event.clone()).collect();
+                let plain: Vec<_> = events.iter().map(|e| crate::segments::strip_event(&e.event)).collect();
                 let mut policy = self.policy(pending, name, &plain)?;
                 let before_policy = policy.retention.clone();
                 match apply_replicated(&mut group, self.dr(pending, name)?.as_ref(), *epoch, events, digest, &mut policy) {
                     Ok(new) => {
                         let any = !new.is_empty();
-                        self.put_events(pending, batch, name, before, new)?;
+                        let at = placed(events.iter().map(|e| (e.lsn, &e.event)), locs);
+                        self.put_events(pending, batch, name, before, new, &at)?;
                         if any {
                             Self::keep_backups(pending, name, &policy.backups);
                             let hold = crate::backups::hold(&policy.backups);
@@ -502,7 +559,9 @@ impl StateMachine {
         while lsn > fork_lsn && (take.len() as u64) < FORK_EVENTS_MAX && bytes < FORK_BYTES_MAX && blocks < FORK_BLOCKS_MAX {
             let key = event_key(name, lsn);
             let raw = self.db.get_cf(cf(&self.db, CF_EVENTS), &key).map_err(io_err)?.ok_or_else(|| corrupt("group", format!("{name:?} has no event at LSN {lsn}")))?;
-            let event: StoredEvent = decode_record(&raw).map_err(|e| corrupt("event record", e))?;
+            let rec = crate::segments::EventRecord::parse(&raw)?;
+            let loc = rec.loc;
+            let event = rec.load(|l| self.segs.read(l))?;
             if let Event::DiskCreate { disk, .. } | Event::DiskResize { disk, .. } = &event.event {
                 return Ok(CommandReply::Refused {
                     reason: format!("LSN {lsn} of group {name:?}, after the fork, changes disk {disk:?}; a failback over disk changes is not built"),
@@ -510,7 +569,7 @@ impl StateMachine {
             }
             bytes += event.event.payload_bytes() as u64;
             blocks += crate::blocks::versioned_blocks(&event.event).map_or(1, |(_, b)| b.len() as u64 + 1);
-            take.push((event, raw));
+            take.push((event, raw, loc));
             lsn -= 1;
         }
         if record.is_none() {
@@ -527,10 +586,14 @@ impl StateMachine {
             }
             Ok(())
         };
-        for (event, raw) in &take {
+        for (event, raw, loc) in &take {
             let lsn = event.lsn;
             batch.delete_cf(cf(&self.db, CF_EVENTS), event_key(name, lsn));
             batch.put_cf(cf(&self.db, CF_EVENTS), event_key(branch, lsn), raw);
+            if let Some(loc) = loc {
+                batch.delete_cf(cf(&self.db, CF_SEGREFS), segref_key(name, loc.seg, lsn));
+                batch.put_cf(cf(&self.db, CF_SEGREFS), segref_key(branch, loc.seg, lsn), []);
+            }
             batch.delete_cf(cf(&self.db, CF_TIMES), time_key(name, event.time_ns, lsn));
             batch.put_cf(cf(&self.db, CF_TIMES), time_key(branch, event.time_ns, lsn), []);
             mv(batch, CF_CHAIN, event_key(name, lsn), event_key(branch, lsn))?;
@@ -561,7 +624,7 @@ impl StateMachine {
         };
         if lsn > 0 {
             let raw = self.db.get_cf(cf(&self.db, CF_EVENTS), event_key(name, lsn)).map_err(io_err)?.ok_or_else(|| corrupt("group", format!("{name:?} has no event at LSN {lsn}")))?;
-            g.last_time_ns = decode_record::<StoredEvent>(&raw).map_err(|e| corrupt("event record", e))?.time_ns;
+            g.last_time_ns = crate::segments::EventRecord::parse(&raw)?.event.time_ns;
         }
         pending.groups.insert(name.to_string(), g);
         pending.forked.insert(name.to_string());
@@ -583,13 +646,13 @@ impl StateMachine {
             }
             Event::Write { disk, .. } | Event::WriteZeroes { disk, .. } | Event::Trim { disk, .. } | Event::Revert { disk, .. } | Event::Copy { disk, .. } => {
                 let puts = {
-                    let mut reader = BlockReader::new(&self.db, Some(&pending.overlay), group, disk);
+                    let mut reader = BlockReader::new(&self.db, &self.segs, Some(&pending.overlay), group, disk);
                     match &event.event {
                         Event::Revert { to_lsn, block_first, block_end, .. } => {
                             crate::blocks::revert_puts(&mut reader, *block_first, *block_end, *to_lsn, lsn)?
                         }
                         Event::Copy { block_first, from_disk, from, .. } => {
-                            let mut source = BlockReader::new(&self.db, Some(&pending.overlay), group, from_disk);
+                            let mut source = BlockReader::new(&self.db, &self.segs, Some(&pending.overlay), group, from_disk);
                             crate::blocks::copy_puts(&mut source, *block_first, from)?
                         }
                         other => index_event(disk, other, |b| reader.block_at(b, lsn - 1))?,
@@ -719,7 +782,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                     if pending.must_write_before(command) {
                         self.write(std::mem::take(&mut batch), &std::mem::take(&mut pending), &last_applied, &last_membership)?;
                     }
-                    Some(self.apply_command(&mut pending, &mut batch, command)?)
+                    let locs = self.entry_locs(&entry.log_id)?;
+                    Some(self.apply_command(&mut pending, &mut batch, command, &locs)?)
                 }
                 EntryPayload::Membership(m) => {
                     last_membership = Some(MembershipRecord {

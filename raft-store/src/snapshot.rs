@@ -6,11 +6,18 @@
 //! files, so its cost does not grow with the state's size). A `.meta` file
 //! beside it holds the snapshot's metadata as a checksummed record.
 //!
+//! The payload segments its events name are hard-linked beside it
+//! (`<name>.segs/`), taken under the segments' snapshot lock, so the
+//! collector cannot delete one between the checkpoint and the links.
+//!
 //! To send one, the checkpoint is opened read-only and written as a stream
 //! file: `RWSNAP01`, then records `cf(1) klen(4) vlen(4) key value` for every
 //! key of the state machine's column families, then `0xFF` and the blake3
-//! hash of everything before it. A follower receives that file (`.snap`),
-//! checks the hash before changing anything, and installs it.
+//! hash of everything before it. An event whose payload lies in a segment
+//! goes whole (read from the linked segments), and `segrefs`, which names
+//! this replica's own segments, is left out: a follower's segments are its
+//! own. A follower receives that file (`.snap`), checks the hash before
+//! changing anything, and installs it.
 
 use std::fs::{self, File};
 use std::io::{self, BufReader, BufWriter, Read, Write};
@@ -23,7 +30,8 @@ use rewind_wire::frame::{decode_record, encode_record};
 use rocksdb::{IteratorMode, WriteBatch, WriteOptions, DB};
 
 use crate::codec::{self, SnapshotMeta};
-use crate::db::{cf, CF_META, SM_CFS};
+use crate::db::{cf, CF_EVENTS, CF_META, CF_SEGREFS, SM_CFS};
+use crate::segments::{EventRecord, Segments};
 use crate::sm::{MembershipRecord, KEY_APPLIED, KEY_MEMBERSHIP};
 use crate::{corrupt, fsync_failed, io_err, TypeConfig};
 
@@ -63,7 +71,7 @@ impl SnapshotFile {
         let opts = rocksdb::Options::default();
         let names = DB::list_cf(&opts, &self.path).map_err(io_err)?;
         let db = DB::open_cf_for_read_only(&opts, &self.path, names, false).map_err(io_err)?;
-        write_stream(&db, scratch)?;
+        write_stream(&db, &self.path.with_extension("segs"), scratch)?;
         drop(db);
         verify(scratch)?;
         Ok((scratch.to_path_buf(), true))
@@ -72,11 +80,13 @@ impl SnapshotFile {
 
 pub(crate) struct Snapshots {
     db: Arc<DB>,
+    segs: Arc<Segments>,
     dir: PathBuf,
 }
 
 pub struct SnapshotBuilder {
     db: Arc<DB>,
+    segs: Arc<Segments>,
     dir: PathBuf,
 }
 
@@ -105,8 +115,8 @@ fn remove_older(dir: &Path, keep: &str) -> io::Result<()> {
     for entry in fs::read_dir(dir)? {
         let name = entry?.file_name().to_string_lossy().into_owned();
         let stem = name.split('.').next().unwrap_or_default().to_string();
-        let is_snapshot = name.ends_with(".snap") || name.ends_with(".meta") || name.ends_with(".ckpt");
-        if (is_snapshot && stem.as_str() < keep) || name.ends_with(".tmp") {
+        let is_snapshot = name.ends_with(".snap") || name.ends_with(".meta") || name.ends_with(".ckpt") || name.ends_with(".segs");
+        if (is_snapshot && stem.as_str() < keep) || name.ends_with(".tmp") || name.ends_with(".segs-tmp") {
             let path = dir.join(&name);
             let _ = if path.is_dir() { fs::remove_dir_all(&path) } else { fs::remove_file(&path) };
         }
@@ -173,11 +183,16 @@ fn read_membership(db: &DB) -> io::Result<rewind_wire::raft::SnapshotMeta> {
 // The clock only makes a temporary file's name unique; no time reaches the
 // state.
 #[allow(clippy::disallowed_methods)]
-fn build_blocking(db: &DB, dir: &Path) -> io::Result<SnapshotOf<TypeConfig, SnapshotFile>> {
+fn build_blocking(db: &DB, segs: &Segments, dir: &Path) -> io::Result<SnapshotOf<TypeConfig, SnapshotFile>> {
     // Durable state first: openraft purges the log behind this snapshot.
     crate::db::flush_state_machine(db)?;
     let tmp = dir.join(format!("build-{:x}.tmp", std::process::id() as u64 ^ std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0)));
-    rocksdb::checkpoint::Checkpoint::new(db).and_then(|c| c.create_checkpoint(&tmp)).map_err(io_err)?;
+    let tmp_segs = tmp.with_extension("segs-tmp");
+    {
+        let _held = segs.snapshot_lock();
+        rocksdb::checkpoint::Checkpoint::new(db).and_then(|c| c.create_checkpoint(&tmp)).map_err(io_err)?;
+        segs.link_all(&tmp_segs)?;
+    }
     let wire_meta = {
         let opts = rocksdb::Options::default();
         let names = DB::list_cf(&opts, &tmp).map_err(io_err)?;
@@ -189,7 +204,14 @@ fn build_blocking(db: &DB, dir: &Path) -> io::Result<SnapshotOf<TypeConfig, Snap
     let path = dir.join(format!("{name}.ckpt"));
     if path.exists() {
         fs::remove_dir_all(&tmp)?;
+        fs::remove_dir_all(&tmp_segs)?;
     } else {
+        // The segments first: a checkpoint is never without them.
+        let linked = path.with_extension("segs");
+        if linked.exists() {
+            fs::remove_dir_all(&linked)?;
+        }
+        fs::rename(&tmp_segs, &linked)?;
         fs::rename(&tmp, &path)?;
     }
     write_meta(dir, &name, &wire_meta)?;
@@ -200,14 +222,24 @@ fn build_blocking(db: &DB, dir: &Path) -> io::Result<SnapshotOf<TypeConfig, Snap
 }
 
 /// Writes the state machine's column families of `db` as a stream file.
-fn write_stream(db: &DB, out_path: &Path) -> io::Result<()> {
+fn write_stream(db: &DB, segs: &Path, out_path: &Path) -> io::Result<()> {
     let file = File::create(out_path)?;
     let mut out = HashingWriter { inner: BufWriter::with_capacity(IO_BUFFER_BYTES, file), hasher: blake3::Hasher::new() };
     out.write_all(MAGIC)?;
     for (i, name) in SM_CFS.iter().enumerate() {
+        if *name == CF_SEGREFS {
+            continue;
+        }
         let handle = db.cf_handle(name).ok_or_else(|| corrupt("snapshot source", format!("no column family {name}")))?;
         for item in db.iterator_cf(handle, IteratorMode::Start) {
-            let (k, v) = item.map_err(io_err)?;
+            let (k, mut v) = item.map_err(io_err)?;
+            if *name == CF_EVENTS {
+                let record = EventRecord::parse(&v)?;
+                if record.loc.is_some() {
+                    let whole = record.load(|l| crate::segments::read_in(segs, l))?;
+                    v = encode_record(&whole).map_err(io_err)?.into_boxed_slice();
+                }
+            }
             out.write_all(&[i as u8])?;
             out.write_all(&(k.len() as u32).to_le_bytes())?;
             out.write_all(&(v.len() as u32).to_le_bytes())?;
@@ -287,6 +319,10 @@ fn install_blocking(db: &DB, path: &Path, meta: &rewind_wire::raft::SnapshotMeta
     let mut reader = RecordReader::open(path)?;
     let mut batch = WriteBatch::default();
     while let Some((i, k, v)) = reader.next_record()? {
+        // Segments are a replica's own: a stream naming them is refused.
+        if SM_CFS[i] == CF_SEGREFS || (SM_CFS[i] == CF_EVENTS && v.starts_with(b"RWE3") && EventRecord::parse(&v)?.loc.is_some()) {
+            return Err(corrupt("snapshot record", "it names payload segments of another replica"));
+        }
         batch.put_cf(cf(db, SM_CFS[i]), k, v);
         if batch.size_in_bytes() >= INSTALL_BATCH_BYTES_MAX {
             db.write(std::mem::take(&mut batch)).map_err(io_err)?;
@@ -309,7 +345,7 @@ fn install_blocking(db: &DB, path: &Path, meta: &rewind_wire::raft::SnapshotMeta
 }
 
 impl Snapshots {
-    pub(crate) fn open(db: Arc<DB>, dir: PathBuf) -> io::Result<Snapshots> {
+    pub(crate) fn open(db: Arc<DB>, segs: Arc<Segments>, dir: PathBuf) -> io::Result<Snapshots> {
         // Streams left by sends that a crash interrupted.
         for entry in fs::read_dir(&dir)? {
             let path = entry?.path();
@@ -317,7 +353,7 @@ impl Snapshots {
                 let _ = fs::remove_file(&path);
             }
         }
-        let snapshots = Snapshots { db, dir };
+        let snapshots = Snapshots { db, segs, dir };
         if let Some(name) = snapshots.db.get_cf(cf(&snapshots.db, CF_META), KEY_INSTALLING).map_err(io_err)? {
             let name = String::from_utf8_lossy(&name).into_owned();
             tracing::warn!(snapshot = %name, "finishing a snapshot install that was interrupted");
@@ -333,7 +369,7 @@ impl Snapshots {
     }
 
     pub(crate) fn builder(&self) -> SnapshotBuilder {
-        SnapshotBuilder { db: self.db.clone(), dir: self.dir.clone() }
+        SnapshotBuilder { db: self.db.clone(), segs: self.segs.clone(), dir: self.dir.clone() }
     }
 
     pub(crate) async fn install(&self, meta: &SnapshotMeta, file: SnapshotFile) -> io::Result<()> {
@@ -394,8 +430,8 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
     type SnapshotData = SnapshotFile;
 
     async fn build_snapshot(&mut self) -> io::Result<SnapshotOf<TypeConfig, SnapshotFile>> {
-        let db = self.db.clone();
+        let (db, segs) = (self.db.clone(), self.segs.clone());
         let dir = self.dir.clone();
-        tokio::task::spawn_blocking(move || build_blocking(&db, &dir)).await.map_err(io_err)?
+        tokio::task::spawn_blocking(move || build_blocking(&db, &segs, &dir)).await.map_err(io_err)?
     }
 }

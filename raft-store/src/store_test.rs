@@ -29,24 +29,25 @@ fn commands() -> Vec<Command> {
     ]
 }
 
-async fn apply_all(sm: &mut crate::StateMachine, commands: Vec<Command>) {
-    apply_all_from(sm, 1, commands).await
+async fn apply_all(store: &mut crate::Store, commands: Vec<Command>) {
+    apply_all_from(store, 1, commands).await
 }
 
-async fn apply_all_from(sm: &mut crate::StateMachine, first_index: u64, commands: Vec<Command>) {
-    let entries: Vec<std::io::Result<openraft::storage::EntryResponder<crate::TypeConfig>>> = commands
-        .into_iter()
-        .enumerate()
-        .map(|(i, c)| Ok((Entry::new_normal(log_id(i as u64 + first_index), c), None)))
-        .collect();
-    sm.apply(stream::iter(entries)).await.expect("apply");
+/// Appends the commands to the log (payloads to segments), then applies
+/// them, as a node does.
+async fn apply_all_from(store: &mut crate::Store, first_index: u64, commands: Vec<Command>) {
+    use openraft::storage::RaftLogStorage;
+    let entries: Vec<Entry> = commands.into_iter().enumerate().map(|(i, c)| Entry::new_normal(log_id(i as u64 + first_index), c)).collect();
+    store.log.append(entries.clone(), openraft::storage::IOFlushed::noop()).await.expect("append");
+    let entries: Vec<std::io::Result<openraft::storage::EntryResponder<crate::TypeConfig>>> = entries.into_iter().map(|e| Ok((e, None))).collect();
+    store.state_machine.apply(stream::iter(entries)).await.expect("apply");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn apply_then_read_back_and_resolve_times() {
     let dir = tempfile::tempdir().unwrap();
     let mut store = crate::open(dir.path()).unwrap();
-    apply_all(&mut store.state_machine, commands()).await;
+    apply_all(&mut store, commands()).await;
     let r = &store.reader;
     let g = r.group("g").unwrap().unwrap();
     assert_eq!((g.last_lsn, g.events, g.payload_bytes), (4, 4, 4 * 4096));
@@ -73,7 +74,7 @@ async fn apply_then_read_back_and_resolve_times() {
 async fn snapshot_moves_state_to_another_replica() {
     let a_dir = tempfile::tempdir().unwrap();
     let mut a = crate::open(a_dir.path()).unwrap();
-    apply_all(&mut a.state_machine, commands()).await;
+    apply_all(&mut a, commands()).await;
     let snapshot = a.state_machine.get_snapshot_builder().await.build_snapshot().await.unwrap();
     assert_eq!(snapshot.meta.last_log_id, Some(log_id(4)));
 
@@ -101,7 +102,7 @@ async fn snapshot_moves_state_to_another_replica() {
     let (applied, _) = b.state_machine.applied_state().await.unwrap();
     assert_eq!(applied, Some(log_id(4)));
     // The state keeps changing on `a` after the checkpoint; the snapshot does not.
-    apply_all_from(&mut a.state_machine, 5, vec![Command::Append(EventBatch { group: "g".into(), client_id: 5, seq: 4, events: vec![write(0, 40)] })]).await;
+    apply_all_from(&mut a, 5, vec![Command::Append(EventBatch { group: "g".into(), client_id: 5, seq: 4, events: vec![write(0, 40)] })]).await;
     assert_eq!(a.reader.group("g").unwrap().unwrap().last_lsn, 5);
     assert_eq!(b.reader.group("g").unwrap().unwrap().last_lsn, 4);
     // The installed snapshot is the current one, and survives a reopen.
@@ -181,18 +182,18 @@ async fn failback_keeps_the_diverged_events_as_a_readable_branch() {
         commands.push(Command::Append(EventBatch { group: "g".into(), client_id: 5, seq, events: marks }));
     }
     let n = commands.len() as u64;
-    apply_all(&mut store.state_machine, commands).await;
+    apply_all(&mut store, commands).await;
     let r = store.reader.clone();
     let disk_at = |group: &str, lsn: u64| r.read_disk(group, "d0", lsn, 0, DISK).unwrap();
     let before: Vec<_> = (0..=40).map(|l| disk_at("g", l)).collect();
     let digest_at_fork = r.digest_at("g", 25).unwrap().unwrap();
     let digest_at_head = r.digest_at("g", 1140).unwrap();
     // A failover elsewhere: this site is the secondary now, and fails back.
-    apply_all_from(&mut store.state_machine, n + 1, vec![Command::DrSet { group: "g".into(), record: record("b", 2) }]).await;
+    apply_all_from(&mut store, n + 1, vec![Command::DrSet { group: "g".into(), record: record("b", 2) }]).await;
     let mut index = n + 2;
     loop {
         let fork = Command::Fork { group: "g".into(), branch: "g.branch-e2".into(), fork_lsn: 25 };
-        apply_all_from(&mut store.state_machine, index, vec![fork]).await;
+        apply_all_from(&mut store, index, vec![fork]).await;
         index += 1;
         if r.group("g").unwrap().unwrap().last_lsn == 25 {
             break;
@@ -224,7 +225,7 @@ async fn failback_keeps_the_diverged_events_as_a_readable_branch() {
         d = crate::apply::chain(&d, &rewind_wire::frame::encode_record(e).unwrap());
     }
     let to_branch = Command::Append(EventBatch { group: "g.branch-e2".into(), client_id: 9, seq: 1, events: vec![write(0, 5000)] });
-    apply_all_from(&mut store.state_machine, index, vec![to_branch, Command::Replicate { group: "g".into(), epoch: 2, events, digest: d }]).await;
+    apply_all_from(&mut store, index, vec![to_branch, Command::Replicate { group: "g".into(), epoch: 2, events, digest: d }]).await;
     assert_eq!(r.group("g.branch-e2").unwrap().unwrap().last_lsn, 1140, "the branch took a write");
     assert_eq!(r.group("g").unwrap().unwrap().last_lsn, 30);
     assert_eq!(&disk_at("g", 30)[0].1[..4096], &[0xee; 4096][..]);
@@ -287,7 +288,7 @@ async fn the_collector_frees_history_before_the_window_and_keeps_every_kept_poin
     // (current then) must be freed when a later event replaces it.
     let mut index = 1;
     for chunk in commands.chunks(25) {
-        apply_all_from(&mut store.state_machine, index, chunk.to_vec()).await;
+        apply_all_from(&mut store, index, chunk.to_vec()).await;
         index += chunk.len() as u64;
         let collector = store.collector.clone();
         tokio::task::spawn_blocking(move || collector.step().unwrap()).await.unwrap();
@@ -392,12 +393,12 @@ async fn a_locked_group_refuses_a_shorter_policy_and_deletion() {
     let data = TimedEvent { time_ns: 43, event: Event::Write { disk: "d0".into(), offset: 0, data: vec![9; 8192] } };
     commands.push(Command::Append(EventBatch { group: "g".into(), client_id: 7, seq: 1, events: vec![data] }));
     let n = commands.len() as u64;
-    apply_all(&mut store.state_machine, commands).await;
+    apply_all(&mut store, commands).await;
     let r = store.reader.retention("g").unwrap();
     assert_eq!((r.keep_ns, r.lock_until_ns), (1000, 500), "the shorter policy was refused");
     assert_eq!(store.reader.group("g").unwrap().unwrap().last_lsn, 7, "the refused batch took no LSN");
     assert_eq!(content_index_agrees(&store.reader, "g"), 2);
-    apply_all_from(&mut store.state_machine, n + 1, vec![Command::DeleteGroup { group: "g".into(), time_ns: 500 }]).await;
+    apply_all_from(&mut store, n + 1, vec![Command::DeleteGroup { group: "g".into(), time_ns: 500 }]).await;
     assert!(store.reader.group("g").unwrap().is_none());
     assert!(store.reader.events("g", 1, 10, usize::MAX).unwrap().is_empty());
     assert!(store.reader.bookmarks("g", 10).unwrap().is_empty());
@@ -427,7 +428,7 @@ async fn a_format_1_store_is_refused_then_migrated_in_place() {
     }
     let before = {
         let mut store = crate::open(dir.path()).unwrap();
-        apply_all(&mut store.state_machine, commands).await;
+        apply_all(&mut store, commands).await;
         let r = store.reader.clone();
         let disks: Vec<_> = [1, 100, 350, 699, 700].iter().map(|l| r.read_disk("g", "d0", *l, 0, SIZE).unwrap()).collect();
         (disks, r.bookmarks("g", 1000).unwrap(), r.digest_at("g", 700).unwrap(), content_index_agrees(&r, "g"))
@@ -484,7 +485,7 @@ async fn backups_are_records_that_hold_their_disk_and_the_window() {
     let begin = Event::BackupBegin { backup: "full".into(), disk: "d0".into(), base: None };
     let data = |v: u8| Event::Write { disk: "d0".into(), offset: 4096, data: vec![v; 8192] };
     apply_all(
-        &mut store.state_machine,
+        &mut store,
         vec![
             Command::CreateGroup { group: "g".into(), disks, time_ns: 1 },
             batch(1, 1, vec![data(1)]),
@@ -495,7 +496,7 @@ async fn backups_are_records_that_hold_their_disk_and_the_window() {
         ],
     )
     .await;
-    let r = &store.reader;
+    let r = store.reader.clone();
     let g = r.group("g").unwrap().unwrap();
     assert_eq!(g.last_lsn, 4, "the other producers' writes were refused");
     let list = r.backups("g", 10).unwrap();
@@ -511,7 +512,7 @@ async fn backups_are_records_that_hold_their_disk_and_the_window() {
     // window moves on.
     let commit = Event::BackupCommit { backup: "full".into(), extents: 1, bytes: 8192, digest: vec![7; 32] };
     apply_all_from(
-        &mut store.state_machine,
+        &mut store,
         6,
         vec![batch(7, 1, vec![begin.clone(), data(5), commit.clone()]), batch(1, 3, vec![data(6)]), batch(5, 2, vec![begin.clone()])],
     )
@@ -543,17 +544,150 @@ async fn a_copy_takes_blocks_from_a_point_in_the_window() {
     let batch = |seq, events: Vec<Event>| Command::Append(EventBatch { group: "g".into(), client_id: 5, seq, events: events.into_iter().map(|event| TimedEvent { time_ns: 10, event }).collect() });
     let w = |v: u8| Event::Write { disk: "a".into(), offset: 0, data: vec![v; 8192] };
     let copy = |lsn: u64| Event::Copy { disk: "b".into(), block_first: 10, from_disk: "a".into(), from: vec![1, lsn, 0, lsn] };
-    apply_all(&mut store.state_machine, vec![Command::CreateGroup { group: "g".into(), disks, time_ns: 1 }, batch(1, vec![w(1)]), batch(2, vec![w(2)]), batch(3, vec![copy(1)])]).await;
-    let r = &store.reader;
+    apply_all(&mut store, vec![Command::CreateGroup { group: "g".into(), disks, time_ns: 1 }, batch(1, vec![w(1)]), batch(2, vec![w(2)]), batch(3, vec![copy(1)])]).await;
+    let r = store.reader.clone();
     assert_eq!(r.group("g").unwrap().unwrap().last_lsn, 3);
     let runs = r.read_disk("g", "b", 3, 40960, 8192).unwrap();
     assert_eq!(runs, vec![(0, vec![1u8; 8192])], "blocks 10 and 11 of b are a's blocks 1 and 0 as of LSN 1");
     assert_eq!(r.block_hashes("g", "b", 3, 10, 1).unwrap(), vec![crate::blocks::block_hash(&[1; 4096])]);
     // The window moves to LSN 4: a copy from LSN 1 is refused, from 4 taken.
-    apply_all_from(&mut store.state_machine, 5, vec![batch(4, vec![Event::Retain { keep_ns: 0, keep_bytes: 1 }]), batch(5, vec![copy(1)]), batch(6, vec![copy(2)])]).await;
+    apply_all_from(&mut store, 5, vec![batch(4, vec![Event::Retain { keep_ns: 0, keep_bytes: 1 }]), batch(5, vec![copy(1)]), batch(6, vec![copy(2)])]).await;
     let g = r.group("g").unwrap().unwrap();
     assert_eq!(g.last_lsn, 4, "copies from before the window (LSN {}) are refused", r.retention("g").unwrap().first());
     let found = r.locate_blocks("g", &[crate::blocks::block_hash(&[2; 4096]), crate::blocks::block_hash(&[9; 4096])], 1).unwrap();
     assert!(matches!(&found[0], Some((d, _, 2)) if d == "a"), "{found:?}");
     assert_eq!(found[1], None);
+}
+
+/// Every payload byte is written once, to a segment: the log's record and
+/// the event's record name it; nothing copies it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn payloads_lie_once_in_segments_and_records_name_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = crate::open(dir.path()).unwrap();
+    apply_all(&mut store, commands()).await;
+    let r = store.reader.clone();
+    let written = r.segs.written_bytes.load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(written, 4 * (4096 + 8), "four payloads and their record headers");
+    for lsn in 1..=4 {
+        let raw = r.db.get_cf(crate::db::cf(&r.db, crate::db::CF_EVENTS), crate::db::event_key("g", lsn)).unwrap().unwrap();
+        assert!(raw.starts_with(b"RWE3") && raw.len() < 200, "LSN {lsn}: the event record names its payload ({} bytes)", raw.len());
+    }
+    for item in r.db.iterator_cf(crate::db::cf(&r.db, crate::db::CF_LOG), rocksdb::IteratorMode::Start) {
+        let (_, v) = item.unwrap();
+        assert!(v.len() < 400, "a log record holds no payload ({} bytes)", v.len());
+    }
+    assert_eq!(crate::segments::referenced(&r.db).unwrap().len(), 1);
+    // Replays read the bytes where they lie.
+    let w = |seq, v: u8| Command::Append(EventBatch { group: "g".into(), client_id: 5, seq, events: vec![TimedEvent { time_ns: 50, event: Event::Write { disk: "d0".into(), offset: 4096, data: vec![v; 8192] } }] });
+    apply_all_from(&mut store, 5, vec![w(4, 7), w(5, 9)]).await;
+    assert_eq!(r.read_disk("g", "d0", 5, 4096, 8192).unwrap(), vec![(0, vec![7u8; 8192])]);
+    assert_eq!(r.read_disk("g", "d0", 6, 0, 3 * 4096).unwrap(), vec![(4096, vec![9u8; 8192])]);
+    // A payload that reads back wrong is refused by its checksum, never served.
+    let loc = crate::segments::EventRecord::parse(&r.db.get_cf(crate::db::cf(&r.db, crate::db::CF_EVENTS), crate::db::event_key("g", 5)).unwrap().unwrap()).unwrap().loc.unwrap();
+    let path = dir.path().join("segments").join(format!("{:016x}.seg", loc.seg));
+    let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&f, &[0xAA], loc.off + 100).unwrap();
+    let err = r.read_disk("g", "d0", 5, 4096, 4096).unwrap_err().to_string();
+    assert!(err.contains("fails its checksum"), "{err}");
+}
+
+/// A crash can leave payloads written but not synced: the log is cut at
+/// the first entry whose payload does not read back, and what is before it
+/// reads whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_torn_segment_tail_cuts_the_log_at_the_first_torn_entry() {
+    use openraft::storage::{RaftLogReader, RaftLogStorage};
+    let dir = tempfile::tempdir().unwrap();
+    let entries: Vec<Entry> = commands().into_iter().enumerate().map(|(i, c)| Entry::new_normal(log_id(i as u64 + 1), c)).collect();
+    let torn_at = {
+        let mut store = crate::open(dir.path()).unwrap();
+        store.log.append(entries.clone(), openraft::storage::IOFlushed::noop()).await.unwrap();
+        let (_, locs) = crate::log::LogStore::locs_at(&store.reader.db, 3).unwrap().unwrap();
+        locs[0]
+    };
+    // The power went while entry 3's payload was half written.
+    let path = dir.path().join("segments").join(format!("{:016x}.seg", torn_at.seg));
+    std::fs::OpenOptions::new().write(true).open(&path).unwrap().set_len(torn_at.off + 1000).unwrap();
+    let mut store = crate::open(dir.path()).unwrap();
+    let state = store.log.get_log_state().await.unwrap();
+    assert_eq!(state.last_log_id, Some(log_id(2)), "entries 3 and 4 were never synced, so never acknowledged");
+    let got = store.log.try_get_log_entries(1..=2).await.unwrap();
+    assert_eq!(format!("{got:?}"), format!("{:?}", &entries[..2]));
+    // New appends go to a new segment and read back.
+    store.log.append(entries[2..].to_vec(), openraft::storage::IOFlushed::noop()).await.unwrap();
+    let got = store.log.try_get_log_entries(1..=4).await.unwrap();
+    assert_eq!(format!("{got:?}"), format!("{entries:?}"));
+}
+
+/// Retention frees events, then whole segments once nothing names them
+/// and the log is purged past them; a snapshot keeps the segments it
+/// names alive (hard links) and carries payloads to another replica.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_segments_are_deleted_and_snapshots_keep_theirs() {
+    use openraft::storage::RaftLogStorage;
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = crate::open(dir.path()).unwrap();
+    store.reader.segs.set_segment_bytes(64 << 10);
+    let disks = vec![DiskSpec { name: "d0".into(), size_bytes: 1 << 20, sector_bytes: 512 }];
+    let batch = |seq: u64, events| Command::Append(EventBatch { group: "g".into(), client_id: 5, seq, events });
+    let mut commands = vec![Command::CreateGroup { group: "g".into(), disks, time_ns: 1 }, batch(1, vec![TimedEvent { time_ns: 2, event: Event::Retain { keep_ns: 0, keep_bytes: 128 << 10 } }])];
+    // 2 MiB of 16 KiB writes over 256 KiB of the disk, 8 times over.
+    let w = |i: u64| TimedEvent { time_ns: 10 + i, event: Event::Write { disk: "d0".into(), offset: (i % 16) * 16384, data: vec![(i % 250) as u8 + 1; 16384] } };
+    for i in 0..128u64 {
+        commands.push(batch(i + 2, vec![w(i)]));
+    }
+    let n = commands.len() as u64;
+    apply_all(&mut store, commands).await;
+    let segs_before = store.reader.segs.ids().unwrap().len();
+    assert!(segs_before >= 30, "{segs_before} segments of 64 KiB");
+    // A snapshot now names (and links) the segments of the window.
+    let snapshot = store.state_machine.get_snapshot_builder().await.build_snapshot().await.unwrap();
+    store.log.purge(log_id(n)).await.unwrap();
+    let collector = store.collector.clone();
+    let freed = tokio::task::spawn_blocking(move || {
+        while collector.step().unwrap().group.is_some() {}
+        collector.reclaim_segments().unwrap()
+    })
+    .await
+    .unwrap();
+    let left = store.reader.segs.ids().unwrap();
+    assert!(freed > 0 && left.len() < 16, "{} segments left of {segs_before}, {freed} bytes freed", left.len());
+    assert!(store.reader.segs.bytes().unwrap() < 1 << 20, "what is left is about the window (128 KiB) and the copies kept");
+    // The window's start reads as the model says: each 16 KiB piece holds
+    // the last write to it.
+    let r = store.reader.clone();
+    let first = r.retention("g").unwrap().first();
+    let last = r.group("g").unwrap().unwrap().last_lsn;
+    for lsn in [first, last] {
+        let mut model = vec![0u8; 1 << 18];
+        for i in 0..128u64 {
+            if 2 + i <= lsn {
+                model[((i % 16) * 16384) as usize..][..16384].fill((i % 250) as u8 + 1);
+            }
+        }
+        let mut disk = vec![0u8; 1 << 18];
+        for (at, bytes) in r.read_disk("g", "d0", lsn, 0, 1 << 18).unwrap() {
+            disk[at as usize..at as usize + bytes.len()].copy_from_slice(&bytes);
+        }
+        assert!(disk == model, "LSN {lsn} reads as the model");
+    }
+    // The snapshot, built before the deletions, still streams whole and
+    // installs on another replica, which reads the same history.
+    let stream = dir.path().join("out.sending");
+    let (sent, _) = snapshot.snapshot.stream_for_send(&stream).unwrap();
+    let b_dir = tempfile::tempdir().unwrap();
+    let mut b = crate::open(b_dir.path()).unwrap();
+    b.state_machine.install_snapshot(&snapshot.meta, crate::SnapshotFile { path: sent }).await.unwrap();
+    let at = b.reader.retention("g").unwrap().first();
+    let mut disk_b = vec![0u8; 1 << 18];
+    for (off, bytes) in b.reader.read_disk("g", "d0", last, 0, 1 << 18).unwrap() {
+        disk_b[off as usize..off as usize + bytes.len()].copy_from_slice(&bytes);
+    }
+    let mut disk_a = vec![0u8; 1 << 18];
+    for (off, bytes) in r.read_disk("g", "d0", last, 0, 1 << 18).unwrap() {
+        disk_a[off as usize..off as usize + bytes.len()].copy_from_slice(&bytes);
+    }
+    assert!(disk_a == disk_b && at <= first);
+    assert!(crate::segments::referenced(&b.reader.db).unwrap().is_empty(), "an installed snapshot names no segment of another replica");
 }
