@@ -186,7 +186,7 @@ fn run_collector(collector: &rewind_raft_store::gc::Collector, rate_bytes: u64, 
         steps += 1;
         // Payload segments nothing names any more go when the collector is
         // idle, and every 64 steps while it works.
-        if matches!(step, Ok(ref s) if s.group.is_none()) || steps % 64 == 0 {
+        if matches!(step, Ok(ref s) if s.group.is_none()) || steps.is_multiple_of(64) {
             if let Err(e) = collector.reclaim_segments() {
                 tracing::error!("deleting dead payload segments failed and is retried: {e}");
             }

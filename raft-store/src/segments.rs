@@ -579,7 +579,7 @@ mod tests {
         let segs = Segments::open(dir.path()).unwrap();
         assert_eq!(segs.active(), 3);
         assert_eq!(segs.read(&locs[3]).unwrap().len(), big.len());
-        assert_eq!(segs.remove(&[1, 3]).unwrap() > 0, true);
+        assert!(segs.remove(&[1, 3]).unwrap() > 0);
         assert_eq!(segs.ids().unwrap(), vec![2, 3], "the active segment is never removed");
     }
 
@@ -602,7 +602,7 @@ mod tests {
         assert!(payloads(&s).iter().all(|p| p.is_empty()));
         fill(&mut s, p.clone().into_iter()).unwrap();
         assert_eq!(s, cmd);
-        assert!(fill(&mut strip(&cmd), p[..1].to_vec().into_iter()).is_err());
+        assert!(fill(&mut strip(&cmd), p[..1].iter().cloned()).is_err());
     }
 
     #[test]
