@@ -174,8 +174,9 @@ fn runs_of(data: &[u8], byte: u8, run_len: usize) -> Vec<usize> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_corrupt_chunk_on_one_node_is_an_error_there_and_the_others_replay() {
-    // Frequent snapshots flush the state machine, so the payloads are in
-    // blob files on disk, where the test can reach them.
+    // Frequent snapshots purge the log, so the distinctive write is named
+    // only by the history (a damaged payload the log still names would
+    // stop the node at open instead).
     let site = Site::up(&["--snapshot-every", "32", "--logs-kept", "8"]);
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
@@ -204,11 +205,15 @@ async fn a_corrupt_chunk_on_one_node_is_an_error_there_and_the_others_replay() {
     // garbage collection may delete or rewrite a blob file under the test.
     let victim_pid = site.site().nodes.iter().find(|n| n.id == victim).unwrap().pid;
     kill9(victim_pid);
-    let db = site.path().join(format!("node-{victim}")).join("data").join("shard-1").join("db");
+    // Payloads lie in segment files (and, for stores from before them,
+    // in RocksDB's blob files): flip a byte of every copy of the write.
+    let shard = site.path().join(format!("node-{victim}")).join("data").join("shard-1");
+    let db = shard.join("segments");
     let mut flipped = 0;
-    for entry in std::fs::read_dir(&db).unwrap() {
+    let files = std::fs::read_dir(&db).unwrap().chain(std::fs::read_dir(shard.join("db")).unwrap());
+    for entry in files {
         let path: PathBuf = entry.unwrap().path();
-        if path.extension().and_then(|e| e.to_str()) != Some("blob") {
+        if !matches!(path.extension().and_then(|e| e.to_str()), Some("blob" | "seg")) {
             continue;
         }
         let mut data = std::fs::read(&path).unwrap();
@@ -221,7 +226,7 @@ async fn a_corrupt_chunk_on_one_node_is_an_error_there_and_the_others_replay() {
             std::fs::write(&path, &data).unwrap();
         }
     }
-    assert!(flipped > 0, "no copy of the distinctive write found in node {victim}'s blob files under {}", db.display());
+    assert!(flipped > 0, "no copy of the distinctive write found in node {victim}'s segments under {}", db.display());
     rewind_node::dev::start_node(site.path(), victim).await.unwrap();
     // The corrupt node refuses, naming the problem; it never hands out wrong bytes.
     let bad = d.join("bad.raw");
@@ -233,5 +238,5 @@ async fn a_corrupt_chunk_on_one_node_is_an_error_there_and_the_others_replay() {
     for n in (1..=3u64).filter(|n| *n != victim) {
         replay_equals(&site, d, "g", &["--at", &lsn.to_string()], n, &backing);
     }
-    eprintln!("flipped {flipped} bytes in node {victim}'s blob files: it refused ({}); the others replayed correctly", err.lines().last().unwrap_or(""));
+    eprintln!("flipped {flipped} bytes in node {victim}'s payload files: it refused ({}); the others replayed correctly", err.lines().last().unwrap_or(""));
 }

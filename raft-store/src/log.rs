@@ -28,6 +28,7 @@ const ENTRY_PAYLOADS_MAX: usize = 1 << 16;
 
 const KEY_VOTE: &[u8] = b"vote";
 const KEY_PURGED: &[u8] = b"purged";
+const KEY_SEGMENTS_SYNCED: &[u8] = b"segments-synced";
 
 /// Most flush callbacks one fsync answers; more wait for the next one.
 const SYNC_GROUP_MAX: usize = 4096;
@@ -61,15 +62,28 @@ impl LogStore {
     /// Cuts the log at its first entry whose payload does not read back
     /// whole (a torn segment tail after a crash). No entry from there on
     /// was reported durable: a segment sync covers every byte written
-    /// before it, and entries are written in log order. Returns the index
-    /// cut from, if any.
+    /// before it, and entries are written in log order. A payload the last
+    /// recorded sync covered that no longer reads back is damage, not a
+    /// torn tail: the open is refused rather than drop an acknowledged
+    /// entry. Returns the index cut from, if any.
     pub(crate) fn cut_torn_tail(&self) -> io::Result<Option<u64>> {
         let log = cf(&self.db, CF_LOG);
+        let synced = match self.db.get_cf(cf(&self.db, CF_META), KEY_SEGMENTS_SYNCED).map_err(io_err)? {
+            Some(v) if v.len() == 16 => (u64::from_le_bytes(v[..8].try_into().expect("8")), u64::from_le_bytes(v[8..].try_into().expect("8"))),
+            Some(v) => return Err(corrupt("segments-synced record", format!("{} bytes", v.len()))),
+            None => (0, 0),
+        };
         for item in self.db.iterator_cf(log, IteratorMode::Start) {
             let (k, v) = item.map_err(io_err)?;
             let Some((locs, _)) = split_record(&v)? else { continue };
-            if let Some(bad) = locs.iter().find_map(|l| self.segs.read(l).err()) {
+            if let Some((loc, bad)) = locs.iter().find_map(|l| self.segs.read(l).err().map(|e| (*l, e))) {
                 let index = u64::from_be_bytes(k.as_ref().try_into().map_err(|_| corrupt("log key", "not 8 bytes"))?);
+                if segments::torn_or_damaged((loc.seg, loc.off + loc.len as u64), synced) == segments::Damage::Damaged {
+                    return Err(corrupt(
+                        "log",
+                        format!("the payload of log entry {index} was synced and no longer reads back ({bad}): the disk damaged it. This replica cannot start on it; remove its data directory and let it catch up from the others"),
+                    ));
+                }
                 tracing::warn!(index, "the log's payload at index {index} does not read back ({bad}); cutting the log there (a torn tail: never acknowledged)");
                 let mut opts = WriteOptions::default();
                 opts.set_sync(true);
@@ -143,8 +157,15 @@ fn sync_loop(db: &std::sync::Weak<DB>, segs: &std::sync::Weak<Segments>, rx: &mp
         };
         // Payloads first: a WAL record must never name bytes a crash can
         // lose (the open-time cut relies on it only for unsynced tails).
+        // The position synced is recorded in the same WAL sync, so that an
+        // open can tell a torn tail from damage (`segments::torn_or_damaged`).
         if let Some(segs) = segs.upgrade() {
-            segs.sync();
+            let (seg, len) = segs.sync();
+            let mut pos = seg.to_le_bytes().to_vec();
+            pos.extend_from_slice(&len.to_le_bytes());
+            if let Err(e) = db.put_cf(cf(&db, CF_META), KEY_SEGMENTS_SYNCED, pos) {
+                fsync_failed("recording the payloads synced", e);
+            }
         }
         if let Err(e) = db.flush_wal(true) {
             fsync_failed("syncing appended log entries", e);

@@ -24,7 +24,7 @@
 //! log's first entry lies past it, and it is not the one being written.
 //! A snapshot hard-links the segments it names, so it outlives them.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, IoSlice, Write};
 use std::os::unix::fs::FileExt;
@@ -248,12 +248,13 @@ impl Segments {
 
     /// Makes every payload appended so far durable. An fsync error stops
     /// the process (the page cache may have dropped the bytes).
-    pub fn sync(&self) {
+    /// Returns the (segment, length) every payload up to which is durable.
+    pub fn sync(&self) -> (u64, u64) {
         let _one = self.sync_one.lock().expect("segment sync lock");
         let (file, sealed, upto) = {
             let mut w = self.writer.lock().expect("segment writer lock");
             if !w.dirty && w.sealed.is_empty() {
-                return;
+                return *self.synced.lock().expect("segment synced lock");
             }
             w.dirty = false;
             (w.file.clone(), std::mem::take(&mut w.sealed), (w.id, w.len))
@@ -264,6 +265,7 @@ impl Segments {
             }
         }
         *self.synced.lock().expect("segment synced lock") = upto;
+        upto
     }
 
     /// Makes sure the payloads at `locs` are durable, syncing if the last
@@ -273,7 +275,7 @@ impl Segments {
     pub fn ensure_synced(&self, locs: &[Loc]) {
         let Some(need) = locs.iter().map(|l| (l.seg, l.off + l.len as u64)).max() else { return };
         if need > *self.synced.lock().expect("segment synced lock") {
-            self.sync();
+            let _ = self.sync();
         }
     }
 
@@ -378,6 +380,31 @@ pub fn reclaimable(ids: &[u64], active: u64, log_first: Option<u64>, referenced:
     ids.iter().copied().filter(|id| *id < below && !referenced.contains(id)).collect()
 }
 
+/// The CRC-32 a [`Loc`] carries.
+pub fn checksum(payload: &[u8]) -> u32 {
+    crc32fast::hash(payload)
+}
+
+/// What opening the log does about its first entry whose payload does
+/// not read back (`end`: where that payload ends, as (segment, offset);
+/// `synced`: the position the last recorded sync covered). Past it, the
+/// payload was never synced, so never acknowledged: a torn tail, cut.
+/// Within it, the bytes were durable and changed since: the disk damaged
+/// them, and cutting would drop an acknowledged entry; refused.
+pub fn torn_or_damaged(end: (u64, u64), synced: (u64, u64)) -> Damage {
+    if end > synced {
+        Damage::TornTail
+    } else {
+        Damage::Damaged
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Damage {
+    TornTail,
+    Damaged,
+}
+
 // ---- Payloads of commands and events ------------------------------------
 
 /// The payloads a command carries, in order: the data of each `Write` of an
@@ -441,6 +468,31 @@ pub fn fill(cmd: &mut Command, mut data: impl Iterator<Item = Vec<u8>>) -> Resul
         return Err("more payloads than writes".into());
     }
     Ok(())
+}
+
+/// The segment location of each write of a command, by the LSN it takes
+/// (`events`: every event of the command with its LSN, in order; `locs`:
+/// one per write, in the same order, or none at all).
+pub fn placed<'a>(events: impl Iterator<Item = (u64, &'a rewind_wire::event::Event)>, locs: &[Loc]) -> BTreeMap<u64, Loc> {
+    let mut out = BTreeMap::new();
+    if locs.is_empty() {
+        return out;
+    }
+    let mut next = locs.iter();
+    for (lsn, e) in events {
+        if matches!(e, rewind_wire::event::Event::Write { .. }) {
+            match next.next() {
+                Some(l) => {
+                    out.insert(lsn, *l);
+                }
+                None => return BTreeMap::new(),
+            }
+        }
+    }
+    if next.next().is_some() {
+        return BTreeMap::new();
+    }
+    out
 }
 
 /// An event record whose payload lies in a segment: `RWE3`, its `Loc`,

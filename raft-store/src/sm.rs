@@ -26,7 +26,7 @@ use crate::db::{
     BlockReader, Overlay, CF_BLOCKS, CF_BRANCHES, CF_CONTENT, CF_CHAIN, CF_DR, CF_EVENTS, CF_EXTENTS, CF_GC, CF_GROUPS, CF_MARKS, CF_PRODUCERS, CF_RETENTION, CF_SM,
     CF_TIMES, CF_SEGREFS, GROUP_KEYED_CFS,
 };
-use crate::segments::{segref_key, Loc};
+use crate::segments::{placed, segref_key, Loc};
 use crate::snapshot::{SnapshotBuilder, SnapshotFile, Snapshots};
 use crate::{corrupt, io_err, TypeConfig};
 
@@ -240,31 +240,6 @@ impl StateMachine {
         }
         Ok(())
     }
-}
-
-/// The segment location of each write of a command, by the LSN it takes
-/// (`events`: every event of the command with its LSN, in order; `locs`:
-/// one per write, in the same order, or none at all).
-fn placed<'a>(events: impl Iterator<Item = (u64, &'a rewind_wire::event::Event)>, locs: &[Loc]) -> BTreeMap<u64, Loc> {
-    let mut out = BTreeMap::new();
-    if locs.is_empty() {
-        return out;
-    }
-    let mut next = locs.iter();
-    for (lsn, e) in events {
-        if matches!(e, rewind_wire::event::Event::Write { .. }) {
-            match next.next() {
-                Some(l) => {
-                    out.insert(lsn, *l);
-                }
-                None => return BTreeMap::new(),
-            }
-        }
-    }
-    if next.next().is_some() {
-        return BTreeMap::new();
-    }
-    out
 }
 
 /// What `migrate` did to one group.

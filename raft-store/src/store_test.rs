@@ -600,13 +600,20 @@ async fn a_torn_segment_tail_cuts_the_log_at_the_first_torn_entry() {
     use openraft::storage::{RaftLogReader, RaftLogStorage};
     let dir = tempfile::tempdir().unwrap();
     let entries: Vec<Entry> = commands().into_iter().enumerate().map(|(i, c)| Entry::new_normal(log_id(i as u64 + 1), c)).collect();
-    let torn_at = {
+    let (synced_to, torn_at) = {
         let mut store = crate::open(dir.path()).unwrap();
         store.log.append(entries.clone(), openraft::storage::IOFlushed::noop()).await.unwrap();
-        let (_, locs) = crate::log::LogStore::locs_at(&store.reader.db, 3).unwrap().unwrap();
-        locs[0]
+        let at = |i| crate::log::LogStore::locs_at(&store.reader.db, i).unwrap().unwrap().1[0];
+        (at(2), at(3))
     };
-    // The power went while entry 3's payload was half written.
+    // The power went after the sync of entries 1 and 2 and while entry
+    // 3's payload was half written: the WAL holds the position synced.
+    {
+        let db = crate::db::open_db(dir.path()).unwrap();
+        let mut pos = synced_to.seg.to_le_bytes().to_vec();
+        pos.extend_from_slice(&(synced_to.off + synced_to.len as u64).to_le_bytes());
+        db.put_cf(crate::db::cf(&db, crate::db::CF_META), b"segments-synced", pos).unwrap();
+    }
     let path = dir.path().join("segments").join(format!("{:016x}.seg", torn_at.seg));
     std::fs::OpenOptions::new().write(true).open(&path).unwrap().set_len(torn_at.off + 1000).unwrap();
     let mut store = crate::open(dir.path()).unwrap();
@@ -618,6 +625,14 @@ async fn a_torn_segment_tail_cuts_the_log_at_the_first_torn_entry() {
     store.log.append(entries[2..].to_vec(), openraft::storage::IOFlushed::noop()).await.unwrap();
     let got = store.log.try_get_log_entries(1..=4).await.unwrap();
     assert_eq!(format!("{got:?}"), format!("{entries:?}"));
+    drop(got);
+    drop(store);
+    // A synced payload that changed is damage, not a torn tail: the open is
+    // refused (cutting there would drop an acknowledged entry).
+    let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&f, &[0x55], synced_to.off + 5).unwrap();
+    let err = crate::open(dir.path()).err().expect("refused").to_string();
+    assert!(err.contains("the disk damaged it"), "{err}");
 }
 
 /// Retention frees events, then whole segments once nothing names them

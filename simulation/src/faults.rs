@@ -125,6 +125,22 @@ pub(crate) async fn inject(mut rng: Rng, end_ns: u64, skews: Vec<Rc<RefCell<i64>
                 }
             }
             "corruption" if !corrupted => {
+                // A synced payload rots in its segment under a stopped node:
+                // its next open must refuse, not cut acknowledged entries.
+                let down: Vec<u64> = NODES.iter().copied().filter(|n| !up.contains(n) && !world::with(|w| w.nodes[n].refused)).collect();
+                if world::with(|w| w.torn_segments) && rng.range(0, 2) == 0 {
+                    if let Some(id) = pick(&mut rng, &down) {
+                        let disk = world::with(|w| w.nodes[&id].disk.clone());
+                        let mut r = world::with(|w| w.disk_rng.fork(id));
+                        let rotten = disk.lock().expect("disk").rot_payload(&mut r);
+                        if let Some(k) = rotten {
+                            corrupted = true;
+                            world::count("segment payload rots under a stopped node");
+                            world::trace(format!("n{id}: the payload of log entry {k} rots in its segment"));
+                            continue;
+                        }
+                    }
+                }
                 // One replica only: a minority.
                 if let Some(id) = pick(&mut rng, &NODES) {
                     let disk = world::with(|w| w.nodes[&id].disk.clone());

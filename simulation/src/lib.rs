@@ -148,6 +148,16 @@ pub enum Bug {
     BackupHalfVisible,
     /// Any producer may write a disk while a backup imports into it.
     BackupAdmitsOtherWriters,
+    /// The log's syncer fsyncs its records but not the payload segments:
+    /// a crash tears payloads of acknowledged entries.
+    SegmentsNotSynced,
+    /// Apply records where a write's payload lies without making sure it
+    /// is synced (openraft applies entries its log has not synced yet):
+    /// a snapshot can name payloads a crash then tears.
+    ApplyBeforePayloadSynced,
+    /// Segment deletion ignores the events that name a segment (it heeds
+    /// only the log): the history's payloads are deleted under it.
+    ReclaimIgnoresEvents,
 }
 
 pub use site::{run_seed, Outcome};

@@ -87,6 +87,7 @@ pub fn run_seed(opts: &Options) -> Outcome {
     rewind_raft_store::bugs::BACKUP_ADMITS_OTHER_WRITERS.store(opts.bug == Some(Bug::BackupAdmitsOtherWriters), std::sync::atomic::Ordering::Relaxed);
     let plan_text = format!("{plan:?}");
     world::install(World::new(opts.seed, opts.bug, plan, &mut rng));
+    world::with(|w| w.torn_segments = !opts.no_retention);
     let history: Shared = Rc::default();
     let h2 = history.clone();
     let opts2 = opts.clone();
@@ -159,10 +160,18 @@ fn raft_config() -> Arc<openraft::Config> {
 
 fn start_node(id: u64) {
     let disk = world::with(|w| w.nodes[&id].disk.clone());
-    if let Some(k) = disk.lock().expect("disk").first_corrupt() {
-        world::trace(format!("n{id} refuses to start: log entry {k} fails its checksum"));
-        world::with(|w| w.nodes.get_mut(&id).expect("node").refused = true);
-        return;
+    let opened = disk.lock().expect("disk").open_log();
+    match opened {
+        crate::disk::Opened::Ready => {}
+        crate::disk::Opened::Cut(k) => {
+            world::count("torn segment tail cut at open");
+            world::trace(format!("n{id}: the payload of log entry {k} is torn (never synced): the log is cut there"));
+        }
+        crate::disk::Opened::Refused(why) => {
+            world::trace(format!("n{id} refuses to start: {why}"));
+            world::with(|w| w.nodes.get_mut(&id).expect("node").refused = true);
+            return;
+        }
     }
     world::trace(format!("n{id} starts"));
     world::with(|w| w.nodes.get_mut(&id).expect("node").died = None);
@@ -192,7 +201,7 @@ pub(crate) fn crash(id: u64, why: &str) {
     drop(raft);
     let (kept, lost) = world::with(|w| {
         let disk = w.nodes[&id].disk.clone();
-        let r = disk.lock().expect("disk").crash(&mut w.disk_rng);
+        let r = disk.lock().expect("disk").crash(&mut w.disk_rng, w.torn_segments);
         r
     });
     world::trace(format!("n{id} crashes ({why}): of {} unsynced writes, {kept} survive", kept + lost));

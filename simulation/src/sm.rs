@@ -25,7 +25,8 @@ use rewind_wire::event::{Event, LoggedEvent};
 use rewind_wire::raft::{Command, CommandReply};
 
 use crate::disk::{current_snapshot, Disk};
-use crate::{LogId, SimConfig, Snapshot, StoredMembership};
+use rewind_raft_store::segments::Loc;
+use crate::{world, LogId, SimConfig, Snapshot, StoredMembership};
 
 /// Everything a state machine holds; a snapshot is one of these, shared.
 #[derive(Clone, Default)]
@@ -53,6 +54,13 @@ pub struct SmImage {
     pub gc: BTreeMap<String, GcRecord>,
     /// Each group's backups by name (production: column family `backups`).
     pub backups: BTreeMap<String, BTreeMap<String, rewind_raft_store::backups::BackupRecord>>,
+    /// (group, LSN) -> where the write's payload lies in this node's
+    /// segments (production: the event record's `Loc`, and `segrefs`).
+    /// Reads of the write go there; an event without one holds its bytes
+    /// (installed from another node's snapshot, which carries payloads).
+    pub payloads: BTreeMap<(String, u64), Loc>,
+    /// This node's disk, whose segments `payloads` names.
+    pub segs: Option<std::sync::Weak<Mutex<Disk>>>,
 }
 
 /// Events one apply lets the simulated collector free (production's runs
@@ -104,7 +112,9 @@ impl SmImage {
         };
         advance_window(&mut r, group, hold, info).expect("the window moves over held events");
         self.retention.insert(group.name.clone(), r);
-        self.collect(&group.name, GC_EVENTS_PER_COMMAND);
+        if self.collect(&group.name, GC_EVENTS_PER_COMMAND) > 0 {
+            self.reclaim_segments();
+        }
     }
 
     /// Production's collector rule (`retention::collect_event`) over
@@ -125,7 +135,7 @@ impl SmImage {
                     match op {
                         GcOp::Materialise { block, offset } => {
                             gc.rewritten_bytes += BLOCK_BYTES;
-                            let Event::Write { data, .. } = &e.event else { panic!("a Ref version at LSN {lsn} of a non-write") };
+                            let data = self.payload_of(group, lsn).expect("a kept write's payload reads back (its segment is named)");
                             let bytes = data[offset as usize..offset as usize + BLOCK_BYTES as usize].to_vec();
                             self.blocks.entry((group.to_string(), disk.to_string(), block)).or_default().insert(lsn, Version::Data(bytes));
                         }
@@ -138,12 +148,66 @@ impl SmImage {
                 }
             }
             gc.collected_bytes += e.event.payload_bytes() as u64;
+            // Its segment reference goes with it.
+            self.payloads.remove(&(group.to_string(), lsn));
             lsn += 1;
             done += 1;
         }
         gc.collected_to = lsn;
         self.gc.insert(group.to_string(), gc);
         done
+    }
+
+    /// The segments this image's events name.
+    pub fn payload_segments(&self) -> std::collections::BTreeSet<u64> {
+        self.payloads.values().map(|l| l.seg).collect()
+    }
+
+    /// The payload of write `lsn` of `group`: from its segment if it lies
+    /// in one (checked there), else the event's own bytes.
+    fn payload_of(&self, group: &str, lsn: u64) -> io::Result<Vec<u8>> {
+        if let Some(loc) = self.payloads.get(&(group.to_string(), lsn)) {
+            let disk = self.segs.as_ref().and_then(|w| w.upgrade()).ok_or_else(|| io::Error::other("the node's disk is gone"))?;
+            let got = disk.lock().expect("disk").read_payload(loc);
+            return got.map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("the payload of LSN {lsn}: {e}")));
+        }
+        match self.events.get(group).and_then(|e| e.get(lsn as usize - 1)).map(|e| &e.event) {
+            Some(Event::Write { data, .. }) => Ok(data.clone()),
+            other => Err(io::Error::new(io::ErrorKind::InvalidData, format!("a Ref version at LSN {lsn} points at {other:?}"))),
+        }
+    }
+
+    /// Records where the writes of an applied command lie (production:
+    /// apply stores each write's `Loc` from its log entry, never a copy),
+    /// then lets the node's disk delete the segments nothing names.
+    pub fn place(&mut self, command: &Command, reply: &CommandReply, locs: &[Loc]) {
+        let (group, at) = match (command, reply) {
+            (Command::Append(b), CommandReply::Appended { lsn_first, .. }) => {
+                (b.group.clone(), rewind_raft_store::segments::placed(b.events.iter().enumerate().map(|(i, t)| (lsn_first + i as u64, &t.event)), locs))
+            }
+            (Command::Replicate { group, events, .. }, CommandReply::Appended { lsn_first, lsn_last }) => (
+                group.clone(),
+                rewind_raft_store::segments::placed(events.iter().map(|e| (e.lsn, &e.event)), locs).into_iter().filter(|(l, _)| (*lsn_first..=*lsn_last).contains(l)).collect(),
+            ),
+            _ => return,
+        };
+        for (lsn, loc) in at {
+            if self.held(&group, lsn) {
+                self.payloads.insert((group.clone(), lsn), loc);
+            }
+        }
+    }
+
+    /// Deletes the node's segments that nothing names any more, by
+    /// production's rule (with its snapshots' links counted).
+    pub fn reclaim_segments(&self) {
+        let Some(disk) = self.segs.as_ref().and_then(|w| w.upgrade()) else { return };
+        let ignore = world::with(|w| w.is_bug(crate::Bug::ReclaimIgnoresEvents));
+        let referenced = if ignore { Default::default() } else { self.payload_segments() };
+        let deleted = disk.lock().expect("disk").reclaim(referenced, !ignore);
+        if deleted > 0 {
+            world::count("segments deleted by the collector");
+        }
     }
 
     /// Whether this replica's index may still read event `lsn` of `group`.
@@ -237,6 +301,7 @@ impl SmImage {
                 self.producers.retain(|(_, g), _| g != group);
                 self.blocks.retain(|(g, _, _), _| g != group);
                 self.extents.retain(|(g, _), _| g != group);
+                self.payloads.retain(|(g, _), _| g != group);
                 CommandReply::Created
             }
         }
@@ -265,10 +330,13 @@ impl SmImage {
             self.blocks.extend(blocks);
             let extents: Vec<_> = self.extents.iter().filter(|((gr, _), _)| gr == name).map(|((_, d), v)| ((branch.to_string(), d.clone()), v.clone())).collect();
             self.extents.extend(extents);
+            let payloads: Vec<_> = self.payloads.iter().filter(|((gr, _), _)| gr == name).map(|((_, l), loc)| ((branch.to_string(), *l), *loc)).collect();
+            self.payloads.extend(payloads);
         }
         let keep = fork_lsn as usize;
         let events = self.events.entry(name.to_string()).or_default();
         for e in events.drain(keep.min(events.len())..) {
+            self.payloads.remove(&(name.to_string(), e.lsn));
             g.events -= 1;
             g.payload_bytes -= e.event.payload_bytes() as u64;
         }
@@ -355,13 +423,10 @@ impl VersionIndex for ImageIndex<'_> {
         if !self.image.held(self.group, lsn) {
             return Err(io::Error::new(io::ErrorKind::InvalidData, format!("a Ref version points at LSN {lsn}, which the collector freed")));
         }
-        let event = self.image.events.get(self.group).and_then(|e| e.get(lsn as usize - 1));
-        match event.map(|e| &e.event) {
-            Some(Event::Write { data, .. }) if offset as usize + BLOCK_BYTES as usize <= data.len() => {
-                Ok(data[offset as usize..offset as usize + BLOCK_BYTES as usize].to_vec())
-            }
-            other => Err(io::Error::new(io::ErrorKind::InvalidData, format!("a Ref version at LSN {lsn} points at {other:?}"))),
-        }
+        let data = self.image.payload_of(self.group, lsn)?;
+        data.get(offset as usize..offset as usize + BLOCK_BYTES as usize)
+            .map(|b| b.to_vec())
+            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, format!("a Ref version at LSN {lsn} points past its write ({} bytes)", data.len())))
     }
 }
 
@@ -591,7 +656,8 @@ impl SimSm {
     /// A state machine as it is after a (re)start: the disk's snapshot, or
     /// empty.
     pub fn open(disk: Arc<Mutex<Disk>>) -> SimSm {
-        let image = current_snapshot(&disk).map(|s| (*s.snapshot).clone()).unwrap_or_default();
+        let mut image = current_snapshot(&disk).map(|s| (*s.snapshot).clone()).unwrap_or_default();
+        image.segs = Some(Arc::downgrade(&disk));
         SimSm { state: Arc::new(Mutex::new(image)), disk }
     }
 }
@@ -624,12 +690,25 @@ impl RaftStateMachine<SimConfig> for SimSm {
         Strm: Stream<Item = io::Result<EntryResponder<SimConfig>>> + Unpin + OptionalSend,
     {
         while let Some((entry, responder)) = entries.try_next().await? {
+            // Where the entry's payloads lie, from its log record.
+            let locs = {
+                let mut d = self.disk.lock().expect("disk");
+                let locs = d.current.entries.get(&entry.log_id.index).filter(|s| s.entry.log_id == entry.log_id).map(|s| s.locs.clone()).unwrap_or_default();
+                if !world::with(|w| w.is_bug(crate::Bug::ApplyBeforePayloadSynced)) {
+                    d.ensure_synced(&locs);
+                }
+                locs
+            };
             let reply = {
                 let mut s = self.state.lock().expect("sm");
                 s.applied = Some(entry.log_id);
                 match &entry.payload {
                     EntryPayload::Blank => CommandReply::Created,
-                    EntryPayload::Normal(c) => s.apply_command(c),
+                    EntryPayload::Normal(c) => {
+                        let reply = s.apply_command(c);
+                        s.place(c, &reply, &locs);
+                        reply
+                    }
                     EntryPayload::Membership(m) => {
                         s.membership = StoredMembership::new(Some(entry.log_id), m.clone());
                         CommandReply::Created
@@ -648,8 +727,13 @@ impl RaftStateMachine<SimConfig> for SimSm {
     }
 
     async fn install_snapshot(&mut self, meta: &openraft::alias::SnapshotMetaOf<SimConfig>, snapshot: Arc<SmImage>) -> io::Result<()> {
-        *self.state.lock().expect("sm") = (*snapshot).clone();
-        self.disk.lock().expect("disk").save_snapshot(meta.clone(), snapshot);
+        // Production streams a snapshot's payloads whole: the installed
+        // events hold their bytes and name none of this node's segments.
+        let mut image = (*snapshot).clone();
+        image.payloads.clear();
+        image.segs = Some(Arc::downgrade(&self.disk));
+        *self.state.lock().expect("sm") = image.clone();
+        self.disk.lock().expect("disk").save_snapshot(meta.clone(), Arc::new(image));
         Ok(())
     }
 

@@ -165,6 +165,9 @@ pub struct World {
     pub snapshot_misread: BTreeSet<u64>,
     /// Slow disks: node -> (until, fsync latency factor).
     pub slow: BTreeMap<u64, (u64, u64)>,
+    /// A crash tears the payload segments' unsynced bytes, and payloads
+    /// rot (off with `--no-retention`: the pinned seeds' world).
+    pub torn_segments: bool,
     /// Batches the tap gave its producer: (producer, seq) -> events.
     pub tap_batches: BTreeMap<(u64, u64), Vec<rewind_wire::event::Event>>,
     /// Batches the tap's producer failed for a reason other than its deadline.
@@ -240,6 +243,7 @@ impl World {
             misread: BTreeSet::new(),
             snapshot_misread: BTreeSet::new(),
             slow: BTreeMap::new(),
+            torn_segments: true,
             tap_batches: BTreeMap::new(),
             tap_errors: Vec::new(),
             full: std::env::var_os("REWIND_SIM_TRACE").and_then(|p| std::fs::File::create(p).ok()).map(std::io::BufWriter::new),

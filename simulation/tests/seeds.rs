@@ -83,6 +83,9 @@ fn a_budget_of_seeds_passes_twice_with_the_same_trace_hashes() {
         "backup aborted",
         "backup: a write from another producer refused",
         "backup: blocks sent as references",
+        "torn segment tail cut at open",
+        "segment payload rots under a stopped node",
+        "segments deleted by the collector",
     ] {
         assert!(text.lines().any(|l| l.starts_with(&format!("{kind} | "))), "fault kind {kind:?} never fired:\n{text}");
     }
@@ -129,6 +132,9 @@ fn every_reintroduced_bug_is_caught() {
         ("gc-ignores-pins", 300),
         ("backup-half-visible", 300),
         ("backup-admits-other-writers", 300),
+        ("segments-not-synced", 300),
+        ("apply-before-payload-synced", 300),
+        ("reclaim-ignores-events", 300),
     ] {
         counts.push((bug, caught_after(bug, budget)));
     }
