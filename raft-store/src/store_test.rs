@@ -107,7 +107,7 @@ async fn snapshot_moves_state_to_another_replica() {
     assert_eq!(b.reader.group("g").unwrap().unwrap().last_lsn, 4);
     // The installed snapshot is the current one, and survives a reopen.
     drop(b);
-    let mut b = crate::open(b_dir.path()).unwrap();
+    let mut b = retry_while_in_use(|| crate::open(b_dir.path()));
     let current = b.state_machine.get_current_snapshot().await.unwrap().unwrap();
     assert_eq!(current.meta, snapshot.meta);
     assert_eq!(b.reader.group("g").unwrap().unwrap().last_lsn, 4);
@@ -435,7 +435,7 @@ async fn a_format_1_store_is_refused_then_migrated_in_place() {
     };
     // What a format-1 store lacks: the derived tables, and the stamp.
     {
-        let db = crate::db::open_db(dir.path()).unwrap();
+        let db = retry_while_in_use(|| crate::db::open_db(dir.path()));
         for family in [CF_BLOCKS, CF_EXTENTS, CF_CONTENT, CF_MARKS, CF_TIMES, CF_CHAIN] {
             db.delete_range_cf(cf(&db, family), [0u8].as_slice(), [0xffu8; 300].as_slice()).unwrap();
         }
@@ -467,7 +467,7 @@ async fn a_format_1_store_is_refused_then_migrated_in_place() {
     let busy = crate::migrate(dir.path(), |_, _, _| {}).unwrap_err();
     assert!(busy.to_string().contains("is in use (is its node running? stop it first)"), "{busy}");
     drop((store, r));
-    assert_eq!(crate::migrate(dir.path(), |_, _, _| {}).unwrap().0, crate::Found::Current);
+    assert_eq!(retry_while_in_use(|| crate::migrate(dir.path(), |_, _, _| {})).0, crate::Found::Current);
 }
 
 /// A backup's records as the store keeps them: only its importer writes
@@ -609,14 +609,14 @@ async fn a_torn_segment_tail_cuts_the_log_at_the_first_torn_entry() {
     // The power went after the sync of entries 1 and 2 and while entry
     // 3's payload was half written: the WAL holds the position synced.
     {
-        let db = crate::db::open_db(dir.path()).unwrap();
+        let db = retry_while_in_use(|| crate::db::open_db(dir.path()));
         let mut pos = synced_to.seg.to_le_bytes().to_vec();
         pos.extend_from_slice(&(synced_to.off + synced_to.len as u64).to_le_bytes());
         db.put_cf(crate::db::cf(&db, crate::db::CF_META), b"segments-synced", pos).unwrap();
     }
     let path = dir.path().join("segments").join(format!("{:016x}.seg", torn_at.seg));
     std::fs::OpenOptions::new().write(true).open(&path).unwrap().set_len(torn_at.off + 1000).unwrap();
-    let mut store = crate::open(dir.path()).unwrap();
+    let mut store = retry_while_in_use(|| crate::open(dir.path()));
     let state = store.log.get_log_state().await.unwrap();
     assert_eq!(state.last_log_id, Some(log_id(2)), "entries 3 and 4 were never synced, so never acknowledged");
     let got = store.log.try_get_log_entries(1..=2).await.unwrap();
@@ -631,8 +631,25 @@ async fn a_torn_segment_tail_cuts_the_log_at_the_first_torn_entry() {
     // refused (cutting there would drop an acknowledged entry).
     let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
     std::os::unix::fs::FileExt::write_all_at(&f, &[0x55], synced_to.off + 5).unwrap();
-    let err = crate::open(dir.path()).err().expect("refused").to_string();
+    let err = retry_while_in_use(|| match crate::open(dir.path()) {
+        Ok(_) => Ok(String::from("opened")),
+        Err(e) if e.to_string().contains("in use") => Err(e),
+        Err(e) => Ok(e.to_string()),
+    });
     assert!(err.contains("the disk damaged it"), "{err}");
+}
+
+/// A dropped store's threads (the log syncer mid-sync) may hold RocksDB
+/// open for a moment after the drop: retry an open that finds it in use.
+fn retry_while_in_use<T>(mut open: impl FnMut() -> std::io::Result<T>) -> T {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        match open() {
+            Ok(v) => return v,
+            Err(e) if e.to_string().contains("in use") && std::time::Instant::now() < deadline => std::thread::sleep(std::time::Duration::from_millis(50)),
+            Err(e) => panic!("open: {e}"),
+        }
+    }
 }
 
 /// Retention frees events, then whole segments once nothing names them
