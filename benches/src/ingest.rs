@@ -68,9 +68,9 @@ pub(crate) async fn run(cli: &Cli, out: &mut Report) -> anyhow::Result<()> {
         let etcd_pids: Vec<u32> = etcd.iter().map(|n| n.child.id()).collect();
         let cpu = |pids: &[u32]| pids.iter().map(|p| sample(*p).cpu_s).sum::<f64>();
         let mut lines = vec![
-            format!("## ingest: one client, the same records into a rewind 3-node site, a 3-node NATS JetStream cluster ({version}, replicas=3, file storage) and a 3-node etcd cluster ({etcd_version}, through its JSON gateway), {mib} MiB or {seconds} s per run, whichever ends first, {runs} run(s) per row taken in turn (rewind, JetStream, etcd, then again): MB/s is the median (min-max) of the runs, latency percentiles are over every record of every run; CPU of all three server processes from /proc
+            format!("## ingest: one client, the same records into a rewind 3-node site, a 3-node NATS JetStream cluster ({version}, replicas=3, file storage) and a 3-node etcd cluster ({etcd_version}, through its gRPC API and through its JSON gateway), {mib} MiB or {seconds} s per run, whichever ends first, {runs} run(s) per row taken in turn (rewind, JetStream, etcd over gRPC, etcd through the gateway, then again): MB/s is the median (min-max) of the runs, latency percentiles are over every record of every run; CPU of all three server processes from /proc
 "),
-            "Durability: rewind acknowledges after fsync on a majority; so does etcd (WAL fsync). JetStream 2.9 acknowledges after the write reaches a quorum's memory and syncs its files every 2 minutes (`sync_interval: always` arrived in 2.10, so this server cannot run it): its rows are **not durable at acknowledgement**. etcd is driven through its HTTP/JSON gateway (values base64), which costs it CPU a gRPC client would not spend.".into(),
+            "Durability: rewind acknowledges after fsync on a majority; so does etcd (WAL fsync). JetStream 2.9 acknowledges after the write reaches a quorum's memory and syncs its files every 2 minutes (`sync_interval: always` arrived in 2.10, so this server cannot run it): its rows are **not durable at acknowledgement**. etcd is driven through its native gRPC API (one HTTP/2 channel, requests multiplexed on it: the way its clients drive it; the messages are declared by hand, as in etcd's rpc.proto) and, for comparison with earlier runs, through its HTTP/JSON gateway (values base64), which costs it CPU a gRPC client does not spend.".into(),
             String::new(),
             "| record | in flight | system | durable at ack | MB/s, median (min-max) | records/s | ack p50 ms | p99 ms | p99.9 ms | CPU s per GB (3 servers) | rewind MB/s ÷ this |".into(),
             "|---|---|---|---|---|---|---|---|---|---|---|".into(),
@@ -78,8 +78,8 @@ pub(crate) async fn run(cli: &Cli, out: &mut Report) -> anyhow::Result<()> {
         for size in [4096usize, 64 << 10, 1 << 20] {
             for window in [1usize, 64] {
                 let records = ((mib << 20) / size as u64).max(1);
-                // rewind, JetStream, etcd: every run of each.
-                let mut acc: Vec<Runs> = (0..3).map(|_| Runs::new()).collect::<anyhow::Result<_>>()?;
+                // rewind, JetStream, etcd through the gateway, etcd over gRPC: every run of each.
+                let mut acc: Vec<Runs> = (0..4).map(|_| Runs::new()).collect::<anyhow::Result<_>>()?;
                 for run in 0..runs {
                     eprintln!("ingest: {} x {records}, {window} in flight, run {}/{runs}", fmt_size(size), run + 1);
                     let spec = LoadSpec {
@@ -105,13 +105,17 @@ pub(crate) async fn run(cli: &Cli, out: &mut Report) -> anyhow::Result<()> {
                     tokio::time::sleep(Duration::from_millis(300)).await;
                     acc[1].add(j.records, j.bytes, j.elapsed, &j.latency_us, cpu(&nats_pids) - before);
                     let before = cpu(&etcd_pids);
+                    let g = etcd::put_grpc(etcd[0].port, size, records, window, Duration::from_secs(seconds)).await?;
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                    acc[3].add(g.records, g.bytes, g.elapsed, &g.latency_us, cpu(&etcd_pids) - before);
+                    let before = cpu(&etcd_pids);
                     let e = etcd::put(etcd[0].port, size, records, window, Duration::from_secs(seconds)).await?;
                     tokio::time::sleep(Duration::from_millis(300)).await;
                     acc[2].add(e.records, e.bytes, e.elapsed, &e.latency_us, cpu(&etcd_pids) - before);
                 }
                 let plot = svg::percentiles(
                     &format!("ack latency, {} records, {window} in flight, {runs} run(s)", fmt_size(size)),
-                    &[("rewind", &acc[0].latency_us), ("etcd", &acc[2].latency_us), ("JetStream (no fsync)", &acc[1].latency_us)],
+                    &[("rewind", &acc[0].latency_us), ("etcd (gRPC)", &acc[3].latency_us), ("etcd (gateway)", &acc[2].latency_us), ("JetStream (no fsync)", &acc[1].latency_us)],
                 );
                 let name = format!("ingest-latency-{}-{window}.svg", fmt_size(size).replace(' ', ""));
                 std::fs::create_dir_all(&plots)?;
@@ -121,7 +125,8 @@ pub(crate) async fn run(cli: &Cli, out: &mut Report) -> anyhow::Result<()> {
                 for (name, durable, row) in [
                     ("rewind", "yes (fsync, majority)", &acc[0]),
                     ("NATS JetStream", "no (fsync every 2 min)", &acc[1]),
-                    ("etcd", "yes (WAL fsync, majority)", &acc[2]),
+                    ("etcd (gRPC)", "yes (WAL fsync, majority)", &acc[3]),
+                    ("etcd (JSON gateway)", "yes (WAL fsync, majority)", &acc[2]),
                 ] {
                     let (mb, lo, hi) = median(row.mb_s.clone());
                     let h = &row.latency_us;
