@@ -206,6 +206,14 @@ pub async fn put(port: u16, size: usize, records: u64, window: usize, time_max: 
             }
         }));
     }
+    gather(tasks, size, started).await
+}
+
+/// One writer task: the records it put and their latencies.
+type Writer = tokio::task::JoinHandle<anyhow::Result<(u64, Histogram<u64>)>>;
+
+/// Waits for the writers and adds up what they did.
+async fn gather(tasks: Vec<Writer>, size: usize, started: Instant) -> anyhow::Result<Put> {
     let mut latency_us = Histogram::<u64>::new_with_bounds(1, 600_000_000, 3)?;
     let mut done = 0;
     for t in tasks {
@@ -262,14 +270,7 @@ pub async fn put_grpc(port: u16, size: usize, records: u64, window: usize, time_
             }
         }));
     }
-    let mut latency_us = Histogram::<u64>::new_with_bounds(1, 600_000_000, 3)?;
-    let mut done = 0;
-    for t in tasks {
-        let (n, h) = t.await??;
-        done += n;
-        latency_us.add(&h).ok();
-    }
-    Ok(Put { records: done, bytes: done * size as u64, elapsed: started.elapsed(), latency_us })
+    gather(tasks, size, started).await
 }
 
 #[cfg(test)]
