@@ -498,7 +498,7 @@ pub fn placed<'a>(events: impl Iterator<Item = (u64, &'a rewind_wire::event::Eve
 /// An event record whose payload lies in a segment: `RWE3`, its `Loc`,
 /// then the event without its data as a checked record. Any other event
 /// record is the event whole (`encode_record`), as stores wrote before.
-const EVENT_MAGIC: &[u8; 4] = b"RWE3";
+pub(crate) const EVENT_MAGIC: &[u8; 4] = b"RWE3";
 
 /// The event record of a write whose payload lies at `loc`.
 pub fn event_value(event: &StoredEvent, loc: &Loc) -> Vec<u8> {

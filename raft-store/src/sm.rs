@@ -291,7 +291,7 @@ impl StateMachine {
                     // Format 1 stores hold events whole; the chain is over
                     // the whole record either way.
                     let event = crate::segments::decode_event(&self.segs, &raw).map_err(|e| corrupt(&format!("event record at LSN {l} of group {name}"), e))?;
-                    let whole = if raw.starts_with(b"RWE3") { encode_record(&event).map_err(io_err)? } else { raw.clone() };
+                    let whole = if raw.starts_with(crate::segments::EVENT_MAGIC) { encode_record(&event).map_err(io_err)? } else { raw.clone() };
                     digest = crate::apply::chain(&digest, &whole);
                     payload_bytes += event.event.payload_bytes() as u64;
                     batch.put_cf(cf(&self.db, CF_CHAIN), &key, chain_value_of(&digest, &event));

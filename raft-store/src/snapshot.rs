@@ -233,7 +233,9 @@ fn write_stream(db: &DB, segs: &Path, out_path: &Path) -> io::Result<()> {
         let handle = db.cf_handle(name).ok_or_else(|| corrupt("snapshot source", format!("no column family {name}")))?;
         for item in db.iterator_cf(handle, IteratorMode::Start) {
             let (k, mut v) = item.map_err(io_err)?;
-            if *name == CF_EVENTS {
+            // Only a record with the segment magic can name a payload; a
+            // whole record goes as it is, undecoded.
+            if *name == CF_EVENTS && v.starts_with(crate::segments::EVENT_MAGIC) {
                 let record = EventRecord::parse(&v)?;
                 if record.loc.is_some() {
                     let whole = record.load(|l| crate::segments::read_in(segs, l))?;
@@ -320,7 +322,7 @@ fn install_blocking(db: &DB, path: &Path, meta: &rewind_wire::raft::SnapshotMeta
     let mut batch = WriteBatch::default();
     while let Some((i, k, v)) = reader.next_record()? {
         // Segments are a replica's own: a stream naming them is refused.
-        if SM_CFS[i] == CF_SEGREFS || (SM_CFS[i] == CF_EVENTS && v.starts_with(b"RWE3") && EventRecord::parse(&v)?.loc.is_some()) {
+        if SM_CFS[i] == CF_SEGREFS || (SM_CFS[i] == CF_EVENTS && v.starts_with(crate::segments::EVENT_MAGIC) && EventRecord::parse(&v)?.loc.is_some()) {
             return Err(corrupt("snapshot record", "it names payload segments of another replica"));
         }
         batch.put_cf(cf(db, SM_CFS[i]), k, v);
