@@ -348,7 +348,13 @@ async fn pipeline(link: Arc<dyn AppendLink>, rt: Arc<dyn ProducerRuntime>, mut i
             sub = input.recv(), if input_open && pending.len() < window => match sub {
                 Some(sub) => match &broken {
                     Some(why) => { let _ = sub.done.send(Err(ProducerError::FailedEarlier(why.clone()))); }
-                    None => pending.push_back(sub),
+                    None => {
+                        // The deadline counts from the first batch after an
+                        // idle spell, not from before it (a guest may be
+                        // idle for hours).
+                        if pending.is_empty() { progress_at = rt.now(); }
+                        pending.push_back(sub);
+                    }
                 },
                 None => input_open = false,
             },
@@ -367,5 +373,86 @@ async fn next_reply(open: &mut Option<Open>) -> Option<Result<Response, LinkErro
     match open.as_mut() {
         Some(o) => o.stream.recv().await,
         None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
+
+    /// A clock the test moves.
+    struct Clock(Arc<AtomicU64>);
+
+    impl ProducerRuntime for Clock {
+        fn now(&self) -> Duration {
+            Duration::from_millis(self.0.load(SeqCst))
+        }
+        fn sleep(&self, d: Duration) -> BoxFuture<'static, ()> {
+            let clock = self.0.clone();
+            Box::pin(async move {
+                clock.fetch_add(d.as_millis() as u64, SeqCst);
+                tokio::task::yield_now().await;
+            })
+        }
+        #[allow(clippy::disallowed_methods)] // the test's runtime is tokio's
+        fn spawn(&self, task: BoxFuture<'static, ()>) {
+            tokio::spawn(task);
+        }
+    }
+
+    /// A site that commits every batch at once.
+    struct Site(AtomicU64);
+
+    struct Answering {
+        replies: std::collections::VecDeque<Response>,
+        next: u64,
+    }
+
+    impl AppendStream for Answering {
+        fn peer(&self) -> String {
+            "n1".into()
+        }
+        fn send<'a>(&'a mut self, _request: &'a Request) -> BoxFuture<'a, Result<(), LinkError>> {
+            self.next += 1;
+            self.replies.push_back(Response::Appended { lsn_first: self.next, lsn_last: self.next });
+            Box::pin(async { Ok(()) })
+        }
+        fn recv(&mut self) -> BoxFuture<'_, Option<Result<Response, LinkError>>> {
+            let r = self.replies.pop_front();
+            Box::pin(async move {
+                match r {
+                    Some(r) => Some(Ok(r)),
+                    None => std::future::pending().await,
+                }
+            })
+        }
+    }
+
+    impl AppendLink for Site {
+        fn open<'a>(&'a self, _rotate: &'a mut usize, _window: usize) -> BoxFuture<'a, Result<Box<dyn AppendStream>, LinkError>> {
+            let next = self.0.load(SeqCst);
+            Box::pin(async move { Ok(Box::new(Answering { replies: Default::default(), next }) as Box<dyn AppendStream>) })
+        }
+        fn set_leader(&self, _addr: Option<&str>) {}
+        fn deadline(&self) -> Duration {
+            Duration::from_secs(30)
+        }
+    }
+
+    fn write() -> Vec<TimedEvent> {
+        vec![TimedEvent { time_ns: 1, event: rewind_wire::event::Event::Write { disk: "d0".into(), offset: 0, data: vec![1; 512] } }]
+    }
+
+    /// A producer idle for longer than its deadline still appends the next
+    /// batch: the deadline is for progress while batches wait.
+    #[tokio::test]
+    async fn an_idle_spell_longer_than_the_deadline_is_not_a_failure() {
+        let clock = Arc::new(AtomicU64::new(0));
+        let mut p = Producer::over(Arc::new(Site(AtomicU64::new(0))), Arc::new(Clock(clock.clone())), 4, 7, 1);
+        assert!(p.append("g", write()).await.is_ok());
+        clock.fetch_add(3_600_000, SeqCst);
+        let second = p.append("g", write()).await;
+        assert!(second.is_ok(), "after an hour idle: {second:?}");
     }
 }
