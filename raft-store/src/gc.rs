@@ -34,7 +34,7 @@ use crate::db::{
     CF_RETENTION, CF_SEGREFS, CF_TIMES,
 };
 use crate::segments::segref_key;
-use crate::retention::{collect_event, GcIndex, GcOp, RetentionRecord, Shape};
+use crate::retention::{collect_event, BlockScan, GcIndex, GcOp, RetentionRecord, Shape};
 use crate::{corrupt, io_err};
 
 /// What the collector has done for one group on this replica. Part of
@@ -116,43 +116,20 @@ struct Index<'a, 'b, 'c> {
     group: &'c str,
     disk: &'c str,
     blocks: &'b mut rocksdb::DBRawIteratorWithThreadMode<'a, DB>,
+    /// The disk's zero extents after the step's first event, when held.
+    extents: Option<&'c [(u64, u64, u64)]>,
 }
 
-impl GcIndex for Index<'_, '_, '_> {
-    type Error = std::io::Error;
+/// A zero extent: (LSN, first block, end block).
+type Extent = (u64, u64, u64);
 
-    fn version_at(&mut self, block: u64, lsn: u64) -> std::io::Result<Option<Version>> {
-        let key = block_key(self.group, self.disk, block, lsn);
-        self.blocks.seek(&key);
-        if !self.blocks.valid() {
-            self.blocks.status().map_err(io_err)?;
-            return Ok(None);
-        }
-        if self.blocks.key() != Some(&key[..]) {
-            return Ok(None);
-        }
-        let v = self.blocks.value().expect("valid");
-        Version::decode(v).map(Some).map_err(|e| corrupt("block version", e))
-    }
+/// Most zero extents a step holds per disk (24 bytes each).
+const EXTENTS_CACHED_MAX: usize = 4096;
 
-    fn next_version(&mut self, block: u64, after: u64, upto: u64) -> std::io::Result<Option<u64>> {
-        let from = block_key(self.group, self.disk, block, after + 1);
-        let prefix = &from[..from.len() - 8];
-        let it = &mut *self.blocks;
-        it.seek(&from);
-        if it.valid() {
-            let k = it.key().expect("valid");
-            if k.len() == from.len() && k.starts_with(prefix) {
-                let l = u64::from_be_bytes(k[prefix.len()..].try_into().expect("8 bytes"));
-                return Ok((l <= upto).then_some(l));
-            }
-            return Ok(None);
-        }
-        it.status().map_err(io_err)?;
-        Ok(None)
-    }
-
-    fn extents(&mut self, after: u64, upto: u64) -> std::io::Result<Vec<(u64, u64, u64)>> {
+impl Index<'_, '_, '_> {
+    /// The zero extents with LSN in `after+1..=upto`, or None when there
+    /// are more than `max`.
+    fn extents_upto(&self, after: u64, upto: u64, max: usize) -> std::io::Result<Option<Vec<(u64, u64, u64)>>> {
         let prefix = disk_prefix(self.group, self.disk);
         let start = extent_key(self.group, self.disk, after + 1);
         let mut out = Vec::new();
@@ -165,33 +142,53 @@ impl GcIndex for Index<'_, '_, '_> {
             if l > upto {
                 break;
             }
+            if out.len() == max {
+                return Ok(None);
+            }
             if v.len() != 16 {
                 return Err(corrupt("extent record", format!("{} bytes", v.len())));
             }
             out.push((l, u64::from_le_bytes(v[..8].try_into().expect("8")), u64::from_le_bytes(v[8..].try_into().expect("8"))));
         }
-        Ok(out)
+        Ok(Some(out))
     }
+}
 
-    fn older_versions(&mut self, block: u64, before: u64) -> std::io::Result<Vec<u64>> {
+impl GcIndex for Index<'_, '_, '_> {
+    type Error = std::io::Error;
+
+    fn scan(&mut self, block: u64, lsn: u64, upto: u64) -> std::io::Result<BlockScan> {
         let from = block_key(self.group, self.disk, block, 0);
         let prefix = &from[..from.len() - 8];
-        let mut out = Vec::new();
-        self.blocks.seek(&from);
-        while self.blocks.valid() {
-            let k = self.blocks.key().expect("valid");
+        let it = &mut *self.blocks;
+        let mut scan = BlockScan::default();
+        it.seek(&from);
+        while it.valid() {
+            let k = it.key().expect("valid");
             if k.len() != from.len() || !k.starts_with(prefix) {
                 break;
             }
             let l = u64::from_be_bytes(k[prefix.len()..].try_into().expect("8 bytes"));
-            if l >= before {
+            let v = it.value().expect("valid");
+            if l < lsn {
+                scan.older.push((l, Version::stored_hash(v)));
+            } else if l == lsn {
+                scan.at = Some((Version::decode(v).map_err(|e| corrupt("block version", e))?, Version::stored_hash(v)));
+            } else {
+                scan.next = (l <= upto).then_some(l);
                 break;
             }
-            out.push(l);
-            self.blocks.next();
+            it.next();
         }
-        self.blocks.status().map_err(io_err)?;
-        Ok(out)
+        it.status().map_err(io_err)?;
+        Ok(scan)
+    }
+
+    fn extents(&mut self, after: u64, upto: u64) -> std::io::Result<Vec<(u64, u64, u64)>> {
+        if let Some(held) = self.extents {
+            return Ok(held.iter().filter(|(l, _, _)| after < *l && *l <= upto).copied().collect());
+        }
+        Ok(self.extents_upto(after, upto, usize::MAX)?.expect("no bound"))
     }
 }
 
@@ -273,22 +270,60 @@ impl Collector {
         let mut batch = WriteBatch::default();
         let mut step = Step { group: Some(name.to_string()), ..Default::default() };
         let mut lsn = gc.collected_to();
+        let start = lsn;
+        let mut segs = std::collections::BTreeSet::new();
+        let (mut times, mut times_ascend) = (Vec::new(), true);
         let mut blocks_it: Option<rocksdb::DBRawIteratorWithThreadMode<'_, DB>> = None;
+        // Each disk's zero extents over the step's range, read once (None:
+        // too many to hold; then each event reads its own).
+        let mut extents: std::collections::HashMap<String, Option<Vec<Extent>>> = std::collections::HashMap::new();
+        // The chain links and event records are read in LSN order, each
+        // table by one iterator: a step is one seek and then `next`s.
+        let group_keys = crate::db::group_prefix(name);
+        let lsn_of = |it: &rocksdb::DBRawIteratorWithThreadMode<'_, DB>| -> Option<u64> {
+            let k = it.key()?;
+            (k.len() == group_keys.len() + 8 && k.starts_with(&group_keys)).then(|| u64::from_be_bytes(k[group_keys.len()..].try_into().expect("8 bytes")))
+        };
+        let mut chain_it = snap.raw_iterator_cf(cf(&self.db, CF_CHAIN));
+        chain_it.seek(event_key(name, lsn));
+        let mut events_it = snap.raw_iterator_cf(cf(&self.db, CF_EVENTS));
+        events_it.seek(event_key(name, lsn));
         while lsn < first && (step.events as usize) < GC_STEP_EVENTS_MAX && step.freed_bytes < GC_STEP_BYTES_MAX {
-            let key = event_key(name, lsn);
             // The chain record says what the event versioned; its payload
-            // is read only for the blocks it keeps.
-            let Some(link) = snap.get_cf(cf(&self.db, CF_CHAIN), &key).map_err(io_err)? else {
-                // Moved to a branch by a failback, or never held: nothing to free.
-                lsn += 1;
-                continue;
+            // is read only for the blocks it keeps. LSNs without one (moved
+            // to a branch by a failback, or never held) have nothing to
+            // free: the step goes on at the next link.
+            match lsn_of(&chain_it) {
+                Some(l) if l == lsn => {}
+                Some(l) if l > lsn => {
+                    lsn = l.min(first);
+                    continue;
+                }
+                _ => {
+                    chain_it.status().map_err(io_err)?;
+                    lsn = first;
+                    break;
+                }
+            }
+            let link = chain_value(chain_it.value().expect("valid"))?;
+            chain_it.next();
+            // The event's record is small (its payload lies in a
+            // segment): read once, for its segment and, when a kept block
+            // needs them, its bytes.
+            while lsn_of(&events_it).is_some_and(|l| l < lsn) {
+                events_it.next();
+            }
+            events_it.status().map_err(io_err)?;
+            let mut record = match lsn_of(&events_it) {
+                Some(l) if l == lsn => Some(crate::segments::EventRecord::parse(events_it.value().expect("valid"))?),
+                _ => None,
             };
-            let link = chain_value(&link)?;
+            let seg = record.as_ref().and_then(|r| r.loc).map(|l| l.seg);
             let mut event: Option<StoredEvent> = None;
-            let read_event = |event: &mut Option<StoredEvent>| -> std::io::Result<()> {
+            let mut read_event = |event: &mut Option<StoredEvent>| -> std::io::Result<()> {
                 if event.is_none() {
-                    let raw = snap.get_cf(cf(&self.db, CF_EVENTS), &key).map_err(io_err)?.ok_or_else(|| corrupt("group", format!("{name:?} has no event at LSN {lsn}")))?;
-                    *event = Some(crate::segments::decode_event(&self.segs, &raw)?);
+                    let r = record.take().ok_or_else(|| corrupt("group", format!("{name:?} has no event at LSN {lsn}")))?;
+                    *event = Some(r.load(|l| self.segs.read(l))?);
                 }
                 Ok(())
             };
@@ -303,7 +338,12 @@ impl Collector {
             match &shape {
                 Shape::Blocks { disk, blocks, .. } => {
                     let it = blocks_it.get_or_insert_with(|| snap.raw_iterator_cf(cf(&self.db, CF_BLOCKS)));
-                    let ops = collect_event(&mut Index { db: &self.db, snap: &snap, group: name, disk, blocks: it }, lsn, blocks, first, &pins)?;
+                    if !extents.contains_key(disk) {
+                        let cached = Index { db: &self.db, snap: &snap, group: name, disk, blocks: it, extents: None }.extents_upto(lsn, first, EXTENTS_CACHED_MAX)?;
+                        extents.insert(disk.clone(), cached);
+                    }
+                    let cached = extents.get(disk).and_then(|c| c.as_deref());
+                    let ops = collect_event(&mut Index { db: &self.db, snap: &snap, group: name, disk, blocks: it, extents: cached }, lsn, blocks, first, &pins)?;
                     for op in ops {
                         match op {
                             GcOp::Materialise { block, offset } => {
@@ -318,16 +358,15 @@ impl Collector {
                                 batch.put_cf(cf(&self.db, CF_BLOCKS), block_key(name, disk, block, lsn), Version::Data(bytes.to_vec()).encode());
                                 step.rewritten_bytes += BLOCK_BYTES;
                             }
-                            GcOp::DeleteVersion { block, lsn: at } => {
+                            GcOp::DeleteVersion { block, lsn: at, hash } => {
                                 if at < lsn {
                                     step.rewritten_freed_bytes += BLOCK_BYTES;
                                 }
-                                let k = block_key(name, disk, block, at);
                                 // Its content index entry goes with it.
-                                if let Some(h) = snap.get_cf(cf(&self.db, CF_BLOCKS), &k).map_err(io_err)?.and_then(|v| Version::stored_hash(&v)) {
+                                if let Some(h) = hash {
                                     batch.delete_cf(cf(&self.db, CF_CONTENT), content_key(name, &h, disk, block, at));
                                 }
-                                batch.delete_cf(cf(&self.db, CF_BLOCKS), k);
+                                batch.delete_cf(cf(&self.db, CF_BLOCKS), block_key(name, disk, block, at));
                             }
                         }
                     }
@@ -339,21 +378,49 @@ impl Collector {
                 }
                 Shape::Other => {}
             }
-            // Its segment reference goes with it (a small record: the
-            // payload is not read).
-            if let Some(raw) = snap.get_cf(cf(&self.db, CF_EVENTS), &key).map_err(io_err)? {
-                if let Some(loc) = crate::segments::EventRecord::parse(&raw)?.loc {
-                    batch.delete_cf(cf(&self.db, CF_SEGREFS), segref_key(name, loc.seg, lsn));
-                }
+            // Its record, segment reference, time key and chain link go
+            // with it: by ranges, after the loop.
+            if let Some(seg) = seg {
+                segs.insert(seg);
             }
-            batch.delete_cf(cf(&self.db, CF_EVENTS), &key);
-            batch.delete_cf(cf(&self.db, CF_TIMES), time_key(name, time_ns, lsn));
-            if lsn + 1 < first {
-                batch.delete_cf(cf(&self.db, CF_CHAIN), &key);
+            if times.last().is_some_and(|(t, _)| *t > time_ns) {
+                times_ascend = false;
             }
+            times.push((time_ns, lsn));
             step.events += 1;
             step.freed_bytes += payload;
             lsn += 1;
+        }
+        if lsn > start {
+            // The step's LSNs, start..lsn, are all before the window: each
+            // table keyed by LSN loses them as one range (a range
+            // tombstone costs ingest one memtable insert, where a key each
+            // cost one per event).
+            batch.delete_range_cf(cf(&self.db, CF_EVENTS), event_key(name, start), event_key(name, lsn));
+            // The chain link before the window stays: the window's first
+            // event chains from it. The range starts at 0, so the links an
+            // earlier step kept for a window since moved go too.
+            let chain_end = lsn.min(first - 1);
+            if chain_end > 0 {
+                batch.delete_range_cf(cf(&self.db, CF_CHAIN), event_key(name, 0), event_key(name, chain_end));
+            }
+            for seg in segs {
+                batch.delete_range_cf(cf(&self.db, CF_SEGREFS), segref_key(name, seg, start), segref_key(name, seg, lsn));
+            }
+            // Time keys sort by (time, LSN). Apply never lets a group's
+            // time go back, so the step's keys are one range whose ends are
+            // its first and last; were they ever out of order, each goes
+            // alone.
+            match (times.first(), times.last()) {
+                (Some(&(t0, l0)), Some(&(t1, l1))) if times_ascend => {
+                    batch.delete_range_cf(cf(&self.db, CF_TIMES), time_key(name, t0, l0), time_key(name, t1, l1 + 1));
+                }
+                _ => {
+                    for (t, l) in &times {
+                        batch.delete_cf(cf(&self.db, CF_TIMES), time_key(name, *t, *l));
+                    }
+                }
+            }
         }
         let planned = gc.clone();
         gc.collected_to = lsn;
@@ -361,7 +428,7 @@ impl Collector {
         gc.rewritten_bytes += step.rewritten_bytes;
         gc.rewritten_freed_bytes += step.rewritten_freed_bytes;
         batch.put_cf(cf(&self.db, CF_GC), name.as_bytes(), encode_record(&gc).map_err(io_err)?);
-        drop(blocks_it);
+        drop((blocks_it, chain_it, events_it));
         drop(snap);
         let guard = self.lock.blocking_lock();
         let now: GcRecord = decode_opt(self.db.get_cf(cf(&self.db, CF_GC), name.as_bytes()).map_err(io_err)?, "collector record")?.unwrap_or_default();

@@ -33,7 +33,7 @@ use rewind_wire::timefmt::format_time_ns;
 use rkyv::{Archive, Deserialize, Serialize};
 
 use crate::apply::GroupRecord;
-use crate::blocks::Version;
+use crate::blocks::{BlockHash, Version};
 
 /// A pinned bookmark: its point is kept until `until_ns`.
 #[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
@@ -283,16 +283,26 @@ impl Shape {
     }
 }
 
+/// What the collector reads of one block: its versions around the event
+/// being collected, found in one pass over the block's keys.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BlockScan {
+    /// The versions below the event's LSN, ascending, with the content
+    /// hash each stored (its content index entry goes with it).
+    pub older: Vec<(u64, Option<BlockHash>)>,
+    /// The version the event wrote, and its stored content hash.
+    pub at: Option<(Version, Option<BlockHash>)>,
+    /// The LSN of the next version after the event's, if it is at most
+    /// the scan's `upto`.
+    pub next: Option<u64>,
+}
+
 /// What the collector reads of one disk's block index.
 pub trait GcIndex {
     type Error;
-    /// The version of `block` written at exactly `lsn`, if there is one.
-    fn version_at(&mut self, block: u64, lsn: u64) -> Result<Option<Version>, Self::Error>;
-    /// The LSN of the next version of `block` after `after`, if it is at
-    /// most `upto`.
-    fn next_version(&mut self, block: u64, after: u64, upto: u64) -> Result<Option<u64>, Self::Error>;
-    /// The LSNs of the versions of `block` below `before`, ascending.
-    fn older_versions(&mut self, block: u64, before: u64) -> Result<Vec<u64>, Self::Error>;
+    /// The versions of `block` below, at and just after `lsn` (the next
+    /// one only if at most `upto`).
+    fn scan(&mut self, block: u64, lsn: u64, upto: u64) -> Result<BlockScan, Self::Error>;
     /// The zero extents with LSN in `after+1..=upto`: (LSN, first block,
     /// end block).
     fn extents(&mut self, after: u64, upto: u64) -> Result<Vec<(u64, u64, u64)>, Self::Error>;
@@ -304,8 +314,9 @@ pub enum GcOp {
     /// The version is live and refers to bytes `offset..offset + 4 KiB`
     /// of the event's payload: it gets its own copy, so the event can go.
     Materialise { block: u64, offset: u32 },
-    /// A garbage version (of the event's LSN, or an older one).
-    DeleteVersion { block: u64, lsn: u64 },
+    /// A garbage version (of the event's LSN, or an older one), and the
+    /// content hash its record carried.
+    DeleteVersion { block: u64, lsn: u64, hash: Option<BlockHash> },
 }
 
 /// The collector's changes to the block index for the event at LSN `l`
@@ -316,19 +327,18 @@ pub enum GcOp {
 pub fn collect_event<I: GcIndex>(index: &mut I, l: u64, blocks: &[u64], first: u64, pins: &[u64]) -> Result<Vec<GcOp>, I::Error> {
     let mut ops = Vec::new();
     debug_assert!(l < first);
-    let blocks = blocks.to_vec();
     let pins: &[u64] = if crate::bug("gc-ignores-pins") { &[] } else { pins };
     let extents = if blocks.is_empty() { Vec::new() } else { index.extents(l, first)? };
-    for block in blocks {
-        let Some(version) = index.version_at(block, l)? else { continue };
-        for u in index.older_versions(block, l)? {
+    for &block in blocks {
+        let scan = index.scan(block, l, first)?;
+        let Some((version, hash)) = scan.at else { continue };
+        for (u, hash) in scan.older {
             if !pins.iter().any(|p| u <= *p && *p < l) {
-                ops.push(GcOp::DeleteVersion { block, lsn: u });
+                ops.push(GcOp::DeleteVersion { block, lsn: u, hash });
             }
         }
-        let by_version = index.next_version(block, l, first)?;
         let by_extent = extents.iter().filter(|(_, b0, b1)| (*b0..*b1).contains(&block)).map(|(x, _, _)| *x).min();
-        let next = match (by_version, by_extent) {
+        let next = match (scan.next, by_extent) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         };
@@ -337,7 +347,7 @@ pub fn collect_event<I: GcIndex>(index: &mut I, l: u64, blocks: &[u64], first: u
             Some(n) => pins.iter().any(|p| l <= *p && *p < n),
         };
         if !live {
-            ops.push(GcOp::DeleteVersion { block, lsn: l });
+            ops.push(GcOp::DeleteVersion { block, lsn: l, hash });
         } else if let Version::Ref { offset, .. } = version {
             ops.push(GcOp::Materialise { block, offset });
         }

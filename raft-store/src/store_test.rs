@@ -317,6 +317,24 @@ async fn the_collector_frees_history_before_the_window_and_keeps_every_kept_poin
     .unwrap();
     assert!(freed < first - 1, "the steps between applies freed most: {freed} left for the end");
     assert_eq!(r.gc("g").unwrap().collected_to(), first, "every event before the window is freed");
+    // The tables keyed by LSN (freed by ranges) hold exactly the window's
+    // LSNs, and the chain the link before it too: nothing more went.
+    let lsns = |family: &str| -> Vec<u64> {
+        let prefix = crate::db::group_prefix("g");
+        r.db.iterator_cf(crate::db::cf(&r.db, family), rocksdb::IteratorMode::Start)
+            .map(|i| i.unwrap().0)
+            .filter(|k| k.starts_with(&prefix))
+            .map(|k| u64::from_be_bytes(k[k.len() - 8..].try_into().unwrap()))
+            .collect()
+    };
+    let window: Vec<u64> = (first..=g.last_lsn).collect();
+    assert_eq!(lsns(crate::db::CF_EVENTS), window, "event records");
+    assert_eq!(lsns(crate::db::CF_TIMES), window, "time keys");
+    assert_eq!(lsns(crate::db::CF_CHAIN), (first - 1..=g.last_lsn).collect::<Vec<_>>(), "chain links");
+    let mut segrefs = lsns(crate::db::CF_SEGREFS);
+    segrefs.sort_unstable();
+    let writes: Vec<u64> = window.iter().copied().filter(|l| matches!(events[*l as usize - 1], Event::Write { .. })).collect();
+    assert_eq!(segrefs, writes, "segment references");
     // At most one version per block lies before the window (the one
     // current at its start), and the pinned point's.
     let versions_before: usize = (0..SIZE / 4096)

@@ -17,7 +17,7 @@ use rewind_raft_store::apply::{
     ProducerRecord, StoredEvent,
 };
 use rewind_raft_store::gc::GcRecord;
-use rewind_raft_store::retention::{advance_window, collect_event, delete_check, GcIndex, GcOp, RetentionRecord, Shape};
+use rewind_raft_store::retention::{advance_window, collect_event, delete_check, BlockScan, GcIndex, GcOp, RetentionRecord, Shape};
 use rewind_raft_store::blocks::{block_hash, block_or_zero, index_event, BlockHash, read_runs, revert_puts, IndexPut, Version, VersionIndex, BLOCK_BYTES};
 use rewind_wire::dr::DrRecord;
 use rewind_raft_store::{Bookmark, ReadState};
@@ -139,7 +139,7 @@ impl SmImage {
                             let bytes = data[offset as usize..offset as usize + BLOCK_BYTES as usize].to_vec();
                             self.blocks.entry((group.to_string(), disk.to_string(), block)).or_default().insert(lsn, Version::Data(bytes));
                         }
-                        GcOp::DeleteVersion { block, lsn } => {
+                        GcOp::DeleteVersion { block, lsn, .. } => {
                             if let Some(v) = self.blocks.get_mut(&(group.to_string(), disk.to_string(), block)) {
                                 v.remove(&lsn);
                             }
@@ -315,7 +315,8 @@ impl SmImage {
         let Some(mut g) = self.groups.get(name).cloned() else {
             return CommandReply::Refused { reason: format!("no consistency group {name:?}") };
         };
-        if let Err(reason) = fork_check(&g, self.dr.get(name), branch, self.branches.get(branch), self.groups.contains_key(branch), fork_lsn) {
+        let window_first = self.retention.get(name).map_or(1, |r| r.first());
+        if let Err(reason) = fork_check(&g, self.dr.get(name), branch, self.branches.get(branch), self.groups.contains_key(branch), fork_lsn, window_first) {
             return CommandReply::Refused { reason };
         }
         let old_last = g.last_lsn;
@@ -433,13 +434,19 @@ impl VersionIndex for ImageIndex<'_> {
 impl GcIndex for ImageIndex<'_> {
     type Error = io::Error;
 
-    fn version_at(&mut self, block: u64, lsn: u64) -> io::Result<Option<Version>> {
-        Ok(self.image.blocks.get(&(self.group.to_string(), self.disk.to_string(), block)).and_then(|v| v.get(&lsn)).cloned())
-    }
-
-    fn next_version(&mut self, block: u64, after: u64, upto: u64) -> io::Result<Option<u64>> {
-        let versions = self.image.blocks.get(&(self.group.to_string(), self.disk.to_string(), block));
-        Ok(versions.and_then(|v| v.range(after + 1..=upto.max(after + 1)).next()).map(|(l, _)| *l).filter(|l| *l <= upto))
+    fn scan(&mut self, block: u64, lsn: u64, upto: u64) -> io::Result<BlockScan> {
+        let Some(versions) = self.image.blocks.get(&(self.group.to_string(), self.disk.to_string(), block)) else { return Ok(BlockScan::default()) };
+        // The simulation keeps no content index: the hash is carried for
+        // the shape of production's rule only.
+        let hash = |v: &Version| match v {
+            Version::Ref { hash, .. } => *hash,
+            _ => None,
+        };
+        Ok(BlockScan {
+            older: versions.range(..lsn).map(|(l, v)| (*l, hash(v))).collect(),
+            at: versions.get(&lsn).map(|v| (v.clone(), hash(v))),
+            next: versions.range(lsn + 1..).next().map(|(l, _)| *l).filter(|l| *l <= upto),
+        })
     }
 
     fn extents(&mut self, after: u64, upto: u64) -> io::Result<Vec<(u64, u64, u64)>> {
@@ -448,11 +455,6 @@ impl GcIndex for ImageIndex<'_> {
             return Ok(Vec::new());
         }
         Ok(ext.range(after + 1..=upto).map(|(l, (f, e))| (*l, *f, *e)).collect())
-    }
-
-    fn older_versions(&mut self, block: u64, before: u64) -> io::Result<Vec<u64>> {
-        let versions = self.image.blocks.get(&(self.group.to_string(), self.disk.to_string(), block));
-        Ok(versions.map(|v| v.range(..before).map(|(l, _)| *l).collect()).unwrap_or_default())
     }
 }
 

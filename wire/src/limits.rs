@@ -56,7 +56,7 @@ pub const POLICY_TIME_SKEW_MAX_NS: u64 = 60 * 1_000_000_000;
 /// Most events one apply moves a group's window over, and most events
 /// (and payload bytes) one collector step frees.
 pub const WINDOW_STEP_EVENTS_MAX: u64 = 4096;
-pub const GC_STEP_EVENTS_MAX: usize = 64;
+pub const GC_STEP_EVENTS_MAX: usize = 256;
 pub const GC_STEP_BYTES_MAX: u64 = 4 << 20;
 
 /// Most bookmarks one points reply lists (the newest).
