@@ -46,8 +46,17 @@ pub fn dr_set(group: &str, exists: bool, stored: Option<&DrRecord>, record: &DrR
 /// primary role, the fork be within the log, and the branch be new or this
 /// fork's own (`branch`: its record if it exists; `branch_named`: a group
 /// of that name exists).
-pub fn fork_check(group: &GroupRecord, dr: Option<&DrRecord>, branch_name: &str, branch: Option<&BranchRecord>, branch_named: bool, fork_lsn: u64) -> Result<(), String> {
+pub fn fork_check(group: &GroupRecord, dr: Option<&DrRecord>, branch_name: &str, branch: Option<&BranchRecord>, branch_named: bool, fork_lsn: u64, window_first: u64) -> Result<(), String> {
     let name = &group.name;
+    // The events after the fork move to the branch; those before the
+    // window may be freed already (and a collector step planned over
+    // them must never meet new events at their LSNs).
+    if fork_lsn + 1 < window_first {
+        return Err(format!(
+            "group {name:?} keeps history from LSN {window_first} on; the events after the fork (LSN {}..) before that are freed by its retention, so they cannot be kept as a branch",
+            fork_lsn + 1
+        ));
+    }
     let dr = dr.ok_or_else(|| format!("group {name:?} is not linked to another site: there is nothing to fail back"))?;
     if dr.is_primary() {
         return Err(format!(

@@ -524,7 +524,8 @@ impl StateMachine {
         let record = self.branch(pending, branch)?;
         let named = self.pending_group(pending, branch)?.is_some();
         let dr = self.dr(pending, name)?;
-        if let Err(reason) = fork_check(&g, dr.as_ref(), branch, record.as_ref(), named, fork_lsn) {
+        let window_first = self.retention(pending, name)?.first();
+        if let Err(reason) = fork_check(&g, dr.as_ref(), branch, record.as_ref(), named, fork_lsn, window_first) {
             return Ok(CommandReply::Refused { reason });
         }
         // The events to move, newest first, within this step's bounds.
