@@ -68,6 +68,9 @@ pub fn open(dir: &Path) -> std::io::Result<Store> {
     Ok(Store { log, state_machine, reader: StoreReader { db, segs, snapshot_dir }, collector })
 }
 
+/// Bytes of RocksDB's block cache, shared by every table of a store.
+const BLOCK_CACHE_BYTES: usize = 256 << 20;
+
 /// The database with this build's column families and options.
 pub(crate) fn open_db(dir: &Path) -> std::io::Result<DB> {
     let mut opts = Options::default();
@@ -99,12 +102,19 @@ pub(crate) fn open_db(dir: &Path) -> std::io::Result<DB> {
     blocks.set_enable_blob_files(true);
     blocks.set_min_blob_size(4096);
     blocks.set_enable_blob_gc(true);
+    // One block cache for every table: the collector and replays read the
+    // index back (flushes and compactions wrote it past the page cache),
+    // and a miss costs a read call and often the disk.
+    let cache = rocksdb::Cache::new_lru_cache(BLOCK_CACHE_BYTES);
+    let mut table = rocksdb::BlockBasedOptions::default();
+    table.set_block_cache(&cache);
     let cfs = [CF_LOG, CF_META].into_iter().chain(SM_CFS).map(|name| {
         let mut o = match name {
             CF_LOG | CF_EVENTS => payload.clone(),
             CF_BLOCKS => blocks.clone(),
             _ => Options::default(),
         };
+        o.set_block_based_table_factory(&table);
         // The collector deletes old events, times, chain links and block
         // versions in runs: a table file dense with deletes is compacted
         // soon, or reads would step over the tombstones for long.
