@@ -100,10 +100,27 @@ pub struct NodeConfig {
     /// limit.
     #[serde(default = "default_gc_rate_mib")]
     pub gc_rate_mib: u64,
+    /// The collector works at most this share of the time (1-100, in
+    /// percent), so that ingest keeps its CPU; 100: no limit.
+    #[serde(default = "default_gc_busy_percent")]
+    pub gc_busy_percent: u64,
+    /// Above this much debt (MiB released by the windows and not yet
+    /// freed, over all groups) the collector works flat out, ignoring
+    /// both limits above, so that space stays bounded; 0: never.
+    #[serde(default = "default_gc_debt_max_mib")]
+    pub gc_debt_max_mib: u64,
 }
 
 pub fn default_gc_rate_mib() -> u64 {
     64
+}
+
+pub fn default_gc_busy_percent() -> u64 {
+    10
+}
+
+pub fn default_gc_debt_max_mib() -> u64 {
+    4096
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -160,6 +177,9 @@ impl NodeConfig {
             if a.ip().is_some_and(|ip| ip.is_unspecified()) || a.port() == 0 {
                 bail!("config file {}: advertise = \"{a}\" cannot be dialled; give a host's address and a port", path.display());
             }
+        }
+        if !(1..=100).contains(&c.gc_busy_percent) {
+            bail!("config file {}: gc_busy_percent = {} must be 1 to 100 (100: no limit)", path.display(), c.gc_busy_percent);
         }
         let r = &c.raft;
         if r.heartbeat_ms == 0 || r.election_timeout_min_ms <= r.heartbeat_ms || r.election_timeout_max_ms <= r.election_timeout_min_ms {

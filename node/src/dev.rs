@@ -13,7 +13,7 @@ use anyhow::{bail, Context};
 use serde::{Deserialize, Serialize};
 
 use crate::client::Client;
-use crate::config::{default_gc_rate_mib, ClientConfig, NodeAddr, NodeConfig, RaftTuning, TlsFiles};
+use crate::config::{default_gc_busy_percent, default_gc_debt_max_mib, default_gc_rate_mib, ClientConfig, NodeAddr, NodeConfig, RaftTuning, TlsFiles};
 use rewind_wire::raft::Member;
 use rewind_wire::rpc::{Request, Response};
 
@@ -137,6 +137,8 @@ pub struct UpOptions {
     pub raft: RaftTuning,
     /// The groups the dev site's `tap` certificate may write.
     pub tap_groups: Vec<String>,
+    /// The nodes' collector's busy share (`gc_busy_percent`).
+    pub gc_busy_percent: u64,
 }
 
 /// The groups a dev site's `tap` certificate names unless told otherwise.
@@ -145,7 +147,14 @@ pub const DEV_TAP_GROUPS: [&str; 1] = ["vm1"];
 impl UpOptions {
     /// A site of `nodes` nodes in `dir`, with Raft's default timing.
     pub fn new(exe: PathBuf, nodes: usize, dir: PathBuf) -> UpOptions {
-        UpOptions { exe, nodes, dir, raft: RaftTuning::default(), tap_groups: DEV_TAP_GROUPS.iter().map(|g| g.to_string()).collect() }
+        UpOptions {
+            exe,
+            nodes,
+            dir,
+            raft: RaftTuning::default(),
+            tap_groups: DEV_TAP_GROUPS.iter().map(|g| g.to_string()).collect(),
+            gc_busy_percent: default_gc_busy_percent(),
+        }
     }
 }
 
@@ -192,6 +201,8 @@ pub async fn up(opts: &UpOptions) -> anyhow::Result<PathBuf> {
                 tls: TlsFiles { ca: certs.join("ca.pem"), cert: certs.join(format!("{name}.pem")), key: certs.join(format!("{name}.key")) },
                 raft: opts.raft.clone(),
                 gc_rate_mib: default_gc_rate_mib(),
+                gc_busy_percent: opts.gc_busy_percent,
+                gc_debt_max_mib: default_gc_debt_max_mib(),
             };
             std::fs::write(&path, toml::to_string(&config)?)?;
             config

@@ -114,7 +114,8 @@ pub async fn run(config: NodeConfig) -> anyhow::Result<()> {
     }
     let dir: PathBuf = config.data_dir.join(format!("shard-{DATA_SHARD}"));
     let store = rewind_raft_store::open(&dir).with_context(|| format!("open the store in {}", dir.display()))?;
-    let collector = start_collector(store.collector.clone(), config.gc_rate_mib << 20);
+    let pace = GcPace { rate_bytes: config.gc_rate_mib << 20, busy_percent: config.gc_busy_percent, debt_max: config.gc_debt_max_mib << 20 };
+    let collector = start_collector(store.collector.clone(), pace);
     let network = Network::new(endpoint.clone());
     let appended = store.log.appended_bytes();
     let raft = Raft::new(config.id, raft_config(&config)?, network, store.log, store.state_machine)
@@ -173,13 +174,40 @@ impl CollectorThread {
     }
 }
 
-/// Runs collector steps until `stop` is set, at most `rate_bytes` per
-/// second of freed plus rewritten bytes (0: no limit), looking for work
-/// every `idle` when there is none. An error is logged and retried after
-/// `idle`: a failed read must not stop ingest.
-fn run_collector(collector: &rewind_raft_store::gc::Collector, rate_bytes: u64, idle: std::time::Duration, stop: &std::sync::atomic::AtomicBool) {
+/// How fast the collector may go.
+#[derive(Clone, Copy, Debug)]
+struct GcPace {
+    /// Freed plus rewritten bytes a second at most (0: no limit).
+    rate_bytes: u64,
+    /// Share of the time it may work, in percent (100: no limit).
+    busy_percent: u64,
+    /// Debt above which both limits are lifted (0: never).
+    debt_max: u64,
+}
+
+impl GcPace {
+    /// How long to wait after a step that took `took` and freed plus
+    /// rewrote `cost` bytes, when the debt is `debt`.
+    fn wait(&self, took: std::time::Duration, cost: u64, debt: u64) -> std::time::Duration {
+        use std::time::Duration;
+        if self.debt_max > 0 && debt >= self.debt_max {
+            return Duration::ZERO;
+        }
+        let by_rate = if self.rate_bytes > 0 { Duration::from_secs_f64(cost as f64 / self.rate_bytes as f64).saturating_sub(took) } else { Duration::ZERO };
+        let busy = self.busy_percent.clamp(1, 100);
+        let by_busy = took.mul_f64((100 - busy) as f64 / busy as f64);
+        by_rate.max(by_busy).min(Duration::from_secs(1))
+    }
+}
+
+/// Runs collector steps until `stop` is set, paced by `pace`, looking for
+/// work every `idle` when there is none. An error is logged and retried
+/// after `idle`: a failed read must not stop ingest.
+fn run_collector(collector: &rewind_raft_store::gc::Collector, pace: GcPace, idle: std::time::Duration, stop: &std::sync::atomic::AtomicBool) {
     use std::sync::atomic::Ordering::Relaxed;
     let mut steps = 0u64;
+    // The debt is read (a scan of the groups) at most once a second.
+    let mut debt = (0u64, None::<std::time::Instant>);
     while !stop.load(Relaxed) {
         let started = std::time::Instant::now();
         let step = collector.step();
@@ -193,12 +221,13 @@ fn run_collector(collector: &rewind_raft_store::gc::Collector, rate_bytes: u64, 
         }
         match step {
             Ok(s) if s.group.is_some() => {
-                let cost = s.freed_bytes + s.rewritten_bytes;
-                if rate_bytes > 0 {
-                    let due = std::time::Duration::from_secs_f64(cost as f64 / rate_bytes as f64);
-                    if let Some(wait) = due.checked_sub(started.elapsed()) {
-                        std::thread::sleep(wait.min(std::time::Duration::from_secs(1)));
-                    }
+                let took = started.elapsed();
+                if debt.1.is_none_or(|at| at.elapsed() >= std::time::Duration::from_secs(1)) {
+                    debt = (collector.debt().unwrap_or(0), Some(std::time::Instant::now()));
+                }
+                let wait = pace.wait(took, s.freed_bytes + s.rewritten_bytes, debt.0);
+                if !wait.is_zero() {
+                    std::thread::sleep(wait);
                 }
             }
             Ok(_) => std::thread::sleep(idle),
@@ -211,17 +240,17 @@ fn run_collector(collector: &rewind_raft_store::gc::Collector, rate_bytes: u64, 
 }
 
 /// Runs the collector on a thread of its own (it reads and writes RocksDB
-/// synchronously), `rate_bytes` a second at most, and publishes
+/// synchronously), paced by `pace`, and publishes
 /// `rewind_gc_debt_bytes`, `rewind_gc_freed_bytes_total`,
 /// `rewind_gc_rewritten_bytes_total` and the payload segments' bytes,
 /// deletions and bytes freed every 5 s.
-fn start_collector(collector: rewind_raft_store::gc::Collector, rate_bytes: u64) -> CollectorThread {
+fn start_collector(collector: rewind_raft_store::gc::Collector, pace: GcPace) -> CollectorThread {
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let thread = {
         let (collector, stop) = (collector.clone(), stop.clone());
         std::thread::Builder::new()
             .name("collector".into())
-            .spawn(move || run_collector(&collector, rate_bytes, std::time::Duration::from_secs(1), &stop))
+            .spawn(move || run_collector(&collector, pace, std::time::Duration::from_secs(1), &stop))
             .expect("spawn the collector thread")
     };
     let stats = collector.stats.clone();
@@ -626,4 +655,28 @@ async fn receive_file(path: &std::path::Path, total_bytes: u64, recv: &mut quinn
     file.sync_all().await.context("sync the incoming snapshot")?;
     SnapshotFile { path: path.to_path_buf() }.verify().context("check the incoming snapshot")?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::GcPace;
+    use std::time::Duration;
+
+    #[test]
+    fn the_collector_waits_for_its_busy_share_and_rate_unless_the_debt_is_too_high() {
+        let ms = Duration::from_millis;
+        let pace = GcPace { rate_bytes: 0, busy_percent: 10, debt_max: 1 << 30 };
+        // 10%: a 5 ms step is followed by 45 ms of rest.
+        assert_eq!(pace.wait(ms(5), 4 << 20, 0), ms(45));
+        // Past the debt bound, no rest at all.
+        assert_eq!(pace.wait(ms(5), 4 << 20, 1 << 30), Duration::ZERO);
+        // The byte rate, when it asks for more rest, wins: 64 MiB at
+        // 64 MiB/s is a second, less the step's own time.
+        let pace = GcPace { rate_bytes: 64 << 20, busy_percent: 100, debt_max: 0 };
+        assert_eq!(pace.wait(ms(100), 32 << 20, u64::MAX), ms(400));
+        assert_eq!(pace.wait(ms(5), 0, 0), Duration::ZERO);
+        // Rests are at most a second.
+        let pace = GcPace { rate_bytes: 0, busy_percent: 1, debt_max: 0 };
+        assert_eq!(pace.wait(ms(500), 0, 0), Duration::from_secs(1));
+    }
 }

@@ -312,7 +312,7 @@ pub async fn dev(c: DevCommand) -> anyhow::Result<()> {
         DevCommand::Up { nodes, dir, snapshot_every, logs_kept, tap_groups } => {
             let raft = RaftTuning { snapshot_every_entries: snapshot_every, logs_kept_after_snapshot: logs_kept, ..RaftTuning::default() };
             let exe = std::env::current_exe().context("find the rewind binary")?;
-            let opts = dev::UpOptions { exe, nodes, dir: dir.clone(), raft, tap_groups };
+            let opts = dev::UpOptions { exe, nodes, dir: dir.clone(), raft, tap_groups, gc_busy_percent: rewind_node::config::default_gc_busy_percent() };
             let client_path = dev::up(&opts).await?;
             let site = dev::DevSite::load(&dir)?;
             println!("dev site up: {} nodes in {}", site.nodes.len(), dir.display());
