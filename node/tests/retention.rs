@@ -37,9 +37,23 @@ fn fio_pass(uri: &str, seed: usize) {
     assert!(out.status.success() && stdout.contains("err= 0"), "fio:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
 }
 
+/// Bytes of the files under `path`, each file once (a snapshot hard-links
+/// the segments it keeps), as `du -sb` counts them. The collector deletes
+/// segments meanwhile: a file gone between listing and reading counts 0.
 fn du(path: &Path) -> u64 {
-    let out = run(Command::new("du").args(["-sb", path.to_str().unwrap()]));
-    out.split_whitespace().next().unwrap().parse().unwrap()
+    fn walk(path: &Path, seen: &mut std::collections::HashSet<(u64, u64)>) -> u64 {
+        use std::os::unix::fs::MetadataExt;
+        let Ok(entries) = std::fs::read_dir(path) else { return 0 };
+        entries
+            .filter_map(|e| e.ok())
+            .map(|e| match e.metadata() {
+                Ok(m) if m.is_dir() => walk(&e.path(), seen),
+                Ok(m) if seen.insert((m.dev(), m.ino())) => m.len(),
+                _ => 0,
+            })
+            .sum()
+    }
+    walk(path, &mut Default::default())
 }
 
 fn points(site: &Site) -> serde_json::Value {
