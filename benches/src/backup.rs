@@ -8,7 +8,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Instant;
 
-use anyhow::{bail, Context};
+use anyhow::Context;
 use rewind_node::client::Client;
 use rewind_node::config::ClientConfig;
 
@@ -16,14 +16,6 @@ use crate::harness::*;
 use crate::Cli;
 
 const MIB: u64 = 1 << 20;
-
-fn run_ok(cmd: &mut Command) -> anyhow::Result<std::process::Output> {
-    let out = cmd.output().with_context(|| format!("run {cmd:?}"))?;
-    if !out.status.success() {
-        bail!("{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr));
-    }
-    Ok(out)
-}
 
 /// A read-only qemu-nbd of `image` (with `bitmap`), stopped when dropped.
 struct Served {

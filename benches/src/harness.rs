@@ -183,7 +183,14 @@ pub(crate) fn results_dir(cli: &crate::Cli) -> PathBuf {
 /// Starts a local 3-node site in `dir` with group "bench" holding one disk
 /// "d0" of `disk_bytes`; returns the client config's path.
 pub(crate) async fn one_disk_site(dir: &Path, disk_bytes: u64) -> anyhow::Result<PathBuf> {
-    let opts = rewind_node::dev::UpOptions::new(rewind_binary()?, 3, dir.to_path_buf());
+    one_disk_site_with(dir, disk_bytes, rewind_node::config::default_gc_busy_percent()).await
+}
+
+/// `one_disk_site` whose nodes' collectors work at most `gc_busy_percent`
+/// of the time.
+pub(crate) async fn one_disk_site_with(dir: &Path, disk_bytes: u64, gc_busy_percent: u64) -> anyhow::Result<PathBuf> {
+    let mut opts = rewind_node::dev::UpOptions::new(rewind_binary()?, 3, dir.to_path_buf());
+    opts.gc_busy_percent = gc_busy_percent;
     let client_path = rewind_node::dev::up(&opts).await?;
     let client = Client::new(&ClientConfig::load(&client_path)?)?;
     if let Err(e) = client.create_group("bench", vec![DiskSpec { name: "d0".into(), size_bytes: disk_bytes, sector_bytes: 512 }]).await {
@@ -202,4 +209,13 @@ pub(crate) fn spawn_uri(cmd: &mut std::process::Command) -> anyhow::Result<(Kill
     let killed = Killed(child);
     let uri = line.split_whitespace().find(|w| w.starts_with("nbd://") || w.starts_with("nbds://")).context("no URI printed")?.to_string();
     Ok((killed, uri))
+}
+
+/// Runs `cmd` to its end; its output, or an error with its stderr.
+pub(crate) fn run_ok(cmd: &mut std::process::Command) -> anyhow::Result<std::process::Output> {
+    let out = cmd.output().with_context(|| format!("run {cmd:?}"))?;
+    if !out.status.success() {
+        anyhow::bail!("{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(out)
 }
