@@ -116,7 +116,7 @@ pub fn default_gc_rate_mib() -> u64 {
 }
 
 pub fn default_gc_busy_percent() -> u64 {
-    10
+    25
 }
 
 pub fn default_gc_debt_max_mib() -> u64 {
@@ -264,5 +264,10 @@ key = "n.key"
         check(&format!("{GOOD}\n[raft]\nheartbeat_ms = 900\n"), Some("heartbeat_ms"));
         check(&format!("{GOOD}\n[raft]\nheartbeat = 50\n"), Some("unknown field `heartbeat`"));
         check("id = \"one\"", Some("invalid type"));
+        let top = |line: &str| GOOD.replace("[tls]", &format!("{line}\n[tls]"));
+        check(&top("gc_busy_percent = 100"), None);
+        check(&top("gc_busy_percent = 0"), Some("gc_busy_percent = 0 must be 1 to 100"));
+        check(&top("gc_busy_percent = 150"), Some("must be 1 to 100"));
+        check(&top("gc_debt_max_mib = 0"), None);
     }
 }
