@@ -100,8 +100,9 @@ pub struct NodeConfig {
     /// limit.
     #[serde(default = "default_gc_rate_mib")]
     pub gc_rate_mib: u64,
-    /// The collector works at most this share of the time (1-100, in
-    /// percent), so that ingest keeps its CPU; 100: no limit.
+    /// The collector uses at most this share of one core's time (1-100,
+    /// in percent: CPU time, so a step stretched by a busy host is not
+    /// charged its waits), so that ingest keeps its CPU; 100: no limit.
     #[serde(default = "default_gc_busy_percent")]
     pub gc_busy_percent: u64,
     /// Above this much debt (MiB released by the windows and not yet
