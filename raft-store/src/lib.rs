@@ -121,6 +121,8 @@ pub(crate) fn fsync_failed(what: &str, e: impl std::fmt::Display) -> ! {
 }
 
 #[cfg(test)]
+mod segments_test;
+#[cfg(test)]
 mod store_test;
 #[cfg(test)]
 mod suite_test;
