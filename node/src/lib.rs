@@ -19,6 +19,7 @@
 pub mod addr;
 pub mod backup;
 pub mod client;
+mod collector;
 pub mod config;
 pub mod dev;
 pub mod dr;
